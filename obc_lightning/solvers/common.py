@@ -1,0 +1,151 @@
+"""What every solver shares: input checks, the result type, Hessian preparation, the layer objective."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor
+
+from obc_lightning.grids import Grid, check_bits, check_group_size
+
+
+class HessianDampingWarning(UserWarning):
+    """The Hessian was not positive definite at the requested damping; more damping was used."""
+
+
+@dataclass
+class QuantResult:
+    """A quantized matrix with its grid.
+
+    ``quantized_matrix == scales * (codes - rounded_zeros)`` entry by entry, with ``scales`` and
+    ``rounded_zeros`` of shape (rows, n_groups) expanded over each group of columns (n_groups == 1 for a
+    per-channel grid). ``loss`` is per row (see the solver for its exact meaning).
+    """
+
+    quantized_matrix: Tensor
+    scales: Tensor
+    rounded_zeros: Tensor
+    codes: Tensor
+    loss: Tensor
+    grid: Grid
+    damp: float = 0.0
+    solver_rows: dict[str, int] = field(default_factory=dict)
+
+
+def check_problem(fn: str, matrix: Tensor, hessian: Tensor, n_bits: int, group_size: int | None) -> None:
+    """Clear ``ValueError`` for any input the solvers cannot take."""
+    if not isinstance(matrix, Tensor) or not isinstance(hessian, Tensor):
+        raise ValueError(f"{fn}: matrix and hessian must be torch tensors")
+    if matrix.dim() != 2:
+        raise ValueError(f"{fn}: matrix must be 2-D (rows x cols), got shape {tuple(matrix.shape)}")
+    rows, cols = matrix.shape
+    if rows == 0 or cols == 0:
+        raise ValueError(f"{fn}: matrix is empty, shape {tuple(matrix.shape)}")
+    if hessian.shape != (cols, cols):
+        raise ValueError(
+            f"{fn}: hessian must be (cols x cols) = ({cols}, {cols}) for a matrix of shape "
+            f"{tuple(matrix.shape)}, got {tuple(hessian.shape)}"
+        )
+    if not matrix.is_floating_point() or not hessian.is_floating_point():
+        raise ValueError(f"{fn}: matrix and hessian must be floating point, got {matrix.dtype} and {hessian.dtype}")
+    if matrix.device != hessian.device:
+        raise ValueError(f"{fn}: matrix is on {matrix.device} but hessian on {hessian.device}")
+    check_bits(n_bits)
+    check_group_size(group_size, cols)
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"{fn}: matrix of shape {tuple(matrix.shape)} contains NaN or Inf")
+    if not torch.isfinite(hessian).all():
+        raise ValueError(f"{fn}: hessian of shape {tuple(hessian.shape)} contains NaN or Inf")
+
+
+def compute_dtype(matrix: Tensor) -> torch.dtype:
+    """float64 stays float64; everything else is solved in float32."""
+    return torch.float64 if matrix.dtype == torch.float64 else torch.float32
+
+
+# Relative damping tried, in order, after the requested one fails (factor of mean(diag H)).
+DAMP_ESCALATION = (1e-6, 1e-5, 1e-4, 1e-3, 1e-2, 1e-1, 1.0, 10.0)
+
+
+@dataclass
+class PreparedHessian:
+    """H with dead inputs isolated and damping added, its inverse, and what was done to get there."""
+
+    hessian: Tensor  # (d, d) damped, dead rows/cols replaced by the identity
+    inverse: Tensor  # (d, d)
+    dead: Tensor  # (d,) bool: inputs with a zero Hessian diagonal
+    damp: float  # relative damping actually used
+
+
+def prepare_hessian(hessian: Tensor, damp: float, *, fn: str, matrix_shape: tuple[int, ...]) -> PreparedHessian:
+    """Damp H by ``damp * mean(diag H)``, isolate dead inputs, invert; escalate damping if H is not PD.
+
+    A dead input (zero diagonal: the input was always 0) gets H[p, p] = 1 and no coupling, so its
+    weight is set to 0 at no cost and never moves another weight.
+    """
+    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
+        raise ValueError(f"{fn}: damp must be a finite number >= 0, got {damp!r}")
+    H = hessian.clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+    live = diag[~dead]
+    mean_diag = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
+    if not (mean_diag > 0):
+        raise ValueError(
+            f"{fn}: hessian of shape {tuple(hessian.shape)} has a non-positive mean diagonal "
+            f"({float(mean_diag):.3g}); it is not a covariance (X^T X) matrix"
+        )
+    eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
+    for attempt, d in enumerate([float(damp)] + [x for x in DAMP_ESCALATION if x > damp]):
+        Hd = H + (d * mean_diag) * eye if d > 0 else H
+        L, info = torch.linalg.cholesky_ex(Hd)
+        if int(info) == 0:
+            Hinv = torch.cholesky_inverse(L)
+            if torch.isfinite(Hinv).all():
+                if attempt:
+                    warnings.warn(
+                        f"{fn}: the Hessian ({H.shape[0]}x{H.shape[1]}) of the matrix of shape "
+                        f"{tuple(matrix_shape)} is not positive definite at damp={damp:g}; "
+                        f"used damp={d:g} x mean(diag H) instead",
+                        HessianDampingWarning,
+                        stacklevel=3,
+                    )
+                return PreparedHessian(Hd, Hinv, dead, d)
+    raise ValueError(
+        f"{fn}: the Hessian ({H.shape[0]}x{H.shape[1]}) of the matrix of shape {tuple(matrix_shape)} "
+        f"could not be made positive definite even with damp={DAMP_ESCALATION[-1]:g}"
+    )
+
+
+def masked_inverses(hessian: Tensor, zero_mask: Tensor) -> Tensor:
+    """Per-row inverses of H with the rows' pruned inputs removed, shape (rows, d, d).
+
+    For a row whose weights in ``zero_mask`` must stay 0, the free weights see the principal submatrix
+    of H on the other inputs; embedding its inverse with 1 on the pruned diagonal keeps the pruned
+    weights fixed (their column of H^-1 is the unit vector, so no compensation reaches them).
+    """
+    H = hessian.unsqueeze(0).repeat(zero_mask.shape[0], 1, 1)
+    z = zero_mask
+    H.masked_fill_(z.unsqueeze(2) | z.unsqueeze(1), 0)
+    H.diagonal(dim1=1, dim2=2).masked_fill_(z, 1)
+    return torch.cholesky_inverse(torch.linalg.cholesky(H))
+
+
+def layer_objective(matrix: Tensor, quantized: Tensor, hessian: Tensor) -> Tensor:
+    """Per row: 1/2 (q - w) H (q - w)^T, the increase of the layer's squared output error."""
+    delta = (quantized - matrix).to(hessian.dtype)
+    return 0.5 * ((delta @ hessian) * delta).sum(dim=1)
+
+
+def default_memory_budget(device: torch.device) -> int:
+    """Bytes the solvers may use for their working set: half the free GPU memory, 1 GiB on CPU."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.5)
+    return 1 << 30
