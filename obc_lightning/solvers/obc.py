@@ -35,8 +35,25 @@ from obc_lightning.solvers.common import (
 )
 
 
+def obs_step(w: Tensor, hinv: Tensor, j: Tensor, q: Tensor) -> Tensor:
+    """One OBS step for a batch of rows, in place: weight j of each row goes to q.
+
+    w: (R, d), hinv: (R, d, d), j: (R,) column indices, q: (R,) targets (a grid point, or 0 to prune).
+    Applies delta = -(w_p - q) / [H^-1]_pp * H^-1[:, p] to w (so w_p becomes q) and the rank-1 downdate
+    H^-1 <- H^-1 - H^-1[:, p] H^-1[p, :] / [H^-1]_pp, after which p is decoupled from the free weights.
+    Returns the step losses 1/2 (q - w_p)^2 / [H^-1]_pp, shape (R,).
+    """
+    ar = torch.arange(w.shape[0], device=w.device)
+    wj, dj = w[ar, j], hinv[ar, j, j]
+    u = hinv[ar, j] / dj.sqrt().unsqueeze(1)  # H^-1[:, p] / sqrt([H^-1]_pp)
+    w -= u * ((wj - q) / dj.sqrt()).unsqueeze(1)
+    w[ar, j] = q
+    hinv.baddbmm_(u.unsqueeze(2), u.unsqueeze(1), alpha=-1)
+    return 0.5 * (wj - q) ** 2 / dj
+
+
 def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """The paper's loop for a batch of rows.
+    """The paper's loop for a batch of rows: pick a weight, :func:`obs_step` it, repeat.
 
     w, scale, zero: (R, d); hinv: (R, d, d), the inverse Hessian of each row (not modified).
     Returns the integer codes (R, d) as floats and the per-row sum of step losses (R,).
@@ -49,20 +66,15 @@ def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq:
     codes = torch.zeros_like(w)
     loss = torch.zeros(R, dtype=w.dtype, device=w.device)
     for _ in range(d):
-        diag = hinv.diagonal(dim1=1, dim2=2)
         k = quantize_codes(w, scale, zero, maxq)
         q = dequantize(k, scale, zero)
         err = (w - q).square().masked_fill(done, 0)
-        score = (err / diag).masked_fill(done, float("inf"))
+        score = (err / hinv.diagonal(dim1=1, dim2=2)).masked_fill(done, float("inf"))
+        # cheapest weight first, unless a row has an outlier (error above scale^2 / 4): that one first
         j = torch.where((err > outlier).any(dim=1), err.argmax(dim=1), score.argmin(dim=1))
-        wj, qj, dj = w[ar, j], q[ar, j], diag[ar, j]
-        loss += 0.5 * (wj - qj) ** 2 / dj
         codes[ar, j] = k[ar, j]
-        u = hinv[ar, j] / dj.sqrt().unsqueeze(1)  # H^-1[:, p] / sqrt([H^-1]_pp)
-        w -= u * ((wj - qj) / dj.sqrt()).unsqueeze(1)  # delta = -(w_p - q) / [H^-1]_pp H^-1[:, p]
-        w[ar, j] = qj
+        loss += obs_step(w, hinv, j, q[ar, j])
         done[ar, j] = True
-        hinv.baddbmm_(u.unsqueeze(2), u.unsqueeze(1), alpha=-1)  # rank-1 downdate, in place
     return codes, loss
 
 

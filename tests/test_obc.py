@@ -1,0 +1,241 @@
+import itertools
+import warnings
+
+import pytest
+import torch
+
+from obc_lightning import HessianDampingWarning, exact_obc, layer_objective
+from obc_lightning.grids import fit_grid
+from obc_lightning.solvers.obc import obs_step
+
+
+def correlated_problem(rows, cols, seed=0, dtype=torch.float64, samples=None):
+    g = torch.Generator().manual_seed(seed)
+    W = torch.randn(rows, cols, generator=g, dtype=dtype)
+    X = torch.randn(samples or 4 * cols, cols, generator=g, dtype=dtype)
+    X = X @ (torch.eye(cols, dtype=dtype) + 0.3 * torch.randn(cols, cols, generator=g, dtype=dtype))
+    return W, 2 * X.T @ X / X.shape[0]
+
+
+def naive_obc_row(w, H, scale, zero, maxq):
+    """ExactOBC for one row with H^-1 recomputed from scratch on the free set at every step."""
+    w = w.clone()
+    free = list(range(len(w)))
+    codes = torch.zeros_like(w)
+    while free:
+        Hinv = torch.linalg.inv(H[free][:, free])
+        wf = w[free]
+        k = torch.clamp(torch.round(wf / scale[free]) + zero[free], 0, maxq)
+        q = scale[free] * (k - zero[free])
+        err = (wf - q) ** 2
+        if (err > 0.25 * scale[free] ** 2).any():
+            i = int(err.argmax())
+        else:
+            i = int((err / Hinv.diagonal()).argmin())
+        codes[free[i]] = k[i]
+        wf = wf - (wf[i] - q[i]) / Hinv[i, i] * Hinv[:, i]
+        wf[i] = q[i]
+        w[free] = wf
+        free.pop(i)
+    return codes
+
+
+def test_single_step_by_hand():
+    # H = [[2,1,0],[1,2,1],[0,1,2]]  =>  H^-1 = [[3,-2,1],[-2,4,-2],[1,-2,3]] / 4
+    H = torch.tensor([[2.0, 1, 0], [1, 2, 1], [0, 1, 2]], dtype=torch.float64)
+    Hinv = torch.linalg.inv(H).unsqueeze(0)
+    assert torch.allclose(Hinv[0], torch.tensor([[3.0, -2, 1], [-2, 4, -2], [1, -2, 3]], dtype=torch.float64) / 4)
+    w = torch.tensor([[1.0, 0.5, -0.3]], dtype=torch.float64)
+    w0 = w.clone()
+    loss = obs_step(w, Hinv, torch.tensor([0]), torch.tensor([1.25], dtype=torch.float64))
+    # dL = 1/2 (q - w_p)^2 / [H^-1]_pp = 1/2 * 0.0625 / 0.75
+    assert loss.item() == pytest.approx(0.5 * 0.0625 / 0.75)
+    # delta = -(w_p - q) / [H^-1]_pp * H^-1[:, p] = (0.25 / 0.75) * [0.75, -0.5, 0.25]
+    assert torch.allclose(w - w0, torch.tensor([[0.25, -1 / 6, 1 / 12]], dtype=torch.float64))
+    # the compensation is optimal: the gradient H delta vanishes on the free weights
+    delta = (w - w0)[0]
+    assert torch.allclose((H @ delta)[1:], torch.zeros(2, dtype=torch.float64), atol=1e-12)
+    assert loss.item() == pytest.approx(0.5 * float(delta @ H @ delta))
+    # downdate: H^-1 loses row/col p and becomes the inverse of H on the remaining inputs
+    assert torch.allclose(Hinv[0, 0], torch.zeros(3, dtype=torch.float64), atol=1e-15)
+    assert torch.allclose(Hinv[0, 1:, 1:], torch.linalg.inv(H[1:, 1:]))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_reference_matches_naive_recomputed_inverse(seed):
+    W, H = correlated_problem(5, 9, seed)
+    bits = [2, 3, 4][seed % 3]
+    res = exact_obc(W, H, bits, method="reference")
+    grid = fit_grid(W, bits)
+    s, z = grid.per_column()
+    for r in range(W.shape[0]):
+        assert torch.equal(res.codes[r].double(), naive_obc_row(W[r], H, s[r], z[r], grid.maxq))
+
+
+@pytest.mark.parametrize("method", ["reference", "fast"])
+def test_loss_is_layer_objective(method):
+    W, H = correlated_problem(12, 30, seed=3)
+    res = exact_obc(W, H, 3, method=method)
+    assert torch.allclose(res.loss, layer_objective(W, res.quantized_matrix, H), rtol=1e-9)
+
+
+CASES = list(
+    itertools.product(
+        [(7, 13), (20, 40), (3, 65)],  # shapes
+        [2, 3, 4, 8],  # bits
+        [dict(), dict(symmetric=True), dict(group_size=8), dict(mse=False), dict(group_size=5, symmetric=True)],
+        ["plain", "dead", "pruned"],
+    )
+)
+
+
+@pytest.mark.parametrize("shape,bits,opts,kind", CASES[::3])
+def test_fast_equals_reference_float64(shape, bits, opts, kind):
+    rows, cols = shape
+    W, H = correlated_problem(rows, cols, seed=rows * bits + cols)
+    if kind == "dead":
+        dead = torch.arange(cols) % 5 == 1
+        H[dead, :] = 0
+        H[:, dead] = 0
+    if kind == "pruned":
+        W[torch.rand(rows, cols, generator=torch.Generator().manual_seed(1)) < 0.4] = 0
+        W[0] = 0  # an all-pruned row
+    ref = exact_obc(W, H, bits, method="reference", **opts)
+    for block in (1, 4, 32):
+        fast = exact_obc(W, H, bits, method="fast", block_size=block, **opts)
+        assert torch.equal(fast.codes, ref.codes), (block, (fast.codes != ref.codes).sum())
+        assert torch.allclose(fast.loss, ref.loss, rtol=1e-9, atol=1e-12)
+    if kind == "dead":
+        assert torch.all(ref.quantized_matrix[:, dead] == 0)
+    if kind == "pruned":
+        assert torch.all(ref.quantized_matrix[W == 0] == 0)
+
+
+def test_fast_equals_reference_float32_resnet_shape():
+    W, H = correlated_problem(32, 576, seed=7, dtype=torch.float32, samples=2000)
+    ref = exact_obc(W, H, 4, method="reference")
+    fast = exact_obc(W, H, 4, method="fast")
+    # in float32 the greedy paths part at the first near-tie, so compare the objective, not the codes
+    assert abs(fast.loss.sum() / ref.loss.sum() - 1) < 1e-3
+    assert torch.allclose(fast.loss.sum(), layer_objective(W, fast.quantized_matrix, H).sum(), rtol=1e-3)
+
+
+def test_result_fields_and_grid_identity():
+    W, H = correlated_problem(10, 24, seed=2, dtype=torch.float32)
+    res = exact_obc(W, H, 3, group_size=8)
+    assert res.quantized_matrix.shape == W.shape and res.quantized_matrix.dtype == W.dtype
+    assert res.codes.dtype == torch.int32 and res.codes.shape == W.shape
+    assert res.codes.min() >= 0 and res.codes.max() <= 7
+    assert res.scales.shape == (10, 3) and res.rounded_zeros.shape == (10, 3)
+    g = torch.arange(24) // 8
+    expected = res.scales[:, g] * (res.codes.float() - res.rounded_zeros[:, g])
+    assert torch.equal(res.quantized_matrix, expected)
+    assert torch.all(res.rounded_zeros == torch.round(res.rounded_zeros))
+
+
+def test_obc_beats_round_to_nearest():
+    W, H = correlated_problem(16, 48, seed=4)
+    res = exact_obc(W, H, 3)
+    rtn = fit_grid(W, 3).round(W)
+    assert layer_objective(W, res.quantized_matrix, H).sum() < 0.7 * layer_objective(W, rtn, H).sum()
+
+
+def test_batch_size_does_not_change_the_result_and_is_deterministic():
+    W, H = correlated_problem(23, 20, seed=5, dtype=torch.float32)
+    base = exact_obc(W, H, 4, batch_size=32)
+    for bs in (1, 7, None):
+        assert torch.equal(exact_obc(W, H, 4, batch_size=bs).codes, base.codes)
+    assert torch.equal(exact_obc(W, H, 4, batch_size=32).quantized_matrix, base.quantized_matrix)
+
+
+def test_inputs_not_modified():
+    W, H = correlated_problem(6, 10, seed=6)
+    W[0, :3] = 0
+    H[2, :] = 0
+    H[:, 2] = 0
+    W0, H0 = W.clone(), H.clone()
+    exact_obc(W, H, 4, damp=0.01)
+    assert torch.equal(W, W0) and torch.equal(H, H0)
+
+
+def test_half_precision_input_keeps_dtype():
+    W, H = correlated_problem(4, 8, seed=8, dtype=torch.float32)
+    res = exact_obc(W.half(), H, 4)
+    assert res.quantized_matrix.dtype == torch.float16
+
+
+def test_tinyvolt_readme_example():
+    # TinyVolt's README, with only the import line changed
+    import torch
+
+    from obc_lightning import exact_obc
+
+    torch.manual_seed(0)
+    n_rows = 24
+    n_cols = 5
+
+    matrix = torch.randn(n_rows, n_cols)
+    xs = torch.randn(100, n_cols)
+    hessian = (xs.t() @ xs).div(xs.shape[0] - 1)
+    quantized_matrix = exact_obc(matrix, hessian, n_bits=4)
+    # you can use a smaller batch size if needed
+    quantized_matrix = exact_obc(matrix, hessian, n_bits=4, batch_size=8)
+    assert quantized_matrix.quantized_matrix.shape == matrix.shape
+    assert quantized_matrix.scales.shape == (n_rows, 1)
+    assert quantized_matrix.rounded_zeros.shape == (n_rows, 1)
+
+
+def test_singular_hessian_escalates_damping_with_one_warning():
+    g = torch.Generator().manual_seed(0)
+    X = torch.randn(5, 20, generator=g, dtype=torch.float64)  # 5 samples, 20 inputs: rank 5
+    H = X.T @ X
+    W = torch.randn(8, 20, generator=g, dtype=torch.float64)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = exact_obc(W, H, 3)
+    msgs = [str(w.message) for w in caught if issubclass(w.category, HessianDampingWarning)]
+    assert len(msgs) == 1
+    assert "20x20" in msgs[0] and "(8, 20)" in msgs[0] and "damp=" in msgs[0]
+    assert res.damp > 0
+    assert torch.isfinite(res.quantized_matrix).all()
+    # not a silent fallback to round-to-nearest: the output error is far below RTN's
+    rtn = fit_grid(W, 3).round(W)
+    assert layer_objective(W, res.quantized_matrix, H).sum() < 0.5 * layer_objective(W, rtn, H).sum()
+
+
+def test_indefinite_hessian_is_damped():
+    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3, -1
+    with pytest.warns(HessianDampingWarning):
+        res = exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
+    assert res.damp >= 1.0
+
+
+@pytest.mark.parametrize(
+    "matrix,hessian,kwargs,match",
+    [
+        (torch.randn(3), torch.eye(3), {}, "2-D"),
+        (torch.randn(2, 3), torch.eye(4), {}, r"\(3, 3\)"),
+        (torch.randn(2, 3), torch.eye(3), {"n_bits": 1}, "n_bits"),
+        (torch.randn(2, 3), torch.eye(3), {"n_bits": 9}, "n_bits"),
+        (torch.tensor([[float("nan"), 1.0]]), torch.eye(2), {}, "NaN"),
+        (torch.randn(2, 2), torch.tensor([[1.0, float("inf")], [0.0, 1.0]]), {}, "NaN or Inf"),
+        (torch.randn(2, 3), torch.eye(3), {"batch_size": 0}, "batch_size"),
+        (torch.randn(2, 3), torch.eye(3), {"method": "magic"}, "method"),
+        (torch.randn(2, 3), torch.eye(3), {"damp": -1.0}, "damp"),
+        (torch.randn(2, 3), torch.eye(3), {"group_size": 4}, "group_size"),
+        (torch.randint(0, 3, (2, 3)), torch.eye(3), {}, "floating"),
+        (torch.randn(2, 3), -torch.eye(3), {}, "mean diagonal"),
+    ],
+)
+def test_bad_inputs(matrix, hessian, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        exact_obc(matrix, hessian, **kwargs)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
+def test_cuda_matches_cpu():
+    W, H = correlated_problem(40, 96, seed=9)
+    cpu = exact_obc(W, H, 4)
+    gpu = exact_obc(W.cuda(), H.cuda(), 4)
+    assert gpu.quantized_matrix.device.type == "cuda"
+    assert torch.equal(gpu.codes.cpu(), cpu.codes)
