@@ -111,13 +111,30 @@ def test_fast_equals_reference_float64(shape, bits, opts, kind):
         assert torch.all(ref.quantized_matrix[W == 0] == 0)
 
 
-def test_fast_equals_reference_float32_resnet_shape():
-    W, H = correlated_problem(32, 576, seed=7, dtype=torch.float32, samples=2000)
-    ref = exact_obc(W, H, 4, method="reference")
-    fast = exact_obc(W, H, 4, method="fast")
-    # in float32 the greedy paths part at the first near-tie, so compare the objective, not the codes
-    assert abs(fast.loss.sum() / ref.loss.sum() - 1) < 1e-3
-    assert torch.allclose(fast.loss.sum(), layer_objective(W, fast.quantized_matrix, H).sum(), rtol=1e-3)
+def test_fast_float32_is_as_accurate_as_plain_float32():
+    # float32 greedy paths part at the first near-tie (the plain float32 loop itself lands about +-0.5 %
+    # from the float64 result on a 32-row layer), so the fast path is held to the float64 objective
+    # over several layers, with the plain float32 loop's own deviation as the yardstick
+    exact, plain, fast = 0.0, 0.0, 0.0
+    for seed in range(3):
+        W, H = correlated_problem(32, 576, seed=seed, dtype=torch.float32, samples=2000)
+        exact += exact_obc(W.double(), H.double(), 4, method="reference", damp=0.01).loss.sum().item()
+        plain += exact_obc(W, H, 4, method="reference", damp=0.01).loss.sum().item()
+        res = exact_obc(W, H, 4, method="fast", damp=0.01)
+        fast += res.loss.sum().item()
+    assert abs(fast / exact - 1) <= max(3e-3, 2 * abs(plain / exact - 1))
+
+
+def test_float32_breakdown_is_resolved_in_float64():
+    # cond(H) ~ 1e6 at damp=0: float32 loses positive definiteness of H^-1 late in some rows
+    W, H = correlated_problem(32, 576, seed=0, dtype=torch.float32, samples=2000)
+    with pytest.warns(UserWarning, match="solved again in float64"):
+        res = exact_obc(W, H, 4, block_size=64)
+    assert torch.isfinite(res.loss).all() and torch.isfinite(res.quantized_matrix).all()
+    objective = layer_objective(W.double(), res.quantized_matrix.double(), H.double())
+    assert torch.allclose(objective, res.loss.double(), rtol=2e-2)
+    exact = exact_obc(W.double(), H.double(), 4).loss.sum()
+    assert abs(res.loss.sum().item() / exact.item() - 1) < 0.05
 
 
 def test_result_fields_and_grid_identity():

@@ -20,6 +20,8 @@ Two implementations of the same greedy loop:
 
 from __future__ import annotations
 
+import warnings
+
 import torch
 from torch import Tensor
 
@@ -45,6 +47,7 @@ def obs_step(w: Tensor, hinv: Tensor, j: Tensor, q: Tensor) -> Tensor:
     """
     ar = torch.arange(w.shape[0], device=w.device)
     wj, dj = w[ar, j], hinv[ar, j, j]
+    dj = torch.where(dj > 0, dj, torch.nan)  # a non-positive pivot: the row broke down (see greedy_fast)
     u = hinv[ar, j] / dj.sqrt().unsqueeze(1)  # H^-1[:, p] / sqrt([H^-1]_pp)
     w -= u * ((wj - q) / dj.sqrt()).unsqueeze(1)
     w[ar, j] = q
@@ -56,7 +59,8 @@ def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq:
     """The paper's loop for a batch of rows: pick a weight, :func:`obs_step` it, repeat.
 
     w, scale, zero: (R, d); hinv: (R, d, d), the inverse Hessian of each row (not modified).
-    Returns the integer codes (R, d) as floats and the per-row sum of step losses (R,).
+    Returns the integer codes (R, d) as floats and the per-row sum of step losses (R,); NaN marks a row
+    whose inverse lost positive definiteness in finite precision (a pivot [H^-1]_pp <= 0).
     """
     R, d = w.shape
     ar = torch.arange(R, device=w.device)
@@ -78,6 +82,29 @@ def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq:
     return codes, loss
 
 
+def _take_symmetric(src: Tensor, keep: Tensor) -> Tensor:
+    """src[r][keep[r]][:, keep[r]] for every r, for symmetric src (R or 1, n, n); keep (R, n2).
+
+    Whole rows are copied with index_select (a memcpy per row); the columns are taken as rows of the
+    transposed result, which by symmetry is the same matrix. A strided gather is ~5x slower on CPU.
+    """
+    R, n2 = keep.shape
+    n = src.shape[-1]
+    if src.shape[0] == 1:  # shared inverse: index its rows directly
+        rows = src[0].index_select(0, keep.reshape(-1)).view(R, n2, n)
+    else:
+        flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
+        rows = src.reshape(R * n, n).index_select(0, flat).view(R, n2, n)
+    flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
+    return rows.transpose(1, 2).contiguous().view(R * n, n2).index_select(0, flat).view(R, n2, n2)
+
+
+def default_block_size(d: int) -> int:
+    """Steps between flushes. Per step the pending correction U U[p]^T reads ~n B / 2 values per row,
+    a flush reads and writes the n x n inverse (2 n^2 / B per step): balanced at B ~ 2 sqrt(n)."""
+    return int(min(256, max(16, round(2 * d**0.5 / 16) * 16)))
+
+
 def greedy_fast(
     w: Tensor,
     hinv_src: Tensor,
@@ -85,7 +112,7 @@ def greedy_fast(
     scale: Tensor,
     zero: Tensor,
     maxq: int,
-    block_size: int = 32,
+    block_size: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """The same greedy steps as :func:`greedy_reference`, with deferred downdates and a shrinking set.
 
@@ -93,35 +120,46 @@ def greedy_fast(
     inverses, or the inverses of several layers with the same d). Between flushes the current inverse is
     H^-1 = Hf - U U^T, with Hf the last flushed matrix and U (n x t) the pending scaled columns
     u = H^-1[:, p] / sqrt([H^-1]_pp); the column needed at a step is Hf[:, p] - U U[p, :]^T.
-    At a flush the finished columns are dropped (every row has finished the same number) and
-    Hf <- Hf[keep, keep] - U[keep] U[keep]^T as one batched product.
+    Every ``block_size`` steps U is flushed into Hf with one batched product; once half of the working
+    set is finished (every row has finished the same number of weights) the finished columns are
+    dropped: Hf <- Hf[keep, keep] - U[keep] U[keep]^T.
     """
     R, d = w.shape
     dev, dt = w.device, w.dtype
+    block_size = block_size or default_block_size(d)
     ar = torch.arange(R, device=dev)
     w = w.clone()
     scale, zero = scale.contiguous(), zero.contiguous()
     outlier = 0.25 * scale**2
     cols = torch.arange(d, device=dev).expand(R, d).contiguous()  # global column of each local one
-    hf = None  # (R, n, n) per-row flushed inverse, after the first flush
+    shared = hinv_src.shape[0] == 1
+    hf = None  # (R, n, n) per-row flushed inverse, once materialised
     diag = hinv_src.diagonal(dim1=1, dim2=2)[row_src].clone()
+    floor = (torch.finfo(dt).eps * diag.amax(dim=1)).clamp_min(torch.finfo(dt).tiny)  # (R,)
+    broken = torch.zeros(R, dtype=torch.bool, device=dev)
     ut = torch.empty(R, block_size, d, dtype=dt, device=dev)  # U^T: pending columns as rows
     done = torch.zeros(R, d, dtype=torch.bool, device=dev)
     codes = torch.zeros(R, d, dtype=dt, device=dev)
     loss = torch.zeros(R, dtype=dt, device=dev)
     inf = torch.tensor(float("inf"), dtype=dt, device=dev)
-    n, t = d, 0
+    n, t, n_done = d, 0, 0
     for step in range(d):
         k = quantize_codes(w, scale, zero, maxq)
         q = dequantize(k, scale, zero)
         err = (w - q).square_()  # finished weights sit exactly on their grid point: err == 0
         score = torch.where(done, inf, err / diag)
         j = torch.where((err > outlier).any(dim=1), err.argmax(dim=1), score.argmin(dim=1))
-        c = hinv_src[row_src, j] if hf is None else hf[ar, j]  # (R, n)
+        if hf is not None:
+            c = hf[ar, j]
+        else:
+            c = hinv_src[0].index_select(0, j) if shared else hinv_src[row_src, j]
         if t:
             c = c - torch.bmm(ut[ar, :t, j].unsqueeze(1), ut[:, :t, :]).squeeze(1)
         c.masked_fill_(done, 0)
-        wj, qj, dj = w[ar, j], q[ar, j], diag[ar, j]
+        # [H^-1]_pp from the column itself (as the reference reads it), floored: in float32 the Schur
+        # complement of a nearly dependent input can round to <= 0 late in a row
+        broken |= c[ar, j] <= floor
+        wj, qj, dj = w[ar, j], q[ar, j], c[ar, j].clamp_min(floor)
         e = (wj - qj) / dj
         loss += 0.5 * (wj - qj) * e
         codes[ar, cols[ar, j]] = k[ar, j]
@@ -132,22 +170,27 @@ def greedy_fast(
         ut[:, t] = u
         diag.addcmul_(u, u, value=-1)
         t += 1
-        if t == block_size and step < d - 1:
-            n2 = n - t
-            # stable sort puts the unfinished columns first, in their original order (same tie-breaks)
+        n_done += 1
+        if t < block_size or step == d - 1:
+            continue
+        if 2 * n_done >= n:  # drop the finished columns (stable sort: same order, same tie-breaks)
+            n2 = n - n_done
             keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
-            if hf is None:
-                hn = hinv_src[row_src.view(R, 1, 1), keep.unsqueeze(2), keep.unsqueeze(1)]
-            else:
-                hn = hf[ar.view(R, 1, 1), keep.unsqueeze(2), keep.unsqueeze(1)]
+            src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
             uk = ut.gather(2, keep.unsqueeze(1).expand(R, t, n2))
-            hf = hn.baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
+            hf = _take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
             w, scale, zero = w.gather(1, keep), scale.gather(1, keep), zero.gather(1, keep)
-            outlier, cols, diag = outlier.gather(1, keep), cols.gather(1, keep), diag.gather(1, keep)
+            outlier, cols = outlier.gather(1, keep), cols.gather(1, keep)
             done = torch.zeros(R, n2, dtype=torch.bool, device=dev)
             ut = torch.empty(R, block_size, n2, dtype=dt, device=dev)
-            n, t = n2, 0
-    return codes, loss
+            n, n_done = n2, 0
+        else:  # flush in place
+            if hf is None:
+                hf = hinv_src.expand(R, d, d).clone() if shared else hinv_src[row_src]
+            hf.baddbmm_(ut.transpose(1, 2), ut, alpha=-1)
+        diag = hf.diagonal(dim1=1, dim2=2).clone()  # resync the running diagonal with the matrix
+        t = 0
+    return codes, loss.masked_fill_(broken, float("nan"))
 
 
 def _row_bytes(d: int, dtype: torch.dtype, method: str) -> int:
@@ -173,7 +216,7 @@ def solve_obc_rows(
     *,
     method: str = "fast",
     batch_size: int | None = None,
-    block_size: int = 32,
+    block_size: int | None = None,
     max_memory: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """Run the greedy loop on every row of W (dead columns already zeroed) on a fitted grid.
@@ -197,11 +240,32 @@ def solve_obc_rows(
         else:
             src = prep.inverse.unsqueeze(0)
             row_src = torch.zeros(n, dtype=torch.long, device=W.device)
-        if method == "fast":
-            codes[sl], loss[sl] = greedy_fast(W[sl], src, row_src, scale_c[sl], zero_c[sl], grid.maxq, block_size)
+        codes[sl], loss[sl] = _greedy(method, W[sl], src, row_src, scale_c[sl], zero_c[sl], grid.maxq, block_size)
+    broken = ~torch.isfinite(loss)
+    if W.dtype != torch.float64 and bool(broken.any()):
+        # float32 could not carry this Hessian's conditioning through the row: re-solve those rows in
+        # float64 (H is well-defined: it was damped to positive definite before)
+        idx = broken.nonzero().squeeze(1)
+        H64 = prep.hessian.double()
+        if bool(has_pruned[idx].any()):
+            src, row_src = masked_inverses(H64, pruned[idx]), torch.arange(len(idx), device=W.device)
         else:
-            codes[sl], loss[sl] = greedy_reference(W[sl], src[row_src], scale_c[sl], zero_c[sl], grid.maxq)
+            src, row_src = torch.cholesky_inverse(torch.linalg.cholesky(H64)).unsqueeze(0), torch.zeros_like(idx)
+        c64, l64 = _greedy(method, W[idx].double(), src, row_src, scale_c[idx].double(), zero_c[idx].double(),
+                           grid.maxq, block_size)
+        codes[idx], loss[idx] = c64.to(W.dtype), l64.to(W.dtype)
+        warnings.warn(
+            f"exact_obc: {len(idx)} of {rows} rows of the ({rows}, {d}) matrix broke down in {W.dtype} "
+            f"(ill-conditioned Hessian; consider damp > 0) and were solved again in float64",
+            stacklevel=4,
+        )
     return codes, loss
+
+
+def _greedy(method, w, src, row_src, scale, zero, maxq, block_size):
+    if method == "fast":
+        return greedy_fast(w, src, row_src, scale, zero, maxq, block_size)
+    return greedy_reference(w, src[row_src], scale, zero, maxq)
 
 
 @torch.no_grad()
@@ -216,7 +280,7 @@ def exact_obc(
     group_size: int | None = None,
     damp: float = 0.0,
     method: str = "fast",
-    block_size: int = 32,
+    block_size: int | None = None,
     max_memory: int | None = None,
 ) -> QuantResult:
     """Quantize ``matrix`` (rows x cols) to ``n_bits`` with ExactOBC, given the layer Hessian (cols x cols).
@@ -234,15 +298,16 @@ def exact_obc(
             positive definite.
         method: ``"fast"`` (deferred, blocked downdates with a shrinking working set) or
             ``"reference"`` (one rank-1 downdate per step; the oracle).
-        block_size: steps between two flushes of the deferred downdates (``method="fast"``).
+        block_size: steps between two flushes of the deferred downdates (``method="fast"``);
+            ``None``: about 2 sqrt(cols), which balances the per-step correction against the flushes.
     """
     check_problem("exact_obc", matrix, hessian, n_bits, group_size)
     if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
         raise ValueError(f"exact_obc: batch_size must be a positive integer or None, got {batch_size!r}")
     if method not in ("fast", "reference"):
         raise ValueError(f"exact_obc: method must be 'fast' or 'reference', got {method!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"exact_obc: block_size must be a positive integer, got {block_size!r}")
+    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
+        raise ValueError(f"exact_obc: block_size must be a positive integer or None, got {block_size!r}")
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
     prep = prepare_hessian(hessian.detach().to(dt), damp, fn="exact_obc", matrix_shape=tuple(matrix.shape))

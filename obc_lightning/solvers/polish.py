@@ -1,0 +1,122 @@
+"""Coordinate-descent polish of a quantized matrix on a fixed grid.
+
+Per row, f(q) = 1/2 (q - w) H (q - w)^T with gradient g = (q - w) H. Moving q_j by delta changes f by
+    df = delta (g_j + 1/2 delta H_jj),
+a convex parabola minimised at the target t = q_j - g_j / H_jj; the best grid point is the grid point
+nearest to t. A pass visits the columns in order, moves every row's weight there when df < 0 and
+updates g by the rank-1 step g += delta H[j, :]; within a block of columns the update is applied at
+once to the block, to the later columns once per block as one product. f never increases.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from obc_lightning.grids import Grid, dequantize, quantize_codes
+from obc_lightning.solvers.common import QuantResult, compute_dtype, layer_objective
+
+
+def polish_codes(
+    w: Tensor,
+    hessian: Tensor,
+    codes: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+    *,
+    max_passes: int = 3,
+    block_size: int = 128,
+) -> tuple[Tensor, int, bool]:
+    """Coordinate descent for all rows at once.
+
+    w, codes (floats), scale, zero: (R, d); hessian: (d, d) symmetric PSD (columns with H_jj <= 0 are
+    left alone: with a PSD H their weight costs nothing). Returns (codes, passes run, converged), where
+    converged means the last pass moved no weight. Rows whose objective would rise by float rounding
+    keep their input codes.
+    """
+    R, d = w.shape
+    K = codes.clone()
+    Q = dequantize(K, scale, zero)
+    hd = torch.diagonal(hessian)
+    live = (hd > 0).tolist()
+    moved, passes = 1, 0
+    while moved and passes < max_passes:
+        passes += 1
+        G = (Q - w) @ hessian  # (R, d) gradient g = (q - w) H, exact at the start of each pass
+        n_moved = torch.zeros((), dtype=torch.long, device=w.device)
+        for i1 in range(0, d, block_size):
+            i2 = min(i1 + block_size, d)
+            Gb = G[:, i1:i2]  # view: the block's gradients, kept current
+            D = torch.zeros(R, i2 - i1, dtype=w.dtype, device=w.device)  # (R, B) moves of the block
+            for i in range(i2 - i1):
+                j = i1 + i
+                if not live[j]:
+                    continue
+                t = Q[:, j] - Gb[:, i] / hd[j]  # minimiser of f along coordinate j
+                k = quantize_codes(t, scale[:, j], zero[:, j], maxq)
+                delta = dequantize(k, scale[:, j], zero[:, j]) - Q[:, j]
+                take = delta * (Gb[:, i] + 0.5 * delta * hd[j]) < 0  # df < 0
+                delta = torch.where(take, delta, torch.zeros_like(delta))
+                K[:, j] = torch.where(take, k, K[:, j])
+                Q[:, j] += delta
+                Gb[:, i:].addr_(delta, hessian[j, i1 + i:i2])  # g += delta H[j, :] within the block
+                D[:, i] = delta
+                n_moved += take.sum()
+            G[:, i2:].addmm_(D, hessian[i1:i2, i2:])  # deferred: g[:, i2:] += D H[block, i2:]
+        moved = int(n_moved)
+    worse = layer_objective(w, Q, hessian) > layer_objective(w, dequantize(codes, scale, zero), hessian)
+    K[worse] = codes[worse]
+    return K, passes, moved == 0
+
+
+@torch.no_grad()
+def polish(
+    matrix: Tensor,
+    hessian: Tensor,
+    quantized: Tensor,
+    grid: Grid,
+    *,
+    max_passes: int = 3,
+    block_size: int = 128,
+) -> QuantResult:
+    """Polish a quantized ``matrix`` (rows x cols) on its fixed ``grid`` by coordinate descent.
+
+    ``quantized`` is either the integer codes (an integer tensor) or the quantized matrix (a floating
+    tensor, on the grid: its codes are read back with ``grid.codes``). ``hessian`` (cols x cols) is the
+    Hessian of the objective minimised, used as given (pass the damped one to polish a solver's damped
+    objective, the caller's to polish the true one). Stops after a pass that moves nothing or after
+    ``max_passes`` passes (:func:`polish_codes` also tells how many passes ran and whether it converged).
+    ``loss`` is 1/2 (q - w) H (q - w)^T per row with that ``hessian``.
+    """
+    rows, cols = matrix.shape if matrix.dim() == 2 else (None, None)
+    if matrix.dim() != 2 or hessian.shape != (cols, cols):
+        raise ValueError(f"polish: need matrix (rows, cols) and hessian (cols, cols), got {tuple(matrix.shape)} "
+                         f"and {tuple(hessian.shape)}")
+    if quantized.shape != matrix.shape:
+        raise ValueError(f"polish: quantized has shape {tuple(quantized.shape)}, matrix {tuple(matrix.shape)}")
+    if grid.rows != rows or grid.cols != cols:
+        raise ValueError(f"polish: grid is for a ({grid.rows}, {grid.cols}) matrix, got {tuple(matrix.shape)}")
+    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
+        raise ValueError(f"polish: max_passes must be a positive integer, got {max_passes!r}")
+    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
+        raise ValueError(f"polish: block_size must be a positive integer, got {block_size!r}")
+    dt = compute_dtype(matrix)
+    g = grid.to(device=matrix.device, dtype=dt)
+    codes = quantized.to(dt) if not quantized.is_floating_point() else g.codes(quantized.to(dt)).to(dt)
+    if codes.min() < 0 or codes.max() > grid.maxq:
+        raise ValueError(f"polish: codes must lie in [0, {grid.maxq}]")
+    W, H = matrix.detach().to(dt), hessian.detach().to(dt)
+    s, z = g.per_column()
+    K, _, _ = polish_codes(W, H, codes, s, z, g.maxq, max_passes=max_passes, block_size=block_size)
+    Q = g.dequantize(K)
+    out = matrix.dtype
+    return QuantResult(
+        quantized_matrix=Q.to(out),
+        scales=g.scales.to(out),
+        rounded_zeros=g.zeros.to(out),
+        codes=K.to(torch.int32),
+        loss=layer_objective(W, Q, H),
+        grid=g,
+        solver_rows={"polish": rows},
+    )

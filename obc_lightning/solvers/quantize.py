@@ -1,0 +1,127 @@
+"""One entry point for weight quantization: ExactOBC, GPTQ, or the per-row best of both, polished.
+
+The objective separates by rows, f_r(q) = 1/2 (q_r - w_r) H (q_r - w_r)^T, so with one shared grid the
+per-row minimum over solvers is a valid (and better) solution: ``solver="auto"`` runs ExactOBC and GPTQ
+(act-order) on the same grid, polishes both by coordinate descent on the caller's H, and keeps for every
+row the lower objective.
+"""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from obc_lightning.grids import fit_grid
+from obc_lightning.solvers.common import (
+    QuantResult,
+    check_problem,
+    compute_dtype,
+    layer_objective,
+    prepare_hessian,
+)
+from obc_lightning.solvers.gptq import gptq_codes
+from obc_lightning.solvers.obc import solve_obc_rows
+from obc_lightning.solvers.polish import polish_codes
+
+SOLVERS = ("auto", "obc", "gptq")
+
+
+def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
+    if allow_none and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"quantize_weight: {name} must be an integer >= {minimum}"
+                         f"{' or None' if allow_none else ''}, got {value!r}")
+
+
+@torch.no_grad()
+def quantize_weight(
+    matrix: Tensor,
+    hessian: Tensor,
+    n_bits: int = 4,
+    *,
+    solver: str = "auto",
+    polish: bool = True,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    mse: bool = True,
+    damp: float = 0.01,
+    act_order: bool = True,
+    max_passes: int = 3,
+    batch_size: int | None = None,
+    block_size: int = 128,
+    max_memory: int | None = None,
+) -> QuantResult:
+    """Quantize ``matrix`` (rows x cols) to ``n_bits`` given the layer Hessian ``hessian`` (cols x cols).
+
+    The grid is fitted once (:func:`obc_lightning.grids.fit_grid` on ``matrix`` with the dead columns,
+    H_pp == 0, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do not depend on
+    which solver won a row.
+
+    Args:
+        solver: ``"obc"`` (ExactOBC, greedy), ``"gptq"`` (GPTQ, act-order by default) or ``"auto"``
+            (both, each polished if ``polish``; per row the lower objective, ties to ExactOBC).
+        polish: coordinate-descent polish (:mod:`obc_lightning.solvers.polish`) of every solver's result
+            on the caller's undamped H, at most ``max_passes`` passes.
+        group_size, symmetric, mse: the grid.
+        damp: the solvers see H + damp * mean(diag H) * I (escalated with a warning if not positive
+            definite; the value used is ``result.damp``). The polish and the reported loss do not.
+        act_order: GPTQ visits columns by decreasing H_ii.
+        batch_size, max_memory: ExactOBC row batching (see :func:`exact_obc`); block_size: GPTQ's lazy
+            blocks and the polish's blocks.
+
+    Returns:
+        :class:`QuantResult`; ``loss`` is always the true objective per row,
+        ``layer_objective(matrix, quantized_matrix, hessian)`` with the caller's undamped ``hessian``
+        (computed in float64 for float64 input, else float32); ``solver_rows`` counts the rows kept from
+        each solver, e.g. ``{"obc": 10, "gptq": 54}``.
+    """
+    check_problem("quantize_weight", matrix, hessian, n_bits, group_size)
+    if solver not in SOLVERS:
+        raise ValueError(f"quantize_weight: solver must be one of {SOLVERS}, got {solver!r}")
+    if not isinstance(polish, bool) or not isinstance(act_order, bool):
+        raise ValueError(f"quantize_weight: polish and act_order must be bools, got {polish!r}, {act_order!r}")
+    _check_int("max_passes", max_passes, 1)
+    _check_int("block_size", block_size, 1)
+    _check_int("batch_size", batch_size, 1, allow_none=True)
+    dt = compute_dtype(matrix)
+    W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
+    H0 = hessian.detach().to(dt)  # the caller's undamped H
+    prep = prepare_hessian(H0, damp, fn="quantize_weight", matrix_shape=tuple(matrix.shape))
+    W = W0.clone()
+    W[:, prep.dead] = 0
+    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+    s, z = grid.per_column()
+
+    names = ["obc", "gptq"] if solver == "auto" else [solver]
+    best_codes, best_loss, winner = None, None, None
+    for i, name in enumerate(names):
+        if name == "obc":
+            codes, _ = solve_obc_rows(W, prep, grid, batch_size=batch_size, max_memory=max_memory)
+        else:
+            codes = gptq_codes(W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
+        if polish:
+            codes, _, _ = polish_codes(W0, H0, codes, s, z, grid.maxq, max_passes=max_passes, block_size=block_size)
+        loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
+        if best_codes is None:
+            best_codes, best_loss = codes, loss
+            winner = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
+        else:
+            better = loss < best_loss  # ties stay with the earlier solver
+            best_codes = torch.where(better.unsqueeze(1), codes, best_codes)
+            best_loss = torch.where(better, loss, best_loss)
+            winner = torch.where(better, torch.full_like(winner, i), winner)
+
+    counts = torch.bincount(winner, minlength=len(names)).tolist()
+    Q = grid.dequantize(best_codes)
+    out = matrix.dtype
+    return QuantResult(
+        quantized_matrix=Q.to(out),
+        scales=grid.scales.to(out),
+        rounded_zeros=grid.zeros.to(out),
+        codes=best_codes.to(torch.int32),
+        loss=best_loss,
+        grid=grid,
+        damp=prep.damp,
+        solver_rows=dict(zip(names, counts)),
+    )
