@@ -1,8 +1,52 @@
-"""obc_lightning: second-order post-training compression for PyTorch Lightning."""
+"""obc_lightning: second-order post-training compression for PyTorch Lightning.
 
+Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``) on
+grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
+"""
+
+from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
+from obc_lightning.compress import compress_model, select_modules
 from obc_lightning.grids import Grid, fit_grid
-from obc_lightning.solvers import HessianDampingWarning, QuantResult, exact_obc, layer_objective
+from obc_lightning.reporting import CompressionReport, ModuleReport
+from obc_lightning.solvers import (
+    HessianDampingWarning,
+    QuantResult,
+    exact_obc,
+    gptq,
+    layer_objective,
+    polish,
+    quantize_weight,
+)
 
 __version__ = "0.1.0"
 
-__all__ = ["Grid", "HessianDampingWarning", "QuantResult", "exact_obc", "fit_grid", "layer_objective"]
+
+def __getattr__(name):
+    # the callback is the only module that imports lightning: load it on first use
+    if name == "OBCQuantize":
+        from obc_lightning.callback import OBCQuantize
+
+        return OBCQuantize
+    raise AttributeError(f"module 'obc_lightning' has no attribute {name!r}")
+
+
+__all__ = [
+    "CalibrationResult",
+    "CalibrationWarning",
+    "CompressionReport",
+    "Grid",
+    "HessianDampingWarning",
+    "LayerHessian",
+    "ModuleReport",
+    "OBCQuantize",
+    "QuantResult",
+    "collect_hessians",
+    "compress_model",
+    "exact_obc",
+    "fit_grid",
+    "gptq",
+    "layer_objective",
+    "polish",
+    "quantize_weight",
+    "select_modules",
+]

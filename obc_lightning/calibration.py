@@ -1,0 +1,355 @@
+"""Calibration: layer Hessians H = 2/N * X^T X from forward hooks on the user's own forward pass.
+
+For a layer y = W x, the squared output error of a perturbed weight W + dW over N samples is
+    1/N * sum_n ||dW x_n||^2 = 1/2 * sum_rows dw H dw^T   with   H = 2/N * sum_n x_n x_n^T,
+so H is all a solver needs to know about the data. The samples x_n are:
+
+- ``nn.Linear``: every token: an input of shape (..., in) gives prod(...) samples of size ``in``;
+- ``nn.Conv1d`` / ``nn.Conv2d``: every output position: the receptive-field patch (``F.unfold`` with
+  the layer's kernel, stride, padding, padding mode and dilation), of size in/groups * kh * kw in the
+  order of ``weight.reshape(out, -1)``. A conv with g groups is g independent layers: group i maps
+  input channels [i*in/g, (i+1)*in/g) to output rows [i*out/g, (i+1)*out/g), so it gets its own
+  Hessian (g Hessians per conv; a depthwise conv has one tiny Hessian per channel).
+
+Each batch's X^T X is computed in the activations' precision (float32 for half inputs) and added to a
+float64 running sum (a float32 sum of thousands of batches loses the small eigenvalues the solver
+depends on), on the module's device, or on the CPU with ``offload=True``.
+"""
+
+from __future__ import annotations
+
+import math
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
+
+# Reasons a target module gets no Hessian (reported, never silent).
+REASON_FUNCTIONAL = (
+    "not called as a module during calibration (used functionally: its parent MultiheadAttention "
+    "'{owner}' passes out_proj.weight to F.multi_head_attention_forward)"
+)
+REASON_NOT_RUN = (
+    "not called as a module during calibration (not on the forward path of the calibration batches, "
+    "or used functionally, e.g. MultiheadAttention.out_proj)"
+)
+
+
+class CalibrationWarning(UserWarning):
+    """Some target modules got no Hessian (they never ran as modules during calibration)."""
+
+
+@dataclass
+class LayerHessian:
+    """The Hessians of one module.
+
+    ``hessians`` is (groups, d, d): ``groups`` is the conv's ``groups`` (1 for Linear), d the number of
+    weight columns of one group (in/groups * prod(kernel)). Rows ``[i*out/groups, (i+1)*out/groups)`` of
+    ``weight.reshape(out, -1)`` belong to ``hessians[i]``. float64, on the module's device (or CPU).
+    """
+
+    name: str
+    hessians: Tensor
+    n_samples: int
+    n_calls: int
+
+    @property
+    def groups(self) -> int:
+        return self.hessians.shape[0]
+
+    def weight_blocks(self, weight: Tensor) -> list[Tensor]:
+        """``weight`` as the (out/groups, d) matrices that go with ``hessians[i]``."""
+        return list(weight.reshape(weight.shape[0], -1).chunk(self.groups, dim=0))
+
+
+@dataclass
+class CalibrationResult:
+    """Output of :func:`collect_hessians`: Hessians of the modules that ran, reasons for the others."""
+
+    hessians: dict[str, LayerHessian] = field(default_factory=dict)
+    skipped: dict[str, str] = field(default_factory=dict)
+    n_batches: int = 0
+
+    def __getitem__(self, name: str) -> LayerHessian:
+        return self.hessians[name]
+
+    def __contains__(self, name: object) -> bool:
+        return name in self.hessians
+
+
+def hessian_shape(module: nn.Module) -> tuple[int, int, int]:
+    """(groups, d, d) of the Hessians of a Linear / Conv1d / Conv2d."""
+    if isinstance(module, nn.Linear):
+        return (1, module.in_features, module.in_features)
+    if isinstance(module, (nn.Conv1d, nn.Conv2d)):
+        d = module.in_channels // module.groups * math.prod(module.kernel_size)
+        return (module.groups, d, d)
+    raise TypeError(
+        f"collect_hessians supports {', '.join(m.__name__ for m in SUPPORTED_MODULES)}, "
+        f"got {type(module).__name__}"
+    )
+
+
+def hessian_bytes(module: nn.Module) -> int:
+    """float64 bytes of the Hessian sums of ``module``."""
+    g, d, _ = hessian_shape(module)
+    return g * d * d * 8
+
+
+def default_max_memory(device: torch.device) -> int:
+    """Budget for the Hessian sums on ``device``: 70 % of free GPU memory, 50 % of available RAM."""
+    if device.type == "cuda":
+        free, _ = torch.cuda.mem_get_info(device)
+        return int(free * 0.7)
+    try:
+        avail = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_AVPHYS_PAGES")
+    except (ValueError, OSError, AttributeError):  # not POSIX: assume 8 GiB
+        avail = 8 << 30
+    return int(avail * 0.5)
+
+
+def _module_device(module: nn.Module) -> torch.device:
+    return module.weight.device
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
+    """The receptive-field patches of ``x`` for ``module``: (groups, samples, in/groups * prod(kernel)).
+
+    Reproduces the conv's own padding: a non-zero padding mode or a string padding ("same") pads
+    explicitly with ``module._reversed_padding_repeated_twice``, as ``nn.Conv*._conv_forward`` does.
+    """
+    one_d = isinstance(module, nn.Conv1d)
+    if x.dim() == (2 if one_d else 3):  # unbatched input
+        x = x.unsqueeze(0)
+    if isinstance(module.padding, str) or module.padding_mode != "zeros":
+        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
+        padding = (0,) * len(module.kernel_size)
+    else:
+        padding = module.padding
+    kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
+    if one_d:  # Conv1d as a Conv2d of height 1
+        x = x.unsqueeze(2)
+        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
+    cols = F.unfold(x, kernel, dilation=dilation, padding=padding, stride=stride)  # (B, C*kh*kw, L)
+    g = module.groups
+    B, CK, L = cols.shape
+    # channel-major rows: group i owns rows [i*CK/g, (i+1)*CK/g), the column order of weight.reshape(out, -1)
+    return cols.reshape(B, g, CK // g, L).permute(1, 0, 3, 2).reshape(g, B * L, CK // g)
+
+
+def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
+    """The samples the module's weight sees: (groups, N, d)."""
+    if isinstance(module, nn.Linear):
+        return x.reshape(1, -1, x.shape[-1])
+    return conv_patches(module, x)
+
+
+class _Accumulator:
+    """Running float64 sums S = sum X^T X (groups, d, d) and N for one module."""
+
+    def __init__(self, name: str, module: nn.Module, device: torch.device):
+        self.name = name
+        self.module = module
+        self.sum = torch.zeros(hessian_shape(module), dtype=torch.float64, device=device)
+        self.n = 0
+        self.calls = 0
+        self.batch_index = -1
+
+    @torch.no_grad()
+    def add(self, x: Tensor) -> None:
+        self.calls += 1
+        if not torch.isfinite(x).all():
+            raise ValueError(
+                f"collect_hessians: the input of module '{self.name}' ({type(self.module).__name__}) "
+                f"contains NaN or Inf at calibration batch {self.batch_index}; check the model and the "
+                f"calibration data (no Hessian can be built from non-finite activations)"
+            )
+        X = layer_inputs(self.module, x.detach())  # (g, N, d)
+        if X.dtype not in (torch.float32, torch.float64):
+            X = X.float()
+        # one batch's X^T X in the activations' precision (fast matmul), the running sum in float64:
+        # the sum over thousands of batches is what loses precision, not one product
+        xtx = X.transpose(1, 2) @ X  # (g, d, d)
+        self.sum += xtx.to(device=self.sum.device, dtype=torch.float64)
+        self.n += X.shape[1]
+
+
+def call_model(model: nn.Module, batch, forward_fn: Callable | None = None):
+    """The calling convention for calibration batches.
+
+    ``forward_fn(model, batch)`` if given; else ``model(**batch)`` for a mapping, ``model(*batch)`` for a
+    tuple or list, ``model(batch)`` for anything else (a tensor, a custom object).
+    """
+    if forward_fn is not None:
+        return forward_fn(model, batch)
+    if isinstance(batch, Mapping):
+        return model(**batch)
+    if isinstance(batch, (tuple, list)):
+        return model(*batch)
+    return model(batch)
+
+
+def _functional_owner(model: nn.Module, name: str) -> str | None:
+    """Name of the MultiheadAttention whose out_proj is ``name`` (its weight is used functionally)."""
+    parent, _, leaf = name.rpartition(".")
+    if leaf != "out_proj":
+        return None
+    try:
+        owner = model.get_submodule(parent) if parent else model
+    except AttributeError:
+        return None
+    return parent if isinstance(owner, nn.MultiheadAttention) else None
+
+
+def never_ran_reason(model: nn.Module, name: str) -> str:
+    owner = _functional_owner(model, name)
+    if owner is not None:
+        return REASON_FUNCTIONAL.format(owner=owner or "<model>")
+    return REASON_NOT_RUN
+
+
+def check_memory(
+    modules: Mapping[str, nn.Module], *, offload: bool, max_memory: int | Mapping[str, int] | None
+) -> None:
+    """Refuse before allocating when the Hessian sums would not fit the budget of their device.
+
+    ``max_memory``: bytes for every device, or a mapping ``{"cpu": ..., "cuda:0": ...}``; ``None``: see
+    :func:`default_max_memory`.
+    """
+    need: dict[torch.device, int] = {}
+    sizes: dict[torch.device, list[tuple[int, str]]] = {}
+    for name, m in modules.items():
+        dev = torch.device("cpu") if offload else _module_device(m)
+        need[dev] = need.get(dev, 0) + hessian_bytes(m)
+        sizes.setdefault(dev, []).append((hessian_bytes(m), name))
+    for dev, nbytes in need.items():
+        if isinstance(max_memory, Mapping):
+            budget = max_memory.get(str(dev), None)
+            budget = default_max_memory(dev) if budget is None else budget
+        else:
+            budget = default_max_memory(dev) if max_memory is None else max_memory
+        if nbytes > budget:
+            largest = ", ".join(f"'{n}' {b / 2**20:.1f} MiB" for b, n in sorted(sizes[dev], reverse=True)[:3])
+            hint = "exclude the largest modules, calibrate them sequentially, or raise max_memory"
+            if dev.type != "cpu":
+                hint = "use offload=True (sums on the CPU), " + hint
+            raise MemoryError(
+                f"collect_hessians: the Hessian sums of {len(sizes[dev])} modules need "
+                f"{nbytes / 2**20:.1f} MiB on {dev}, above the budget of {budget / 2**20:.1f} MiB "
+                f"(largest: {largest}); {hint}"
+            )
+
+
+@torch.no_grad()
+def collect_hessians(
+    model: nn.Module,
+    batches: Iterable,
+    modules: Mapping[str, nn.Module],
+    *,
+    forward_fn: Callable | None = None,
+    offload: bool = False,
+    max_memory: int | Mapping[str, int] | None = None,
+    reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
+    warn: bool = True,
+) -> CalibrationResult:
+    """Run ``batches`` through ``model`` (eval mode, no grad) and return H = 2/N X^T X of each module.
+
+    Args:
+        model: the model; it is called as described in :func:`call_model` and left in the train/eval
+            mode every submodule had. Batches are not moved: they must be on the model's device.
+        batches: any iterable of batches (iterated once).
+        modules: ``{name: module}`` of ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` submodules.
+        forward_fn: ``forward_fn(model, batch)`` replaces the default calling convention.
+        offload: keep the float64 sums on the CPU instead of the module's device.
+        max_memory: byte budget for the sums (per device); above it a ``MemoryError`` is raised before
+            anything is allocated.
+        reduce_fn: called on every sum before H is formed, e.g. ``torch.distributed.all_reduce`` under
+            DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
+
+    Returns:
+        :class:`CalibrationResult`. A module that never ran as a module (e.g. ``MultiheadAttention``'s
+        ``out_proj``, whose weight its parent uses functionally) is in ``skipped`` with the reason and
+        a :class:`CalibrationWarning` is issued.
+
+    Raises:
+        ValueError: no batches, an unsupported module, or NaN / Inf in a module's input (naming it).
+        MemoryError: the Hessian sums would exceed ``max_memory``.
+    """
+    for name, m in modules.items():
+        if not isinstance(m, SUPPORTED_MODULES):
+            raise ValueError(
+                f"collect_hessians: module '{name}' is a {type(m).__name__}; supported: "
+                f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}"
+            )
+    check_memory(modules, offload=offload, max_memory=max_memory)
+
+    accs = {
+        name: _Accumulator(name, m, torch.device("cpu") if offload else _module_device(m))
+        for name, m in modules.items()
+    }
+    modes = {m: m.training for m in model.modules()}
+    handles = []
+    # The fused MHA / TransformerEncoderLayer fast path bypasses the Linear submodules; the slow path
+    # calls them as modules (except MultiheadAttention.out_proj, which stays functional).
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    n_batches = 0
+    try:
+        for acc in accs.values():
+
+            def hook(module, args, kwargs, acc=acc):
+                x = args[0] if args else next(iter(kwargs.values()))
+                acc.add(x)
+
+            handles.append(acc.module.register_forward_pre_hook(hook, with_kwargs=True))
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        for batch in batches:
+            for acc in accs.values():
+                acc.batch_index = n_batches
+            call_model(model, batch, forward_fn)
+            n_batches += 1
+    finally:
+        for h in handles:
+            h.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, training in modes.items():
+            m.train(training)
+    if n_batches == 0:
+        raise ValueError("collect_hessians: no calibration batches (the iterable was empty)")
+
+    if reduce_fn is not None:
+        # counts first, so every rank agrees on which modules ran (and then reduces the same sums)
+        dev = next(iter(accs.values())).sum.device if accs else torch.device("cpu")
+        counts = torch.tensor([[a.n, a.calls] for a in accs.values()], dtype=torch.float64, device=dev)
+        counts = _reduced(reduce_fn, counts)
+        for a, (n, calls) in zip(accs.values(), counts.tolist()):
+            a.n, a.calls = int(n), int(calls)
+
+    result = CalibrationResult(n_batches=n_batches)
+    for name, a in accs.items():
+        if a.n == 0:
+            result.skipped[name] = never_ran_reason(model, name)
+            a.sum = None  # free it
+            continue
+        s = a.sum if reduce_fn is None else _reduced(reduce_fn, a.sum)
+        result.hessians[name] = LayerHessian(name, s.mul_(2.0 / a.n), a.n, a.calls)  # H = 2/N * X^T X
+    if result.skipped and warn:
+        lines = "\n".join(f"  {n}: {r}" for n, r in result.skipped.items())
+        warnings.warn(
+            f"collect_hessians: no Hessian for {len(result.skipped)} module(s):\n{lines}",
+            CalibrationWarning,
+            stacklevel=2,
+        )
+    return result
+
+
+def _reduced(reduce_fn: Callable[[Tensor], Tensor | None], t: Tensor) -> Tensor:
+    out = reduce_fn(t)
+    return t if out is None else out

@@ -1,0 +1,339 @@
+"""Whole-model post-training quantization without Lightning: calibrate, solve each layer, write back.
+
+``compress_model(model, batches, bits=4)`` replaces the weight of every ``nn.Linear`` / ``nn.Conv1d`` /
+``nn.Conv2d`` (or the ones ``include`` / ``exclude`` select) by its quantized value, in place, and
+returns a :class:`~obc_lightning.reporting.CompressionReport`. Per module the solver minimises the
+layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
+:func:`~obc_lightning.calibration.collect_hessians`.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import math
+import time
+import warnings
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+
+import torch
+from torch import Tensor, nn
+
+from obc_lightning.calibration import (
+    SUPPORTED_MODULES,
+    CalibrationWarning,
+    LayerHessian,
+    call_model,
+    collect_hessians,
+)
+from obc_lightning.grids import check_bits, check_group_size
+from obc_lightning.reporting import FP32_BYTES, CompressionReport, ModuleReport, packed_weight_bytes
+
+SOLVERS = ("auto", "obc", "gptq")
+
+
+def _as_patterns(arg, what: str) -> list[str]:
+    if arg is None:
+        return []
+    if isinstance(arg, str):
+        return [arg]
+    if isinstance(arg, Sequence) and all(isinstance(p, str) for p in arg):
+        return list(arg)
+    raise ValueError(f"{what} must be a module name, an fnmatch pattern or a list of them, got {arg!r}")
+
+
+def _matches(name: str, pattern: str) -> bool:
+    """Exact name, fnmatch pattern ("blocks.*.fc1"), or a parent module ("encoder" selects encoder.*)."""
+    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
+
+
+def select_modules(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Module]:
+    """The target modules of ``model``: every Linear / Conv1d / Conv2d, filtered by include / exclude.
+
+    A pattern that selects no supported module is an error (a typo would otherwise quantize
+    everything, or nothing, silently).
+    """
+    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    candidates = {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
+    if not candidates:
+        raise ValueError("compress_model: the model has no nn.Linear, nn.Conv1d or nn.Conv2d module")
+    for kind, pats in (("include", inc), ("exclude", exc)):
+        for p in pats:
+            if not any(_matches(n, p) for n in candidates):
+                shown = ", ".join(list(candidates)[:20]) + (", ..." if len(candidates) > 20 else "")
+                raise ValueError(
+                    f"compress_model: {kind} pattern {p!r} matches no Linear/Conv1d/Conv2d module; "
+                    f"available: {shown}"
+                )
+    targets = {
+        n: m
+        for n, m in candidates.items()
+        if (not inc or any(_matches(n, p) for p in inc)) and not any(_matches(n, p) for p in exc)
+    }
+    if not targets:
+        raise ValueError(
+            f"compress_model: include={include!r} / exclude={exclude!r} leave no module to quantize"
+        )
+    return targets
+
+
+def _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets) -> None:
+    check_bits(bits)
+    if solver not in SOLVERS:
+        raise ValueError(f"compress_model: solver must be one of {SOLVERS}, got {solver!r}")
+    for flag, value in (
+        ("symmetric", symmetric),
+        ("mse", mse),
+        ("sequential", sequential),
+        ("offload", offload),
+    ):
+        if not isinstance(value, bool):
+            raise ValueError(f"compress_model: {flag} must be a bool, got {value!r}")
+    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
+        raise ValueError(f"compress_model: damp must be a finite number >= 0, got {damp!r}")
+    try:
+        check_group_size(group_size, 2**62)
+    except ValueError as e:
+        raise ValueError(f"compress_model: {e}") from None
+    for name, m in targets.items():
+        if not m.weight.is_floating_point():
+            raise ValueError(
+                f"compress_model: module '{name}' has a {m.weight.dtype} weight; expected floating point"
+            )
+
+
+def _materialize(batches) -> Iterable:
+    """Re-iterable batches (a one-shot iterator becomes a list); refuse what cannot be batches."""
+    if isinstance(batches, Tensor):
+        raise ValueError(
+            "compress_model: calibration_batches must be an iterable of batches (a list, a DataLoader), "
+            "not a single tensor; wrap it as [tensor]"
+        )
+    if isinstance(batches, Iterator):
+        batches = list(batches)
+    if not isinstance(batches, Iterable):
+        raise ValueError(
+            f"compress_model: calibration_batches must be iterable, got {type(batches).__name__}"
+        )
+    if isinstance(batches, Sized) and len(batches) == 0:
+        raise ValueError("compress_model: calibration_batches is empty")
+    return batches
+
+
+@torch.no_grad()
+def _execution_order(model: nn.Module, batch, targets: Mapping[str, nn.Module], forward_fn) -> list[str]:
+    """Target names in the order of their first call on ``batch``; those never called go last."""
+    seen: list[str] = []
+    handles = []
+    modes = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    try:
+        for name, m in targets.items():
+
+            def hook(module, args, name=name):
+                if name not in seen:
+                    seen.append(name)
+
+            handles.append(m.register_forward_pre_hook(hook))
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)  # as in collect_hessians
+        call_model(model, batch, forward_fn)
+    finally:
+        for h in handles:
+            h.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, training in modes.items():
+            m.train(training)
+    return seen + [n for n in targets if n not in seen]
+
+
+def _size(m: nn.Module) -> int:
+    """fp32 bytes of the module's weight and bias."""
+    return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
+
+
+def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp):
+    """Solve every group's (W_i, H_i); returns Q (weight's shape, compute dtype), the report, the results."""
+    from obc_lightning.solvers.common import layer_objective
+    from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
+
+    t0 = time.perf_counter()
+    W = m.weight.detach()
+    if group_size is not None and group_size >= lh.hessians.shape[-1]:
+        group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    Qs, results = [], []
+    loss = 0.0
+    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
+    rows_won: dict[str, int] = {}
+    for i, Wb in enumerate(lh.weight_blocks(W)):
+        Wb = Wb.to(dt)
+        H = lh.hessians[i].to(device=W.device, dtype=dt)
+        res = quantize_weight(
+            Wb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp
+        )
+        Qs.append(res.quantized_matrix)
+        results.append(res)
+        loss += float(res.loss.sum())
+        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+        for k, v in res.solver_rows.items():
+            rows_won[k] = rows_won.get(k, 0) + int(v)
+    Q = torch.cat(Qs, dim=0).reshape(W.shape)
+    # rel_error = trace(dW H dW^T) / trace(W H W^T), and loss = 1/2 trace(dW H dW^T)
+    rel = 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
+    rows = W.shape[0]
+    n_groups = results[0].scales.shape[1]
+    before = _size(m)
+    after = before - W.numel() * FP32_BYTES + packed_weight_bytes(W.numel(), rows, n_groups, bits)
+    rep = ModuleReport(
+        name=name,
+        kind=type(m).__name__,
+        shape=tuple(W.shape),
+        bits=bits,
+        groups=lh.groups,
+        group_size=group_size,
+        n_samples=lh.n_samples,
+        loss=loss,
+        rel_error=rel,
+        seconds=time.perf_counter() - t0,
+        obc_rows=rows_won.get("obc", 0),
+        gptq_rows=rows_won.get("gptq", 0),
+        damp=max(r.damp for r in results),
+        bytes_before=before,
+        bytes_after=after,
+    )
+    return Q, rep, results, rows * n_groups
+
+
+def compress_model(
+    model: nn.Module,
+    calibration_batches: Iterable,
+    bits: int = 4,
+    *,
+    include: str | Sequence[str] | None = None,
+    exclude: str | Sequence[str] | None = None,
+    forward_fn: Callable | None = None,
+    sequential: bool = False,
+    solver: str = "auto",
+    group_size: int | None = None,
+    symmetric: bool = False,
+    mse: bool = True,
+    damp: float = 0.01,
+    offload: bool = False,
+    max_memory: int | None = None,
+    reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
+    keep_results: bool = False,
+) -> CompressionReport:
+    """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
+
+    Args:
+        model: any ``nn.Module``; weights keep their dtype, device and ``Parameter`` identity.
+        calibration_batches: iterable of batches on the model's device; called as ``model(batch)`` (a
+            tensor or object), ``model(*batch)`` (tuple / list), ``model(**batch)`` (dict), or
+            ``forward_fn(model, batch)``. A one-shot iterator is materialised (sequential mode reruns it).
+        bits: 2 ... 8.
+        include / exclude: module names, parents ("encoder"), or fnmatch patterns ("*.fc?"); every
+            pattern must match a supported module.
+        sequential: ``False``: all Hessians from the original model in one pass. ``True``: module by
+            module in execution order, each calibrated on the inputs produced by the already-quantized
+            earlier modules (one pass over the batches per module).
+        solver, group_size, symmetric, mse, damp: passed to
+            :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
+            ExactOBC and GPTQ, polished).
+        offload, max_memory, reduce_fn: see :func:`~obc_lightning.calibration.collect_hessians`.
+        keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
+            per conv group, on the CPU) in ``report.results`` (codes, scales, zeros for export).
+
+    Returns:
+        :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (never called as
+        a module, e.g. ``MultiheadAttention.out_proj``) are left unchanged and listed in ``skipped``.
+
+    Raises:
+        ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything
+        fails after weights were written, every written weight is restored before the error propagates.
+    """
+    targets = select_modules(model, include, exclude)
+    _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    batches = _materialize(calibration_batches)
+
+    t_start = time.perf_counter()
+    report = CompressionReport(bits=bits, solver=solver, sequential=sequential)
+    report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
+    skipped: dict[str, str] = {}
+    for name, m in targets.items():
+        if not isinstance(m.weight, nn.Parameter):
+            skipped[name] = (
+                "weight is not a Parameter (reparametrized, e.g. torch.nn.utils.prune); "
+                "make it permanent (prune.remove) before quantizing"
+            )
+    all_targets = targets
+    targets = {n: m for n, m in targets.items() if n not in skipped}
+    backups: dict[str, Tensor] = {}
+    kw = dict(forward_fn=forward_fn, offload=offload, max_memory=max_memory, reduce_fn=reduce_fn, warn=False)
+
+    def solve(name: str, lh: LayerHessian) -> None:
+        m = targets[name]
+        Q, rep, results, n_scales = _quantize_module(
+            name, m, lh, bits, solver, group_size, symmetric, mse, damp
+        )
+        backups[name] = m.weight.detach().to("cpu", copy=True)
+        m.weight.copy_(Q.to(m.weight.dtype))
+        report.modules.append(rep)
+        report.quantized_weights += m.weight.numel()
+        report.quantized_weight_bits += bits * m.weight.numel() + 8 * 4 * n_scales  # + fp16 scale, fp16 zero
+        if keep_results:
+            report.results[name] = [_to_cpu(r) for r in results]
+
+    try:
+        with torch.no_grad():
+            if not sequential:
+                t0 = time.perf_counter()
+                calib = collect_hessians(model, batches, targets, **kw)
+                report.calibration_seconds = time.perf_counter() - t0
+                skipped.update(calib.skipped)
+                for name in list(calib.hessians):
+                    solve(name, calib.hessians.pop(name))  # pop: free each H once used
+            else:
+                first = next(iter(batches), None)
+                if first is None:
+                    raise ValueError("compress_model: calibration_batches is empty")
+                for name in _execution_order(model, first, targets, forward_fn):
+                    t0 = time.perf_counter()
+                    calib = collect_hessians(model, batches, {name: targets[name]}, **kw)
+                    report.calibration_seconds += time.perf_counter() - t0
+                    skipped.update(calib.skipped)
+                    if name in calib:
+                        solve(name, calib.hessians.pop(name))
+    except BaseException:
+        with torch.no_grad():
+            for name, w in backups.items():
+                targets[name].weight.copy_(w)
+        raise
+
+    report.skipped = {n: skipped[n] for n in all_targets if n in skipped}  # in model order
+    done = {rep.name: rep for rep in report.modules}
+    for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
+        report.bytes_before += done[name].bytes_before if name in done else _size(m)
+        report.bytes_after += done[name].bytes_after if name in done else _size(m)
+    report.seconds = time.perf_counter() - t_start
+    if report.skipped:
+        lines = "\n".join(f"  {n}: {r}" for n, r in report.skipped.items())
+        warnings.warn(
+            f"compress_model: {len(report.skipped)} module(s) left unquantized:\n{lines}",
+            CalibrationWarning,
+            stacklevel=2,
+        )
+    return report
+
+
+def _to_cpu(res):
+    from dataclasses import replace
+
+    return replace(
+        res,
+        quantized_matrix=res.quantized_matrix.cpu(),
+        scales=res.scales.cpu(),
+        rounded_zeros=res.rounded_zeros.cpu(),
+        codes=res.codes.cpu(),
+        loss=res.loss.cpu(),
+        grid=res.grid.to("cpu"),
+    )

@@ -1,0 +1,165 @@
+"""What a compression run reports: per-module objective and relative error, sizes, time.
+
+Plain dataclasses and text; no Lightning. The callback turns :meth:`CompressionReport.metrics` into
+logger calls and prints :meth:`CompressionReport.table`.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import asdict, dataclass, field, replace
+
+# Packed format that the size estimate assumes: codes at ``bits`` bits each, bit-packed per module;
+# one fp16 scale and one fp16 zero point per row (or per row and group); biases kept in fp32.
+SCALE_BYTES = 2
+ZERO_BYTES = 2
+FP32_BYTES = 4
+
+
+def packed_weight_bytes(numel: int, rows: int, n_groups: int, bits: int) -> int:
+    """Bytes of one weight in the packed format: ceil(numel * bits / 8) + (2 + 2) per row and group."""
+    return -(-numel * bits // 8) + rows * n_groups * (SCALE_BYTES + ZERO_BYTES)
+
+
+@dataclass
+class ModuleReport:
+    """One quantized module.
+
+    ``loss`` is the layer objective 1/2 * sum_rows (w - q) H (w - q)^T = 1/N ||(W - Q) X||^2;
+    ``rel_error`` = trace((W - Q) H (W - Q)^T) / trace(W H W^T) = ||(W - Q) X||^2 / ||W X||^2 on the
+    calibration inputs. ``obc_rows`` / ``gptq_rows``: rows whose best solution came from each solver.
+    """
+
+    name: str
+    kind: str
+    shape: tuple[int, ...]
+    bits: int
+    groups: int
+    group_size: int | None
+    n_samples: int
+    loss: float
+    rel_error: float
+    seconds: float
+    obc_rows: int = 0
+    gptq_rows: int = 0
+    damp: float = 0.0
+    bytes_before: int = 0
+    bytes_after: int = 0
+
+
+@dataclass
+class CompressionReport:
+    """Result of :func:`obc_lightning.compress_model`.
+
+    Sizes cover every target module (weights and biases); skipped targets count at fp32 on both sides,
+    so ``compression_ratio`` is what the targets really shrink by. ``avg_bits`` is the storage per
+    quantized weight including the fp16 scales and zeros: (bits * numel + 32 * rows * n_groups) / numel.
+    """
+
+    modules: list[ModuleReport] = field(default_factory=list)
+    skipped: dict[str, str] = field(default_factory=dict)
+    bits: int = 4
+    solver: str = "auto"
+    sequential: bool = False
+    bytes_before: int = 0
+    bytes_after: int = 0
+    quantized_weights: int = 0
+    quantized_weight_bits: int = 0
+    calibration_seconds: float = 0.0
+    seconds: float = 0.0
+    results: dict | None = field(default=None, repr=False, compare=False)
+
+    @property
+    def quantized(self) -> list[str]:
+        return [m.name for m in self.modules]
+
+    @property
+    def compression_ratio(self) -> float:
+        return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    @property
+    def avg_bits(self) -> float:
+        return self.quantized_weight_bits / self.quantized_weights if self.quantized_weights else float("nan")
+
+    def __getitem__(self, name: str) -> ModuleReport:
+        for m in self.modules:
+            if m.name == name:
+                return m
+        raise KeyError(name)
+
+    def metrics(self, prefix: str = "obc/") -> dict[str, float]:
+        """Flat scalar metrics: ``<prefix><module>/loss|rel_error|obc_rows|gptq_rows`` and the totals."""
+        out: dict[str, float] = {}
+        for m in self.modules:
+            out[f"{prefix}{m.name}/loss"] = m.loss
+            out[f"{prefix}{m.name}/rel_error"] = m.rel_error
+            out[f"{prefix}{m.name}/obc_rows"] = float(m.obc_rows)
+            out[f"{prefix}{m.name}/gptq_rows"] = float(m.gptq_rows)
+        out[f"{prefix}size_mb_before"] = self.bytes_before / 2**20
+        out[f"{prefix}size_mb_after"] = self.bytes_after / 2**20
+        out[f"{prefix}compression_ratio"] = self.compression_ratio
+        out[f"{prefix}avg_bits"] = self.avg_bits
+        out[f"{prefix}seconds"] = self.seconds
+        out[f"{prefix}modules_quantized"] = float(len(self.modules))
+        out[f"{prefix}modules_skipped"] = float(len(self.skipped))
+        return out
+
+    def to_dict(self) -> dict:
+        d = {k: v for k, v in asdict(replace(self, results=None)).items() if k != "results"}
+        d["compression_ratio"] = self.compression_ratio
+        d["avg_bits"] = self.avg_bits
+        return d
+
+    def table(self) -> str:
+        """A fixed-width text table: one line per module, then skipped modules and the totals."""
+        head = ("module", "type", "shape", "bits", "loss", "rel_err", "obc/gptq", "sec")
+        rows = [
+            (
+                m.name,
+                m.kind + (f"[g={m.groups}]" if m.groups > 1 else ""),
+                "x".join(map(str, m.shape)),
+                str(m.bits) + (f"/g{m.group_size}" if m.group_size else ""),
+                f"{m.loss:.4g}",
+                f"{m.rel_error:.3%}" if math.isfinite(m.rel_error) else "nan",
+                f"{m.obc_rows}/{m.gptq_rows}",
+                f"{m.seconds:.2f}",
+            )
+            for m in self.modules
+        ]
+        widths = [max(len(r[i]) for r in [head, *rows]) for i in range(len(head))]
+        fmt = "  ".join(f"{{:<{w}}}" if i < 3 else f"{{:>{w}}}" for i, w in enumerate(widths))
+        lines = [fmt.format(*head), "  ".join("-" * w for w in widths)]
+        lines += [fmt.format(*r) for r in rows]
+        for name, reason in self.skipped.items():
+            lines.append(f"skipped {name}: {reason}")
+        lines.append(
+            f"{len(self.modules)} quantized, {len(self.skipped)} skipped | size "
+            f"{self.bytes_before / 2**20:.3f} MB -> {self.bytes_after / 2**20:.3f} MB "
+            f"(x{self.compression_ratio:.2f}, {self.avg_bits:.2f} bits/weight) | "
+            f"{self.seconds:.2f} s ({self.calibration_seconds:.2f} s calibration)"
+        )
+        return "\n".join(lines)
+
+    def __str__(self) -> str:
+        return self.table()
+
+
+def plot_errors(report: CompressionReport, path) -> str | None:
+    """Bar chart of the per-module relative error saved to ``path``; ``None`` if matplotlib is absent."""
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return None
+    names = [m.name for m in report.modules]
+    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3.5))
+    ax.bar(range(len(names)), [m.rel_error for m in report.modules])
+    ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
+    ax.set_ylabel("||(W-Q)X||^2 / ||WX||^2")
+    ax.set_title(f"{report.bits}-bit: relative output error per module")
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return str(path)

@@ -1,0 +1,236 @@
+"""collect_hessians: H = 2/N X^T X against direct computations, errors, reporting, hook hygiene."""
+
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from obc_lightning.calibration import CalibrationWarning, call_model, collect_hessians, hessian_bytes
+
+torch.manual_seed(0)
+
+
+def direct_patches_2d(x, k, stride, padding, dilation):
+    """Patches by explicit indexing: (B * Ho * Wo, C * kh * kw), channel-major like weight.reshape."""
+    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
+    B, _, Hp, Wp = x.shape
+    Ho = (Hp - dilation[0] * (k[0] - 1) - 1) // stride[0] + 1
+    Wo = (Wp - dilation[1] * (k[1] - 1) - 1) // stride[1] + 1
+    rows = []
+    for b in range(B):
+        for i in range(Ho):
+            for j in range(Wo):
+                r0, c0 = i * stride[0], j * stride[1]
+                patch = x[
+                    b,
+                    :,
+                    r0 : r0 + dilation[0] * (k[0] - 1) + 1 : dilation[0],
+                    c0 : c0 + dilation[1] * (k[1] - 1) + 1 : dilation[1],
+                ]
+                rows.append(patch.reshape(-1))
+    return torch.stack(rows).double()
+
+
+@torch.no_grad()
+def quadratic_form_check(module, hess, xs):
+    """For any dW: 1/2 sum_rows dw H dw^T == 1/N ||conv(x; dW)||^2 (N = output positions): the defining
+    property of the layer Hessian, checked with the layer's own forward and random dW."""
+    for _ in range(3):
+        dW = torch.randn_like(module.weight, dtype=torch.float64)
+        probe = type(module)(
+            module.in_channels,
+            module.out_channels,
+            module.kernel_size,
+            stride=module.stride,
+            padding=module.padding,
+            dilation=module.dilation,
+            groups=module.groups,
+            bias=False,
+            padding_mode=module.padding_mode,
+        ).double()
+        probe.weight.data.copy_(dW)
+        outs = [probe(x.double()) for x in xs]
+        n = sum(o.shape[0] * o[0, 0].numel() for o in outs)
+        lhs = sum(float(o.square().sum()) for o in outs) / n
+        rhs = 0.0
+        for Wb, H in zip(hess.weight_blocks(dW), hess.hessians):
+            rhs += 0.5 * float(((Wb @ H) * Wb).sum())
+        assert rhs == pytest.approx(lhs, rel=1e-6)  # per-batch X^T X is float32 for float32 activations
+
+
+def test_linear_3d_input_every_token_is_a_sample():
+    lin = nn.Linear(6, 4)
+    model = nn.Sequential(lin)
+    xs = [torch.randn(2, 5, 6) for _ in range(3)]
+    res = collect_hessians(model, xs, {"0": lin})
+    X = torch.cat([x.reshape(-1, 6) for x in xs]).double()
+    lh = res["0"]
+    assert lh.n_samples == 30 and lh.n_calls == 3 and lh.hessians.dtype == torch.float64
+    torch.testing.assert_close(lh.hessians[0], 2 / 30 * X.T @ X, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("padding_mode", ["zeros", "reflect"])
+def test_conv2d_stride_padding_dilation(padding_mode):
+    conv = nn.Conv2d(3, 5, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1), padding_mode=padding_mode)
+    xs = [torch.randn(2, 3, 9, 7) for _ in range(2)]
+    res = collect_hessians(conv, xs, {"conv": conv})
+    lh = res["conv"]
+    if padding_mode == "zeros":
+        P = torch.cat([direct_patches_2d(x, (3, 2), (2, 1), (1, 2), (2, 1)) for x in xs])
+        assert lh.n_samples == P.shape[0]
+        torch.testing.assert_close(lh.hessians[0], 2 / P.shape[0] * P.T @ P, rtol=1e-5, atol=1e-6)
+    quadratic_form_check(conv, lh, xs)
+
+
+def test_conv2d_same_padding():
+    conv = nn.Conv2d(2, 3, 4, padding="same", dilation=1)  # even kernel: asymmetric padding
+    xs = [torch.randn(2, 2, 6, 5)]
+    quadratic_form_check(conv, collect_hessians(conv, xs, {"c": conv})["c"], xs)
+
+
+@pytest.mark.parametrize("groups,in_ch,out_ch", [(2, 4, 6), (4, 4, 4), (4, 4, 8)])  # grouped, depthwise, x2
+def test_grouped_and_depthwise_conv_one_hessian_per_group(groups, in_ch, out_ch):
+    conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, groups=groups)
+    xs = [torch.randn(3, in_ch, 5, 5) for _ in range(2)]
+    lh = collect_hessians(conv, xs, {"c": conv})["c"]
+    d = in_ch // groups * 9
+    assert lh.hessians.shape == (groups, d, d) and lh.groups == groups
+    P = torch.cat([direct_patches_2d(x, (3, 3), (1, 1), (1, 1), (1, 1)) for x in xs])  # (N, in*9)
+    for g in range(groups):
+        Pg = P[:, g * d : (g + 1) * d]  # this group's input channels
+        torch.testing.assert_close(lh.hessians[g], 2 / P.shape[0] * Pg.T @ Pg, rtol=1e-5, atol=1e-6)
+    blocks = lh.weight_blocks(conv.weight)
+    assert len(blocks) == groups and blocks[0].shape == (out_ch // groups, d)
+    quadratic_form_check(conv, lh, xs)
+
+
+def test_conv1d():
+    conv = nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2)
+    xs = [torch.randn(2, 3, 11), torch.randn(1, 3, 11)]
+    lh = collect_hessians(conv, xs, {"c": conv})["c"]
+    # Conv1d == Conv2d of height 1: direct patches of the unsqueezed input
+    P = torch.cat([direct_patches_2d(x.unsqueeze(2), (1, 3), (1, 2), (0, 1), (1, 2)) for x in xs])
+    torch.testing.assert_close(lh.hessians[0], 2 / P.shape[0] * P.T @ P, rtol=1e-5, atol=1e-6)
+    quadratic_form_check(conv, lh, xs)
+
+
+def test_float64_sums_over_many_batches():
+    # a large mean and a tiny variance: a float32 sum of X^T X would lose the variance part
+    lin = nn.Linear(2, 1)
+    xs = [1000 + 1e-3 * torch.randn(64, 2, dtype=torch.float64) for _ in range(200)]
+    lin.double()
+    lh = collect_hessians(lin, xs, {"l": lin})["l"]
+    X = torch.cat(xs)
+    torch.testing.assert_close(lh.hessians[0], 2 / X.shape[0] * X.T @ X, rtol=1e-13, atol=0)
+
+
+def test_nan_activation_names_module_and_hooks_removed():
+    model = nn.Sequential(nn.Linear(3, 3), nn.Linear(3, 2))
+    x = torch.randn(4, 3)
+    x[1, 2] = float("nan")
+    with pytest.raises(ValueError, match=r"module '0'.*NaN or Inf.*batch 1"):
+        collect_hessians(model, [torch.randn(4, 3), x], dict(model.named_children()))
+    assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
+
+
+def test_never_ran_module_skipped_listed_warned():
+    class M(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
+            self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+
+        def forward(self, x, s):
+            return self.used(x), self.attn(s, s, s)[0]
+
+    m = M()
+    targets = {"used": m.used, "unused": m.unused, "attn.out_proj": m.attn.out_proj}
+    with pytest.warns(CalibrationWarning, match="unused"):
+        res = collect_hessians(m, [(torch.randn(2, 3), torch.randn(2, 5, 4))], targets)
+    assert list(res.hessians) == ["used"]
+    assert "not called as a module" in res.skipped["unused"]
+    assert "MultiheadAttention 'attn'" in res.skipped["attn.out_proj"]
+
+
+def test_memory_budget_refusal_before_allocation():
+    lin = nn.Linear(512, 2)
+    assert hessian_bytes(lin) == 512 * 512 * 8
+    with pytest.raises(MemoryError, match=r"2\.0 MiB on cpu.*budget of 1\.0 MiB.*'big'"):
+        collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=1 << 20)
+    res = collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=4 << 20)
+    assert res["big"].n_samples == 1
+
+
+def test_modes_restored_hooks_removed_and_calling_conventions():
+    class Three(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a, self.b = nn.Linear(2, 2), nn.Linear(2, 2)
+            self.drop = nn.Dropout(0.5)
+
+        def forward(self, x, y=None):
+            assert not self.training, "calibration must run in eval mode"
+            return self.a(x) + (self.b(y) if y is not None else 0)
+
+    m = Three()
+    m.train()
+    m.b.eval()  # a mixed state must come back as it was
+    x = torch.randn(3, 2)
+    batches = [x, (x, x), [x, x], {"x": x, "y": x}]
+    res = collect_hessians(m, batches, {"a": m.a, "b": m.b})
+    assert res["a"].n_calls == 4 and res["b"].n_calls == 3 and res.n_batches == 4
+    assert m.training and m.a.training and not m.b.training and m.drop.training
+    assert all(not mod._forward_pre_hooks for mod in m.modules())
+    # forward_fn replaces the convention
+    seen = []
+    collect_hessians(
+        m, [{"inp": x}], {"a": m.a}, forward_fn=lambda model, b: seen.append(1) or model(b["inp"])
+    )
+    assert seen == [1]
+    assert call_model(lambda *a, **k: (a, k), {"q": 1}) == ((), {"q": 1})
+
+
+def test_errors_restore_state():
+    m = nn.Sequential(nn.Linear(2, 2))
+    m.train()
+
+    def boom(model, batch):
+        model(batch)
+        raise RuntimeError("user code failed")
+
+    with pytest.raises(RuntimeError, match="user code failed"):
+        collect_hessians(m, [torch.randn(1, 2)], {"0": m[0]}, forward_fn=boom)
+    assert m.training and not m[0]._forward_pre_hooks
+    assert torch.backends.mha.get_fastpath_enabled()
+    with pytest.raises(ValueError, match="no calibration batches"):
+        collect_hessians(m, [], {"0": m[0]})
+    with pytest.raises(ValueError, match="ReLU"):
+        collect_hessians(m, [torch.randn(1, 2)], {"r": nn.ReLU()})
+
+
+def test_reduce_fn_sums_counts_and_hessians():
+    lin = nn.Linear(3, 2)
+    x = torch.randn(4, 3)
+    calls = []
+
+    def double(t):  # what all_reduce does with two identical ranks
+        calls.append(t.shape)
+        t.mul_(2)
+
+    lh = collect_hessians(lin, [x], {"l": lin}, reduce_fn=double)["l"]
+    assert lh.n_samples == 8 and len(calls) == 2
+    X = x.double()
+    torch.testing.assert_close(lh.hessians[0], 2 / 4 * X.T @ X)  # same H: sums and N both doubled
+
+
+def test_transformer_encoder_slow_path_reaches_linears():
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+    targets = {n: m for n, m in enc.named_modules() if isinstance(m, nn.Linear)}
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        res = collect_hessians(enc, [torch.randn(2, 3, 8)], targets)
+    assert set(res.hessians) == {"layers.0.linear1", "layers.0.linear2"}
+    assert set(res.skipped) == {"layers.0.self_attn.out_proj"}

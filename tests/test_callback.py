@@ -1,0 +1,322 @@
+"""OBCQuantize end to end: Trainer on CPU, loggers, calibration code paths, checkpoints, DDP."""
+
+import csv
+import os
+import subprocess
+import sys
+import textwrap
+import warnings
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.utils.data import DataLoader, TensorDataset
+from torchmetrics.classification import MulticlassAccuracy
+
+from obc_lightning.calibration import CalibrationWarning
+from obc_lightning.callback import OBCQuantize
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
+
+
+def data(n=32, dict_batches=False):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 2, 4, 4, generator=g)
+    y = (x.mean(dim=(1, 2, 3)) > 0).long() + (x[:, 0, 0, 0] > 1).long()
+    if dict_batches:
+        return [{"x": x[i], "y": y[i]} for i in range(n)]
+    return TensorDataset(x, y)
+
+
+class Net(pl.LightningModule):
+    """Conv + Linear classifier; forward(x, y=None) takes (x, y) batches as they come."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv2d(2, 4, 3, padding=1)
+        self.head = nn.Linear(64, 3)
+        self.acc = MulticlassAccuracy(num_classes=3)
+
+    def forward(self, x, y=None):
+        return self.head(self.conv(x).relu().flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = nn.functional.cross_entropy(self(x), y)
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.acc(logits, y)
+        self.log("val_acc", self.acc)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def trainer(tmp_path, callback, **kw):
+    args = dict(
+        max_epochs=1,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    args.update(kw)
+    return pl.Trainer(callbacks=[callback], **args)
+
+
+def on_grid(report, model):
+    """Every row of a quantized weight takes at most 2**bits distinct values (exact grid membership of
+    the codes is checked in test_compress.py)."""
+    for name in report.quantized:
+        w = model.get_submodule(name).weight.detach()
+        for row in w.reshape(w.shape[0], -1):
+            assert row.unique().numel() <= 2**report.bits, name
+
+
+def test_end_to_end_metrics_in_csv(tmp_path):
+    model = Net()
+    w0 = model.head.weight.detach().clone()
+    cb = OBCQuantize(bits=4, calibration_batches=3)
+    t = trainer(tmp_path, cb)
+    t.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
+
+    assert cb.quantized_modules == ["conv", "head"] and not cb.skipped_modules
+    assert cb.report["head"].n_samples == 24  # 3 batches of 8
+    assert not torch.equal(model.head.weight, w0)
+    assert model.head.weight.device.type == "cpu" and model.training  # mode given back
+    on_grid(cb.report, model)
+    with open(os.path.join(t.logger.log_dir, "metrics.csv")) as f:
+        rows = list(csv.DictReader(f))
+    logged = {k for r in rows for k, v in r.items() if v not in ("", None)}
+    for key in [
+        "obc/conv/loss",
+        "obc/conv/rel_error",
+        "obc/conv/obc_rows",
+        "obc/head/loss",
+        "obc/size_mb_before",
+        "obc/size_mb_after",
+        "obc/compression_ratio",
+        "obc/avg_bits",
+        "obc/seconds",
+        "obc/val_loss_before",
+        "obc/val_loss_after",
+        "obc/val_acc_before",
+        "obc/val_acc_after",
+    ]:
+        assert key in logged, key
+    assert "train_loss" in logged  # the user's own metrics still there
+    assert 0 <= cb.metrics["obc/val_acc_after"] <= 1
+    assert cb.metrics["obc/compression_ratio"] > 4
+
+
+class NoForward(pl.LightningModule):
+    """No forward at all; dict batches; only the steps know how to run the layers."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.conv = nn.Conv1d(2, 4, 3)
+        self.fc = nn.Linear(8, 3)
+        self.val_calls = 0
+
+    def _logits(self, batch):
+        return self.fc(self.conv(batch["x"].flatten(2)[:, :, :4]).relu().flatten(1))
+
+    def training_step(self, batch, batch_idx):
+        loss = nn.functional.cross_entropy(self._logits(batch), batch["y"])
+        self.log("train_loss", loss)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        self.val_calls += 1
+        assert not self.training and not torch.is_grad_enabled()
+        self.log_dict({"val_loss": nn.functional.cross_entropy(self._logits(batch), batch["y"])})
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.1)
+
+
+def test_module_without_forward_uses_validation_step(tmp_path):
+    model = NoForward()
+    cb = OBCQuantize(bits=3, calibration_batches=2, evaluate=False)
+    t = trainer(tmp_path, cb, limit_val_batches=0)
+    t.fit(model, DataLoader(data(dict_batches=True), batch_size=8))
+    assert model.val_calls == 2  # calibration only (no validation loop, no evaluation)
+    assert cb.quantized_modules == ["conv", "fc"] and cb.report["fc"].n_samples == 16
+    assert "val_loss" not in t.callback_metrics  # the muted self.log calls did not leak
+    on_grid(cb.report, model)
+
+
+class Pair:
+    """A custom batch: neither a tensor nor a collection."""
+
+    def __init__(self, inputs, targets):
+        self.inputs, self.targets = inputs, targets
+
+
+class PairNet(Net):
+    def training_step(self, batch, batch_idx):
+        return nn.functional.cross_entropy(self(batch.inputs), batch.targets)
+
+    def validation_step(self, batch, batch_idx):
+        self.log("val_loss", nn.functional.cross_entropy(self(batch.inputs), batch.targets), batch_size=4)
+
+
+def test_custom_batch_object_with_calibration_step(tmp_path):
+    def collate(items):
+        xs, ys = zip(*items)
+        return Pair(torch.stack(xs), torch.stack(ys))
+
+    seen = []
+
+    def step(module, batch):
+        seen.append(type(batch))
+        module(batch.inputs)
+
+    loader = DataLoader(data(), batch_size=8, collate_fn=collate)
+    cb = OBCQuantize(
+        bits=4, calibration_step=step, calibration_dataloader=loader, calibration_batches=2, include="head"
+    )
+    model = PairNet()
+    t = trainer(tmp_path, cb)
+    t.fit(model, loader, DataLoader(data(8), batch_size=8, collate_fn=collate))
+    assert seen == [Pair] * 2 and cb.quantized_modules == ["head"]
+    assert model.conv.weight.unique().numel() == model.conv.weight.numel()  # trained, not quantized
+    assert "obc/val_loss_after" in cb.metrics
+
+
+def test_checkpoint_round_trip(tmp_path):
+    model = Net()
+    cb = OBCQuantize(bits=3, group_size=16, calibration_batches=2, evaluate=False)
+    t = trainer(tmp_path, cb)
+    t.fit(model, DataLoader(data(), batch_size=8))
+    path = tmp_path / "quantized.ckpt"
+    t.save_checkpoint(path)
+
+    loaded = Net.load_from_checkpoint(path)
+    for name, p in model.state_dict().items():
+        assert torch.equal(loaded.state_dict()[name], p), name
+    ckpt = torch.load(path, weights_only=True)  # the callback state is plain data
+    state = ckpt["callbacks"][cb.state_key]
+    assert state["quantized_modules"] == ["conv", "head"]
+    assert state["config"]["bits"] == 3 and state["config"]["group_size"] == 16
+    fresh = OBCQuantize(bits=3, group_size=16, calibration_batches=2, evaluate=False)
+    fresh.load_state_dict(state)
+    assert fresh.quantized_modules == cb.quantized_modules and fresh.state_dict()["config"] == cb.config
+    assert fresh.loaded_report["modules"][1]["name"] == "head"
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"bits": 1}, "n_bits"),
+        ({"bits": "4"}, "n_bits"),
+        ({"group_size": 0}, "group_size"),
+        ({"solver": "best"}, "solver"),
+        ({"damp": float("nan")}, "damp"),
+        ({"calibration_batches": 0}, "calibration_batches"),
+        ({"calibration_dataloader": torch.ones(3)}, "calibration_dataloader"),
+        ({"calibration_step": "fn"}, "calibration_step"),
+        ({"include": 3}, "include"),
+        ({"sequential": 1}, "sequential"),
+    ],
+)
+def test_constructor_rejects_bad_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OBCQuantize(**kwargs)
+
+
+def test_include_typo_fails_before_training(tmp_path):
+    model = Net()
+    w0 = model.head.weight.detach().clone()
+    t = trainer(tmp_path, OBCQuantize(include="haed"))
+    with pytest.raises(ValueError, match="include pattern 'haed'"):
+        t.fit(model, DataLoader(data(), batch_size=8))
+    assert torch.equal(model.head.weight, w0)
+
+
+def test_transformer_skips_reported(tmp_path):
+    class Tr(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.enc = nn.TransformerEncoder(
+                nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), 1, enable_nested_tensor=False
+            )
+
+        def forward(self, x, y=None):
+            return self.enc(x.reshape(x.shape[0], 8, 4)).mean()
+
+        def training_step(self, batch, batch_idx):
+            return self(*batch)
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    cb = OBCQuantize(calibration_batches=1, evaluate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", CalibrationWarning)
+        trainer(tmp_path, cb).fit(Tr(), DataLoader(data(), batch_size=8))
+    assert cb.quantized_modules == ["enc.layers.0.linear1", "enc.layers.0.linear2"]
+    assert "used functionally" in cb.skipped_modules["enc.layers.0.self_attn.out_proj"]
+
+
+DDP_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    sys.path.insert(0, {tests_dir!r})
+    from test_callback import Net, data
+    from obc_lightning.callback import OBCQuantize
+
+    out = sys.argv[1]
+    cb = OBCQuantize(bits=3, calibration_batches=2)
+    model = Net()
+    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         callbacks=[cb],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=out)
+    trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
+    rank = trainer.global_rank
+    torch.save({{"state_dict": model.state_dict(), "n": cb.report["head"].n_samples, "metrics": cb.metrics}},
+               os.path.join(out, f"rank{{rank}}.pt"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_identical_weights(tmp_path):
+    script = tmp_path / "ddp_run.py"
+    script.write_text(DDP_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path)],
+        env=env,
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    # each rank calibrated 2 batches of 4 of its own shard; the all-reduced sums cover both ranks
+    assert r0["n"] == r1["n"] == 16
+    for name, p in r0["state_dict"].items():
+        assert torch.equal(p, r1["state_dict"][name]), name
+    # evaluation metrics are reduced over ranks too
+    assert r0["metrics"]["obc/val_loss_after"] == pytest.approx(r1["metrics"]["obc/val_loss_after"])

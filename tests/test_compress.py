@@ -1,0 +1,244 @@
+"""compress_model: in place, on the grid, include/exclude, sequential, report; errors restore the model."""
+
+import copy
+import warnings
+
+import pytest
+import torch
+from torch import nn
+
+import obc_lightning.solvers.quantize as quantize_mod
+from obc_lightning.calibration import CalibrationWarning, collect_hessians
+from obc_lightning.compress import compress_model, select_modules
+from obc_lightning.reporting import packed_weight_bytes
+
+
+class Tiny(nn.Module):
+    """Conv (3->4) -> grouped conv (4->4, groups=2) -> Linear(64 -> 5); forward(x, shift=None)."""
+
+    def __init__(self):
+        super().__init__()
+        self.conv = nn.Conv2d(3, 4, 3, padding=1)
+        self.gconv = nn.Conv2d(4, 4, 3, groups=2)
+        self.head = nn.Linear(64, 5)
+
+    def forward(self, x, shift=None):
+        if shift is not None:
+            x = x + shift
+        h = self.gconv(self.conv(x).relu()).relu()
+        return self.head(h.flatten(1))
+
+
+def tiny():
+    torch.manual_seed(0)
+    return Tiny()
+
+
+def batches(n=3):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(4, 3, 6, 6, generator=g) for _ in range(n)]
+
+
+def weights(model):
+    return {n: p.detach().clone() for n, p in model.named_parameters()}
+
+
+def assert_same(model, before):
+    for n, p in model.named_parameters():
+        assert torch.equal(p, before[n]), n
+
+
+@pytest.mark.parametrize("form", ["tensor", "tuple", "dict", "forward_fn"])
+def test_in_place_on_grid_all_batch_forms(form):
+    model = tiny()
+    params = {n: p for n, p in model.named_parameters()}
+    orig = weights(model)
+    xs = batches()
+    kw = {}
+    if form == "tuple":
+        xs = [(x, torch.zeros(())) for x in xs]
+    elif form == "dict":
+        xs = [{"x": x, "shift": torch.zeros(())} for x in xs]
+    elif form == "forward_fn":
+        xs = [{"images": x} for x in xs]
+        kw["forward_fn"] = lambda m, b: m(b["images"])
+    report = compress_model(model, iter(xs), bits=3, keep_results=True, **kw)  # a one-shot iterator too
+
+    assert report.quantized == ["conv", "gconv", "head"] and not report.skipped
+    for n, p in model.named_parameters():
+        assert p is params[n] and p.dtype == torch.float32  # in place: same Parameter, same dtype
+        if n.endswith("bias"):
+            assert torch.equal(p, orig[n])  # biases untouched
+        else:
+            assert not torch.equal(p, orig[n])
+    for name, results in report.results.items():
+        w = model.get_submodule(name).weight
+        # every weight is exactly the dequantized code of its grid
+        deq = torch.cat([r.grid.dequantize(r.codes) for r in results]).reshape(w.shape)
+        assert torch.equal(deq, w.detach()), name
+        assert all(int(r.codes.min()) >= 0 and int(r.codes.max()) <= 7 for r in results)
+    assert len(report.results["gconv"]) == 2  # one solve per conv group
+
+
+def test_report_loss_and_rel_error_match_direct_outputs():
+    model = tiny()
+    ref = copy.deepcopy(model)
+    xs = batches()
+    H = collect_hessians(ref, xs, {"head": ref.head})["head"].hessians[0]
+    acts = []
+    h = ref.head.register_forward_hook(lambda m, a, o: acts.append(a[0]))
+    with torch.no_grad():
+        for x in xs:
+            ref(x)
+    h.remove()
+    report = compress_model(model, xs, bits=2)
+    X = torch.cat(acts).double()  # (N, 64)
+    dW = (model.head.weight - ref.head.weight).double().detach()
+    W = ref.head.weight.double().detach()
+    # rel_error = ||(W - Q) X||^2 / ||W X||^2; loss = 1/N ||(W - Q) X||^2 = 1/2 tr(dW H dW^T)
+    r = report["head"]
+    assert r.rel_error == pytest.approx(float((X @ dW.T).square().sum() / (X @ W.T).square().sum()), rel=1e-4)
+    assert r.loss == pytest.approx(float((X @ dW.T).square().sum()) / X.shape[0], rel=1e-4)
+    assert r.loss == pytest.approx(0.5 * float(((dW @ H) * dW).sum()), rel=1e-4)
+    assert r.obc_rows + r.gptq_rows == 5 and r.n_samples == 12
+
+
+def test_sizes_and_table():
+    model = tiny()
+    report = compress_model(model, batches(1), bits=4, group_size=8, solver="obc")
+    n_params = sum(p.numel() for p in model.parameters())
+    assert report.bytes_before == 4 * n_params
+    head = report["head"]
+    assert head.bytes_after == packed_weight_bytes(5 * 64, 5, 8, 4) + 4 * 5  # 64 cols / 8 = 8 groups
+    assert report.bytes_after == sum(m.bytes_after for m in report.modules)
+    assert report.compression_ratio == pytest.approx(report.bytes_before / report.bytes_after)
+    n_w = sum(m.weight.numel() for m in (model.conv, model.gconv, model.head))
+    n_scales = 4 * 4 + 4 * 3 + 5 * 8  # rows x groups: conv 27 cols, gconv 18 cols (ceil / 8)
+    assert report.avg_bits == pytest.approx((4 * n_w + 32 * n_scales) / n_w)
+    table = report.table()
+    assert str(report) == table
+    for token in ("conv", "gconv", "head", "Conv2d[g=2]", "rel_err", "4/g8", "bits/weight"):
+        assert token in table
+    assert compress_model(tiny(), batches(1), bits=4, group_size=32, solver="obc")["conv"].group_size is None
+    m = report.metrics()
+    assert m["obc/head/rel_error"] == head.rel_error and m["obc/head/obc_rows"] == 5
+    assert {"obc/size_mb_before", "obc/size_mb_after", "obc/compression_ratio", "obc/avg_bits"} <= set(m)
+
+
+def test_include_exclude_patterns():
+    model = tiny()
+    assert list(select_modules(model, include="*conv")) == ["conv", "gconv"]
+    assert list(select_modules(model, exclude=["head", "g*"])) == ["conv"]
+    orig = weights(model)
+    report = compress_model(model, batches(1), bits=4, include=["conv", "head"], solver="obc")
+    assert report.quantized == ["conv", "head"]
+    assert torch.equal(model.gconv.weight, orig["gconv.weight"])
+    seq = nn.Sequential(nn.Sequential(nn.Linear(2, 2), nn.Linear(2, 2)), nn.Linear(2, 2))
+    assert list(select_modules(seq, include="0")) == ["0.0", "0.1"]  # a parent selects its children
+
+
+def test_sequential_uses_inputs_of_quantized_earlier_modules():
+    xs = batches()
+    seq_model, plain_model = tiny(), tiny()
+    seq = compress_model(seq_model, xs, bits=2, sequential=True, solver="obc")
+    plain = compress_model(plain_model, xs, bits=2, sequential=False, solver="obc")
+    assert seq.quantized == plain.quantized == ["conv", "gconv", "head"]
+    assert torch.equal(seq_model.conv.weight, plain_model.conv.weight)  # first module: same inputs
+    assert not torch.equal(seq_model.head.weight, plain_model.head.weight)
+    # sequential == quantize conv, then calibrate gconv on the quantized conv, then head
+    manual = tiny()
+    for name in ["conv", "gconv", "head"]:
+        compress_model(manual, xs, bits=2, include=name, solver="obc")
+    for n, p in manual.named_parameters():
+        assert torch.equal(p, dict(seq_model.named_parameters())[n]), n
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"bits": 9}, "n_bits"),
+        ({"bits": 1}, "n_bits"),
+        ({"solver": "magic"}, "solver"),
+        ({"group_size": 0}, "group_size"),
+        ({"damp": -1.0}, "damp"),
+        ({"include": "typo*"}, "include pattern 'typo\\*' matches no"),
+        ({"exclude": "nope"}, "exclude pattern 'nope'"),
+        ({"include": "head", "exclude": "head"}, "leave no module"),
+        ({"calibration_batches": []}, "empty"),
+        ({"calibration_batches": torch.randn(2, 3, 6, 6)}, "single tensor"),
+    ],
+)
+def test_bad_arguments_leave_model_intact(kwargs, match):
+    model = tiny()
+    orig = weights(model)
+    kwargs = {"calibration_batches": batches(1), **kwargs}
+    with pytest.raises(ValueError, match=match):
+        compress_model(model, **kwargs)
+    assert_same(model, orig)
+
+
+@pytest.mark.parametrize("sequential", [False, True])
+def test_solver_failure_restores_weights(monkeypatch, sequential):
+    model = tiny()
+    model.train()
+    orig = weights(model)
+    real = quantize_mod.quantize_weight
+    calls = []
+
+    def flaky(*args, **kwargs):
+        calls.append(1)
+        if len(calls) == 3:  # conv, gconv group 0 succeed; gconv group 1 fails
+            raise RuntimeError("solver exploded")
+        return real(*args, **kwargs)
+
+    monkeypatch.setattr(quantize_mod, "quantize_weight", flaky)
+    with pytest.raises(RuntimeError, match="solver exploded"):
+        compress_model(model, batches(1), bits=4, sequential=sequential, solver="obc")
+    assert_same(model, orig)
+    assert model.training
+
+
+def test_nan_activations_leave_model_intact():
+    model = tiny()
+    orig = weights(model)
+    bad = batches(2)
+    bad[1][0, 0, 0, 0] = float("nan")
+    with pytest.raises(ValueError, match="module 'conv'.*NaN"):
+        compress_model(model, bad, bits=4, sequential=True, solver="obc")
+    assert_same(model, orig)
+
+
+def test_transformer_encoder_out_proj_reported_others_quantized():
+    torch.manual_seed(0)
+    layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
+    model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 3))
+    model.eval()  # eval + no_grad is where the fused fast path would bypass the Linear modules
+    orig = weights(model)
+    xs = [torch.randn(2, 4, 8) for _ in range(2)]
+    with pytest.warns(CalibrationWarning, match="out_proj"):
+        report = compress_model(model, xs, bits=4)
+    assert set(report.skipped) == {"0.layers.0.self_attn.out_proj", "0.layers.1.self_attn.out_proj"}
+    for reason in report.skipped.values():
+        assert reason.startswith("not called as a module during calibration (used functionally")
+    assert report.quantized == [
+        "0.layers.0.linear1",
+        "0.layers.0.linear2",
+        "0.layers.1.linear1",
+        "0.layers.1.linear2",
+        "1",
+    ]
+    assert torch.equal(
+        model[0].layers[0].self_attn.out_proj.weight, orig["0.layers.0.self_attn.out_proj.weight"]
+    )
+    assert not torch.equal(model[0].layers[0].linear1.weight, orig["0.layers.0.linear1.weight"])
+    assert "skipped 0.layers.0.self_attn.out_proj" in report.table()
+    assert not model.training  # mode kept
+
+
+def test_float64_and_no_warning_when_all_calibrated():
+    model = nn.Sequential(nn.Linear(6, 4), nn.ReLU(), nn.Linear(4, 2)).double()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        report = compress_model(model, [torch.randn(8, 6, dtype=torch.float64)], bits=8, solver="obc")
+    assert model[0].weight.dtype == torch.float64 and report.quantized == ["0", "2"]
+    assert report["0"].rel_error < 1e-3
