@@ -80,8 +80,9 @@ def timed(fn, device):
 def published_obc(path, W, H, bits):
     """IST-DASLab/OBC ``TrueOBS.quantize`` on the same problem (its own min-max/MSE grid)."""
     sys.path.insert(0, path)
-    from quant import Quantizer  # noqa: PLC0415 - a checkout the user points at, never shipped
-    from trueobs import TrueOBS  # noqa: PLC0415
+    # a checkout the user points at, never shipped
+    from quant import Quantizer
+    from trueobs import TrueOBS
 
     layer = torch.nn.Linear(W.shape[1], W.shape[0], bias=False).to(W.device)
     layer.weight.data = W.clone()
@@ -131,7 +132,8 @@ def main():
         sets = [("layers", [tuple(int(v) for v in x.split("x")) for x in args.shapes.split(",")])]
     else:
         sets = [("layers", DEFAULT_SHAPES if device.type == "cuda" else CPU_SHAPES)]
-    header = f"| {'set':9} | {'shape':>10} | {'rows timed':>10} | {'baseline s':>10} | {'fast s':>8} | {'speed-up':>8} | {'loss ratio':>10} |"
+    header = (f"| {'set':9} | {'shape':>10} | {'rows timed':>10} | {'baseline s':>10} | {'fast s':>8} "
+              f"| {'speed-up':>8} | {'loss ratio':>10} |")
     if args.published:
         header += " published s | published loss ratio |"
     print(header)
@@ -142,14 +144,15 @@ def main():
             W, H = problem(rows, cols, device, seed=i)
             if max_rows:
                 W = W[:max_rows]
-            fast, t_fast = timed(lambda: exact_obc(W, H, args.bits, batch_size=None), device)
+            fast, t_fast = timed(lambda W=W, H=H: exact_obc(W, H, args.bits, batch_size=None), device)
             tot_fast += t_fast
             if args.no_baseline:
                 t_base, ratio = float("nan"), float("nan")
             else:
                 # same row batch as the fast path, so only the algorithm differs
                 R = obc_row_batch(W.shape[0], cols, W.dtype, device, "fast", None, None)
-                base, t_base = timed(lambda: exact_obc(W, H, args.bits, batch_size=R, method="reference"), device)
+                base, t_base = timed(lambda W=W, H=H, R=R: exact_obc(W, H, args.bits, batch_size=R, method="reference"),
+                                     device)
                 ratio = float(fast.loss.sum() / base.loss.sum())
                 tot_base += t_base
             row = (f"| {name:9} | {rows:>4}x{cols:<5} | {W.shape[0]:>10} | {t_base:>10.3f} | {t_fast:>8.3f} | "

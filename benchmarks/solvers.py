@@ -78,8 +78,12 @@ def minilm_layers(wheel: str, rows: int, seq: int = 128, n_seq: int = 24, layers
     ids = _wordpiece(text, vocab)[: (seq - 2) * n_seq]
     ids = torch.tensor(ids).view(n_seq, seq - 2)
     ids = torch.cat([torch.full((n_seq, 1), vocab["[CLS]"]), ids, torch.full((n_seq, 1), vocab["[SEP]"])], 1)
-    ln = lambda x, p: F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], 1e-12)
-    lin = lambda x, p: F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
+    def ln(x, p):
+        return F.layer_norm(x, (x.shape[-1],), sd[p + ".weight"], sd[p + ".bias"], 1e-12)
+
+    def lin(x, p):
+        return F.linear(x, sd[p + ".weight"], sd[p + ".bias"])
+
     e = "embeddings."
     h = sd[e + "word_embeddings.weight"][ids] + sd[e + "position_embeddings.weight"][:seq] \
         + sd[e + "token_type_embeddings.weight"][0]

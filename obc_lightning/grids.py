@@ -100,7 +100,7 @@ class Grid:
         s, z = self.per_column()
         return round_to_grid(w, s, z, self.maxq)
 
-    def select_rows(self, keep: Tensor, other: "Grid") -> "Grid":
+    def select_rows(self, keep: Tensor, other: Grid) -> Grid:
         """Rows where ``keep`` is True from self, the others from ``other`` (same layout)."""
         k = keep.view(-1, 1)
         return Grid(
@@ -112,7 +112,7 @@ class Grid:
             self.symmetric,
         )
 
-    def to(self, device=None, dtype=None) -> "Grid":
+    def to(self, device=None, dtype=None) -> Grid:
         return Grid(
             self.scales.to(device=device, dtype=dtype),
             self.zeros.to(device=device, dtype=dtype),
