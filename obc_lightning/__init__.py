@@ -6,7 +6,9 @@ grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQua
 
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
+from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
 from obc_lightning.grids import Grid, fit_grid
+from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from obc_lightning.reporting import CompressionReport, ModuleReport
 from obc_lightning.solvers import (
     HessianDampingWarning,
@@ -40,13 +42,21 @@ __all__ = [
     "ModuleReport",
     "OBCQuantize",
     "QuantResult",
+    "QuantizedConv1d",
+    "QuantizedConv2d",
+    "QuantizedLinear",
     "collect_hessians",
     "compress_model",
     "exact_obc",
     "fit_grid",
     "gptq",
     "layer_objective",
+    "load_quantized",
+    "pack_model",
     "polish",
+    "prepare_for_load",
     "quantize_weight",
+    "save_quantized",
     "select_modules",
+    "unpack_model",
 ]

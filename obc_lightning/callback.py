@@ -136,6 +136,12 @@ class OBCQuantize(Callback):
     loads into the same architecture; this callback's state records the configuration and which
     modules were quantized.
 
+    With ``export_path``, rank zero also writes the packed model there
+    (:func:`~obc_lightning.export.save_quantized`, fp16 scales; load it with
+    :func:`~obc_lightning.export.load_quantized`), and the size metrics become those of the file:
+    ``obc/file_mb`` and ``obc/size_mb_after`` are its size, ``obc/size_mb_before`` the model's full
+    state dict at its original precision, ``obc/compression_ratio`` their ratio.
+
     Args:
         bits: 2 ... 8.
         group_size, symmetric, mse, damp, solver, sequential, include, exclude, offload: see
@@ -147,6 +153,8 @@ class OBCQuantize(Callback):
         evaluate: measure the validation metrics before and after.
         plot: save a per-module error chart when matplotlib is installed.
         verbose: print the summary table.
+        export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
+            created if missing.
     """
 
     def __init__(
@@ -168,6 +176,7 @@ class OBCQuantize(Callback):
         offload: bool = False,
         plot: bool = True,
         verbose: bool = True,
+        export_path: str | os.PathLike | None = None,
     ) -> None:
         check_bits(bits)
         if group_size is not None and (
@@ -217,6 +226,12 @@ class OBCQuantize(Callback):
             raise ValueError(
                 f"OBCQuantize: calibration_step must be callable(module, batch), got {calibration_step!r}"
             )
+        if export_path is not None and (
+            not isinstance(export_path, (str, os.PathLike))
+            or not os.fspath(export_path)
+            or os.path.isdir(export_path)
+        ):
+            raise ValueError(f"OBCQuantize: export_path must be a file path or None, got {export_path!r}")
         for kind, pats in (("include", include), ("exclude", exclude)):
             if (
                 pats is not None
@@ -240,6 +255,7 @@ class OBCQuantize(Callback):
         self.include, self.exclude = include, exclude
         self.calibration_step = calibration_step
         self.evaluate, self.plot, self.verbose = evaluate, plot, verbose
+        self.export_path = None if export_path is None else os.fspath(export_path)
 
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -323,6 +339,7 @@ class OBCQuantize(Callback):
             damp=self.damp,
             offload=self.offload,
             reduce_fn=_all_reduce_fn(trainer),
+            keep_results=self.export_path is not None,
         )
         after = self._evaluate(trainer, pl_module) if self.evaluate else {}
 
@@ -334,6 +351,18 @@ class OBCQuantize(Callback):
             metrics[f"obc/{name}_before"] = value
         for name, value in after.items():
             metrics[f"obc/{name}_after"] = value
+        if self.export_path is not None and trainer.is_global_zero:
+            from obc_lightning.export import save_quantized
+
+            os.makedirs(os.path.dirname(os.path.abspath(self.export_path)), exist_ok=True)
+            file_mb = save_quantized(pl_module, self.export_path, report) / 2**20
+            sd = pl_module.state_dict()
+            dense_bytes = sum(t.numel() * t.element_size() for t in sd.values() if isinstance(t, Tensor))
+            metrics["obc/file_mb"] = metrics["obc/size_mb_after"] = file_mb
+            metrics["obc/size_mb_before"] = dense_bytes / 2**20
+            metrics["obc/compression_ratio"] = dense_bytes / 2**20 / file_mb
+            rank_zero_info(f"OBCQuantize: packed model written to {self.export_path} ({file_mb:.3f} MB)")
+        report.results = None  # exported (or not needed): do not hold a second copy of the codes
         self.metrics = metrics
         for lg in trainer.loggers:  # self.log is not allowed in on_train_end
             lg.log_metrics(metrics, step=trainer.global_step)

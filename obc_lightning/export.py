@@ -1,0 +1,509 @@
+"""Packed export: quantized models in safetensors, loaded back without pickle and without a Trainer.
+
+File layout (safetensors; every key is the one the packed model's ``state_dict`` uses):
+
+- per quantized module ``m``: ``m.weight_codes`` (uint8, codes of ``weight.reshape(out, -1)`` row-major,
+  bit-packed by :func:`obc_lightning.packed.pack_bits`), ``m.weight_scales`` ((out, n_groups), float16 by
+  default), ``m.weight_zeros`` ((out, n_groups) uint8 integer zero points);
+- every other entry of ``model.state_dict()`` (biases, unquantized weights, BatchNorm statistics) at
+  its own dtype and full precision;
+- string metadata: ``format`` = "obc_lightning", ``format_version`` = "1", ``library_version``, and
+  ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}``.
+
+Size: sum over quantized modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1), plus
+the other tensors, plus the safetensors header (JSON, a few hundred bytes per module).
+
+Precision of the loaded weight: ``W = float(s) * (code - z)`` with the *stored* scale s. With the default
+``scale_dtype=torch.float16`` the loaded weights differ from the in-memory result of ``compress_model``
+(fp32 scales) by the fp16 rounding of each scale: a relative error of at most 2**-11 per row / group,
+far below the quantization step. ``scale_dtype=torch.float32`` gives a bit-exact round trip of an fp32
+(or fp16 / bf16) model at 2 more bytes per scale. Either way, loading the same file always gives the
+same bits, and ``QuantizedLinear`` / ``QuantizedConv2d`` compute exactly the weights that
+``load_quantized`` writes into a dense model.
+
+Safety: no pickle (safetensors only); every check on the file and on the model happens before the first
+weight is written, and each failure is a ``ValueError`` that names the file, the module or the tensor;
+writes go to a temporary file in the target directory, fsync-ed, then ``os.replace``-d into place.
+
+Lightning checkpoints of a model with packed modules (after :func:`pack_model`) hold the packed buffers
+and each module's description as its ``_extra_state``. Loading weights needs the packed modules in place
+first; in the LightningModule::
+
+    def on_load_checkpoint(self, checkpoint):
+        obc_lightning.export.prepare_for_load(self, checkpoint)
+
+(Lightning calls it before ``load_state_dict``, both in ``load_from_checkpoint`` and in
+``trainer.fit/validate/test(ckpt_path=...)``), or call ``prepare_for_load(model, torch.load(path))``
+yourself before ``model.load_state_dict``.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import tempfile
+from collections.abc import Callable, Mapping
+from contextlib import suppress
+from typing import Any
+
+import torch
+from safetensors import SafetensorError, safe_open
+from safetensors.torch import save_file
+from torch import Tensor, nn
+
+from obc_lightning.packed import (
+    PACKED_CLASSES,
+    PACKED_FORMAT,
+    SCALE_DTYPES,
+    _QuantizedBase,
+    check_config,
+    check_packed_tensors,
+    dequantize_packed,
+    dtype_name,
+    kind_of,
+    n_groups_of,
+    pack_bits,
+    packed_nbytes,
+)
+
+FILE_FORMAT = "obc_lightning"
+FORMAT_VERSION = "1"
+PACKED_KEYS = ("weight_codes", "weight_scales", "weight_zeros")
+ZERO_BYTES = 1
+
+
+# ------------------------------------------------------------------ from solver results to packed tensors
+def _results_map(report_or_results) -> dict[str, list]:
+    """name -> [QuantResult per conv group] from a CompressionReport or a mapping."""
+    if report_or_results is None:
+        return {}
+    if hasattr(report_or_results, "modules") and hasattr(report_or_results, "results"):
+        if report_or_results.results is None:
+            raise ValueError(
+                "the report holds no codes: run compress_model(..., keep_results=True) to export its result"
+            )
+        report_or_results = report_or_results.results
+    if not isinstance(report_or_results, Mapping):
+        raise ValueError(
+            "report_or_results must be a CompressionReport or a mapping module name -> QuantResult list, "
+            f"got {type(report_or_results).__name__}"
+        )
+    out = {}
+    for name, res in report_or_results.items():
+        out[name] = list(res) if isinstance(res, (list, tuple)) else [res]
+    return out
+
+
+def _check_scale_dtype(scale_dtype) -> str:
+    name = dtype_name(scale_dtype) if isinstance(scale_dtype, torch.dtype) else None
+    if name not in SCALE_DTYPES:
+        raise ValueError(f"scale_dtype must be one of torch.{', torch.'.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+    return name
+
+
+def _packed_from_results(name: str, m: nn.Module, results: list, scale_dtype: str):
+    """(config, codes, scales, zeros) of module ``m`` from its QuantResults, checked against its weight."""
+    kind = kind_of(m)
+    if kind is None:
+        raise ValueError(f"module '{name}' is a {type(m).__name__}; only Linear / Conv1d / Conv2d are exported")
+    groups = getattr(m, "groups", 1)
+    if len(results) != groups:
+        raise ValueError(f"module '{name}' has {groups} conv group(s) but {len(results)} result(s)")
+    grids = [r.grid for r in results]
+    bits, gs, sym = grids[0].n_bits, grids[0].group_size, grids[0].symmetric
+    if any((g.n_bits, g.group_size, g.symmetric) != (bits, gs, sym) for g in grids):
+        raise ValueError(f"module '{name}': its conv groups were quantized on different grids")
+    W = m.weight.detach().cpu()
+    rows, cols = W.shape[0], W[0].numel()
+    codes = torch.cat([r.codes.cpu() for r in results])
+    scales = torch.cat([r.scales.cpu() for r in results])
+    zeros = torch.cat([r.rounded_zeros.cpu() for r in results])
+    ng = n_groups_of(cols, gs)
+    if tuple(codes.shape) != (rows, cols) or tuple(scales.shape) != (rows, ng) or zeros.shape != scales.shape:
+        raise ValueError(
+            f"module '{name}': results of shapes codes {tuple(codes.shape)}, scales {tuple(scales.shape)} do not "
+            f"fit its weight of shape {tuple(W.shape)} ({rows} x {cols}, {ng} group(s) per row)"
+        )
+    maxq = 2**bits - 1
+    if not torch.equal(zeros, zeros.round()) or zeros.min() < 0 or zeros.max() > maxq:
+        raise ValueError(f"module '{name}': zero points must be integers in [0, {maxq}]")
+    w = W.reshape(rows, cols)
+    g = torch.arange(cols) // gs if gs is not None else torch.zeros(cols, dtype=torch.long)
+    s, z = scales[:, g], zeros[:, g].to(scales.dtype)
+    if not torch.equal((s * (codes.to(s.dtype) - z)).to(W.dtype), w):
+        # the weight may have moved on the same grid since (e.g. fine-tuned on it): read its codes
+        codes = torch.clamp(torch.round(w.to(s.dtype) / s) + z, 0, maxq)
+        if not torch.equal((s * (codes - z)).to(W.dtype), w):
+            raise ValueError(
+                f"module '{name}': its weight is not on the grid of the given results (was the model changed "
+                "after compress_model?)"
+            )
+    stored = scales.to(SCALE_DTYPES[scale_dtype])
+    if not torch.isfinite(stored).all() or ((stored == 0) & (scales != 0)).any():
+        raise ValueError(
+            f"module '{name}': scale_dtype={scale_dtype} cannot represent its scales (range "
+            f"[{float(scales.abs().min()):.3g}, {float(scales.abs().max()):.3g}]); use scale_dtype=torch.float32"
+        )
+    config = {
+        "kind": kind,
+        "bits": bits,
+        "group_size": gs,
+        "shape": list(W.shape),
+        "scheme": "symmetric" if sym else "affine",
+        "scale_dtype": scale_dtype,
+        "dtype": dtype_name(W.dtype),
+    }
+    return config, pack_bits(codes.to(torch.int32), bits), stored.contiguous(), zeros.to(torch.uint8)
+
+
+def _packed_entries(model: nn.Module, report_or_results, scale_dtype) -> dict[str, tuple]:
+    """name -> (config, codes, scales, zeros, is_packed_module) for every quantized module."""
+    scale_dtype = _check_scale_dtype(scale_dtype)
+    results = _results_map(report_or_results)
+    entries = {}
+    for name, m in model.named_modules():
+        if isinstance(m, _QuantizedBase):
+            entries[name] = (m.config, m.weight_codes, m.weight_scales, m.weight_zeros, True)
+    for name, res in results.items():
+        try:
+            m = model.get_submodule(name)
+        except AttributeError:
+            raise ValueError(f"the results name module '{name}', which the model does not have") from None
+        if name in entries:
+            continue  # already packed: its buffers are the codes
+        entries[name] = (*_packed_from_results(name, m, res, scale_dtype), False)
+    return entries
+
+
+# ------------------------------------------------------------------ writing
+def _atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+    directory = os.path.dirname(os.path.abspath(path))
+    if not os.path.isdir(directory):
+        raise ValueError(f"cannot write {path}: directory {directory} does not exist")
+    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
+    os.close(fd)
+    try:
+        write(tmp)
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        os.replace(tmp, path)
+    except BaseException:
+        with suppress(OSError):
+            os.unlink(tmp)
+        raise
+    if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
+        with suppress(OSError):
+            dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                os.fsync(dfd)
+            finally:
+                os.close(dfd)
+
+
+def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtype=torch.float16) -> int:
+    """Write ``model`` with its quantized modules bit-packed to the safetensors file ``path``.
+
+    Args:
+        model: the model after :func:`~obc_lightning.compress.compress_model` (dense weights on the grid),
+            or after :func:`pack_model` (packed modules are written as they are).
+        report_or_results: the :class:`~obc_lightning.reporting.CompressionReport` of
+            ``compress_model(..., keep_results=True)``, or a mapping module name -> QuantResult list (one
+            per conv group); ``None`` if every quantized module is already packed.
+        scale_dtype: storage of the scales of dense modules: float16 (default), bfloat16, float32
+            (bit-exact round trip), float64. Packed modules keep theirs.
+
+    Returns the size of the file in bytes. Raises ``ValueError`` (and writes nothing) if a result does
+    not fit its module or the module's weight is not on the result's grid.
+    """
+    entries = _packed_entries(model, report_or_results, scale_dtype)
+    if not entries:
+        raise ValueError(
+            "save_quantized: nothing to export: pass the report of compress_model(..., keep_results=True), "
+            "or pack the model with pack_model first"
+        )
+    sd = model.state_dict()
+    skip = set()
+    tensors: dict[str, Tensor] = {}
+    for name, (_config, codes, scales, zeros, is_packed) in entries.items():
+        prefix = f"{name}." if name else ""
+        skip.update([prefix + "_extra_state", prefix + "weight"])
+        for key, t in zip(PACKED_KEYS, (codes, scales, zeros)):
+            if not is_packed and prefix + key in sd:
+                raise ValueError(f"save_quantized: the model already has a tensor named '{prefix + key}'")
+            skip.add(prefix + key)
+            tensors[prefix + key] = t.detach().cpu()
+    seen: set[int] = set()
+    for key, value in sd.items():
+        if key in skip:
+            continue
+        if not isinstance(value, Tensor):
+            raise ValueError(
+                f"save_quantized: state_dict entry '{key}' is a {type(value).__name__}, not a tensor; "
+                "safetensors stores tensors only"
+            )
+        tensors[key] = value.detach().cpu()
+    for key, t in tensors.items():
+        t = t.contiguous()
+        ptr = t.untyped_storage().data_ptr()
+        if ptr in seen and t.numel():  # safetensors refuses tensors that share memory (tied weights)
+            t = t.clone()
+        seen.add(t.untyped_storage().data_ptr())
+        tensors[key] = t
+
+    import obc_lightning
+
+    metadata = {
+        "format": FILE_FORMAT,
+        "format_version": FORMAT_VERSION,
+        "library_version": obc_lightning.__version__,
+        "modules": json.dumps({name: e[0] for name, e in entries.items()}, sort_keys=True),
+    }
+    path = os.fspath(path)
+    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    return os.path.getsize(path)
+
+
+def theoretical_bytes(path) -> int:
+    """The payload a file should hold: packed codes + scales + zero points + other tensors, no header."""
+    configs, tensors = _read(os.fspath(path))
+    total = 0
+    quantized = set()
+    for name, cfg in configs.items():
+        rows, numel = cfg["shape"][0], math.prod(cfg["shape"])
+        ng = n_groups_of(numel // rows, cfg["group_size"])
+        scale_bytes = torch.empty(0, dtype=SCALE_DTYPES[cfg["scale_dtype"]]).element_size()
+        total += packed_nbytes(numel, cfg["bits"]) + rows * ng * (scale_bytes + ZERO_BYTES)
+        quantized.update(f"{name}.{k}" if name else k for k in PACKED_KEYS)
+    total += sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in quantized)
+    return total
+
+
+# ------------------------------------------------------------------ reading
+def _read(path: str) -> tuple[dict[str, dict], dict[str, Tensor]]:
+    """(module configs, all tensors) of a file, or a ValueError saying what is wrong with it."""
+    try:
+        with safe_open(path, framework="pt") as f:
+            meta = f.metadata()
+            tensors = {k: f.get_tensor(k) for k in f.keys()}
+    except (SafetensorError, OSError, RuntimeError) as e:
+        if isinstance(e, FileNotFoundError):
+            raise
+        raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
+    if not meta or meta.get("format") != FILE_FORMAT:
+        raise ValueError(f"{path}: not an obc_lightning export (metadata 'format' is {(meta or {}).get('format')!r})")
+    if meta.get("format_version") != FORMAT_VERSION:
+        raise ValueError(
+            f"{path}: format_version {meta.get('format_version')!r} is not supported (this library reads "
+            f"{FORMAT_VERSION!r}; written by obc_lightning {meta.get('library_version')!r})"
+        )
+    try:
+        modules = json.loads(meta.get("modules", ""))
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path}: metadata 'modules' is not valid JSON: {e}") from None
+    if not isinstance(modules, dict):
+        raise ValueError(f"{path}: metadata 'modules' must be a JSON object, got {type(modules).__name__}")
+    configs = {name: check_config(cfg, f"{path}: module '{name}'") for name, cfg in modules.items()}
+    for name, cfg in configs.items():
+        prefix = f"{name}." if name else ""
+        missing = [prefix + k for k in PACKED_KEYS if prefix + k not in tensors]
+        if missing:
+            raise ValueError(f"{path}: module '{name}' lacks the tensors {missing}")
+        check_packed_tensors(cfg, *(tensors[prefix + k] for k in PACKED_KEYS), f"{path}: module '{name}'")
+    return configs, tensors
+
+
+def read_metadata(path) -> dict[str, dict]:
+    """The per-module descriptions of a file (validated), without touching any model."""
+    return _read(os.fspath(path))[0]
+
+
+def _same_config(a: dict, b: dict) -> bool:
+    """Equal apart from the dense dtype (a packed module may have been moved to another dtype)."""
+    return {k: v for k, v in a.items() if k != "dtype"} == {k: v for k, v in b.items() if k != "dtype"}
+
+
+def _check_target(name: str, m: nn.Module | None, cfg: dict, where: str) -> None:
+    if m is None:
+        raise ValueError(f"{where}: the file quantizes module '{name}', which the model does not have")
+    if isinstance(m, _QuantizedBase):
+        if not _same_config(m.config, cfg):
+            raise ValueError(f"{where}: module '{name}' is packed as {m.config}, the file holds {cfg}")
+        return
+    if kind_of(m) != cfg["kind"]:
+        raise ValueError(f"{where}: module '{name}' is a {type(m).__name__}, the file holds a {cfg['kind']}")
+    if list(m.weight.shape) != cfg["shape"]:
+        raise ValueError(
+            f"{where}: module '{name}' has a weight of shape {list(m.weight.shape)}, the file holds {cfg['shape']}"
+        )
+
+
+def _submodule(model: nn.Module, name: str) -> nn.Module | None:
+    try:
+        return model.get_submodule(name)
+    except AttributeError:
+        return None
+
+
+def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
+    if not name:
+        raise ValueError("the model itself is the quantized module; wrap it in a container to swap it")
+    parent, _, child = name.rpartition(".")
+    setattr(model.get_submodule(parent), child, new)
+
+
+def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module:
+    """Load a file written by :func:`save_quantized` into ``model`` (same architecture), in place.
+
+    Every quantized weight becomes ``float(scale) * (code - zero)`` in the weight's dtype (see the module
+    docstring), every other tensor its saved value. With ``packed=True`` the quantized Linear / Conv
+    modules are replaced by :class:`~obc_lightning.packed.QuantizedLinear` / ``QuantizedConv1d`` /
+    ``QuantizedConv2d`` holding the packed codes (the memory saving at inference). Modules already
+    packed in ``model`` receive the packed tensors either way.
+
+    Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; bad metadata;
+    tensor of the wrong size; module missing or of another shape; tensors missing or unexpected)
+    before anything in ``model`` is written.
+    """
+    path = os.fspath(path)
+    configs, tensors = _read(path)
+    sd = model.state_dict()
+    quantized_keys: set[str] = set()
+    for name, cfg in configs.items():
+        m = _submodule(model, name)
+        _check_target(name, m, cfg, path)
+        prefix = f"{name}." if name else ""
+        quantized_keys.update(prefix + k for k in (*PACKED_KEYS, "_extra_state", "weight"))
+    plain = {k: v for k, v in sd.items() if k not in quantized_keys and isinstance(v, Tensor)}
+    file_plain = {k for k in tensors if k not in quantized_keys}
+    missing, unexpected = sorted(set(plain) - file_plain), sorted(file_plain - set(plain))
+    if missing or unexpected:
+        raise ValueError(
+            f"{path}: the file does not match the model: "
+            + "; ".join(
+                f"{what} {keys[:10]}{' ...' if len(keys) > 10 else ''}"
+                for what, keys in (("missing from the file:", missing), ("not in the model:", unexpected))
+                if keys
+            )
+        )
+    for k, v in plain.items():
+        if tuple(tensors[k].shape) != tuple(v.shape):
+            raise ValueError(
+                f"{path}: tensor '{k}' has shape {tuple(tensors[k].shape)} in the file, {tuple(v.shape)} in the model"
+            )
+
+    # everything checked: from here on only writes
+    with torch.no_grad():
+        for k, v in plain.items():  # first: biases of swapped modules are carried over by identity
+            v.copy_(tensors[k])
+        for name, cfg in configs.items():
+            m = model.get_submodule(name)
+            prefix = f"{name}." if name else ""
+            codes, scales, zeros = (tensors[prefix + k] for k in PACKED_KEYS)
+            if isinstance(m, _QuantizedBase):
+                for k, t in zip(PACKED_KEYS, (codes, scales, zeros)):
+                    getattr(m, k).copy_(t)
+                m._weight_cache = None
+            elif packed:
+                dev = m.weight.device
+                cfg = dict(cfg, dtype=dtype_name(m.weight.dtype))
+                _swap(
+                    model,
+                    name,
+                    PACKED_CLASSES[cfg["kind"]].from_dense(m, cfg, codes.to(dev), scales.to(dev), zeros.to(dev)),
+                )
+            else:
+                m.weight.copy_(dequantize_packed(cfg, codes, scales, zeros, m.weight.dtype))
+    return model
+
+
+# ------------------------------------------------------------------ packed modules in memory
+def pack_model(model: nn.Module, report_or_results=None, *, scale_dtype=torch.float16) -> nn.Module:
+    """Replace each quantized Linear / Conv1d / Conv2d by its packed module, in place; returns ``model``.
+
+    The packed modules compute ``float(scale) * (code - zero)`` with scales stored in ``scale_dtype``
+    (float16 by default: outputs differ from the dense quantized model by the fp16 rounding of the
+    scales; ``torch.float32`` reproduces them exactly). Forward hooks on the replaced modules are not
+    carried over. All modules are checked before the first is replaced.
+    """
+    entries = _packed_entries(model, report_or_results, scale_dtype)
+    new = {}
+    for name, (config, codes, scales, zeros, is_packed) in entries.items():
+        if is_packed:
+            continue
+        m = model.get_submodule(name)
+        dev = m.weight.device
+        new[name] = PACKED_CLASSES[config["kind"]].from_dense(m, config, codes.to(dev), scales.to(dev), zeros.to(dev))
+    if "" in new:
+        raise ValueError("pack_model: the model itself is the quantized module; wrap it in a container")
+    for name, q in new.items():
+        _swap(model, name, q)
+    return model
+
+
+def unpack_model(model: nn.Module) -> nn.Module:
+    """Replace every packed module by a dense Linear / Conv with the dequantized weight, in place."""
+    packed = [(n, m) for n, m in model.named_modules() if isinstance(m, _QuantizedBase)]
+    if any(n == "" for n, _ in packed):
+        raise ValueError("unpack_model: the model itself is a packed module; call its to_dense()")
+    for name, m in packed:
+        _swap(model, name, m.to_dense())
+    return model
+
+
+def _placeholder(m: nn.Module, cfg: dict) -> nn.Module:
+    """A packed module of the right layout whose buffers ``load_state_dict`` will fill."""
+    rows, cols = cfg["shape"][0], math.prod(cfg["shape"][1:])
+    ng, dev = n_groups_of(cols, cfg["group_size"]), m.weight.device
+    codes = torch.zeros(packed_nbytes(rows * cols, cfg["bits"]), dtype=torch.uint8, device=dev)
+    scales = torch.ones(rows, ng, dtype=SCALE_DTYPES[cfg["scale_dtype"]], device=dev)
+    zeros = torch.zeros(rows, ng, dtype=torch.uint8, device=dev)
+    return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), codes, scales, zeros)
+
+
+def prepare_for_load(model: nn.Module, checkpoint_or_state_dict) -> list[str]:
+    """Swap in the packed modules that a checkpoint (or state dict, or export file path) describes.
+
+    Call before ``model.load_state_dict`` (e.g. in ``LightningModule.on_load_checkpoint``): it reads
+    the ``<module>._extra_state`` descriptions written by packed modules (or the metadata of a
+    :func:`save_quantized` file), checks every module first, and replaces the matching dense modules by
+    packed ones with placeholder buffers. Modules already packed with the same layout are left alone.
+    Returns the names of the replaced modules.
+    """
+    src: Any = checkpoint_or_state_dict
+    if isinstance(src, (str, os.PathLike)):
+        configs = read_metadata(src)
+        where = os.fspath(src)
+    else:
+        if isinstance(src, Mapping) and isinstance(src.get("state_dict"), Mapping):
+            src = src["state_dict"]  # a Lightning checkpoint
+        if not isinstance(src, Mapping):
+            raise ValueError(
+                f"prepare_for_load: expected a checkpoint, a state dict or a file path, got {type(src).__name__}"
+            )
+        where = "checkpoint"
+        configs = {}
+        for key, value in src.items():
+            if key.rpartition(".")[2] == "_extra_state" and isinstance(value, Mapping):
+                if value.get("format") == PACKED_FORMAT:
+                    name = key[: -len("._extra_state")] if key != "_extra_state" else ""
+                    cfg = {k: v for k, v in value.items() if k != "format"}
+                    configs[name] = check_config(cfg, f"checkpoint: module '{name}'")
+    todo = []
+    for name, cfg in configs.items():
+        m = _submodule(model, name)
+        _check_target(name, m, cfg, where)
+        if not isinstance(m, _QuantizedBase):
+            todo.append(name)
+    if "" in todo:
+        raise ValueError("prepare_for_load: the model itself is the quantized module; wrap it in a container")
+    for name in todo:
+        _swap(model, name, _placeholder(model.get_submodule(name), configs[name]))
+    return todo
