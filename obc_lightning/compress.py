@@ -26,7 +26,14 @@ from obc_lightning.calibration import (
     collect_hessians,
 )
 from obc_lightning.grids import check_bits, check_group_size
-from obc_lightning.reporting import FP32_BYTES, CompressionReport, ModuleReport, packed_weight_bytes
+from obc_lightning.reporting import (
+    FP32_BYTES,
+    SCALE_BYTES,
+    ZERO_BYTES,
+    CompressionReport,
+    ModuleReport,
+    packed_weight_bytes,
+)
 
 SOLVERS = ("auto", "obc", "gptq")
 
@@ -151,7 +158,7 @@ def _size(m: nn.Module) -> int:
     return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
 
 
-def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp):
+def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype):
     """Solve every group's (W_i, H_i); returns Q (weight's shape, compute dtype), the report, the results."""
     from obc_lightning.solvers.common import layer_objective
     from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
@@ -169,7 +176,8 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         Wb = Wb.to(dt)
         H = lh.hessians[i].to(device=W.device, dtype=dt)
         res = quantize_weight(
-            Wb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp
+            Wb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
+            scale_dtype=scale_dtype,
         )
         Qs.append(res.quantized_matrix)
         results.append(res)
@@ -222,6 +230,7 @@ def compress_model(
     max_memory: int | None = None,
     reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
     keep_results: bool = False,
+    scale_dtype: torch.dtype | None = torch.float16,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -240,6 +249,9 @@ def compress_model(
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
         offload, max_memory, reduce_fn: see :func:`~obc_lightning.calibration.collect_hessians`.
+        scale_dtype: scales are rounded to values this dtype holds (default float16, what
+            :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
+            in-memory weights bit for bit; ``None`` keeps float32 scales.
         keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
             per conv group, on the CPU) in ``report.results`` (codes, scales, zeros for export).
 
@@ -273,13 +285,13 @@ def compress_model(
     def solve(name: str, lh: LayerHessian) -> None:
         m = targets[name]
         Q, rep, results, n_scales = _quantize_module(
-            name, m, lh, bits, solver, group_size, symmetric, mse, damp
+            name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype
         )
         backups[name] = m.weight.detach().to("cpu", copy=True)
         m.weight.copy_(Q.to(m.weight.dtype))
         report.modules.append(rep)
         report.quantized_weights += m.weight.numel()
-        report.quantized_weight_bits += bits * m.weight.numel() + 8 * 4 * n_scales  # + fp16 scale, fp16 zero
+        report.quantized_weight_bits += bits * m.weight.numel() + 8 * (SCALE_BYTES + ZERO_BYTES) * n_scales
         if keep_results:
             report.results[name] = [_to_cpu(r) for r in results]
 

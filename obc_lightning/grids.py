@@ -144,11 +144,15 @@ def fit_grid(
     symmetric: bool = False,
     mse: bool = True,
     group_size: int | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> Grid:
     """Fit a uniform grid to ``matrix`` (rows x cols), per row or per group of ``group_size`` columns.
 
     min-max: the range [min(w, 0), max(w, 0)]; with ``mse=True`` that range is shrunk by factors
     p = 1 ... 0.2 (100 steps) and, per row / group, the p minimising sum |round(w) - w|^2.4 is kept.
+    ``scale_dtype`` (e.g. ``torch.float16``): round the chosen scales to values that dtype represents
+    (kept in the matrix's dtype), so a file storing them in that dtype holds exactly this grid; a scale
+    the dtype cannot hold (underflow to 0, overflow) stays unrounded.
     """
     check_bits(n_bits)
     if matrix.dim() != 2:
@@ -181,6 +185,10 @@ def fit_grid(
             best = torch.where(better, err, best)
             scale = torch.where(better, s1, scale)
             zero = torch.where(better, z1, zero)
+
+    if scale_dtype is not None:
+        rounded = scale.to(scale_dtype).to(scale.dtype)
+        scale = torch.where(torch.isfinite(rounded) & (rounded > 0), rounded, scale)
 
     return Grid(
         scale.reshape(rows, n_groups),

@@ -10,14 +10,14 @@ import math
 from dataclasses import asdict, dataclass, field, replace
 
 # Packed format that the size estimate assumes: codes at ``bits`` bits each, bit-packed per module;
-# one fp16 scale and one fp16 zero point per row (or per row and group); biases kept in fp32.
+# one fp16 scale and one uint8 zero point per row (or per row and group); biases kept in fp32.
 SCALE_BYTES = 2
-ZERO_BYTES = 2
+ZERO_BYTES = 1  # integer zero point in [0, 2^bits - 1]: uint8 in the exported file
 FP32_BYTES = 4
 
 
 def packed_weight_bytes(numel: int, rows: int, n_groups: int, bits: int) -> int:
-    """Bytes of one weight in the packed format: ceil(numel * bits / 8) + (2 + 2) per row and group."""
+    """Bytes of one weight in the packed format: ceil(numel * bits / 8) + (2 + 1) per row and group."""
     return -(-numel * bits // 8) + rows * n_groups * (SCALE_BYTES + ZERO_BYTES)
 
 

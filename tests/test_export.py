@@ -83,13 +83,16 @@ def calibration():
     return [torch.randn(16, 2, 4, 4, generator=g) for _ in range(2)]
 
 
-def quantized_tiny(bits=4, group_size=None, symmetric=False):
+def quantized_tiny(bits=4, group_size=None, symmetric=False, scale_dtype=torch.float16):
     model = Tiny()
     model.train()
     for x in calibration():  # non-trivial BatchNorm statistics
         model(x)
     model.eval()
-    report = compress_model(model, calibration(), bits, group_size=group_size, symmetric=symmetric, keep_results=True)
+    report = compress_model(
+        model, calibration(), bits, group_size=group_size, symmetric=symmetric, keep_results=True,
+        scale_dtype=scale_dtype,
+    )
     assert report.quantized == ["conv", "gconv", "fc"]
     return model, report
 
@@ -135,16 +138,20 @@ def test_round_trip_fp32_scales_is_bit_exact(tmp_path, bits, group_size, symmetr
 
 
 @pytest.mark.parametrize("bits,group_size,symmetric", CONFIGS[:3])
-def test_round_trip_fp16_scales(tmp_path, bits, group_size, symmetric):
-    model, report = quantized_tiny(bits, group_size, symmetric)
+@pytest.mark.parametrize("grid_scale_dtype", [torch.float16, None])
+def test_round_trip_fp16_scales(tmp_path, bits, group_size, symmetric, grid_scale_dtype):
+    model, report = quantized_tiny(bits, group_size, symmetric, scale_dtype=grid_scale_dtype)
     path = tmp_path / "m.safetensors"
     save_quantized(model, path, report)
     loaded = load_quantized(path, fresh_tiny())
     for name in report.quantized:
         w, q = loaded.get_submodule(name).weight, model.get_submodule(name).weight
         assert torch.equal(w, expected_weight(report, name, q, torch.float16)), name
-        # |fp16(s) - s| <= 2**-11 |s|, so each weight moves by at most 2**-11 of itself
-        assert ((w - q).abs() <= q.abs() * 2**-11).all(), name
+        if grid_scale_dtype == torch.float16:  # compress_model's default: the file is the model, bit for bit
+            assert torch.equal(w, q), name
+        else:  # fp32 grid: |fp16(s) - s| <= 2**-11 |s|, so each weight moves by at most 2**-11 of itself
+            assert ((w - q).abs() <= q.abs() * 2**-11).all(), name
+            assert not torch.equal(w, q), name
     assert torch.equal(loaded.bn.running_var, model.bn.running_var)
     assert torch.equal(loaded.conv.bias, model.conv.bias)
     packed = load_quantized(path, fresh_tiny(), packed=True)

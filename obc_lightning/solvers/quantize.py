@@ -51,6 +51,7 @@ def quantize_weight(
     batch_size: int | None = None,
     block_size: int = 128,
     max_memory: int | None = None,
+    scale_dtype: torch.dtype | None = None,
 ) -> QuantResult:
     """Quantize ``matrix`` (rows x cols) to ``n_bits`` given the layer Hessian ``hessian`` (cols x cols).
 
@@ -63,7 +64,7 @@ def quantize_weight(
             (both, each polished if ``polish``; per row the lower objective, ties to ExactOBC).
         polish: coordinate-descent polish (:mod:`obc_lightning.solvers.polish`) of every solver's result
             on the caller's undamped H, at most ``max_passes`` passes.
-        group_size, symmetric, mse: the grid.
+        group_size, symmetric, mse, scale_dtype: the grid (see :func:`obc_lightning.grids.fit_grid`).
         damp: the solvers see H + damp * mean(diag H) * I (escalated with a warning if not positive
             definite; the value used is ``result.damp``). The polish and the reported loss do not.
         act_order: GPTQ visits columns by decreasing H_ii.
@@ -90,7 +91,7 @@ def quantize_weight(
     prep = prepare_hessian(H0, damp, fn="quantize_weight", matrix_shape=tuple(matrix.shape))
     W = W0.clone()
     W[:, prep.dead] = 0
-    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
     s, z = grid.per_column()
 
     names = ["obc", "gptq"] if solver == "auto" else [solver]
