@@ -18,6 +18,7 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
+from lightning.pytorch.loggers import TensorBoardLogger
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -26,7 +27,7 @@ from torch import Tensor
 from obc_lightning.calibration import call_model
 from obc_lightning.compress import SOLVERS, compress_model, select_modules
 from obc_lightning.grids import check_bits
-from obc_lightning.reporting import CompressionReport, plot_errors
+from obc_lightning.reporting import CompressionReport, error_figure
 
 CALIBRATION_SAMPLES = 1024  # default calibration set: about this many samples over all ranks
 UNKNOWN_BATCH_SIZE_BATCHES = 64  # batches taken when the batch size cannot be read from a batch
@@ -378,7 +379,15 @@ class OBCQuantize(Callback):
             rank_zero_info("\n".join(lines))
         log_dir = trainer.log_dir if trainer.loggers else None  # log_dir: to be called on every rank
         if self.plot and trainer.is_global_zero:
-            plot_errors(report, os.path.join(log_dir or trainer.default_root_dir, "obc_rel_error.png"))
+            fig = error_figure(report)
+            if fig is not None:
+                import matplotlib.pyplot as plt
+
+                fig.savefig(os.path.join(log_dir or trainer.default_root_dir, "obc_rel_error.png"))
+                for lg in trainer.loggers:
+                    if isinstance(lg, TensorBoardLogger):
+                        lg.experiment.add_figure("obc/rel_error", fig, global_step=trainer.global_step, close=False)
+                plt.close(fig)
 
     # ------------------------------------------------------------------ calibration
     def _calibration_set(self, trainer: Trainer, pl_module: LightningModule) -> list:

@@ -144,8 +144,8 @@ class CompressionReport:
         return self.table()
 
 
-def plot_errors(report: CompressionReport, path) -> str | None:
-    """Bar chart of the per-module relative error saved to ``path``; ``None`` if matplotlib is absent."""
+def error_figure(report: CompressionReport):
+    """Bar chart (a matplotlib Figure) of the per-module relative error; ``None`` without matplotlib."""
     try:
         import matplotlib
 
@@ -160,6 +160,16 @@ def plot_errors(report: CompressionReport, path) -> str | None:
     ax.set_ylabel("||(W-Q)X||^2 / ||WX||^2")
     ax.set_title(f"{report.bits}-bit: relative output error per module")
     fig.tight_layout()
+    return fig
+
+
+def plot_errors(report: CompressionReport, path) -> str | None:
+    """The chart of :func:`error_figure` saved to ``path``; ``None`` if matplotlib is absent."""
+    fig = error_figure(report)
+    if fig is None:
+        return None
+    import matplotlib.pyplot as plt
+
     fig.savefig(path)
     plt.close(fig)
     return str(path)

@@ -121,6 +121,22 @@ def test_end_to_end_metrics_in_csv(tmp_path):
     assert "train_loss" in logged  # the user's own metrics still there
     assert 0 <= cb.metrics["obc/val_acc_after"] <= 1
     assert cb.metrics["obc/compression_ratio"] > 4
+    with open(os.path.join(t.logger.log_dir, "obc_rel_error.png"), "rb") as f:  # the per-layer chart
+        assert f.read(8) == b"\x89PNG\r\n\x1a\n"
+
+
+def test_error_chart_reaches_tensorboard(tmp_path):
+    pytest.importorskip("matplotlib")
+    from lightning.pytorch.loggers import TensorBoardLogger
+
+    cb = OBCQuantize(bits=4, calibration_batches=2, evaluate=False, verbose=False)
+    t = trainer(tmp_path, cb, logger=[TensorBoardLogger(tmp_path, name="tb"), CSVLogger(tmp_path)])
+    t.fit(Net(), DataLoader(data(), batch_size=8))
+    events = [f for f in os.listdir(t.loggers[0].log_dir) if f.startswith("events.out.tfevents")]
+    assert events
+    data_bytes = b"".join(open(os.path.join(t.loggers[0].log_dir, f), "rb").read() for f in events)
+    assert b"obc/rel_error" in data_bytes and b"\x89PNG" in data_bytes  # the chart, as an image summary
+    assert os.path.exists(os.path.join(t.loggers[0].log_dir, "obc_rel_error.png"))
 
 
 class NoForward(pl.LightningModule):
