@@ -164,3 +164,23 @@ def test_bad_inputs():
         quantize_weight(W[0], H)
     with pytest.raises(ValueError, match="damp"):
         quantize_weight(W, H, damp=float("nan"))
+
+
+@pytest.mark.parametrize("solver", ["obc", "gptq", "auto"])
+def test_pruned_weights_stay_zero(solver):
+    g = torch.Generator().manual_seed(11)
+    W = torch.randn(12, 40, generator=g, dtype=torch.float64)
+    X = torch.randn(400, 40, generator=g, dtype=torch.float64) @ (
+        torch.eye(40, dtype=torch.float64) + 0.3 * torch.randn(40, 40, generator=g, dtype=torch.float64)
+    )
+    H = 2 * X.T @ X / 400
+    pruned = torch.rand(12, 40, generator=g) < 0.5
+    W[pruned] = 0
+    res = quantize_weight(W, H, 3, solver=solver)
+    assert torch.all(res.quantized_matrix[pruned] == 0)
+    assert (res.quantized_matrix[~pruned] != 0).any()
+    # the mask costs something but the result is still far better than rounding the kept weights
+    from obc_lightning.grids import fit_grid
+
+    rtn = fit_grid(W, 3).round(W)
+    assert res.loss.sum() < 0.8 * layer_objective(W, rtn, H).sum()

@@ -43,16 +43,27 @@ def gptq_order(hessian: Tensor, act_order: bool) -> Tensor:
 
 
 def gptq_codes(
-    w: Tensor, hessian: Tensor, scale: Tensor, zero: Tensor, maxq: int, *, act_order: bool = True, block_size: int = 128
+    w: Tensor,
+    hessian: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+    *,
+    act_order: bool = True,
+    block_size: int = 128,
+    frozen: Tensor | None = None,
 ) -> Tensor:
     """Integer codes (as floats, (R, d)) of GPTQ on w (R, d) with a PD hessian (d, d).
 
     scale, zero: (R, d), the grid of every entry in the original column order (static groups).
+    frozen: (R, d) bool, weights held at 0 (pruned): their target is 0 instead of the nearest grid point
+    (0 is always on the grid) and their error is compensated like any other (SparseGPT's masked step).
     """
     d = w.shape[1]
     perm = gptq_order(hessian, act_order)
     W = w[:, perm].clone()  # (R, d) in visiting order, updated in place
     s, z = scale[:, perm], zero[:, perm]
+    fz = frozen[:, perm] if frozen is not None else None
     hp = hessian[perm][:, perm]
     U = upper_cholesky_of_inverse(torch.cholesky_inverse(torch.linalg.cholesky(hp)))  # (d, d)
     K = torch.empty_like(W)
@@ -63,6 +74,8 @@ def gptq_codes(
         for i in range(i2 - i1):
             c = i1 + i
             k = quantize_codes(W1[:, i], s[:, c], z[:, c], maxq)
+            if fz is not None:
+                k = torch.where(fz[:, c], z[:, c], k)  # code z is the value 0
             K[:, c] = k
             e = (W1[:, i] - dequantize(k, s[:, c], z[:, c])) / U[c, c]  # e = (w_i - q_i) / U_ii
             W1[:, i:].addr_(e, U[c, c:i2], alpha=-1)  # W[:, i:] -= e U[i, i:] within the block

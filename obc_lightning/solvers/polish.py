@@ -27,13 +27,14 @@ def polish_codes(
     *,
     max_passes: int = 3,
     block_size: int = 128,
+    frozen: Tensor | None = None,
 ) -> tuple[Tensor, int, bool]:
     """Coordinate descent for all rows at once.
 
     w, codes (floats), scale, zero: (R, d); hessian: (d, d) symmetric PSD (columns with H_jj <= 0 are
     left alone: with a PSD H their weight costs nothing). Returns (codes, passes run, converged), where
     converged means the last pass moved no weight. Rows whose objective would rise by float rounding
-    keep their input codes.
+    keep their input codes. ``frozen`` (R, d) bool: weights never moved (pruned weights held at 0).
     """
     R, d = w.shape
     K = codes.clone()
@@ -57,6 +58,8 @@ def polish_codes(
                 k = quantize_codes(t, scale[:, j], zero[:, j], maxq)
                 delta = dequantize(k, scale[:, j], zero[:, j]) - Q[:, j]
                 take = delta * (Gb[:, i] + 0.5 * delta * hd[j]) < 0  # df < 0
+                if frozen is not None:
+                    take &= ~frozen[:, j]
                 delta = torch.where(take, delta, torch.zeros_like(delta))
                 K[:, j] = torch.where(take, k, K[:, j])
                 Q[:, j] += delta

@@ -55,6 +55,8 @@ def quantize_weight(
 ) -> QuantResult:
     """Quantize ``matrix`` (rows x cols) to ``n_bits`` given the layer Hessian ``hessian`` (cols x cols).
 
+    Weights that are exactly 0 (pruned; not dead inputs) stay 0 in every solver and in the polish.
+
     The grid is fitted once (:func:`obc_lightning.grids.fit_grid` on ``matrix`` with the dead columns,
     H_pp == 0, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do not depend on
     which solver won a row.
@@ -93,6 +95,9 @@ def quantize_weight(
     W[:, prep.dead] = 0
     grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
     s, z = grid.per_column()
+    # weights that are exactly 0 on live inputs are pruned: every solver keeps them at 0
+    frozen = (W == 0) & ~prep.dead.unsqueeze(0)
+    frozen = frozen if bool(frozen.any()) else None
 
     names = ["obc", "gptq"] if solver == "auto" else [solver]
     best_codes, best_loss, winner = None, None, None
@@ -100,9 +105,13 @@ def quantize_weight(
         if name == "obc":
             codes, _ = solve_obc_rows(W, prep, grid, batch_size=batch_size, max_memory=max_memory)
         else:
-            codes = gptq_codes(W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
+            codes = gptq_codes(
+                W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size, frozen=frozen
+            )
         if polish:
-            codes, _, _ = polish_codes(W0, H0, codes, s, z, grid.maxq, max_passes=max_passes, block_size=block_size)
+            codes, _, _ = polish_codes(
+                W0, H0, codes, s, z, grid.maxq, max_passes=max_passes, block_size=block_size, frozen=frozen
+            )
         loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
         if best_codes is None:
             best_codes, best_loss = codes, loss
