@@ -1,0 +1,432 @@
+"""Train a CIFAR-10 ResNet with Lightning, then quantize it after training and compare accuracies.
+
+Two ways to quantize:
+
+* one bit width, no ``--rtn``: the one-line Lightning way, ``Trainer(callbacks=[OBCQuantize(bits=4)])``;
+  the callback calibrates on the training data at the end of ``fit``, quantizes every Conv / Linear in
+  place and logs ``obc/val_acc_before`` / ``obc/val_acc_after``.
+* several bit widths (``--bits 4 3 2``) or ``--rtn``: train once, keep the fp32 ``state_dict``, and for
+  every bit width and method reload it and quantize with :func:`obc_lightning.compress_model`
+  (``solver="obc"``: ExactOBC; ``solver="auto"``: per row the best of ExactOBC and GPTQ, polished) or
+  with plain round-to-nearest on a per-channel grid; prints a table of fp32 vs quantized accuracy.
+
+Data:
+
+* ``--subset PATH`` (default ``../shared/data/cifar10_subset.npz`` next to the repository): an npz with
+  ``train_x`` (N, 3, 32, 32) uint8, ``train_y``, ``test_x``, ``test_y`` -- for machines without internet.
+* ``--data-dir DIR``: the full CIFAR-10 via ``torchvision.datasets.CIFAR10(DIR, download=True)``
+  (torchvision is needed only for this path and imported only there).
+
+The test split is the validation set, as is usual for CIFAR (there is no separate held-out split).
+
+Examples::
+
+    python examples/cifar.py --model resnet20 --epochs 30 --bits 4
+    python examples/cifar.py --model resnet20 --epochs 30 --bits 4 3 2 --rtn --out results.json
+    python examples/cifar.py --data-dir ~/data --model resnet18 --epochs 30 --accelerator gpu --bits 4 3
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import json
+import math
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import lightning as L
+import numpy as np
+import torch
+import torch.nn.functional as F
+import torchmetrics
+from torch import Tensor, nn
+from torch.utils.data import DataLoader, TensorDataset
+
+from obc_lightning.models import resnet18, resnet20
+
+REPO_ROOT = Path(__file__).resolve().parents[1]
+DEFAULT_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
+MODELS = {"resnet20": resnet20, "resnet18": resnet18}
+
+# Per-channel statistics of the CIFAR-10 training set (0..1 scale), the usual normalisation constants.
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+# --------------------------------------------------------------------------------------------- data
+@dataclass
+class CifarArrays:
+    """Images as uint8 (N, 3, 32, 32) tensors and int64 labels."""
+
+    train_x: Tensor
+    train_y: Tensor
+    test_x: Tensor
+    test_y: Tensor
+
+    def limit(self, n_train: int | None = None, n_test: int | None = None) -> CifarArrays:
+        """The first ``n_train`` / ``n_test`` images (for quick runs and tests)."""
+        return CifarArrays(self.train_x[:n_train], self.train_y[:n_train], self.test_x[:n_test], self.test_y[:n_test])
+
+
+def load_subset(path: str | Path) -> CifarArrays:
+    """Read the npz layout of ``shared/data/cifar10_subset.npz``."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(
+            f"CIFAR-10 subset not found at {path}; pass --subset PATH, or --data-dir DIR to download CIFAR-10"
+        )
+    with np.load(path) as z:
+        arrays = CifarArrays(*(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")))
+    for x in (arrays.train_x, arrays.test_x):
+        if x.dtype != torch.uint8 or x.dim() != 4 or tuple(x.shape[1:]) != (3, 32, 32):
+            raise ValueError(f"{path}: expected uint8 images of shape (N, 3, 32, 32), got {x.dtype} {tuple(x.shape)}")
+    return CifarArrays(arrays.train_x, arrays.train_y.long(), arrays.test_x, arrays.test_y.long())
+
+
+def load_torchvision(data_dir: str | Path) -> CifarArrays:
+    """The full CIFAR-10 (50k / 10k) through torchvision's downloader (needs internet once)."""
+    try:
+        import torchvision  # lazily: only this path needs it
+    except ImportError as e:
+        raise ImportError("--data-dir needs torchvision (pip install torchvision); or use --subset PATH") from e
+    out = []
+    for train in (True, False):
+        ds = torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
+        # ds.data is (N, 32, 32, 3) uint8 HWC; keep uint8 and go CHW like the npz
+        out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)]
+    return CifarArrays(*out)
+
+
+def random_crop_flip(x: Tensor, padding: int = 4, generator: torch.Generator | None = None) -> Tensor:
+    """The standard CIFAR augmentation on a batch: zero-pad by ``padding``, random 32x32 crop, random h-flip.
+
+    Vectorised over the batch with gather-style indexing (one offset pair per image), so it costs a few
+    tensor ops per batch instead of a Python loop per image. Works on any dtype (uint8 here).
+    """
+    n, _, h, w = x.shape
+    padded = F.pad(x, (padding, padding, padding, padding))
+    dy = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    dx = torch.randint(0, 2 * padding + 1, (n,), generator=generator)
+    rows = (dy[:, None] + torch.arange(h))[:, :, None]  # (n, h, 1)
+    cols = (dx[:, None] + torch.arange(w))[:, None, :]  # (n, 1, w)
+    flip = torch.rand(n, generator=generator) < 0.5
+    cols = torch.where(flip[:, None, None], cols.flip(-1), cols)
+    idx = torch.arange(n)[:, None, None]
+    # advanced indexing on dims 0, 2, 3 puts the channel dim last: (n, h, w, c) -> (n, c, h, w)
+    return padded.permute(0, 2, 3, 1)[idx, rows, cols].permute(0, 3, 1, 2).contiguous()
+
+
+def _augment_collate(samples):
+    x, y = torch.utils.data.default_collate(samples)
+    return random_crop_flip(x), y
+
+
+class CifarDataModule(L.LightningDataModule):
+    """Training images with random crop + flip, test images as they are; batches of (uint8 images, labels).
+
+    Images stay uint8 in the batches; the model normalises them (see :class:`CifarClassifier`), so any
+    batch from any of these loaders -- including the ones a compression callback calibrates on -- is a
+    valid model input without extra transforms.
+    """
+
+    def __init__(self, arrays: CifarArrays, batch_size: int = 128, num_workers: int = 0, augment: bool = True):
+        super().__init__()
+        self.arrays = arrays
+        self.batch_size = batch_size
+        self.num_workers = num_workers
+        self.augment = augment
+
+    def train_dataloader(self) -> DataLoader:
+        a = self.arrays
+        return DataLoader(
+            TensorDataset(a.train_x, a.train_y),
+            batch_size=self.batch_size,
+            shuffle=True,
+            # drop_last keeps BatchNorm away from a final batch of a handful of images
+            drop_last=len(a.train_x) > self.batch_size,
+            collate_fn=_augment_collate if self.augment else None,
+            num_workers=self.num_workers,
+            persistent_workers=self.num_workers > 0,
+        )
+
+    def val_dataloader(self) -> DataLoader:
+        a = self.arrays
+        return DataLoader(TensorDataset(a.test_x, a.test_y), batch_size=256, num_workers=self.num_workers)
+
+    def calibration_batches(self, n_images: int = 1024, batch_size: int = 128, seed: int = 0) -> list[Tensor]:
+        """``n_images`` random training images (no augmentation), as a list of image batches."""
+        g = torch.Generator().manual_seed(seed)
+        idx = torch.randperm(len(self.arrays.train_x), generator=g)[:n_images]
+        return list(self.arrays.train_x[idx].split(batch_size))
+
+
+# -------------------------------------------------------------------------------------------- model
+class CifarClassifier(L.LightningModule):
+    """A CIFAR network with input normalisation, cross-entropy training and ``val_acc`` / ``val_loss``.
+
+    Optimiser: SGD, momentum 0.9, Nesterov, weight decay 5e-4 (not on BatchNorm and biases: decaying
+    them only fights the normalisation), with a OneCycle learning rate per step.
+    """
+
+    def __init__(self, model: str = "resnet20", num_classes: int = 10, lr: float = 0.1, weight_decay: float = 5e-4):
+        super().__init__()
+        self.save_hyperparameters()
+        self.net = MODELS[model](num_classes)
+        # buffers, not parameters: they move with the module and are no Conv / Linear to quantize
+        self.register_buffer("mean", torch.tensor(CIFAR_MEAN).view(1, 3, 1, 1) * 255)
+        self.register_buffer("std", torch.tensor(CIFAR_STD).view(1, 3, 1, 1) * 255)
+        self.val_acc = torchmetrics.Accuracy(task="multiclass", num_classes=num_classes)
+
+    def forward(self, x: Tensor) -> Tensor:
+        """Logits of uint8 (0..255) or float images in the same 0..255 scale."""
+        return self.net((x.float() - self.mean) / self.std)
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        loss = F.cross_entropy(self(x), y)
+        self.log("train_loss", loss, prog_bar=True)
+        return loss
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.val_acc(logits, y)
+        self.log("val_loss", F.cross_entropy(logits, y), prog_bar=True)
+        self.log("val_acc", self.val_acc, prog_bar=True)
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)
+        opt = torch.optim.SGD(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            momentum=0.9,
+            nesterov=True,
+        )
+        sched = torch.optim.lr_scheduler.OneCycleLR(
+            opt, max_lr=self.hparams.lr, total_steps=self.trainer.estimated_stepping_batches, pct_start=0.15
+        )
+        return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
+
+
+class EpochPrinter(L.Callback):
+    """One line per validation epoch (epoch, metrics, elapsed time): a log for runs without a progress bar."""
+
+    def on_fit_start(self, trainer, pl_module):
+        self.t0 = time.perf_counter()
+
+    def on_validation_epoch_end(self, trainer, pl_module):
+        if trainer.sanity_checking:
+            return
+        m = {k: float(v) for k, v in trainer.callback_metrics.items()}
+        shown = " ".join(f"{k} {v:.4f}" for k, v in sorted(m.items()))
+        print(
+            f"epoch {trainer.current_epoch + 1}/{trainer.max_epochs} {shown} [{time.perf_counter() - self.t0:.0f} s]",
+            flush=True,
+        )
+
+
+# ------------------------------------------------------------------------------------ quantization
+@torch.no_grad()
+def evaluate(model: nn.Module, loader: DataLoader) -> float:
+    """Top-1 accuracy (%) of ``model`` on ``loader`` in eval mode."""
+    was_training = model.training
+    model.eval()
+    device = next(model.parameters()).device
+    correct = total = 0
+    for x, y in loader:
+        pred = model(x.to(device)).argmax(1).cpu()
+        correct += int((pred == y).sum())
+        total += len(y)
+    model.train(was_training)
+    return 100.0 * correct / total
+
+
+@torch.no_grad()
+def round_to_nearest_(model: nn.Module, bits: int) -> None:
+    """Baseline: every Conv / Linear weight rounded to the nearest point of its per-channel grid.
+
+    The grid is the same one the solvers start from (``fit_grid`` with its MSE range search), so the
+    difference to ExactOBC is only the Hessian-aware choice of grid points.
+    """
+    from obc_lightning.grids import fit_grid
+
+    for m in model.modules():
+        if isinstance(m, (nn.Conv1d, nn.Conv2d, nn.Linear)):
+            W = m.weight.flatten(1)
+            m.weight.copy_(fit_grid(W, bits).round(W).view_as(m.weight))
+
+
+def compare_bits(
+    lit: CifarClassifier,
+    dm: CifarDataModule,
+    bits_list: list[int],
+    methods: tuple[str, ...] = ("rtn", "obc", "auto"),
+    calibration_images: int = 1024,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Quantize copies of the trained ``lit`` at each bit width with each method; accuracies and timings.
+
+    ``methods``: ``"rtn"`` (round-to-nearest), or a ``compress_model`` solver name (``"obc"``, ``"auto"``,
+    ``"gptq"``). Every run starts from the same fp32 weights (a fresh deep copy).
+    """
+    from obc_lightning.compress import compress_model as _compress
+
+    val = dm.val_dataloader()
+    fp32 = evaluate(lit, val)
+    log(f"fp32 val_acc {fp32:.2f}%")
+    device = next(lit.parameters()).device
+    calib = [x.to(device) for x in dm.calibration_batches(calibration_images, seed=seed)]
+    results = {"fp32_acc": fp32, "calibration_images": sum(len(x) for x in calib), "runs": []}
+    for bits in bits_list:
+        for method in methods:
+            model = copy.deepcopy(lit)
+            t0 = time.perf_counter()
+            if method == "rtn":
+                round_to_nearest_(model, bits)
+                extra = {}
+            else:
+                report = _compress(model, calib, bits, solver=method)
+                extra = {"compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits}
+            seconds = time.perf_counter() - t0
+            acc = evaluate(model, val)
+            results["runs"].append({"bits": bits, "method": method, "acc": acc, "seconds": seconds, **extra})
+            log(f"{bits}-bit {method:>5}: val_acc {acc:.2f}% ({acc - fp32:+.2f}), {seconds:.1f} s")
+    return results
+
+
+def results_table(results: dict) -> str:
+    """Rows: bit widths; columns: methods; cells: accuracy (difference to fp32)."""
+    if not results["runs"]:
+        return f"fp32 accuracy: {results['fp32_acc']:.2f}%"
+    methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
+    names = {"rtn": "round-to-nearest", "obc": "ExactOBC", "auto": "auto (OBC|GPTQ)", "gptq": "GPTQ"}
+    head = f"{'bits':>4} | " + " | ".join(f"{names.get(m, m):>18}" for m in methods)
+    lines = [f"fp32 accuracy: {results['fp32_acc']:.2f}%", head, "-" * len(head)]
+    for bits in dict.fromkeys(r["bits"] for r in results["runs"]):
+        cells = []
+        for m in methods:
+            r = next(r for r in results["runs"] if r["bits"] == bits and r["method"] == m)
+            cells.append(f"{r['acc']:6.2f} ({r['acc'] - results['fp32_acc']:+6.2f})".rjust(18))
+        lines.append(f"{bits:>4} | " + " | ".join(cells))
+    return "\n".join(lines)
+
+
+# ------------------------------------------------------------------------------------------- main
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    src = p.add_mutually_exclusive_group()
+    src.add_argument("--subset", type=Path, default=None, help=f"npz subset (default {DEFAULT_SUBSET})")
+    src.add_argument("--data-dir", type=Path, default=None, help="download full CIFAR-10 here with torchvision")
+    p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
+    p.add_argument("--epochs", type=int, default=30)
+    p.add_argument("--bits", type=int, nargs="+", default=[4], help="one or more bit widths, e.g. --bits 4 3")
+    p.add_argument("--rtn", action="store_true", help="also report round-to-nearest (uses the comparison path)")
+    p.add_argument(
+        "--solvers",
+        nargs="*",
+        default=None,
+        help="solvers: the comparison runs each (default: obc auto; none given: train, evaluate fp32, "
+        "save, stop); the callback uses the first (default: auto)",
+    )
+    p.add_argument("--batch-size", type=int, default=128)
+    p.add_argument("--lr", type=float, default=0.1, help="peak learning rate of the OneCycle schedule")
+    p.add_argument("--accelerator", default="auto")
+    p.add_argument("--devices", default="auto")
+    p.add_argument("--num-workers", type=int, default=0)
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--calibration-images", type=int, default=1024)
+    p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
+    p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
+    p.add_argument("--save-fp32", type=Path, default=None, help="write the trained fp32 state_dict here")
+    p.add_argument("--load-fp32", type=Path, default=None, help="skip training: load this fp32 state_dict")
+    p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument("--quiet", action="store_true", help="no progress bar / model summary (for tests and logs)")
+    return p
+
+
+def run(args: argparse.Namespace) -> dict:
+    """Everything ``main`` does, returning the results dict (importable for tests)."""
+    L.seed_everything(args.seed, workers=True)
+    arrays = load_torchvision(args.data_dir) if args.data_dir else load_subset(args.subset or DEFAULT_SUBSET)
+    arrays = arrays.limit(args.limit_train, args.limit_test)
+    dm = CifarDataModule(arrays, args.batch_size, args.num_workers)
+    lit = CifarClassifier(args.model, lr=args.lr)
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    # the callback quantizes inside fit, so saving / loading fp32 weights needs the comparison path
+    use_callback = len(args.bits) == 1 and not args.rtn and args.load_fp32 is None and args.save_fp32 is None
+    callbacks: list[L.Callback] = [EpochPrinter()] if args.quiet else []
+    if use_callback:
+        from obc_lightning.callback import OBCQuantize
+
+        n_batches = max(1, math.ceil(args.calibration_images / args.batch_size))
+        solver = args.solvers[0] if args.solvers else "auto"
+        quantizer = OBCQuantize(
+            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False
+        )
+        callbacks.append(quantizer)
+    trainer = L.Trainer(
+        max_epochs=args.epochs,
+        accelerator=args.accelerator,
+        devices=devices,
+        callbacks=callbacks,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not args.quiet,
+        enable_model_summary=not args.quiet,
+        num_sanity_val_steps=0 if args.quiet else 2,
+    )
+    results: dict = {
+        "model": args.model,
+        "epochs": args.epochs,
+        "train_images": len(arrays.train_x),
+        "test_images": len(arrays.test_x),
+    }
+    t0 = time.perf_counter()
+    if args.load_fp32 is not None:
+        lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+    else:
+        trainer.fit(lit, datamodule=dm)
+    results["train_seconds"] = time.perf_counter() - t0
+
+    if use_callback:
+        # the callback keeps what it logged: obc/val_acc_before, obc/val_acc_after (fractions), sizes
+        before = quantizer.metrics.get("obc/val_acc_before")
+        after = quantizer.metrics.get("obc/val_acc_after")
+        results.update(
+            bits=args.bits[0],
+            method=f"callback/{solver}",
+            fp32_acc=100 * before,
+            acc=100 * after,
+            compression_ratio=quantizer.report.compression_ratio,
+            avg_bits=quantizer.report.avg_bits,
+        )
+        print(quantizer.report.table())
+        print(
+            f"val_acc fp32 {100 * before:.2f}% -> {args.bits[0]}-bit {100 * after:.2f}% ({100 * (after - before):+.2f})"
+        )
+    else:
+        if args.save_fp32 is not None:
+            torch.save(lit.state_dict(), args.save_fp32)
+        solvers = ("obc", "auto") if args.solvers is None else tuple(args.solvers)
+        methods = (("rtn",) if args.rtn else ()) + solvers
+        results.update(compare_bits(lit, dm, args.bits, methods, args.calibration_images, args.seed))
+        print(results_table(results))
+    if args.out is not None:
+        args.out.write_text(json.dumps(results, indent=2, default=float))
+    return results
+
+
+def main(argv: list[str] | None = None) -> dict:
+    return run(build_parser().parse_args(argv))
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
