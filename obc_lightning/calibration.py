@@ -118,11 +118,12 @@ def _module_device(module: nn.Module) -> torch.device:
     return module.weight.device
 
 
-def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
-    """The receptive-field patches of ``x`` for ``module``, transposed: (groups, in/groups * prod(kernel), N).
+def _padded_input(module: nn.Conv1d | nn.Conv2d, x: Tensor):
+    """``x`` padded as the conv pads it, as a 4-D batch, with the 2-D kernel, stride, dilation and output size.
 
     Reproduces the conv's own padding: a non-zero padding mode or a string padding ("same") pads
-    explicitly with ``module._reversed_padding_repeated_twice``, as ``nn.Conv*._conv_forward`` does.
+    explicitly with ``module._reversed_padding_repeated_twice``, as ``nn.Conv*._conv_forward`` does; a
+    Conv1d is a Conv2d of height 1.
     """
     one_d = isinstance(module, nn.Conv1d)
     if x.dim() == (2 if one_d else 3):  # unbatched input
@@ -134,54 +135,102 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor) -> Tensor:
     else:
         padding = module.padding
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
-    if one_d:  # Conv1d as a Conv2d of height 1
+    if one_d:
         x = x.unsqueeze(2)
         kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
     x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    B, C, Hp, Wp = x.shape
-    (kh, kw), (sh, sw), (dh, dw) = kernel, stride, dilation
-    Ho, Wo = (Hp - dh * (kh - 1) - 1) // sh + 1, (Wp - dw * (kw - 1) - 1) // sw + 1
-    # patches from kh*kw strided slices of the padded input (F.unfold is ~10x slower on CPU):
-    # entry (c, i, j) of a patch is x[c, i*dh + sh*r, j*dw + sw*s], the order of weight.reshape(out, -1)
+    _, _, Hp, Wp = x.shape
+    (kh, kw), (dh, dw) = kernel, dilation
+    out_size = ((Hp - dh * (kh - 1) - 1) // stride[0] + 1, (Wp - dw * (kw - 1) - 1) // stride[1] + 1)
+    return x, kernel, stride, dilation, out_size
+
+
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, positions: Tensor | None = None) -> Tensor:
+    """The receptive-field patches of ``x`` for ``module``, transposed: (groups, in/groups * prod(kernel), N).
+
+    Entry (c, i, j) of the patch at output position (b, r, s) is x_padded[b, c, r*sh + i*dh, s*sw + j*dw],
+    the order of ``weight.reshape(out, -1)`` (what ``F.unfold`` gives, built from kh*kw strided slices:
+    ``F.unfold`` is ~10x slower on CPU). ``positions``: flat indices into the B*Ho*Wo output positions;
+    only those patches are built (N = len(positions)).
+    """
+    x, (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = _padded_input(module, x)
+    B, C = x.shape[:2]
     g = module.groups
-    # samples along the last axis: every kernel offset is a copy of contiguous image rows
-    out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
+    if positions is None:
+        # samples along the last axis: every kernel offset is a copy of contiguous image rows
+        out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
+        for i in range(kh):
+            for j in range(kw):
+                shift = x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
+                out[:, :, i * kw + j] = shift.view(B, g, C // g, Ho, Wo).permute(1, 2, 0, 3, 4)
+        return out.view(g, C // g * kh * kw, B * Ho * Wo)
+    b, rs = positions.div(Ho * Wo, rounding_mode="floor"), positions.remainder(Ho * Wo)
+    r, s = rs.div(Wo, rounding_mode="floor") * sh, rs.remainder(Wo) * sw
+    channels_last = x.permute(0, 2, 3, 1)  # (B, Hp, Wp, C): one gather per kernel offset reads whole rows of C
+    out = x.new_empty(kh * kw, len(positions), C)
     for i in range(kh):
         for j in range(kw):
-            shift = x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
-            out[:, :, i * kw + j] = shift.view(B, g, C // g, Ho, Wo).permute(1, 2, 0, 3, 4)
-    return out.view(g, C // g * kh * kw, B * Ho * Wo)
+            out[i * kw + j] = channels_last[b, r + i * dh, s + j * dw]
+    return out.permute(2, 0, 1).reshape(g, C // g * kh * kw, len(positions))
 
 
-def layer_inputs(module: nn.Module, x: Tensor) -> Tensor:
-    """The samples the module's weight sees, transposed: (groups, d, N)."""
+def layer_inputs(module: nn.Module, x: Tensor, positions: Tensor | None = None) -> Tensor:
+    """The samples the module's weight sees, transposed: (groups, d, N); only ``positions`` if given."""
     if isinstance(module, nn.Linear):
-        return x.reshape(1, -1, x.shape[-1]).transpose(1, 2)
-    return conv_patches(module, x)
+        tokens = x.reshape(-1, x.shape[-1])
+        if positions is not None:
+            tokens = tokens[positions]
+        return tokens.T.unsqueeze(0)
+    return conv_patches(module, x, positions)
+
+
+def sample_count(module: nn.Module, x: Tensor) -> int:
+    """How many samples (tokens or output positions) one input ``x`` gives the module."""
+    if isinstance(module, nn.Linear):
+        return x.numel() // x.shape[-1]
+    _, _, _, _, (Ho, Wo) = _padded_input(module, x[:1])
+    batch = 1 if x.dim() == (2 if isinstance(module, nn.Conv1d) else 3) else x.shape[0]
+    return batch * Ho * Wo
 
 
 class _Accumulator:
     """Running float64 sums S = sum X^T X (groups, d, d) and N for one module."""
 
-    def __init__(self, name: str, module: nn.Module, device: torch.device):
+    def __init__(self, name: str, module: nn.Module, device: torch.device, sample_fraction: float = 1.0, seed=0):
         self.name = name
         self.module = module
         self.sum = torch.zeros(hessian_shape(module), dtype=torch.float64, device=device)
         self.n = 0
         self.calls = 0
         self.batch_index = -1
+        self.sample_fraction = sample_fraction
+        self.generator = None
+        if sample_fraction < 1:
+            self.generator = torch.Generator(device=_module_device(module)).manual_seed(seed)
 
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
         self.calls += 1
-        Xt = layer_inputs(self.module, x.detach())  # (g, d, N)
+        x = x.detach()
+        positions = None
+        if self.generator is not None:
+            # a uniform random subset of the samples, without replacement: 2/n sum over the subset is an
+            # unbiased estimate of H at sample_fraction of the X^T X cost
+            total = sample_count(self.module, x)
+            m = max(1, math.ceil(self.sample_fraction * total))
+            positions = torch.randperm(total, generator=self.generator, device=x.device)[:m]
+        Xt = layer_inputs(self.module, x, positions)  # (g, d, N)
         if Xt.dtype not in (torch.float32, torch.float64):
             Xt = Xt.float()
         # one batch's X^T X in the activations' precision (fast matmul), the running sum in float64:
         # the sum over thousands of batches is what loses precision, not one product
         xtx = Xt @ Xt.transpose(1, 2)  # (g, d, d)
-        # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d
-        if not torch.isfinite(xtx.diagonal(dim1=1, dim2=2)).all():
+        # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d (when
+        # sampling, the unsampled activations are checked directly: one read of x)
+        finite = torch.isfinite(xtx.diagonal(dim1=1, dim2=2)).all()
+        if positions is not None:
+            finite = finite & torch.isfinite(x).all()
+        if not finite:
             raise ValueError(
                 f"collect_hessians: the input of module '{self.name}' ({type(self.module).__name__}) "
                 f"contains NaN or Inf at calibration batch {self.batch_index}; check the model and the "
@@ -268,6 +317,8 @@ def collect_hessians(
     max_memory: int | Mapping[str, int] | None = None,
     reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
     warn: bool = True,
+    sample_fraction: float = 1.0,
+    seed: int = 0,
 ) -> CalibrationResult:
     """Run ``batches`` through ``model`` (eval mode, no grad) and return H = 2/N X^T X of each module.
 
@@ -282,6 +333,10 @@ def collect_hessians(
             anything is allocated.
         reduce_fn: called on every sum before H is formed, e.g. ``torch.distributed.all_reduce`` under
             DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
+        sample_fraction: in (0, 1]; below 1, each batch contributes a uniform random subset of this
+            fraction of its samples (tokens, conv output positions) to each Hessian, drawn with a
+            generator seeded by ``seed``: an unbiased estimate at that fraction of the X^T X cost,
+            which for a 3x3 conv is ~9x the conv's own arithmetic (see ``benchmarks/calibration.py``).
 
     Returns:
         :class:`CalibrationResult`. A module that never ran as a module (e.g. ``MultiheadAttention``'s
@@ -298,11 +353,17 @@ def collect_hessians(
                 f"collect_hessians: module '{name}' is a {type(m).__name__}; supported: "
                 f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}"
             )
+    if (
+        isinstance(sample_fraction, bool)
+        or not isinstance(sample_fraction, (int, float))
+        or not 0 < sample_fraction <= 1
+    ):
+        raise ValueError(f"collect_hessians: sample_fraction must be in (0, 1], got {sample_fraction!r}")
     check_memory(modules, offload=offload, max_memory=max_memory)
 
     accs = {
-        name: _Accumulator(name, m, torch.device("cpu") if offload else _module_device(m))
-        for name, m in modules.items()
+        name: _Accumulator(name, m, torch.device("cpu") if offload else _module_device(m), sample_fraction, seed + i)
+        for i, (name, m) in enumerate(modules.items())
     }
     modes = {m: m.training for m in model.modules()}
     handles = []

@@ -234,3 +234,52 @@ def test_transformer_encoder_slow_path_reaches_linears():
         res = collect_hessians(enc, [torch.randn(2, 3, 8)], targets)
     assert set(res.hessians) == {"layers.0.linear1", "layers.0.linear2"}
     assert set(res.skipped) == {"layers.0.self_attn.out_proj"}
+
+
+@pytest.mark.parametrize(
+    "conv",
+    [
+        nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+        nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"),
+        nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2),
+        nn.Linear(5, 3),
+    ],
+    ids=["conv2d-strided", "conv2d-grouped-reflect", "conv1d", "linear"],
+)
+def test_sampled_positions_are_the_full_samples_at_those_positions(conv):
+    from obc_lightning.calibration import layer_inputs, sample_count
+
+    x = torch.randn(3, 4, 9, 7) if isinstance(conv, nn.Conv2d) else torch.randn(3, 3, 11)
+    if isinstance(conv, nn.Linear):
+        x = torch.randn(3, 4, 5)
+    full = layer_inputs(conv, x)  # (g, d, N)
+    assert sample_count(conv, x) == full.shape[2]
+    positions = torch.randperm(full.shape[2])[: full.shape[2] // 3]
+    torch.testing.assert_close(layer_inputs(conv, x, positions), full[:, :, positions], rtol=0, atol=0)
+
+
+def test_sample_fraction_counts_samples_is_deterministic_and_unbiased():
+    conv = nn.Conv2d(2, 3, 3, padding=1)
+    xs = [torch.randn(4, 2, 8, 8) for _ in range(3)]  # 3 x 256 positions
+    exact = collect_hessians(conv, xs, {"c": conv})["c"]
+    a = collect_hessians(conv, xs, {"c": conv}, sample_fraction=0.25)["c"]
+    b = collect_hessians(conv, xs, {"c": conv}, sample_fraction=0.25)["c"]
+    assert a.n_samples == 3 * 64 and exact.n_samples == 3 * 256
+    torch.testing.assert_close(a.hessians, b.hessians, rtol=0, atol=0)  # seeded
+    # the mean over seeds approaches the exact H (unbiased): 40 draws, error well below one draw's
+    draws = torch.stack(
+        [collect_hessians(conv, xs, {"c": conv}, sample_fraction=0.25, seed=s)["c"].hessians for s in range(40)]
+    )
+    one = (draws[0] - exact.hessians).norm()
+    assert (draws.mean(0) - exact.hessians).norm() < 0.35 * one
+
+
+def test_sample_fraction_still_catches_nan_and_rejects_bad_fraction():
+    lin = nn.Linear(4, 2)
+    x = torch.randn(100, 4)
+    x[7, 1] = float("nan")
+    with pytest.raises(ValueError, match="'lin'.*NaN"):
+        collect_hessians(lin, [x], {"lin": lin}, sample_fraction=0.01)
+    for bad in (0, 1.5, -0.1, True):
+        with pytest.raises(ValueError, match="sample_fraction"):
+            collect_hessians(lin, [torch.randn(3, 4)], {"lin": lin}, sample_fraction=bad)

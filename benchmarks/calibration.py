@@ -1,0 +1,107 @@
+"""Cost of calibration: ``collect_hessians`` against a plain forward pass over the same batches.
+
+    python benchmarks/calibration.py                      # ResNet-20, 8 batches of 128 CIFAR images
+    python benchmarks/calibration.py --model resnet18 --batches 4 --batch-size 64
+
+Both passes run the model in eval mode without gradients on the same batches; the calibration pass
+adds, per target layer, the hook that builds the layer's input samples (conv patches) and the batch's
+XᵀX. The table splits that extra time per layer kind and prints the arithmetic lower bound: per output
+position a conv costs c_out·d multiply-adds and XᵀX costs d² (d = c_in·k·k), so for a 3x3 conv with
+c_out = c_in the Hessian alone is 9x the conv's work — calibration of a CNN cannot be cheap next to its
+forward pass unless the samples are thinned. Images: the shared CIFAR-10 subset if present, else noise
+(timings do not depend on the pixel values).
+"""
+
+from __future__ import annotations
+
+import argparse
+import platform
+import time
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from obc_lightning import collect_hessians
+from obc_lightning.compress import select_modules
+from obc_lightning.models import resnet18, resnet20
+
+SUBSET = Path(__file__).resolve().parents[1].parent / "shared" / "data" / "cifar10_subset.npz"
+
+
+def images(n: int) -> torch.Tensor:
+    if SUBSET.is_file():
+        import numpy as np
+
+        with np.load(SUBSET) as z:
+            x = torch.from_numpy(z["train_x"][:n]).float()
+        return (x - x.mean((0, 2, 3), keepdim=True)) / x.std((0, 2, 3), keepdim=True)
+    return torch.randn(n, 3, 32, 32)
+
+
+def flop_ratio(model: nn.Module, batch: torch.Tensor) -> float:
+    """Σ over target layers of d² per output position / Σ of c_out·d (the conv / Linear itself)."""
+    hessian, layer = 0, 0
+    handles = []
+
+    def hook(m, args, out):
+        nonlocal hessian, layer
+        d = m.weight[0].numel()
+        positions = out.numel() // out.shape[1]
+        hessian += positions * d * d
+        layer += positions * d * m.weight.shape[0]
+
+    for m in select_modules(model).values():
+        handles.append(m.register_forward_hook(hook))
+    with torch.no_grad():
+        model(batch)
+    for h in handles:
+        h.remove()
+    return hessian / layer
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["resnet20", "resnet18"], default="resnet20")
+    ap.add_argument("--batches", type=int, default=8)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--repeats", type=int, default=3, help="best of this many timings of each pass")
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 1 / 8, 1 / 32],
+                    help="sample_fraction values of collect_hessians to time")
+    args = ap.parse_args()
+
+    model = {"resnet20": resnet20, "resnet18": resnet18}[args.model]().eval()
+    x = images(args.batches * args.batch_size)
+    batches = list(x.split(args.batch_size))
+    targets = select_modules(model)
+
+    def plain():
+        with torch.no_grad():
+            for b in batches:
+                model(b)
+
+    def calibrate(fraction):
+        collect_hessians(model, batches, targets, sample_fraction=fraction)
+
+    plain(), calibrate(1.0)  # warm-up: allocator, oneDNN kernels
+    t_plain = min(_timed(plain) for _ in range(args.repeats))
+    cpu = platform.processor() or platform.machine()
+    print(f"{args.model}, {args.batches} batches x {args.batch_size} images, {len(targets)} target layers; "
+          f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
+          f"arithmetic of XᵀX / arithmetic of the target layers: {flop_ratio(model, batches[0]):.1f}x")
+    print("| pass | seconds | vs plain forward | extra time |\n|---|---|---|---|")
+    print(f"| plain forward | {t_plain:.3f} | 1.00 | |")
+    for f in args.fractions:
+        t = min(_timed(lambda f=f: calibrate(f)) for _ in range(args.repeats))
+        print(f"| collect_hessians, sample_fraction={f:.4g} | {t:.3f} | {t / t_plain:.2f} | "
+              f"{100 * (t / t_plain - 1):+.0f} % |", flush=True)
+
+
+def _timed(fn) -> float:
+    t0 = time.perf_counter()
+    fn()
+    return time.perf_counter() - t0
+
+
+if __name__ == "__main__":
+    main()
