@@ -269,6 +269,7 @@ def compare_bits(
     calibration_images: int = 1024,
     seed: int = 0,
     log=print,
+    sample_fraction: float = 1.0,
 ) -> dict:
     """Quantize copies of the trained ``lit`` at each bit width with each method; accuracies and timings.
 
@@ -291,7 +292,7 @@ def compare_bits(
                 round_to_nearest_(model, bits)
                 extra = {}
             else:
-                report = _compress(model, calib, bits, solver=method)
+                report = _compress(model, calib, bits, solver=method, sample_fraction=sample_fraction)
                 extra = {"compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits}
             seconds = time.perf_counter() - t0
             acc = evaluate(model, val)
@@ -343,6 +344,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--num-workers", type=int, default=0)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--calibration-images", type=int, default=1024)
+    p.add_argument(
+        "--sample-fraction",
+        type=float,
+        default=1.0,
+        help="fraction of the conv positions each calibration batch gives each Hessian (1: all)",
+    )
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--save-fp32", type=Path, default=None, help="write the trained fp32 state_dict here")
@@ -417,7 +424,11 @@ def run(args: argparse.Namespace) -> dict:
             torch.save(lit.state_dict(), args.save_fp32)
         solvers = ("obc", "auto") if args.solvers is None else tuple(args.solvers)
         methods = (("rtn",) if args.rtn else ()) + solvers
-        results.update(compare_bits(lit, dm, args.bits, methods, args.calibration_images, args.seed))
+        results.update(
+            compare_bits(
+                lit, dm, args.bits, methods, args.calibration_images, args.seed, sample_fraction=args.sample_fraction
+            )
+        )
         print(results_table(results))
     if args.out is not None:
         args.out.write_text(json.dumps(results, indent=2, default=float))

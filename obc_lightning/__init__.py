@@ -1,6 +1,6 @@
 """obc_lightning: second-order post-training compression for PyTorch Lightning.
 
-Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``) on
+Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``, ``obs_prune``) on
 grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
 """
 
@@ -12,10 +12,12 @@ from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLine
 from obc_lightning.reporting import CompressionReport, ModuleReport
 from obc_lightning.solvers import (
     HessianDampingWarning,
+    PruneResult,
     QuantResult,
     exact_obc,
     gptq,
     layer_objective,
+    obs_prune,
     polish,
     quantize_weight,
 )
@@ -41,6 +43,7 @@ __all__ = [
     "LayerHessian",
     "ModuleReport",
     "OBCQuantize",
+    "PruneResult",
     "QuantResult",
     "QuantizedConv1d",
     "QuantizedConv2d",
@@ -52,6 +55,7 @@ __all__ = [
     "gptq",
     "layer_objective",
     "load_quantized",
+    "obs_prune",
     "pack_model",
     "polish",
     "prepare_for_load",

@@ -83,8 +83,32 @@ def select_modules(model: nn.Module, include=None, exclude=None) -> dict[str, nn
     return targets
 
 
+def _check_prune_args(bits, sparsity, n_m, targets) -> None:
+    """Pruning arguments, checked against every target before the model is touched."""
+    if sparsity is not None and n_m is not None:
+        raise ValueError(f"compress_model: give at most one of sparsity and n_m, got {sparsity=!r}, {n_m=!r}")
+    if bits is None and sparsity is None and n_m is None:
+        raise ValueError("compress_model: bits=None (no quantization) needs sparsity=... or n_m=(N, M)")
+    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
+                                 or not 0 <= sparsity < 1):
+        raise ValueError(f"compress_model: sparsity must be a number in [0, 1), got {sparsity!r}")
+    if n_m is None:
+        return
+    if not (isinstance(n_m, (tuple, list)) and len(n_m) == 2
+            and all(isinstance(x, int) and not isinstance(x, bool) for x in n_m) and 0 <= n_m[0] < n_m[1]):
+        raise ValueError(f"compress_model: n_m must be a pair of integers (N, M) with 0 <= N < M, got {n_m!r}")
+    for name, m in targets.items():
+        d = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
+        if d % n_m[1]:
+            raise ValueError(
+                f"compress_model: N:M pruning needs M={n_m[1]} to divide the input channels (per group) of "
+                f"'{name}' ({d}); exclude it"
+            )
+
+
 def _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets) -> None:
-    check_bits(bits)
+    if bits is not None:
+        check_bits(bits)
     if solver not in SOLVERS:
         raise ValueError(f"compress_model: solver must be one of {SOLVERS}, got {solver!r}")
     for flag, value in (
@@ -158,9 +182,22 @@ def _size(m: nn.Module) -> int:
     return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
 
 
-def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype):
-    """Solve every group's (W_i, H_i); returns Q (weight's shape, compute dtype), the report, the results."""
+def _nm_group_index(m: nn.Module, n_m):
+    """Conv weights prune N:M along input channels at each kernel position; Linear along its inputs."""
+    if n_m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return None
+    from obc_lightning.solvers.prune import conv_nm_group_index
+
+    return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
+
+
+def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
+                     sparsity=None, n_m=None):
+    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
+    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
+    results, the number of scales and the number of pruned weights."""
     from obc_lightning.solvers.common import layer_objective
+    from obc_lightning.solvers.prune import obs_prune
     from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
 
     t0 = time.perf_counter()
@@ -168,30 +205,46 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
         group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    prune = sparsity is not None or n_m is not None
+    group_index = _nm_group_index(m, n_m)
     Qs, results = [], []
     loss = 0.0
     signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
+    pruned = 0
+    damp_used = 0.0
     rows_won: dict[str, int] = {}
     for i, Wb in enumerate(lh.weight_blocks(W)):
         Wb = Wb.to(dt)
         H = lh.hessians[i].to(device=W.device, dtype=dt)
-        res = quantize_weight(
-            Wb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-            scale_dtype=scale_dtype,
-        )
-        Qs.append(res.quantized_matrix)
-        results.append(res)
-        loss += float(res.loss.sum())
+        Pb = Wb
+        if prune:
+            pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
+            Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
+        if bits is None:
+            Qb = Pb
+        else:  # quantize_weight keeps exact zeros at 0: the mask survives
+            res = quantize_weight(
+                Pb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
+                scale_dtype=scale_dtype,
+            )
+            Qb = res.quantized_matrix
+            results.append(res)
+            damp_used = max(damp_used, res.damp)
+            for k, v in res.solver_rows.items():
+                rows_won[k] = rows_won.get(k, 0) + int(v)
+        Qs.append(Qb)
+        # the objective against the caller's weights: 1/2 trace((Q - W) H (Q - W)^T)
+        loss += float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.sum())
         signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
-        for k, v in res.solver_rows.items():
-            rows_won[k] = rows_won.get(k, 0) + int(v)
     Q = torch.cat(Qs, dim=0).reshape(W.shape)
     # rel_error = trace(dW H dW^T) / trace(W H W^T), and loss = 1/2 trace(dW H dW^T)
     rel = 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
     rows = W.shape[0]
-    n_groups = results[0].scales.shape[1]
+    n_groups = results[0].scales.shape[1] if results else 0
     before = _size(m)
-    after = before - W.numel() * FP32_BYTES + packed_weight_bytes(W.numel(), rows, n_groups, bits)
+    # prune-only weights stay dense fp32; sparse storage formats (2:4 metadata) are not modelled
+    after = before if bits is None else (
+        before - W.numel() * FP32_BYTES + packed_weight_bytes(W.numel(), rows, n_groups, bits))
     rep = ModuleReport(
         name=name,
         kind=type(m).__name__,
@@ -205,17 +258,18 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         seconds=time.perf_counter() - t0,
         obc_rows=rows_won.get("obc", 0),
         gptq_rows=rows_won.get("gptq", 0),
-        damp=max(r.damp for r in results),
+        damp=damp_used,
         bytes_before=before,
         bytes_after=after,
+        sparsity=pruned / W.numel(),
     )
-    return Q, rep, results, rows * n_groups
+    return Q, rep, results, rows * n_groups, pruned
 
 
 def compress_model(
     model: nn.Module,
     calibration_batches: Iterable,
-    bits: int = 4,
+    bits: int | None = 4,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -231,6 +285,9 @@ def compress_model(
     reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
     keep_results: bool = False,
     scale_dtype: torch.dtype | None = torch.float16,
+    sparsity: float | None = None,
+    n_m: tuple[int, int] | None = None,
+    sample_fraction: float = 1.0,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -239,7 +296,13 @@ def compress_model(
         calibration_batches: iterable of batches on the model's device; called as ``model(batch)`` (a
             tensor or object), ``model(*batch)`` (tuple / list), ``model(**batch)`` (dict), or
             ``forward_fn(model, batch)``. A one-shot iterator is materialised (sequential mode reruns it).
-        bits: 2 ... 8.
+        bits: 2 ... 8; ``None`` with ``sparsity`` / ``n_m``: prune only (weights stay float).
+        sparsity / n_m: prune every module first with OBS (:func:`~obc_lightning.solvers.prune.obs_prune`,
+            on the module's Hessian, with ``damp``): ``sparsity`` unstructured (the global selection over
+            the module's rows), ``n_m=(N, M)`` at most N non-zeros in every M consecutive inputs (convs:
+            input channels at each kernel position). The kept weights are then quantized; pruned ones stay
+            exactly 0. ``loss`` / ``rel_error`` compare the final weights with the original ones;
+            ``report[name].sparsity`` and ``report.sparsity`` give the fraction pruned.
         include / exclude: module names, parents ("encoder"), or fnmatch patterns ("*.fc?"); every
             pattern must match a supported module.
         sequential: ``False``: all Hessians from the original model in one pass. ``True``: module by
@@ -248,7 +311,9 @@ def compress_model(
         solver, group_size, symmetric, mse, damp: passed to
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
-        offload, max_memory, reduce_fn: see :func:`~obc_lightning.calibration.collect_hessians`.
+        offload, max_memory, reduce_fn, sample_fraction: see
+            :func:`~obc_lightning.calibration.collect_hessians` (``sample_fraction < 1`` builds each
+            Hessian from a random fraction of the samples: calibration cost for CNNs, see the README).
         scale_dtype: scales are rounded to values this dtype holds (default float16, what
             :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
             in-memory weights bit for bit; ``None`` keeps float32 scales.
@@ -265,6 +330,7 @@ def compress_model(
     """
     targets = select_modules(model, include, exclude)
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    _check_prune_args(bits, sparsity, n_m, targets)
     batches = _materialize(calibration_batches)
 
     t_start = time.perf_counter()
@@ -280,18 +346,27 @@ def compress_model(
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
     backups: dict[str, Tensor] = {}
-    kw = dict(forward_fn=forward_fn, offload=offload, max_memory=max_memory, reduce_fn=reduce_fn, warn=False)
+    kw = dict(
+        forward_fn=forward_fn,
+        offload=offload,
+        max_memory=max_memory,
+        reduce_fn=reduce_fn,
+        warn=False,
+        sample_fraction=sample_fraction,
+    )
 
     def solve(name: str, lh: LayerHessian) -> None:
         m = targets[name]
-        Q, rep, results, n_scales = _quantize_module(
-            name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype
+        Q, rep, results, n_scales, n_pruned = _quantize_module(
+            name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
         )
         backups[name] = m.weight.detach().to("cpu", copy=True)
         m.weight.copy_(Q.to(m.weight.dtype))
         report.modules.append(rep)
         report.quantized_weights += m.weight.numel()
-        report.quantized_weight_bits += bits * m.weight.numel() + 8 * (SCALE_BYTES + ZERO_BYTES) * n_scales
+        report.pruned_weights += n_pruned
+        report.quantized_weight_bits += (32 if bits is None else bits) * m.weight.numel() + 8 * (
+            SCALE_BYTES + ZERO_BYTES) * n_scales
         if keep_results:
             report.results[name] = [_to_cpu(r) for r in results]
 

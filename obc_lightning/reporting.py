@@ -28,12 +28,13 @@ class ModuleReport:
     ``loss`` is the layer objective 1/2 * sum_rows (w - q) H (w - q)^T = 1/N ||(W - Q) X||^2;
     ``rel_error`` = trace((W - Q) H (W - Q)^T) / trace(W H W^T) = ||(W - Q) X||^2 / ||W X||^2 on the
     calibration inputs. ``obc_rows`` / ``gptq_rows``: rows whose best solution came from each solver.
+    ``sparsity``: fraction of the weights pruned (OBS, before quantization); ``bits`` None: prune only.
     """
 
     name: str
     kind: str
     shape: tuple[int, ...]
-    bits: int
+    bits: int | None
     groups: int
     group_size: int | None
     n_samples: int
@@ -45,6 +46,7 @@ class ModuleReport:
     damp: float = 0.0
     bytes_before: int = 0
     bytes_after: int = 0
+    sparsity: float = 0.0
 
 
 @dataclass
@@ -58,13 +60,14 @@ class CompressionReport:
 
     modules: list[ModuleReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    bits: int = 4
+    bits: int | None = 4
     solver: str = "auto"
     sequential: bool = False
     bytes_before: int = 0
     bytes_after: int = 0
     quantized_weights: int = 0
     quantized_weight_bits: int = 0
+    pruned_weights: int = 0
     calibration_seconds: float = 0.0
     seconds: float = 0.0
     results: dict | None = field(default=None, repr=False, compare=False)
@@ -72,6 +75,11 @@ class CompressionReport:
     @property
     def quantized(self) -> list[str]:
         return [m.name for m in self.modules]
+
+    @property
+    def sparsity(self) -> float:
+        """Fraction of the compressed modules' weights that were pruned."""
+        return self.pruned_weights / self.quantized_weights if self.quantized_weights else 0.0
 
     @property
     def compression_ratio(self) -> float:
@@ -95,6 +103,10 @@ class CompressionReport:
             out[f"{prefix}{m.name}/rel_error"] = m.rel_error
             out[f"{prefix}{m.name}/obc_rows"] = float(m.obc_rows)
             out[f"{prefix}{m.name}/gptq_rows"] = float(m.gptq_rows)
+            if self.pruned_weights:
+                out[f"{prefix}{m.name}/sparsity"] = m.sparsity
+        if self.pruned_weights:
+            out[f"{prefix}sparsity"] = self.sparsity
         out[f"{prefix}size_mb_before"] = self.bytes_before / 2**20
         out[f"{prefix}size_mb_after"] = self.bytes_after / 2**20
         out[f"{prefix}compression_ratio"] = self.compression_ratio
@@ -108,6 +120,7 @@ class CompressionReport:
         d = {k: v for k, v in asdict(replace(self, results=None)).items() if k != "results"}
         d["compression_ratio"] = self.compression_ratio
         d["avg_bits"] = self.avg_bits
+        d["sparsity"] = self.sparsity
         return d
 
     def table(self) -> str:
@@ -118,7 +131,8 @@ class CompressionReport:
                 m.name,
                 m.kind + (f"[g={m.groups}]" if m.groups > 1 else ""),
                 "x".join(map(str, m.shape)),
-                str(m.bits) + (f"/g{m.group_size}" if m.group_size else ""),
+                ("fp" if m.bits is None else str(m.bits)) + (f"/g{m.group_size}" if m.group_size else "")
+                + (f" {m.sparsity:.0%} sp" if m.sparsity else ""),
                 f"{m.loss:.4g}",
                 f"{m.rel_error:.3%}" if math.isfinite(m.rel_error) else "nan",
                 f"{m.obc_rows}/{m.gptq_rows}",
@@ -135,7 +149,8 @@ class CompressionReport:
         lines.append(
             f"{len(self.modules)} quantized, {len(self.skipped)} skipped | size "
             f"{self.bytes_before / 2**20:.3f} MB -> {self.bytes_after / 2**20:.3f} MB "
-            f"(x{self.compression_ratio:.2f}, {self.avg_bits:.2f} bits/weight) | "
+            f"(x{self.compression_ratio:.2f}, {self.avg_bits:.2f} bits/weight"
+            + (f", {self.sparsity:.1%} pruned" if self.pruned_weights else "") + ") | "
             f"{self.seconds:.2f} s ({self.calibration_seconds:.2f} s calibration)"
         )
         return "\n".join(lines)

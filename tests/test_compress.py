@@ -1,6 +1,7 @@
 """compress_model: in place, on the grid, include/exclude, sequential, report; errors restore the model."""
 
 import copy
+import math
 import warnings
 
 import pytest
@@ -242,3 +243,55 @@ def test_float64_and_no_warning_when_all_calibrated():
         report = compress_model(model, [torch.randn(8, 6, dtype=torch.float64)], bits=8, solver="obc")
     assert model[0].weight.dtype == torch.float64 and report.quantized == ["0", "2"]
     assert report["0"].rel_error < 1e-3
+
+
+# --- joint pruning (OBS) and quantization -----------------------------------------------------------
+
+
+def test_prune_then_quantize_unstructured():
+    model = tiny()
+    report = compress_model(model, batches(), bits=4, sparsity=0.5, solver="obc")
+    for name, m in (("conv", model.conv), ("gconv", model.gconv), ("head", model.head)):
+        rep = report[name]
+        assert rep.sparsity == pytest.approx(0.5, abs=0.02)
+        # pruned weights stay exactly 0 through quantization (more may round to 0 on the grid)
+        assert (m.weight == 0).sum() >= round(rep.sparsity * m.weight.numel())
+    n_w = sum(m.weight.numel() for m in (model.conv, model.gconv, model.head))
+    assert report.sparsity == pytest.approx(sum(r.sparsity * math.prod(r.shape) for r in report.modules) / n_w)
+    assert "pruned" in report.table() and report.metrics()["obc/sparsity"] == report.sparsity
+    # the loss is measured against the original weights: pruning + quantization costs more than quantization
+    plain = compress_model(tiny(), batches(), bits=4, solver="obc")
+    assert report["head"].loss > plain["head"].loss and plain.sparsity == 0 and "obc/sparsity" not in plain.metrics()
+
+
+def test_prune_only_and_nm_on_linear_and_conv_channels():
+    model = tiny()
+    orig = weights(model)
+    report = compress_model(model, batches(), bits=None, n_m=(2, 4), include="head")
+    W = model.head.weight
+    assert ((W != 0).view(5, 16, 4).sum(dim=2) <= 2).all()  # dead inputs (always 0) count as pruned
+    assert report.bytes_after == report.bytes_before and report["head"].sparsity >= 0.5
+    assert not torch.equal(W[W != 0], orig["head.weight"][W != 0])  # kept weights were compensated
+    torch.manual_seed(0)
+    net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
+    rep = compress_model(net, batches(), bits=4, n_m=(2, 4), include="2", solver="obc")
+    nz = (net[2].weight != 0).view(4, 2, 4, 3, 3).sum(dim=2)  # input channels in groups of 4, per kernel position
+    assert (nz <= 2).all() and rep["2"].sparsity >= 0.5
+
+
+@pytest.mark.parametrize(
+    "kw, match",
+    [
+        (dict(bits=None), "needs sparsity"),
+        (dict(sparsity=0.5, n_m=(2, 4)), "at most one"),
+        (dict(sparsity=1.5), r"\[0, 1\)"),
+        (dict(n_m=(4, 4)), "N < M"),
+        (dict(n_m=(2, 4)), "divide the input channels"),  # conv has 3 input channels
+    ],
+)
+def test_prune_arguments_checked_before_touching_the_model(kw, match):
+    model = tiny()
+    orig = weights(model)
+    with pytest.raises(ValueError, match=match):
+        compress_model(model, batches(1), **kw)
+    assert_same(model, orig)

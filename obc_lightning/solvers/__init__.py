@@ -4,6 +4,17 @@ from obc_lightning.solvers.common import HessianDampingWarning, QuantResult, lay
 from obc_lightning.solvers.gptq import gptq
 from obc_lightning.solvers.obc import exact_obc
 from obc_lightning.solvers.polish import polish
+from obc_lightning.solvers.prune import PruneResult, obs_prune
 from obc_lightning.solvers.quantize import quantize_weight
 
-__all__ = ["HessianDampingWarning", "QuantResult", "exact_obc", "gptq", "layer_objective", "polish", "quantize_weight"]
+__all__ = [
+    "HessianDampingWarning",
+    "PruneResult",
+    "QuantResult",
+    "exact_obc",
+    "gptq",
+    "layer_objective",
+    "obs_prune",
+    "polish",
+    "quantize_weight",
+]

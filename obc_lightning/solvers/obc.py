@@ -55,31 +55,69 @@ def obs_step(w: Tensor, hinv: Tensor, j: Tensor, q: Tensor) -> Tensor:
     return 0.5 * (wj - q) ** 2 / dj
 
 
-def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
-    """The paper's loop for a batch of rows: pick a weight, :func:`obs_step` it, repeat.
+class GridRule:
+    """The quantization rule of the greedy engine: each step moves one weight to its nearest grid point.
 
-    w, scale, zero: (R, d); hinv: (R, d, d), the inverse Hessian of each row (not modified).
-    Returns the integer codes (R, d) as floats and the per-row sum of step losses (R,); NaN marks a row
-    whose inverse lost positive definiteness in finite precision (a pivot [H^-1]_pp <= 0).
+    Cheapest weight first (score (q - w_p)^2 / [H^-1]_pp), unless a row has an outlier (rounding error
+    above scale^2 / 4, pushed off the grid by earlier compensations): that one first. A rule is what the
+    engine needs to know about the target of a step and which weights may be chosen; the engine
+    (:func:`greedy_loop_reference`, :func:`greedy_loop_fast`) owns H^-1, the compensation and the loss.
+    Per-column state lives in the engine's local column order; ``shrink`` follows its working set.
+    """
+
+    def __init__(self, scale: Tensor, zero: Tensor, maxq: int):
+        self.scale, self.zero, self.maxq = scale.contiguous(), zero.contiguous(), maxq
+        self.outlier = 0.25 * self.scale**2
+        self.codes = torch.zeros_like(self.scale)  # (R, d) in global columns
+        self.ar = torch.arange(scale.shape[0], device=scale.device)
+
+    def choose(self, w: Tensor, diag: Tensor, done: Tensor) -> tuple[Tensor, Tensor]:
+        """(j, q): the local column each row takes next and its target; diag = current diag(H^-1)."""
+        k = quantize_codes(w, self.scale, self.zero, self.maxq)
+        q = dequantize(k, self.scale, self.zero)
+        err = (w - q).square_().masked_fill_(done, 0)
+        score = (err / diag).masked_fill_(done, float("inf"))
+        j = torch.where((err > self.outlier).any(dim=1), err.argmax(dim=1), score.argmin(dim=1))
+        self.k = k
+        return j, q[self.ar, j]
+
+    def record(self, j: Tensor, gj: Tensor, q: Tensor, dl: Tensor) -> None:
+        """After the step: j local and gj global column, q the target, dl the step loss."""
+        self.codes[self.ar, gj] = self.k[self.ar, j]
+
+    def shrink(self, keep: Tensor) -> None:
+        self.scale, self.zero, self.outlier = (x.gather(1, keep) for x in (self.scale, self.zero, self.outlier))
+
+
+def greedy_loop_reference(w: Tensor, hinv: Tensor, rule, n_steps: int | None = None) -> tuple[Tensor, Tensor]:
+    """The paper's loop for a batch of rows: ask the rule for (j, q), :func:`obs_step` it, repeat.
+
+    w: (R, d); hinv: (R, d, d), the inverse Hessian of each row (neither modified). Runs ``n_steps``
+    (default d) steps; returns the per-row sum of step losses (R,) (NaN marks a row whose inverse lost
+    positive definiteness in finite precision, a pivot [H^-1]_pp <= 0) and the final weights (R, d).
     """
     R, d = w.shape
-    ar = torch.arange(R, device=w.device)
     w, hinv = w.clone(), hinv.clone()
-    outlier = 0.25 * scale**2
     done = torch.zeros(R, d, dtype=torch.bool, device=w.device)
-    codes = torch.zeros_like(w)
     loss = torch.zeros(R, dtype=w.dtype, device=w.device)
-    for _ in range(d):
-        k = quantize_codes(w, scale, zero, maxq)
-        q = dequantize(k, scale, zero)
-        err = (w - q).square().masked_fill(done, 0)
-        score = (err / hinv.diagonal(dim1=1, dim2=2)).masked_fill(done, float("inf"))
-        # cheapest weight first, unless a row has an outlier (error above scale^2 / 4): that one first
-        j = torch.where((err > outlier).any(dim=1), err.argmax(dim=1), score.argmin(dim=1))
-        codes[ar, j] = k[ar, j]
-        loss += obs_step(w, hinv, j, q[ar, j])
+    ar = torch.arange(R, device=w.device)
+    for _ in range(d if n_steps is None else n_steps):
+        j, q = rule.choose(w, hinv.diagonal(dim1=1, dim2=2), done)
+        dl = obs_step(w, hinv, j, q)
+        rule.record(j, j, q, dl)
+        loss += dl
         done[ar, j] = True
-    return codes, loss
+    return loss, w
+
+
+def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq: int) -> tuple[Tensor, Tensor]:
+    """ExactOBC on the reference engine. w, scale, zero: (R, d); hinv: (R, d, d) (not modified).
+
+    Returns the integer codes (R, d) as floats and the per-row sum of step losses (R,).
+    """
+    rule = GridRule(scale, zero, maxq)
+    loss, _ = greedy_loop_reference(w, hinv, rule)
+    return rule.codes, loss
 
 
 def _take_symmetric(src: Tensor, keep: Tensor) -> Tensor:
@@ -105,16 +143,15 @@ def default_block_size(d: int) -> int:
     return int(min(256, max(16, round(2 * d**0.5 / 16) * 16)))
 
 
-def greedy_fast(
+def greedy_loop_fast(
     w: Tensor,
     hinv_src: Tensor,
     row_src: Tensor,
-    scale: Tensor,
-    zero: Tensor,
-    maxq: int,
+    rule,
+    n_steps: int | None = None,
     block_size: int | None = None,
-) -> tuple[Tensor, Tensor]:
-    """The same greedy steps as :func:`greedy_reference`, with deferred downdates and a shrinking set.
+) -> tuple[Tensor, Tensor, Tensor]:
+    """The same greedy steps as :func:`greedy_loop_reference`, with deferred downdates and a shrinking set.
 
     Row r starts from ``hinv_src[row_src[r]]`` (hinv_src: (L, d, d); one shared inverse, per-row masked
     inverses, or the inverses of several layers with the same d). Between flushes the current inverse is
@@ -122,15 +159,17 @@ def greedy_fast(
     u = H^-1[:, p] / sqrt([H^-1]_pp); the column needed at a step is Hf[:, p] - U U[p, :]^T.
     Every ``block_size`` steps U is flushed into Hf with one batched product; once half of the working
     set is finished (every row has finished the same number of weights) the finished columns are
-    dropped: Hf <- Hf[keep, keep] - U[keep] U[keep]^T.
+    dropped: Hf <- Hf[keep, keep] - U[keep] U[keep]^T (and ``rule.shrink(keep)``).
+
+    Returns the per-row loss (NaN: broken row), and the weights still in the working set (R, n) with
+    their global columns (R, n); finished weights sit at the targets the rule recorded.
     """
     R, d = w.shape
     dev, dt = w.device, w.dtype
+    n_steps = d if n_steps is None else n_steps
     block_size = block_size or default_block_size(d)
     ar = torch.arange(R, device=dev)
     w = w.clone()
-    scale, zero = scale.contiguous(), zero.contiguous()
-    outlier = 0.25 * scale**2
     cols = torch.arange(d, device=dev).expand(R, d).contiguous()  # global column of each local one
     shared = hinv_src.shape[0] == 1
     hf = None  # (R, n, n) per-row flushed inverse, once materialised
@@ -139,16 +178,10 @@ def greedy_fast(
     broken = torch.zeros(R, dtype=torch.bool, device=dev)
     ut = torch.empty(R, block_size, d, dtype=dt, device=dev)  # U^T: pending columns as rows
     done = torch.zeros(R, d, dtype=torch.bool, device=dev)
-    codes = torch.zeros(R, d, dtype=dt, device=dev)
     loss = torch.zeros(R, dtype=dt, device=dev)
-    inf = torch.tensor(float("inf"), dtype=dt, device=dev)
     n, t, n_done = d, 0, 0
-    for step in range(d):
-        k = quantize_codes(w, scale, zero, maxq)
-        q = dequantize(k, scale, zero)
-        err = (w - q).square_()  # finished weights sit exactly on their grid point: err == 0
-        score = torch.where(done, inf, err / diag)
-        j = torch.where((err > outlier).any(dim=1), err.argmax(dim=1), score.argmin(dim=1))
+    for step in range(n_steps):
+        j, qj = rule.choose(w, diag, done)
         if hf is not None:
             c = hf[ar, j]
         else:
@@ -159,10 +192,11 @@ def greedy_fast(
         # [H^-1]_pp from the column itself (as the reference reads it), floored: in float32 the Schur
         # complement of a nearly dependent input can round to <= 0 late in a row
         broken |= c[ar, j] <= floor
-        wj, qj, dj = w[ar, j], q[ar, j], c[ar, j].clamp_min(floor)
+        wj, dj = w[ar, j], c[ar, j].clamp_min(floor)
         e = (wj - qj) / dj
-        loss += 0.5 * (wj - qj) * e
-        codes[ar, cols[ar, j]] = k[ar, j]
+        dl = 0.5 * (wj - qj) * e
+        loss += dl
+        rule.record(j, cols[ar, j], qj, dl)
         w.addcmul_(c, e.unsqueeze(1), value=-1)
         w[ar, j] = qj
         done[ar, j] = True
@@ -171,7 +205,7 @@ def greedy_fast(
         diag.addcmul_(u, u, value=-1)
         t += 1
         n_done += 1
-        if t < block_size or step == d - 1:
+        if t < block_size or step == n_steps - 1:
             continue
         if 2 * n_done >= n:  # drop the finished columns (stable sort: same order, same tie-breaks)
             n2 = n - n_done
@@ -179,8 +213,8 @@ def greedy_fast(
             src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
             uk = ut.gather(2, keep.unsqueeze(1).expand(R, t, n2))
             hf = _take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
-            w, scale, zero = w.gather(1, keep), scale.gather(1, keep), zero.gather(1, keep)
-            outlier, cols = outlier.gather(1, keep), cols.gather(1, keep)
+            w, cols = w.gather(1, keep), cols.gather(1, keep)
+            rule.shrink(keep)
             done = torch.zeros(R, n2, dtype=torch.bool, device=dev)
             ut = torch.empty(R, block_size, n2, dtype=dt, device=dev)
             n, n_done = n2, 0
@@ -190,7 +224,22 @@ def greedy_fast(
             hf.baddbmm_(ut.transpose(1, 2), ut, alpha=-1)
         diag = hf.diagonal(dim1=1, dim2=2).clone()  # resync the running diagonal with the matrix
         t = 0
-    return codes, loss.masked_fill_(broken, float("nan"))
+    return loss.masked_fill_(broken, float("nan")), w, cols
+
+
+def greedy_fast(
+    w: Tensor,
+    hinv_src: Tensor,
+    row_src: Tensor,
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+    block_size: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """ExactOBC on the fast engine (:func:`greedy_loop_fast`): the codes (R, d) and per-row loss (R,)."""
+    rule = GridRule(scale, zero, maxq)
+    loss, _, _ = greedy_loop_fast(w, hinv_src, row_src, rule, block_size=block_size)
+    return rule.codes, loss
 
 
 def _row_bytes(d: int, dtype: torch.dtype, method: str) -> int:
