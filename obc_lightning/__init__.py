@@ -7,6 +7,7 @@ grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQua
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
 from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
+from obc_lightning.finetune import NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from obc_lightning.reporting import CompressionReport, ModuleReport
@@ -42,12 +43,15 @@ __all__ = [
     "HessianDampingWarning",
     "LayerHessian",
     "ModuleReport",
+    "NoiseQuantizer",
     "OBCQuantize",
     "PruneResult",
     "QuantResult",
     "QuantizedConv1d",
     "QuantizedConv2d",
     "QuantizedLinear",
+    "STEQuantizer",
+    "TernaryQuantizer",
     "collect_hessians",
     "compress_model",
     "exact_obc",

@@ -13,6 +13,7 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sequence, Sized
 from contextlib import contextmanager
+from dataclasses import replace
 from typing import Any
 
 import torch
@@ -23,7 +24,9 @@ from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
+from torch.nn.utils import parametrize
 
+from obc_lightning import finetune as ft
 from obc_lightning.calibration import call_model
 from obc_lightning.compress import SOLVERS, compress_model, select_modules
 from obc_lightning.grids import check_bits
@@ -156,6 +159,40 @@ class OBCQuantize(Callback):
         verbose: print the summary table.
         export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
             created if missing.
+        monitor: the validation metric (a name logged in ``validation_step``) that ``max_drop`` bounds.
+        mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
+        max_drop: accuracy budget in the monitored metric's own units (0.01 = one point for an accuracy
+            logged as a fraction): the largest allowed worsening after compression before fine-tuning is
+            used. ``None``: with ``finetune`` set, always fine-tune.
+        finetune: quantization-aware fine-tuning mode (:mod:`obc_lightning.finetune`): ``"ste"``
+            (straight-through on the OBC grid, latent weights start at the OBC result), ``"ternary"``
+            (trained ternary quantization from the fp32 weights; ``bits`` is not used), ``"noise"``
+            (DiffQ noise with a learned bit width per group, from the fp32 weights; ``bits`` is the
+            initial bit width), or ``None`` (post-training only, at the end of fit).
+        finetune_epochs: N, the epochs left for fine-tuning; compression then happens at the end of the
+            epoch with index ``max_epochs - N - 1`` (after its validation).
+        ternary_threshold: TTQ threshold t (Δ = t · max|w| per layer).
+        ternary_skip_first_last: keep the first and the last target module (in registration order) at
+            full precision in ``"ternary"`` mode, as in the TTQ paper.
+        noise_group_size, noise_min_bits, noise_max_bits: DiffQ groups (consecutive weights of a row,
+            one learned bit width each) and the bit-width range.
+        noise_penalty: weight of the model-size term ``penalty · size_mb`` added to the task loss.
+
+    Fine-tuning (``finetune`` set): at the end of epoch K = ``max_epochs - finetune_epochs - 1`` the
+    model is compressed (``"ste"``: OBC, exactly as without fine-tuning; ``"ternary"`` / ``"noise"``:
+    the quantizers are attached and the model evaluated with them) and the validation metrics measured
+    before / after. If ``monitor`` worsened by at most ``max_drop``, the model stays as it is and
+    ``trainer.should_stop`` is set: **the remaining epochs are skipped** (the model is already
+    quantized). Otherwise the weights are parametrized (:func:`torch.nn.utils.parametrize`; the latent
+    weights are the same ``nn.Parameter`` objects the user's optimizer holds, so its state and LR
+    schedule carry on) and training continues for the remaining epochs with the user's optimizer and
+    schedulers; new parameters (TTQ scales, DiffQ logits) join the first optimizer as an extra group
+    with group 0's hyper-parameters and ``weight_decay=0``. In ``on_train_end`` the parametrizations are
+    removed in eval semantics (weights truly quantized), the model is evaluated again and
+    ``obc/<metric>_finetuned`` and ``obc/finetune_epochs`` are logged next to ``obc/<metric>_before`` /
+    ``_after``. If fit ends before epoch K, the model is compressed in ``on_train_end`` without
+    fine-tuning. A checkpoint saved during fine-tuning holds the parametrized model; resuming from it is
+    not supported (``load_state_dict`` raises).
     """
 
     def __init__(
@@ -178,8 +215,23 @@ class OBCQuantize(Callback):
         plot: bool = True,
         verbose: bool = True,
         export_path: str | os.PathLike | None = None,
+        monitor: str | None = None,
+        mode: str = "max",
+        max_drop: float | None = None,
+        finetune: str | None = None,
+        finetune_epochs: int = 1,
+        ternary_threshold: float = 0.05,
+        ternary_skip_first_last: bool = True,
+        noise_group_size: int = 8,
+        noise_min_bits: float = 2.0,
+        noise_max_bits: float = 8.0,
+        noise_penalty: float = 1.0,
     ) -> None:
         check_bits(bits)
+        self._check_finetune_args(
+            monitor, mode, max_drop, finetune, finetune_epochs, ternary_threshold, ternary_skip_first_last,
+            noise_group_size, noise_min_bits, noise_max_bits, noise_penalty, evaluate, export_path,
+        )
         if group_size is not None and (
             isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
         ):
@@ -263,6 +315,62 @@ class OBCQuantize(Callback):
         self.skipped_modules: dict[str, str] = {}
         self.metrics: dict[str, float] = {}
 
+        self.monitor, self.mode, self.max_drop = monitor, mode, None if max_drop is None else float(max_drop)
+        self.finetune, self.finetune_epochs = finetune, finetune_epochs
+        self.ternary_threshold, self.ternary_skip_first_last = float(ternary_threshold), ternary_skip_first_last
+        self.noise_group_size, self.noise_penalty = noise_group_size, float(noise_penalty)
+        self.noise_min_bits, self.noise_max_bits = float(noise_min_bits), float(noise_max_bits)
+        # fine-tuning state: "idle" (not compressed yet) -> "finetuning" -> "done"
+        self._phase = "idle"
+        self._start_epoch: int | None = None  # K, the epoch at whose end compression ran
+        self._quantizers: dict[str, torch.nn.Module] = {}
+        self._added_group = False
+
+    @staticmethod
+    def _check_finetune_args(
+        monitor, mode, max_drop, finetune, finetune_epochs, threshold, skip, group_size, min_bits, max_bits,
+        penalty, evaluate, export_path,
+    ) -> None:
+        def number(x):
+            return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
+
+        if finetune is not None and finetune not in ft.MODES:
+            raise ValueError(f"OBCQuantize: finetune must be one of {ft.MODES} or None, got {finetune!r}")
+        if mode not in ("max", "min"):
+            raise ValueError(f"OBCQuantize: mode must be 'max' or 'min', got {mode!r}")
+        if monitor is not None and (not isinstance(monitor, str) or not monitor):
+            raise ValueError(f"OBCQuantize: monitor must be a metric name or None, got {monitor!r}")
+        if max_drop is not None:
+            if not number(max_drop) or max_drop < 0:
+                raise ValueError(f"OBCQuantize: max_drop must be a finite number >= 0 or None, got {max_drop!r}")
+            if finetune is None:
+                raise ValueError(
+                    "OBCQuantize: max_drop is a budget for fine-tuning; set finetune='ste'|'ternary'|'noise'"
+                )
+            if monitor is None:
+                raise ValueError("OBCQuantize: max_drop needs monitor=<validation metric name>")
+            if not evaluate:
+                raise ValueError("OBCQuantize: max_drop needs evaluate=True (the drop is measured)")
+        if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 1:
+            raise ValueError(f"OBCQuantize: finetune_epochs must be a positive integer, got {finetune_epochs!r}")
+        if not number(threshold) or not 0 <= threshold < 1:
+            raise ValueError(f"OBCQuantize: ternary_threshold must be in [0, 1), got {threshold!r}")
+        if not isinstance(skip, bool):
+            raise ValueError(f"OBCQuantize: ternary_skip_first_last must be a bool, got {skip!r}")
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"OBCQuantize: noise_group_size must be a positive integer, got {group_size!r}")
+        if not (number(min_bits) and number(max_bits) and 1 <= min_bits < max_bits <= 16):
+            raise ValueError(
+                f"OBCQuantize: need 1 <= noise_min_bits < noise_max_bits <= 16, got {min_bits!r}, {max_bits!r}"
+            )
+        if not number(penalty) or penalty < 0:
+            raise ValueError(f"OBCQuantize: noise_penalty must be a finite number >= 0, got {penalty!r}")
+        if export_path is not None and finetune in ("ternary", "noise"):
+            raise ValueError(
+                f"OBCQuantize: export_path writes the OBC grid format; finetune={finetune!r} produces another "
+                "format (use finetune='ste' or save the model's state dict)"
+            )
+
     # ------------------------------------------------------------------ configuration and state
     @property
     def config(self) -> dict[str, Any]:
@@ -294,9 +402,28 @@ class OBCQuantize(Callback):
             "skipped_modules": dict(self.skipped_modules),
             "metrics": dict(self.metrics),
             "report": None if self.report is None else self.report.to_dict(),
+            "finetune": {
+                "mode": self.finetune,
+                "epochs": self.finetune_epochs,
+                "monitor": self.monitor,
+                "max_drop": self.max_drop,
+                "phase": self._phase,
+                "start_epoch": self._start_epoch,
+                "modules": list(self._quantizers),
+            },
         }
 
     def load_state_dict(self, state_dict: dict[str, Any]) -> None:
+        fine = state_dict.get("finetune") or {}
+        if fine.get("phase") == "finetuning":
+            raise RuntimeError(
+                "OBCQuantize: this checkpoint was saved during quantization-aware fine-tuning (mode "
+                f"{fine.get('mode')!r}, started after epoch {fine.get('start_epoch')}); resuming mid-fine-tuning "
+                "is not supported. Resume from a checkpoint before epoch "
+                f"{fine.get('start_epoch')} ends, or from one saved after fit"
+            )
+        self._phase = fine.get("phase", "idle")
+        self._start_epoch = fine.get("start_epoch")
         self.quantized_modules = list(state_dict.get("quantized_modules", []))
         self.skipped_modules = dict(state_dict.get("skipped_modules", {}))
         self.metrics = dict(state_dict.get("metrics", {}))
@@ -312,26 +439,87 @@ class OBCQuantize(Callback):
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if stage == "fit":
             # a typo in include / exclude surfaces before training, not after it
-            select_modules(pl_module, self.include, self.exclude)
+            targets = select_modules(pl_module, self.include, self.exclude)
+            if self.finetune is not None:
+                self._check_schedule(trainer)
+                if self.finetune == "ternary" and not self._ternary_targets(targets):
+                    raise ValueError(
+                        f"OBCQuantize: finetune='ternary' with ternary_skip_first_last=True leaves none of the "
+                        f"{len(targets)} target modules to ternarize; pass ternary_skip_first_last=False"
+                    )
+
+    def _check_schedule(self, trainer: Trainer) -> None:
+        max_epochs = trainer.max_epochs
+        if max_epochs is None or max_epochs < 0:
+            raise ValueError(
+                f"OBCQuantize: finetune needs Trainer(max_epochs=...) (got {max_epochs}): compression happens "
+                f"at the end of epoch max_epochs - finetune_epochs - 1"
+            )
+        if self.finetune_epochs >= max_epochs:
+            raise ValueError(
+                f"OBCQuantize: finetune_epochs={self.finetune_epochs} must be < max_epochs={max_epochs} (at least "
+                "one epoch of ordinary training comes first)"
+            )
+        if self.max_drop is not None and (trainer.min_epochs or 0) > self._compress_epoch(trainer) + 1:
+            raise ValueError(
+                f"OBCQuantize: min_epochs={trainer.min_epochs} would keep training a model that met its budget "
+                f"after epoch {self._compress_epoch(trainer)}; lower min_epochs"
+            )
+
+    def _compress_epoch(self, trainer: Trainer) -> int:
+        """K: the epoch at whose end the model is compressed when fine-tuning."""
+        return trainer.max_epochs - self.finetune_epochs - 1
+
+    def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # in Lightning 2.x the epoch's validation has already run (training_epoch_loop.on_advance_end)
+        if self.finetune is None or self._phase != "idle" or trainer.current_epoch != self._compress_epoch(trainer):
+            return
+        self._compress_for_finetune(trainer, pl_module, may_finetune=True)
+
+    def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """DiffQ: add the gradient of ``noise_penalty · size_mb`` (the user's step returns the task loss only)."""
+        if self._phase != "finetuning" or self.finetune != "noise" or self.noise_penalty == 0:
+            return
+        loss = ft.noise_penalty(self._quantizers.values(), self.noise_penalty)
+        if loss is None:
+            return
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():  # the task loss was scaled before its backward
+            loss = loss * scaler.get_scale()
+        (loss / trainer.accumulate_grad_batches).backward()
+
+    def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
+        """Under DDP, average the gradients of the parameters added after wrapping (DDP does not see them)."""
+        reduce = _all_reduce_fn(trainer) if self._added_group else None
+        if reduce is None:
+            return
+        for q in self._quantizers.values():
+            for p in q.parameters():
+                if p.grad is not None:
+                    reduce(p.grad)
+                    p.grad.div_(trainer.world_size)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        batches = self._calibration_set(trainer, pl_module)
-        if not batches:
+        if self.finetune is None:
+            self._post_training(trainer, pl_module)
+        elif self._phase == "finetuning":
+            self._finish_finetuning(trainer, pl_module)
+        elif self._phase == "idle":
             rank_zero_warn(
-                "OBCQuantize: no calibration data (no calibration_dataloader and no train "
-                "dataloader); the model was not quantized"
+                f"OBCQuantize: fit ended before the end of epoch {self._compress_epoch(trainer)}, where "
+                f"compression for fine-tuning was planned; compressing now without fine-tuning"
             )
-            return
-        forward_fn = self._forward_fn(trainer, pl_module, batches[0])
+            self._compress_for_finetune(trainer, pl_module, may_finetune=False)
 
-        before = self._evaluate(trainer, pl_module) if self.evaluate else {}
-        report = compress_model(
+    # ------------------------------------------------------------------ post-training (finetune=None)
+    def _compress(self, trainer: Trainer, pl_module: LightningModule, batches: list, keep_results: bool):
+        return compress_model(
             pl_module,
             batches,
             self.bits,
             include=self.include,
             exclude=self.exclude,
-            forward_fn=forward_fn,
+            forward_fn=self._forward_fn(trainer, pl_module, batches[0]),
             sequential=self.sequential,
             solver=self.solver,
             group_size=self.group_size,
@@ -340,8 +528,19 @@ class OBCQuantize(Callback):
             damp=self.damp,
             offload=self.offload,
             reduce_fn=_all_reduce_fn(trainer),
-            keep_results=self.export_path is not None,
+            keep_results=keep_results,
         )
+
+    def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        batches = self._calibration_set(trainer, pl_module)
+        if not batches:
+            rank_zero_warn(
+                "OBCQuantize: no calibration data (no calibration_dataloader and no train "
+                "dataloader); the model was not quantized"
+            )
+            return
+        before = self._evaluate(trainer, pl_module) if self.evaluate else {}
+        report = self._compress(trainer, pl_module, batches, keep_results=self.export_path is not None)
         after = self._evaluate(trainer, pl_module) if self.evaluate else {}
 
         self.report = report
@@ -352,6 +551,17 @@ class OBCQuantize(Callback):
             metrics[f"obc/{name}_before"] = value
         for name, value in after.items():
             metrics[f"obc/{name}_after"] = value
+        self._export(trainer, pl_module, report, metrics)
+        lines = [
+            f"OBCQuantize: {self.bits}-bit, solver={self.solver}, {len(batches)} calibration batches",
+            report.table(),
+        ]
+        for name in before:
+            lines.append(f"{name}: {before[name]:.5g} -> {after.get(name, float('nan')):.5g}")
+        self._publish(trainer, metrics, lines, report)
+
+    def _export(self, trainer: Trainer, pl_module: LightningModule, report: CompressionReport, metrics: dict) -> None:
+        """Write the packed model (rank zero, with ``export_path``); size metrics become the file's."""
         if self.export_path is not None and trainer.is_global_zero:
             from obc_lightning.export import save_quantized
 
@@ -364,21 +574,17 @@ class OBCQuantize(Callback):
             metrics["obc/compression_ratio"] = dense_bytes / 2**20 / file_mb
             rank_zero_info(f"OBCQuantize: packed model written to {self.export_path} ({file_mb:.3f} MB)")
         report.results = None  # exported (or not needed): do not hold a second copy of the codes
-        self.metrics = metrics
+
+    def _publish(self, trainer: Trainer, metrics: dict, lines: list[str], report: CompressionReport | None) -> None:
+        """Metrics to every logger, the summary through rank_zero_info, the error chart."""
+        self.metrics = dict(metrics)
         for lg in trainer.loggers:  # self.log is not allowed in on_train_end
             lg.log_metrics(metrics, step=trainer.global_step)
             lg.save()
-
         if self.verbose:
-            lines = [
-                f"OBCQuantize: {self.bits}-bit, solver={self.solver}, {len(batches)} calibration batches",
-                report.table(),
-            ]
-            for name in before:
-                lines.append(f"{name}: {before[name]:.5g} -> {after.get(name, float('nan')):.5g}")
             rank_zero_info("\n".join(lines))
         log_dir = trainer.log_dir if trainer.loggers else None  # log_dir: to be called on every rank
-        if self.plot and trainer.is_global_zero:
+        if report is not None and self.plot and trainer.is_global_zero:
             fig = error_figure(report)
             if fig is not None:
                 import matplotlib.pyplot as plt
@@ -388,6 +594,152 @@ class OBCQuantize(Callback):
                     if isinstance(lg, TensorBoardLogger):
                         lg.experiment.add_figure("obc/rel_error", fig, global_step=trainer.global_step, close=False)
                 plt.close(fig)
+
+    # ------------------------------------------------------------------ fine-tuning
+    def _ternary_targets(self, targets: Mapping[str, torch.nn.Module]) -> list[str]:
+        names = list(targets)
+        return names[1:-1] if self.ternary_skip_first_last else names
+
+    def _compress_for_finetune(self, trainer: Trainer, pl_module: LightningModule, may_finetune: bool) -> None:
+        """Compress, measure the drop, then stop (within budget, or ``may_finetune=False``) or attach the
+        fine-tuning parametrizations and extend the optimizer."""
+        before = self._evaluate(trainer, pl_module) if self.evaluate else {}
+        report = None
+        if self.finetune == "ste":
+            batches = self._calibration_set(trainer, pl_module)
+            if not batches:
+                rank_zero_warn("OBCQuantize: no calibration data; the model was not quantized")
+                self._phase = "done"
+                return
+            report = self._compress(trainer, pl_module, batches, keep_results=True)
+            self.quantized_modules = report.quantized
+            self.skipped_modules = dict(report.skipped)
+            metrics = report.metrics()
+            header = f"OBCQuantize: {self.bits}-bit, solver={self.solver}, {len(batches)} calibration batches"
+        else:
+            targets = {
+                n: m
+                for n, m in select_modules(pl_module, self.include, self.exclude).items()
+                if isinstance(m.weight, torch.nn.Parameter)  # not already parametrized (pruning, ...)
+            }
+            if self.finetune == "ternary":
+                self._quantizers = ft.attach_ternary(pl_module, self._ternary_targets(targets), self.ternary_threshold)
+            else:
+                self._quantizers = ft.attach_noise(
+                    pl_module, targets, self.noise_group_size, self.noise_min_bits, self.noise_max_bits, self.bits
+                )
+            self.quantized_modules = list(self._quantizers)
+            self.skipped_modules = {}
+            metrics = self._quantizer_metrics(pl_module)
+            header = f"OBCQuantize: {self.finetune} quantization of {len(self._quantizers)} modules"
+        after = self._evaluate(trainer, pl_module) if self.evaluate else {}
+        self.report = report
+        for name, value in before.items():
+            metrics[f"obc/{name}_before"] = value
+        for name, value in after.items():
+            metrics[f"obc/{name}_after"] = value
+        lines = [header] + ([report.table()] if report is not None else [])
+        lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
+
+        within = False
+        if self.max_drop is not None:
+            if self.monitor not in before or self.monitor not in after:
+                raise ValueError(
+                    f"OBCQuantize: monitor={self.monitor!r} is not among the validation metrics "
+                    f"{sorted(before)} (logged with self.log in validation_step)"
+                )
+            drop = before[self.monitor] - after[self.monitor]
+            drop = drop if self.mode == "max" else -drop
+            within = drop <= self.max_drop
+            lines.append(
+                f"{self.monitor} worsened by {drop:.5g} ({'within' if within else 'over'} max_drop={self.max_drop:g})"
+            )
+        self._start_epoch = trainer.current_epoch
+        if within or not may_finetune:
+            if self._quantizers:
+                ft.finalize_all(pl_module, self._quantizers)
+            if within and may_finetune:
+                trainer.should_stop = True  # the model is quantized: the remaining epochs are skipped
+                lines.append(f"stopping fit: the remaining {self.finetune_epochs} epoch(s) are not needed")
+            metrics["obc/finetune_epochs"] = 0.0
+            self._phase = "done"
+            if report is not None:
+                self._export(trainer, pl_module, report, metrics)
+            self._publish(trainer, metrics, lines, report)
+            return
+
+        if self.finetune == "ste":
+            self._quantizers = ft.attach_ste(pl_module, report.results)
+        params = [p for q in self._quantizers.values() for p in q.parameters()]
+        if params:
+            if trainer.optimizers:
+                opt = trainer.optimizers[0]
+                scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
+                self._added_group = ft.add_param_group(opt, params, scheds)
+            else:
+                rank_zero_warn(f"OBCQuantize: no optimizer; the {self.finetune} quantizer parameters are not trained")
+        self._phase = "finetuning"
+        lines.append(f"fine-tuning ({self.finetune}) for {self.finetune_epochs} epoch(s)")
+        self._publish(trainer, metrics, lines, report)
+
+    def _finish_finetuning(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Remove the parametrizations (weights truly quantized), evaluate, report, export."""
+        metrics = dict(self.metrics)
+        if self.finetune == "noise":
+            metrics.update(self._quantizer_metrics(pl_module))  # the bit widths were trained
+        ft.finalize_all(pl_module, self._quantizers)
+        if self._added_group and trainer.optimizers:
+            opt = trainer.optimizers[0]
+            scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
+            ft.remove_last_param_group(opt, scheds)
+            self._added_group = False
+        finetuned = self._evaluate(trainer, pl_module) if self.evaluate else {}
+        epochs = trainer.current_epoch - self._start_epoch - 1
+        for name, value in finetuned.items():
+            metrics[f"obc/{name}_finetuned"] = value
+        metrics["obc/finetune_epochs"] = float(epochs)
+        self._phase = "done"
+        lines = [f"OBCQuantize: fine-tuned ({self.finetune}) for {epochs} epoch(s)"]
+        lines += [
+            f"{n}: {metrics.get(f'obc/{n}_before', float('nan')):.5g} -> "
+            f"{metrics.get(f'obc/{n}_after', float('nan')):.5g} -> {v:.5g}"
+            for n, v in finetuned.items()
+        ]
+        report = self.report
+        if report is not None:
+            if self.export_path is not None:  # the codes changed during fine-tuning; the grid did not
+                report.results = {n: _recode(pl_module.get_submodule(n).weight, r) for n, r in report.results.items()}
+                self._export(trainer, pl_module, report, metrics)
+            report.results = None
+        self._publish(trainer, metrics, lines, None)
+
+    def _quantizer_metrics(self, pl_module: LightningModule) -> dict[str, float]:
+        """Sizes and bits of the ternary / noise-quantized model (targets not quantized count at fp32)."""
+        before = after = qbits = qnumel = 0
+        wbits = 0.0
+        for name, m in select_modules(pl_module, self.include, self.exclude).items():
+            w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            bias = 0 if m.bias is None else m.bias.numel() * 4
+            before += w.numel() * 4 + bias
+            q = self._quantizers.get(name)
+            if q is None:
+                after += w.numel() * 4 + bias
+                continue
+            sb = q.storage_bits(w.numel())
+            after += sb / 8 + bias
+            qbits, qnumel = qbits + sb, qnumel + w.numel()
+            if isinstance(q, ft.NoiseQuantizer):
+                wbits += float((q.rounded_bits() * q.group_numel).sum())
+        out = {
+            "obc/size_mb_before": before / 2**20,
+            "obc/size_mb_after": after / 2**20,
+            "obc/compression_ratio": before / after if after else float("nan"),
+            "obc/avg_bits": qbits / qnumel if qnumel else float("nan"),
+            "obc/modules_quantized": float(len(self._quantizers)),
+        }
+        if self.finetune == "noise" and qnumel:
+            out["obc/noise_bits"] = wbits / qnumel  # mean rounded bit width, without scales
+        return out
 
     # ------------------------------------------------------------------ calibration
     def _calibration_set(self, trainer: Trainer, pl_module: LightningModule) -> list:
@@ -520,3 +872,13 @@ class OBCQuantize(Callback):
             out[name] = float(metric_objs[name].compute())  # syncs over ranks itself
             metric_objs[name].reset()
         return out
+
+
+def _recode(weight: Tensor, results: list) -> list:
+    """``results`` (one QuantResult per conv group) with codes and values of ``weight`` on the same grids."""
+    blocks = weight.detach().cpu().reshape(weight.shape[0], -1).chunk(len(results), dim=0)
+    out = []
+    for r, w in zip(results, blocks):
+        codes = r.grid.codes(w.to(r.grid.scales.dtype))
+        out.append(replace(r, codes=codes.to(r.codes.dtype), quantized_matrix=r.grid.dequantize(codes)))
+    return out

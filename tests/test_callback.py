@@ -256,6 +256,44 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
         OBCQuantize(**kwargs)
 
 
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        ({"finetune": "qat"}, "finetune must be one of"),
+        ({"finetune": "ste", "mode": "up"}, "mode must be"),
+        ({"finetune": "ste", "monitor": "val_acc", "max_drop": -0.1}, "max_drop must be"),
+        ({"monitor": "val_acc", "max_drop": 0.01}, "set finetune"),
+        ({"finetune": "ste", "max_drop": 0.01}, "needs monitor"),
+        ({"finetune": "ste", "monitor": "val_acc", "max_drop": 0.01, "evaluate": False}, "needs evaluate"),
+        ({"finetune": "ste", "finetune_epochs": 0}, "finetune_epochs"),
+        ({"finetune": "ternary", "ternary_threshold": 1.5}, "ternary_threshold"),
+        ({"finetune": "noise", "noise_group_size": 0}, "noise_group_size"),
+        ({"finetune": "noise", "noise_min_bits": 8, "noise_max_bits": 4}, "noise_min_bits"),
+        ({"finetune": "noise", "noise_penalty": -1}, "noise_penalty"),
+        ({"finetune": "ternary", "export_path": "m.safetensors"}, "export_path"),
+    ],
+)
+def test_constructor_rejects_bad_finetune_arguments(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OBCQuantize(**kwargs)
+
+
+def test_finetune_ste_exports_fine_tuned_codes(tmp_path):
+    from obc_lightning.export import load_quantized
+
+    model = Net()
+    path = tmp_path / "m.safetensors"
+    cb = OBCQuantize(
+        bits=3, calibration_batches=2, finetune="ste", finetune_epochs=1, export_path=path, plot=False
+    )
+    t = trainer(tmp_path, cb, max_epochs=2)
+    t.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
+    assert cb.metrics["obc/finetune_epochs"] == 1 and "obc/val_acc_finetuned" in cb.metrics
+    loaded = load_quantized(path, Net())
+    for name in ("conv", "head"):
+        assert torch.equal(getattr(loaded, name).weight, getattr(model, name).weight), name
+
+
 def test_include_typo_fails_before_training(tmp_path):
     model = Net()
     w0 = model.head.weight.detach().clone()

@@ -1,0 +1,376 @@
+"""Quantization-aware fine-tuning: weight parametrizations that train through a quantizer.
+
+Three modes, one small ``nn.Module`` each, registered with
+:func:`torch.nn.utils.parametrize.register_parametrization` on a layer's ``weight``. The latent float
+weight stays the *same* ``nn.Parameter`` object (``module.parametrizations.weight.original``), so an
+optimizer that already holds it keeps its state; the parametrization's own parameters (TTQ scales,
+DiffQ bit logits) are new and must be added to the optimizer (:func:`add_param_group`).
+
+* :class:`STEQuantizer`: fake quantization on a fixed OBC grid, straight-through gradient in the clip
+  range (Bengio et al. 2013; the grid comes from :func:`~obc_lightning.compress.compress_model`).
+* :class:`TernaryQuantizer`: trained ternary quantization (TTQ; Zhu, Han, Mao, Dally 2017).
+* :class:`NoiseQuantizer`: differentiable bit widths through pseudo-quantization noise
+  (DiffQ; Défossez, Adi, Synnaeve 2021).
+
+In training mode each quantizer returns the differentiable surrogate; in eval mode (and therefore in
+:func:`finalize`, which removes the parametrization in eval mode with ``leave_parametrized=True``) the
+true quantized weight. This module knows only torch (no Lightning); the callback is the glue.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING
+
+import torch
+from torch import Tensor, nn
+from torch.nn.utils import parametrize
+
+from obc_lightning.grids import round_to_grid
+
+if TYPE_CHECKING:
+    from obc_lightning.solvers.common import QuantResult
+
+MODES = ("ste", "ternary", "noise")
+
+
+def _rows(w: Tensor) -> Tensor:
+    """A Linear / Conv weight as the (out_channels, fan_in) matrix the grids are defined on."""
+    return w.reshape(w.shape[0], -1)
+
+
+# ---------------------------------------------------------------------------------------------- STE
+class STEQuantizer(nn.Module):
+    r"""Fake quantization on a fixed grid (scales s, zeros z per row or per row and group).
+
+    forward (eval):  q(w) = s · (clamp(round(w / s) + z, 0, maxq) − z)      (hard rounding on the grid)
+    forward (train): the same value, with the straight-through gradient
+                     ∂q/∂w = 1  if  s·(0 − z) ≤ w ≤ s·(maxq − z)  (inside the clip range, bounds included)
+                           = 0  otherwise                              (clipped weights get no gradient)
+    """
+
+    def __init__(self, scales: Tensor, zeros: Tensor, n_bits: int, group_size: int | None, cols: int) -> None:
+        super().__init__()
+        if scales.shape != zeros.shape or scales.dim() != 2:
+            raise ValueError(
+                f"STEQuantizer: scales and zeros must both be (rows, n_groups), got {tuple(scales.shape)} "
+                f"and {tuple(zeros.shape)}"
+            )
+        self.register_buffer("scales", scales.detach().clone())  # (rows, n_groups)
+        self.register_buffer("zeros", zeros.detach().clone())
+        self.n_bits, self.group_size, self.cols = int(n_bits), group_size, int(cols)
+
+    @classmethod
+    def from_results(cls, results: Sequence[QuantResult]) -> STEQuantizer:
+        """The grid of a module from its ``compress_model(..., keep_results=True)`` results (one per conv
+        group; their rows are stacked in the weight's order)."""
+        grids = [r.grid for r in results]
+        g0 = grids[0]
+        return cls(
+            torch.cat([g.scales for g in grids]),
+            torch.cat([g.zeros for g in grids]),
+            g0.n_bits,
+            g0.group_size,
+            g0.cols,
+        )
+
+    @property
+    def maxq(self) -> int:
+        return 2**self.n_bits - 1
+
+    def per_entry(self) -> tuple[Tensor, Tensor]:
+        """(scale, zero) of every weight, each (rows, cols)."""
+        if self.group_size is None or self.scales.shape[1] == 1:
+            return self.scales.expand(-1, self.cols), self.zeros.expand(-1, self.cols)
+        g = torch.arange(self.cols, device=self.scales.device) // self.group_size
+        return self.scales[:, g], self.zeros[:, g]
+
+    def forward(self, w: Tensor) -> Tensor:
+        w2 = _rows(w)
+        s, z = self.per_entry()
+        s, z = s.to(w2.dtype), z.to(w2.dtype)
+        q = round_to_grid(w2, s, z, self.maxq)
+        if not self.training:
+            return q.view_as(w)
+        inside = (w2 >= s * (0 - z)) & (w2 <= s * (self.maxq - z))
+        # value q, gradient 1 inside the clip range and 0 outside: q + (w − sg(w)) · 1[inside]
+        return (q.detach() + (w2 - w2.detach()) * inside).view_as(w)
+
+    def storage_bits(self, numel: int) -> int:
+        """Bits of the packed weight: ``n_bits`` per weight + fp16 scale and uint8 zero per row / group."""
+        return self.n_bits * numel + 24 * self.scales.numel()
+
+
+# ------------------------------------------------------------------------------------------ ternary
+class TernaryQuantizer(nn.Module):
+    r"""Trained ternary quantization (TTQ): w_t ∈ {−w_n, 0, +w_p} with learned positive scalars.
+
+    Threshold Δ = t · max|w̃| (t = 0.05), from the latent weights w̃ (no gradient through Δ):
+        w_t = +w_p  on I_p = {w̃ > Δ},   0  on I_z = {|w̃| ≤ Δ},   −w_n  on I_n = {w̃ < −Δ}
+    Gradients, with g = ∂L/∂w_t:
+        ∂L/∂w_p = Σ_{I_p} g
+        ∂L/∂w_n = −Σ_{I_n} g      (chain rule through w_t = −w_n; the paper's Eq. 7 prints
+                                   Σ_{I_n} ∂L/∂w_t without the minus sign, i.e. for the magnitude
+                                   taken as −w_n — the descent direction is the one here)
+        ∂L/∂w̃  = w_p·g on I_p,  1·g on I_z,  w_n·g on I_n     (scaled straight-through estimator)
+    Initialisation: w_p (w_n) = mean |w̃| over I_p (I_n) of the initial weights.
+    """
+
+    def __init__(self, weight: Tensor, threshold: float = 0.05) -> None:
+        super().__init__()
+        if not 0 <= threshold < 1:
+            raise ValueError(f"TernaryQuantizer: threshold must be in [0, 1), got {threshold!r}")
+        self.threshold = float(threshold)
+        w = weight.detach()
+        pos, neg = self.masks(w)
+        fallback = w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)  # a side with no weight beyond Δ
+        w_p = w[pos].abs().mean() if pos.any() else fallback
+        w_n = w[neg].abs().mean() if neg.any() else fallback
+        self.w_p = nn.Parameter(w_p.clone().reshape(()))
+        self.w_n = nn.Parameter(w_n.clone().reshape(()))
+
+    def masks(self, w: Tensor) -> tuple[Tensor, Tensor]:
+        """(I_p, I_n) as boolean tensors of w's shape."""
+        w = w.detach()
+        delta = self.threshold * w.abs().max()
+        return w > delta, w < -delta
+
+    def forward(self, w: Tensor) -> Tensor:
+        pos, neg = self.masks(w)
+        # value w_p·1[I_p] − w_n·1[I_n]; autograd gives ∂/∂w_p = Σ_{I_p} g and ∂/∂w_n = −Σ_{I_n} g
+        wt = self.w_p * pos - self.w_n * neg
+        if not self.training:
+            return wt
+        coef = torch.where(pos, self.w_p.detach(), torch.where(neg, self.w_n.detach(), torch.ones_like(w)))
+        return wt + coef * (w - w.detach())  # latent gradient w_p·g | g | w_n·g, value unchanged
+
+    def storage_bits(self, numel: int) -> int:
+        """2-bit codes + two fp32 scalars."""
+        return 2 * numel + 64
+
+
+# -------------------------------------------------------------------------------------------- noise
+class NoiseQuantizer(nn.Module):
+    r"""DiffQ: pseudo-quantization noise with a learned bit width per group of weights.
+
+    Weights of a row are cut into groups of ``group_size`` consecutive entries (the last one may be
+    shorter). One logit per group (parameters: rows · n_groups, not one per weight):
+        b = min_bits + (max_bits − min_bits) · σ(logit)
+        Δ = (max(w_g) − min(w_g)) / (2^b − 1)                (min / max of the group's latent weights)
+    train:  w + Δ · u,  u ~ U(−½, ½)  (fresh each forward)   →  |noise| ≤ Δ/2
+    eval:   b̂ = round(b); Δ̂ = (max − min) / (2^b̂ − 1); q = min + round((w − min) / Δ̂) · Δ̂
+    Size (MB, differentiable): Σ_groups n_g · b / 8 / 2^20 (:meth:`size_mb`); the training objective adds
+    ``penalty · size_mb`` to the task loss.
+
+    min / max are *not* detached: as in the DiffQ reference code (``scale = p.max() - p.min()``, taken
+    there over the whole tensor), the noise amplitude's gradient also reaches the extreme weights.
+    """
+
+    def __init__(
+        self,
+        weight: Tensor,
+        group_size: int = 8,
+        min_bits: float = 2.0,
+        max_bits: float = 8.0,
+        init_bits: float = 4.0,
+    ) -> None:
+        super().__init__()
+        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
+            raise ValueError(f"NoiseQuantizer: group_size must be a positive integer, got {group_size!r}")
+        if not 1 <= min_bits < max_bits <= 16:
+            raise ValueError(
+                f"NoiseQuantizer: need 1 <= min_bits < max_bits <= 16, got {min_bits!r}, {max_bits!r}"
+            )
+        self.min_bits, self.max_bits = float(min_bits), float(max_bits)
+        rows, cols = _rows(weight).shape
+        self.rows, self.cols = rows, cols
+        self.group_size = min(group_size, cols)
+        self.n_groups = -(-cols // self.group_size)
+        numel = torch.full((self.n_groups,), float(self.group_size))
+        numel[-1] = cols - self.group_size * (self.n_groups - 1)
+        self.register_buffer("group_numel", numel.to(weight.device))  # (n_groups,)
+        # initial bits = init_bits (kept strictly inside (min_bits, max_bits) so the logit is finite)
+        frac = min(max((init_bits - self.min_bits) / (self.max_bits - self.min_bits), 1e-3), 1 - 1e-3)
+        logit = math.log(frac / (1 - frac))
+        self.logits = nn.Parameter(torch.full((rows, self.n_groups), logit, device=weight.device))
+
+    def bits(self) -> Tensor:
+        """(rows, n_groups) differentiable bit widths."""
+        return self.min_bits + (self.max_bits - self.min_bits) * torch.sigmoid(self.logits)
+
+    def rounded_bits(self) -> Tensor:
+        return self.bits().detach().round()
+
+    def _grouped(self, w: Tensor) -> Tensor:
+        """(rows, n_groups, group_size); the last group is padded with its own last value (same min/max)."""
+        w2 = _rows(w)
+        pad = self.n_groups * self.group_size - self.cols
+        if pad:
+            w2 = torch.cat([w2, w2[:, -1:].expand(-1, pad)], dim=1)
+        return w2.reshape(self.rows, self.n_groups, self.group_size)
+
+    def _ungrouped(self, g: Tensor, like: Tensor) -> Tensor:
+        return g.reshape(self.rows, -1)[:, : self.cols].reshape(like.shape)
+
+    def step(self, w: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
+        """(min, Δ) of every group, each (rows, n_groups, 1), for the given bit widths."""
+        g = self._grouped(w)
+        lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
+        return lo, (hi - lo) / (2 ** bits.to(w.dtype).unsqueeze(-1) - 1)
+
+    def forward(self, w: Tensor) -> Tensor:
+        g = self._grouped(w)
+        if self.training:
+            _, delta = self.step(w, self.bits())
+            return self._ungrouped(g + delta * (torch.rand_like(g) - 0.5), w)
+        lo, delta = self.step(w, self.rounded_bits())
+        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+        q = lo + torch.round((g - lo) / safe) * delta
+        return self._ungrouped(torch.where(delta > 0, q, g), w)
+
+    def size_mb(self, exact: bool = False) -> Tensor:
+        """Σ_groups n_g · b / 8 / 2^20: the weights' size in MB (``exact``: rounded bits, no gradient)."""
+        b = self.rounded_bits() if exact else self.bits()
+        return (b * self.group_numel.to(b.dtype)).sum() / 8 / 2**20
+
+    def storage_bits(self, numel: int) -> int:
+        """round(b) bits per weight + per group an fp16 min, an fp16 step and a uint8 bit width."""
+        return int(float((self.rounded_bits() * self.group_numel).sum())) + 40 * self.rows * self.n_groups
+
+
+# --------------------------------------------------------------------------------- model-level glue
+def attach(module: nn.Module, quantizer: nn.Module) -> nn.Module:
+    """Parametrize ``module.weight`` by ``quantizer``; the latent weight stays the same Parameter object."""
+    if parametrize.is_parametrized(module, "weight"):
+        raise ValueError(f"finetune: {type(module).__name__}.weight is already parametrized")
+    parametrize.register_parametrization(module, "weight", quantizer)
+    return quantizer
+
+
+def quantizer_of(module: nn.Module) -> nn.Module | None:
+    """The fine-tuning quantizer attached to ``module.weight`` (``None`` if there is none)."""
+    if not parametrize.is_parametrized(module, "weight"):
+        return None
+    for p in module.parametrizations.weight:
+        if isinstance(p, (STEQuantizer, TernaryQuantizer, NoiseQuantizer)):
+            return p
+    return None
+
+
+@torch.no_grad()
+def finalize(module: nn.Module) -> None:
+    """Remove the parametrization in eval semantics: ``module.weight`` keeps its Parameter object and
+    now holds the truly quantized values (``leave_parametrized=True``)."""
+    for p in module.parametrizations.weight:
+        p.eval()
+    parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
+
+
+def attach_ste(model: nn.Module, results: Mapping[str, Sequence[QuantResult]]) -> dict[str, STEQuantizer]:
+    """One :class:`STEQuantizer` per module of ``results`` (name -> QuantResult list), on the module's device.
+
+    The latent weights are the module's current weights: after ``compress_model`` those are the OBC
+    values, so fine-tuning starts exactly where post-training quantization ended.
+    """
+    out = {}
+    for name, res in results.items():
+        m = model.get_submodule(name)
+        q = STEQuantizer.from_results(list(res)).to(m.weight.device)
+        if q.scales.shape[0] != m.weight.shape[0] or q.cols != _rows(m.weight).shape[1]:
+            raise ValueError(
+                f"finetune: the grid of '{name}' ({q.scales.shape[0]} x {q.cols}) does not fit its weight "
+                f"{tuple(m.weight.shape)}"
+            )
+        out[name] = attach(m, q)
+    return out
+
+
+def attach_ternary(model: nn.Module, names: Iterable[str], threshold: float = 0.05) -> dict[str, TernaryQuantizer]:
+    """One :class:`TernaryQuantizer` per named module, initialised from its current (fp32) weights."""
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        out[name] = attach(m, TernaryQuantizer(m.weight, threshold))
+    return out
+
+
+def attach_noise(
+    model: nn.Module,
+    names: Iterable[str],
+    group_size: int = 8,
+    min_bits: float = 2.0,
+    max_bits: float = 8.0,
+    init_bits: float = 4.0,
+) -> dict[str, NoiseQuantizer]:
+    """One :class:`NoiseQuantizer` per named module."""
+    out = {}
+    for name in names:
+        m = model.get_submodule(name)
+        out[name] = attach(m, NoiseQuantizer(m.weight, group_size, min_bits, max_bits, init_bits))
+    return out
+
+
+def finalize_all(model: nn.Module, names: Iterable[str]) -> None:
+    for name in names:
+        finalize(model.get_submodule(name))
+
+
+def noise_penalty(quantizers: Iterable[nn.Module], penalty: float) -> Tensor | None:
+    """``penalty · Σ size_mb`` over the :class:`NoiseQuantizer` s (``None`` if there is none)."""
+    sizes = [q.size_mb() for q in quantizers if isinstance(q, NoiseQuantizer)]
+    return penalty * torch.stack(sizes).sum() if sizes else None
+
+
+# ----------------------------------------------------------------------------- optimizer / schedulers
+# Per-parameter-group lists that torch's LR schedulers keep (LRScheduler, LambdaLR / MultiplicativeLR,
+# CyclicLR, OneCycleLR, ReduceLROnPlateau); SequentialLR / ChainedScheduler hold theirs in _schedulers.
+SCHEDULER_GROUP_LISTS = (
+    "base_lrs",
+    "_last_lr",
+    "lr_lambdas",
+    "max_lrs",
+    "min_lrs",
+    "base_momentums",
+    "max_momentums",
+)
+
+
+def _each_scheduler(schedulers):
+    for s in schedulers:
+        yield s
+        yield from _each_scheduler(getattr(s, "_schedulers", []) or [])
+
+
+def add_param_group(optimizer: torch.optim.Optimizer, params: Sequence[Tensor], schedulers: Sequence = ()) -> bool:
+    """Add ``params`` as a new group with the first group's hyper-parameters (lr, momentum, scheduler keys
+    such as ``initial_lr`` / ``max_lr``), ``weight_decay=0``, and extend every scheduler's per-group
+    lists with a copy of group 0's entry so ``scheduler.step()`` keeps working. Returns False if empty."""
+    params = list(params)
+    if not params:
+        return False
+    n = len(optimizer.param_groups)
+    group = {k: v for k, v in optimizer.param_groups[0].items() if k != "params"}
+    if "weight_decay" in group:
+        group["weight_decay"] = 0.0
+    group["params"] = params
+    optimizer.add_param_group(group)
+    for s in _each_scheduler(schedulers):
+        for attr in SCHEDULER_GROUP_LISTS:
+            lst = getattr(s, attr, None)
+            if isinstance(lst, list) and len(lst) == n:
+                lst.append(lst[0])
+    return True
+
+
+def remove_last_param_group(optimizer: torch.optim.Optimizer, schedulers: Sequence = ()) -> None:
+    """Undo :func:`add_param_group`: drop the last group, its optimizer state and its scheduler entries."""
+    n = len(optimizer.param_groups)
+    group = optimizer.param_groups.pop()
+    for p in group["params"]:
+        optimizer.state.pop(p, None)
+    for s in _each_scheduler(schedulers):
+        for attr in SCHEDULER_GROUP_LISTS:
+            lst = getattr(s, attr, None)
+            if isinstance(lst, list) and len(lst) == n:
+                lst.pop()

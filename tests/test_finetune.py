@@ -1,0 +1,392 @@
+"""Quantization-aware fine-tuning: each mode against hand-derived values, then the callback end to end."""
+
+import csv
+
+import lightning.pytorch as pl
+import pytest
+import torch
+from lightning.pytorch.loggers import CSVLogger
+from torch import nn
+from torch.nn.utils import parametrize
+from torch.utils.data import DataLoader, TensorDataset
+
+from obc_lightning.finetune import (
+    NoiseQuantizer,
+    STEQuantizer,
+    TernaryQuantizer,
+    add_param_group,
+    attach,
+    attach_ternary,
+    finalize,
+    noise_penalty,
+    remove_last_param_group,
+)
+
+pytestmark = pytest.mark.filterwarnings(
+    "ignore::UserWarning:lightning", "ignore::lightning.fabric.utilities.warnings.PossibleUserWarning"
+)
+
+
+# ------------------------------------------------------------------------------------------------ STE
+def ste_grid():
+    # one row, 2 bits (maxq = 3), scale 0.5, zero 1: grid {-0.5, 0, 0.5, 1.0}, clip range [-0.5, 1.0]
+    return STEQuantizer(torch.tensor([[0.5]]), torch.tensor([[1.0]]), n_bits=2, group_size=None, cols=6)
+
+
+def test_ste_forward_rounds_and_gradient_passes_only_inside_clip_range():
+    q = ste_grid()
+    w = torch.tensor([[-0.9, -0.5, 0.2, 0.3, 1.0, 1.4]], requires_grad=True)
+    out = q(w)
+    assert torch.equal(out.detach(), torch.tensor([[-0.5, -0.5, 0.0, 0.5, 1.0, 1.0]]))
+    out.backward(torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]]))
+    # inside [-0.5, 1.0] (bounds included): gradient passes unchanged; outside: zero
+    assert torch.equal(w.grad, torch.tensor([[0.0, 2.0, 3.0, 4.0, 5.0, 0.0]]))
+
+
+def test_ste_groups_and_eval_on_grid():
+    # two groups of 2 columns with different scales / zeros
+    q = STEQuantizer(torch.tensor([[0.1, 1.0]]), torch.tensor([[2.0, 0.0]]), n_bits=2, group_size=2, cols=4)
+    w = torch.tensor([[0.04, 0.3, 0.4, 2.6]])
+    q.eval()
+    # group 0: grid 0.1·(k − 2), k ∈ 0..3 → {-0.2, -0.1, 0, 0.1}; group 1: {0, 1, 2, 3}
+    assert torch.allclose(q(w), torch.tensor([[0.0, 0.1, 0.0, 3.0]]))
+
+
+def test_ste_on_conv_weight_shape():
+    q = STEQuantizer(torch.full((2, 1), 0.25), torch.full((2, 1), 2.0), n_bits=3, group_size=None, cols=4)
+    w = torch.randn(2, 1, 2, 2)
+    out = q.eval()(w)
+    assert out.shape == w.shape
+    codes = out / 0.25 + 2
+    assert torch.equal(codes, codes.round()) and codes.min() >= 0 and codes.max() <= 7
+
+
+# -------------------------------------------------------------------------------------------- ternary
+def test_ternary_init_forward_and_gradients_by_hand():
+    w0 = torch.tensor([[1.0, -2.0, 0.02, 3.0, -0.5, 0.1]])
+    q = TernaryQuantizer(w0, threshold=0.05)  # Δ = 0.05 · 3 = 0.15
+    # I_p = {1, 3}, I_n = {-2, -0.5}, I_z = {0.02, 0.1}
+    assert q.w_p.item() == pytest.approx(2.0)  # mean(1, 3)
+    assert q.w_n.item() == pytest.approx(1.25)  # mean(2, 0.5)
+    w = w0.clone().requires_grad_(True)
+    out = q(w)
+    assert torch.allclose(out.detach(), torch.tensor([[2.0, -1.25, 0.0, 2.0, -1.25, 0.0]]))
+    g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
+    out.backward(g)
+    assert q.w_p.grad.item() == pytest.approx(1.0 + 4.0)  # Σ_{I_p} g
+    assert q.w_n.grad.item() == pytest.approx(-(2.0 + 5.0))  # −Σ_{I_n} g
+    # latent: w_p·g on I_p, g on I_z, w_n·g on I_n
+    assert torch.allclose(w.grad, torch.tensor([[2.0 * 1, 1.25 * 2, 3.0, 2.0 * 4, 1.25 * 5, 6.0]]))
+
+
+def test_ternary_eval_has_three_values():
+    torch.manual_seed(0)
+    w = torch.randn(8, 16)
+    q = TernaryQuantizer(w).eval()
+    vals = set(q(w).unique().tolist())
+    assert vals <= {q.w_p.item(), 0.0, -q.w_n.item()} and len(vals) == 3
+
+
+# ---------------------------------------------------------------------------------------------- noise
+def test_noise_bounded_by_half_step():
+    torch.manual_seed(0)
+    # groups of 4; logits 0 → b = 2 + (4 − 2)·½ = 3 bits → Δ = range / 7
+    w = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0, 1.0, 0.0, 0.5]])
+    q = NoiseQuantizer(w, group_size=4, min_bits=2, max_bits=4, init_bits=3)
+    assert torch.allclose(q.bits(), torch.full((1, 2), 3.0))
+    assert q.logits.shape == (1, 2)  # one parameter per group, not per weight
+    delta = torch.tensor([3.0 / 7] * 4 + [2.0 / 7] * 4)
+    for _ in range(50):
+        noise = q(w) - w
+        assert (noise.abs() <= delta / 2 + 1e-7).all()
+    assert noise.abs().max() > 0
+
+
+def test_noise_penalty_gradient_wrt_logit():
+    w = torch.randn(3, 16)
+    q = NoiseQuantizer(w, group_size=8, min_bits=2, max_bits=8, init_bits=5)
+    penalty = 0.7
+    noise_penalty([q], penalty).backward()
+    s = torch.sigmoid(q.logits.detach())
+    expected = penalty * 8 / 8 / 2**20 * (8 - 2) * s * (1 - s)
+    assert torch.allclose(q.logits.grad, expected)
+
+
+def test_noise_eval_uniform_grid_with_rounded_bits_and_short_last_group():
+    w = torch.tensor([[0.0, 0.1, 0.35, 1.0, 5.0]])  # groups of 4: [0, .1, .35, 1], [5] (short)
+    q = NoiseQuantizer(w, group_size=4, min_bits=2, max_bits=4, init_bits=2.2)  # round(2.2) = 2 bits
+    out = q.eval()(w)
+    # 2 bits on [0, 1]: step 1/3 → levels {0, 1/3, 2/3, 1}; a constant group is left as it is
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 1.0 / 3, 1.0, 5.0]]))
+    assert q.group_numel.tolist() == [4.0, 1.0]
+    assert q.size_mb(exact=True).item() == pytest.approx(2 * 5 / 8 / 2**20)
+
+
+def test_noise_latent_min_max_not_detached():
+    w = torch.tensor([[0.0, 1.0, 2.0, 3.0]], requires_grad=True)
+    q = NoiseQuantizer(w.detach(), group_size=4, min_bits=2, max_bits=4, init_bits=3)
+    torch.manual_seed(1)
+    q(w).sum().backward()
+    assert q.logits.grad is not None and q.logits.grad.abs().sum() > 0
+    assert w.grad[0, 0] != 1 or w.grad[0, 3] != 1  # the range's gradient reaches the extremes
+
+
+# ------------------------------------------------------------------------------- parametrize / finalize
+@pytest.mark.parametrize("mode", ["ste", "ternary", "noise"])
+def test_attach_keeps_parameter_and_finalize_leaves_quantized_parameter(mode):
+    torch.manual_seed(0)
+    lin = nn.Linear(8, 4)
+    original = lin.weight
+    if mode == "ste":
+        q = STEQuantizer(torch.full((4, 1), 0.1), torch.full((4, 1), 8.0), n_bits=4, group_size=None, cols=8)
+    elif mode == "ternary":
+        q = TernaryQuantizer(lin.weight)
+    else:
+        q = NoiseQuantizer(lin.weight, group_size=4, init_bits=3)
+    attach(lin, q)
+    assert lin.parametrizations.weight.original is original
+    lin.weight.sum().backward()  # training mode: gradients reach the latent Parameter
+    assert original.grad is not None
+    q.eval()
+    expected = lin.weight.detach().clone()
+    q.train()  # finalize must use eval semantics even if the model is in training mode
+    finalize(lin)
+    assert not parametrize.is_parametrized(lin)
+    assert type(lin.weight) is nn.Parameter and lin.weight is original
+    assert torch.equal(lin.weight.detach(), expected)
+    if mode == "ste":
+        codes = lin.weight.detach() / 0.1 + 8
+        assert torch.allclose(codes, codes.round(), atol=1e-5)
+    elif mode == "ternary":
+        assert len(lin.weight.unique()) <= 3
+
+
+def test_attach_ternary_by_name():
+    model = nn.Sequential(nn.Linear(4, 4), nn.ReLU(), nn.Linear(4, 2))
+    qs = attach_ternary(model, ["2"], threshold=0.1)
+    assert list(qs) == ["2"] and parametrize.is_parametrized(model[2]) and not parametrize.is_parametrized(model[0])
+
+
+# ------------------------------------------------------------------------------- optimizer / schedulers
+def lr_trace(make_sched, steps, extra=False):
+    torch.manual_seed(0)
+    p = nn.Parameter(torch.randn(3))
+    opt = torch.optim.SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-3)
+    sched = make_sched(opt)
+    lrs = []
+    for i in range(steps):
+        if extra and i == 2:
+            assert add_param_group(opt, [nn.Parameter(torch.zeros(1))], [sched])
+        opt.zero_grad()
+        sum(q.sum() for g in opt.param_groups for q in g["params"]).backward()
+        opt.step()
+        sched.step()
+        lrs.append(opt.param_groups[0]["lr"])
+    return opt, sched, lrs
+
+
+SCHEDULERS = {
+    "step": lambda o: torch.optim.lr_scheduler.StepLR(o, 2, gamma=0.5),
+    "cosine": lambda o: torch.optim.lr_scheduler.CosineAnnealingLR(o, 6),
+    "lambda": lambda o: torch.optim.lr_scheduler.LambdaLR(o, lambda e: 0.9**e),
+    "onecycle": lambda o: torch.optim.lr_scheduler.OneCycleLR(o, 1.0, total_steps=8),
+    "cyclic": lambda o: torch.optim.lr_scheduler.CyclicLR(o, 0.01, 0.1, step_size_up=2),
+}
+
+
+@pytest.mark.parametrize("name", list(SCHEDULERS))
+def test_add_param_group_keeps_schedule(name):
+    _, _, ref = lr_trace(SCHEDULERS[name], 6)
+    opt, sched, lrs = lr_trace(SCHEDULERS[name], 6, extra=True)
+    assert lrs == pytest.approx(ref)
+    assert len(opt.param_groups) == 2 and opt.param_groups[1]["weight_decay"] == 0
+    assert opt.param_groups[1]["lr"] == pytest.approx(opt.param_groups[0]["lr"])  # the new group is scheduled
+    remove_last_param_group(opt, [sched])
+    assert len(opt.param_groups) == 1 and len(sched.base_lrs) == 1
+    sched.step()
+
+
+# ------------------------------------------------------------------------------------ callback end to end
+from obc_lightning.callback import OBCQuantize  # noqa: E402  (after the Lightning-free unit tests)
+
+
+def mlp_data(n=64):
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(n, 8, generator=g)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    return TensorDataset(x, y)
+
+
+class MLP(pl.LightningModule):
+    """2-layer MLP; records the optimizer's lrs and the momentum buffer at the start of every epoch."""
+
+    def __init__(self, scheduler=True):
+        super().__init__()
+        torch.manual_seed(0)
+        self.fc1 = nn.Linear(8, 16)
+        self.fc2 = nn.Linear(16, 3)
+        self.scheduler = scheduler
+        self.lrs, self.buffers, self.n_groups = [], [], []
+
+    def forward(self, x):
+        return self.fc2(self.fc1(x).relu())
+
+    def training_step(self, batch, batch_idx):
+        x, y = batch
+        return nn.functional.cross_entropy(self(x), y)
+
+    def validation_step(self, batch, batch_idx):
+        x, y = batch
+        logits = self(x)
+        self.log("val_loss", nn.functional.cross_entropy(logits, y))
+        self.log("val_acc", (logits.argmax(1) == y).float().mean())
+
+    def on_train_epoch_start(self):
+        opt = self.trainer.optimizers[0]
+        latent = self.fc1.parametrizations.weight.original if parametrize.is_parametrized(self.fc1) else self.fc1.weight
+        self.lrs.append([g["lr"] for g in opt.param_groups])
+        self.n_groups.append(len(opt.param_groups))
+        self.buffers.append(opt.state.get(latent, {}).get("momentum_buffer"))
+
+    def configure_optimizers(self):
+        opt = torch.optim.SGD(self.parameters(), lr=0.1, momentum=0.9, weight_decay=1e-4)
+        if not self.scheduler:
+            return opt
+        return {"optimizer": opt, "lr_scheduler": torch.optim.lr_scheduler.StepLR(opt, step_size=1, gamma=0.5)}
+
+
+def fit(tmp_path, cb, model=None, max_epochs=4, **kw):
+    model = model or MLP()
+    args = dict(
+        max_epochs=max_epochs,
+        accelerator="cpu",
+        devices=1,
+        logger=CSVLogger(tmp_path),
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        enable_checkpointing=False,
+        default_root_dir=tmp_path,
+        log_every_n_steps=1,
+    )
+    args.update(kw)
+    t = pl.Trainer(callbacks=[cb] if cb is not None else [], **args)
+    t.fit(model, DataLoader(mlp_data(), batch_size=16), DataLoader(mlp_data(32), batch_size=16))
+    return t, model
+
+
+def csv_rows(t):
+    with open(t.logger.experiment.metrics_file_path) as f:
+        return list(csv.DictReader(f))
+
+
+def test_ste_loop_reports_finetuned_and_keeps_optimizer_state(tmp_path):
+    model = MLP()
+    fc1_weight = model.fc1.weight
+    cb = OBCQuantize(bits=2, calibration_batches=2, finetune="ste", finetune_epochs=2, monitor="val_acc", plot=False)
+    t, model = fit(tmp_path, cb, model)
+    rows = csv_rows(t)
+    final = [r for r in rows if r.get("obc/val_acc_finetuned")]
+    assert len(final) == 1 and float(final[0]["obc/finetune_epochs"]) == 2
+    assert any(r.get("obc/val_acc_after") for r in rows) and any(r.get("obc/val_acc_before") for r in rows)
+    assert cb.metrics["obc/finetune_epochs"] == 2 and "obc/val_acc_finetuned" in cb.metrics
+    # the weights are plain Parameters (the same objects) and on the OBC grid
+    assert not parametrize.is_parametrized(model.fc1) and model.fc1.weight is fc1_weight
+    for name in ("fc1", "fc2"):
+        w = getattr(model, name).weight.detach()
+        assert torch.equal(cb._quantizers[name].eval()(w), w)
+    # K = 4 - 2 - 1 = 1: compression after epoch 1; the latent Parameter's momentum buffer carries on
+    assert model.buffers[2] is model.buffers[1] is not None
+    opt = t.optimizers[0]
+    assert opt.param_groups[0]["params"][0] is fc1_weight
+    assert opt.state[fc1_weight]["momentum_buffer"] is model.buffers[1]
+
+
+def test_ternary_loop_adds_scales_to_optimizer_and_keeps_lr_schedule(tmp_path):
+    _, ref = fit(tmp_path / "ref", None)
+    cb = OBCQuantize(
+        finetune="ternary", finetune_epochs=2, ternary_skip_first_last=False, monitor="val_acc", plot=False
+    )
+    t, model = fit(tmp_path, cb)
+    assert [lrs[0] for lrs in model.lrs] == pytest.approx([lrs[0] for lrs in ref.lrs])  # 0.1, 0.05, ...
+    assert model.n_groups == [1, 1, 2, 2]  # scales added after epoch K = 1, removed at the end
+    assert model.lrs[2][1] == pytest.approx(model.lrs[2][0]) and model.lrs[3][1] == pytest.approx(model.lrs[3][0])
+    assert len(t.optimizers[0].param_groups) == 1 and t.lr_scheduler_configs[0].scheduler.base_lrs == [0.1]
+    for name in ("fc1", "fc2"):
+        w = getattr(model, name).weight
+        assert type(w) is nn.Parameter and len(w.unique()) <= 3
+        q = cb._quantizers[name]
+        assert set(w.unique().tolist()) <= {q.w_p.item(), 0.0, -q.w_n.item()}
+    assert cb.metrics["obc/avg_bits"] == pytest.approx((2 * 8 * 16 + 64 + 2 * 16 * 3 + 64) / (8 * 16 + 16 * 3))
+    assert "obc/val_acc_finetuned" in cb.metrics
+
+
+def test_noise_loop_penalty_lowers_bits(tmp_path):
+    cb = OBCQuantize(
+        bits=6, finetune="noise", finetune_epochs=2, noise_group_size=4, noise_penalty=1e7, monitor="val_acc",
+        plot=False,
+    )
+    t, model = fit(tmp_path, cb, MLP(scheduler=False))
+    assert cb.metrics["obc/noise_bits"] < 3  # from 6 bits: the size penalty's gradient was applied
+    q = cb._quantizers["fc1"]
+    w = model.fc1.weight.detach()
+    assert not parametrize.is_parametrized(model.fc1)
+    assert torch.equal(q.eval()(w), w)  # on each group's uniform grid already
+    assert cb.metrics["obc/finetune_epochs"] == 2
+
+
+def test_budget_met_stops_early_without_parametrization(tmp_path):
+    cb = OBCQuantize(
+        bits=8, calibration_batches=2, finetune="ste", finetune_epochs=2, monitor="val_acc", max_drop=1.0,
+        plot=False,
+    )
+    t, model = fit(tmp_path, cb)
+    assert t.current_epoch == 2 and len(model.lrs) == 2  # epochs 2 and 3 were skipped
+    assert not parametrize.is_parametrized(model.fc1) and not parametrize.is_parametrized(model.fc2)
+    assert cb._quantizers == {} and cb.metrics["obc/finetune_epochs"] == 0
+    assert "obc/val_acc_after" in cb.metrics and "obc/val_acc_finetuned" not in cb.metrics
+    assert len(t.optimizers[0].param_groups) == 1
+
+
+def test_state_is_plain_and_mid_finetuning_resume_raises(tmp_path):
+    cb = OBCQuantize(finetune="ste", finetune_epochs=1, monitor="val_acc", max_drop=0.5, plot=False)
+    state = cb.state_dict()
+    torch.save(state, tmp_path / "s.pt")
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["finetune"]["phase"] == "idle"
+    state["finetune"]["phase"] = "finetuning"
+    with pytest.raises(RuntimeError, match="mid-fine-tuning"):
+        OBCQuantize(finetune="ste").load_state_dict(state)
+
+
+def test_finetune_epochs_must_leave_training(tmp_path):
+    with pytest.raises(ValueError, match="finetune_epochs=4 must be < max_epochs=4"):
+        fit(tmp_path, OBCQuantize(finetune="ste", finetune_epochs=4))
+    with pytest.raises(ValueError, match="ternary_skip_first_last"):
+        fit(tmp_path, OBCQuantize(finetune="ternary", finetune_epochs=1))
+
+
+def test_fit_ending_before_compression_epoch_compresses_at_end(tmp_path):
+    cb = OBCQuantize(bits=4, calibration_batches=2, finetune="ste", finetune_epochs=2, plot=False)
+    with pytest.warns(UserWarning, match="without fine-tuning"):
+        t, model = fit(tmp_path, cb, max_steps=3)
+    assert cb._phase == "done" and cb.metrics["obc/finetune_epochs"] == 0
+    assert not parametrize.is_parametrized(model.fc1) and cb.quantized_modules == ["fc1", "fc2"]
+
+
+def test_noise_penalty_backward_scaled_by_amp_and_accumulation():
+    from types import SimpleNamespace
+
+    class Scaler:
+        def is_enabled(self):
+            return True
+
+        def get_scale(self):
+            return 4.0
+
+    q = NoiseQuantizer(torch.randn(2, 8), group_size=8, min_bits=2, max_bits=8, init_bits=4)
+    cb = OBCQuantize(finetune="noise", noise_penalty=3.0)
+    cb._phase, cb._quantizers = "finetuning", {"layer": q}
+    trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=Scaler()), accumulate_grad_batches=2)
+    cb.on_after_backward(trainer, None)
+    s = torch.sigmoid(q.logits.detach())
+    expected = 3.0 * 8 / 8 / 2**20 * (8 - 2) * s * (1 - s) * 4.0 / 2
+    assert torch.allclose(q.logits.grad, expected)
