@@ -159,6 +159,9 @@ class OBCQuantize(Callback):
         verbose: print the summary table.
         export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
             created if missing.
+        sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
+            samples (tokens / conv positions), drawn at random; 1/32 cuts a CNN's calibration time ~5x
+            at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
         monitor: the validation metric (a name logged in ``validation_step``) that ``max_drop`` bounds.
         mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
         max_drop: accuracy budget in the monitored metric's own units (0.01 = one point for an accuracy
@@ -215,6 +218,7 @@ class OBCQuantize(Callback):
         plot: bool = True,
         verbose: bool = True,
         export_path: str | os.PathLike | None = None,
+        sample_fraction: float = 1.0,
         monitor: str | None = None,
         mode: str = "max",
         max_drop: float | None = None,
@@ -285,6 +289,12 @@ class OBCQuantize(Callback):
             or os.path.isdir(export_path)
         ):
             raise ValueError(f"OBCQuantize: export_path must be a file path or None, got {export_path!r}")
+        if (
+            isinstance(sample_fraction, bool)
+            or not isinstance(sample_fraction, (int, float))
+            or not 0 < sample_fraction <= 1
+        ):
+            raise ValueError(f"OBCQuantize: sample_fraction must be in (0, 1], got {sample_fraction!r}")
         for kind, pats in (("include", include), ("exclude", exclude)):
             if (
                 pats is not None
@@ -309,6 +319,7 @@ class OBCQuantize(Callback):
         self.calibration_step = calibration_step
         self.evaluate, self.plot, self.verbose = evaluate, plot, verbose
         self.export_path = None if export_path is None else os.fspath(export_path)
+        self.sample_fraction = float(sample_fraction)
 
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -386,6 +397,7 @@ class OBCQuantize(Callback):
             "sequential": self.sequential,
             "offload": self.offload,
             "calibration_batches": self.calibration_batches,
+            "sample_fraction": self.sample_fraction,
             "include": self.include
             if self.include is None or isinstance(self.include, str)
             else list(self.include),
@@ -529,6 +541,7 @@ class OBCQuantize(Callback):
             offload=self.offload,
             reduce_fn=_all_reduce_fn(trainer),
             keep_results=keep_results,
+            sample_fraction=self.sample_fraction,
         )
 
     def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:

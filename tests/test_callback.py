@@ -125,6 +125,15 @@ def test_end_to_end_metrics_in_csv(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
+def test_sample_fraction_reaches_calibration(tmp_path):
+    model = Net()
+    cb = OBCQuantize(bits=4, calibration_batches=3, sample_fraction=0.25, evaluate=False, plot=False)
+    trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
+    assert cb.report["head"].n_samples == 6  # a quarter of 3 batches x 8 samples
+    assert cb.config["sample_fraction"] == 0.25
+    on_grid(cb.report, model)
+
+
 def test_error_chart_reaches_tensorboard(tmp_path):
     pytest.importorskip("matplotlib")
     from lightning.pytorch.loggers import TensorBoardLogger
@@ -249,6 +258,8 @@ def test_checkpoint_round_trip(tmp_path):
         ({"calibration_step": "fn"}, "calibration_step"),
         ({"include": 3}, "include"),
         ({"sequential": 1}, "sequential"),
+        ({"sample_fraction": 0}, "sample_fraction"),
+        ({"sample_fraction": 2.0}, "sample_fraction"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):
