@@ -10,6 +10,15 @@ Two ways to quantize:
   (``solver="obc"``: ExactOBC; ``solver="auto"``: per row the best of ExactOBC and GPTQ, polished) or
   with plain round-to-nearest on a per-channel grid; prints a table of fp32 vs quantized accuracy.
 
+Quantization-aware fine-tuning (``--finetune ste|ternary|noise``): start from trained fp32 weights
+(``--load-fp32``, or train ``--epochs`` first), then one ``trainer.fit`` of N + 1 epochs (N =
+``--finetune-epochs``) with ``OBCQuantize(finetune=mode, finetune_epochs=N, monitor="val_acc",
+max_drop=...)``. The callback compresses at the end of epoch ``max_epochs - N - 1`` = 0; epoch 0 is a
+*pass-through* epoch here (``training_step`` returns ``None``: no forward, no update, BatchNorm statistics
+untouched), so compression sees exactly the loaded fp32 weights. The N fine-tuning epochs use SGD
+(momentum 0.9, Nesterov) with a cosine learning rate from ``--finetune-lr`` to 0 over their steps. Prints
+fp32 / post-training / fine-tuned accuracy, average bits and size.
+
 Data:
 
 * ``--subset PATH`` (default ``../shared/data/cifar10_subset.npz`` next to the repository): an npz with
@@ -24,6 +33,8 @@ Examples::
     python examples/cifar.py --model resnet20 --epochs 30 --bits 4
     python examples/cifar.py --model resnet20 --epochs 30 --bits 4 3 2 --rtn --out results.json
     python examples/cifar.py --data-dir ~/data --model resnet18 --epochs 30 --accelerator gpu --bits 4 3
+    python examples/cifar.py --load-fp32 fp32.pt --bits 2 --solvers obc --finetune ste --finetune-epochs 3
+    python examples/cifar.py --load-fp32 fp32.pt --finetune noise --finetune-epochs 5 --noise-penalty 1e3
 """
 
 from __future__ import annotations
@@ -318,6 +329,126 @@ def results_table(results: dict) -> str:
     return "\n".join(lines)
 
 
+# ------------------------------------------------------------------------------------- fine-tuning
+class FinetuneClassifier(CifarClassifier):
+    """:class:`CifarClassifier` with a fine-tuning schedule for ``OBCQuantize(finetune=...)``.
+
+    The first ``passthrough_epochs`` epochs do nothing (``training_step`` returns ``None``, so Lightning
+    skips backward and the optimizer step): the callback compresses at the end of an epoch, and this way
+    it compresses the weights as loaded. Afterwards: SGD (momentum 0.9, Nesterov, weight decay on the
+    weights only) with lr = ``lr`` · ½ (1 + cos(π t / T)), t the optimizer step, T the steps of the
+    fine-tuning epochs; set per batch on every parameter group (including the one the callback adds
+    for TTQ scales / DiffQ logits).
+    """
+
+    def __init__(self, model: str = "resnet20", lr: float = 0.01, weight_decay: float = 5e-4, passthrough_epochs: int = 1):
+        super().__init__(model, lr=lr, weight_decay=weight_decay)
+        self.passthrough_epochs = passthrough_epochs
+
+    def training_step(self, batch, batch_idx):
+        if self.current_epoch < self.passthrough_epochs:
+            return None
+        return super().training_step(batch, batch_idx)
+
+    def on_train_batch_start(self, batch, batch_idx):
+        total = max(1, (self.trainer.max_epochs - self.passthrough_epochs) * self.trainer.num_training_batches)
+        lr = self.hparams.lr * 0.5 * (1 + math.cos(math.pi * min(self.trainer.global_step, total) / total))
+        for group in self.trainer.optimizers[0].param_groups:
+            group["lr"] = lr
+
+    def configure_optimizers(self):
+        decay, no_decay = [], []
+        for p in self.parameters():
+            (decay if p.dim() > 1 else no_decay).append(p)
+        return torch.optim.SGD(
+            [{"params": decay, "weight_decay": self.hparams.weight_decay}, {"params": no_decay, "weight_decay": 0.0}],
+            lr=self.hparams.lr,
+            momentum=0.9,
+            nesterov=True,
+        )
+
+
+def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataModule, results: dict) -> dict:
+    """Fine-tune the fp32 weights of ``lit`` with ``OBCQuantize(finetune=args.finetune)``; fills ``results``."""
+    from obc_lightning.callback import OBCQuantize
+
+    model = FinetuneClassifier(args.model, lr=args.finetune_lr)
+    model.load_state_dict(lit.state_dict())
+    devices = int(args.devices) if str(args.devices).isdigit() else args.devices
+    solver = args.solvers[0] if args.solvers else "auto"
+    calib = dm.calibration_batches(args.calibration_images, batch_size=args.batch_size, seed=args.seed)
+    cb = OBCQuantize(
+        bits=args.bits[0],
+        solver=solver,
+        calibration_dataloader=calib,
+        finetune=args.finetune,
+        finetune_epochs=args.finetune_epochs,
+        monitor="val_acc",
+        max_drop=args.max_drop,
+        noise_penalty=args.noise_penalty,
+        plot=False,
+        verbose=not args.quiet,
+    )
+    trainer = L.Trainer(
+        max_epochs=args.finetune_epochs + 1,
+        accelerator=args.accelerator,
+        devices=devices,
+        callbacks=([EpochPrinter()] if args.quiet else []) + [cb],
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=not args.quiet,
+        enable_model_summary=not args.quiet,
+        num_sanity_val_steps=0,
+    )
+    t0 = time.perf_counter()
+    trainer.fit(model, datamodule=dm)
+    m = cb.metrics
+    pct = {k: 100 * m[f"obc/val_acc_{k}"] for k in ("before", "after", "finetuned") if f"obc/val_acc_{k}" in m}
+    results.update(
+        finetune=args.finetune,
+        bits=args.bits[0],
+        finetune_epochs=int(m.get("obc/finetune_epochs", 0)),
+        finetune_lr=args.finetune_lr,
+        fp32_acc=pct.get("before"),
+        after_acc=pct.get("after"),
+        acc=pct.get("finetuned", pct.get("after")),
+        avg_bits=m.get("obc/avg_bits"),
+        size_mb_before=m.get("obc/size_mb_before"),
+        size_mb=m.get("obc/size_mb_after"),
+        compression_ratio=m.get("obc/compression_ratio"),
+        finetune_seconds=time.perf_counter() - t0,
+    )
+    if args.finetune == "noise":
+        results["noise_penalty"] = args.noise_penalty
+        results["noise_bits"] = m.get("obc/noise_bits")
+    per_layer = {}
+    for name, q in cb._quantizers.items():
+        if args.finetune == "ternary":
+            per_layer[name] = {"w_p": float(q.w_p), "w_n": float(q.w_n)}
+        elif args.finetune == "noise":
+            per_layer[name] = {"mean_bits": float(q.rounded_bits().mean())}
+    if per_layer:
+        results["per_layer"] = per_layer
+        for name, v in per_layer.items():
+            print(f"  {name:<28} " + " ".join(f"{k} {x:.4f}" for k, x in v.items()))
+    print(finetune_table(results))
+    return results
+
+
+def finetune_table(r: dict) -> str:
+    def acc(v):
+        return "-" if v is None else f"{v:.2f}%"
+
+    head = f"{'fp32':>8} | {'post-training':>13} | {'fine-tuned':>10} | {'avg bits':>8} | {'size MB':>8} | {'ratio':>5}"
+    row = (
+        f"{acc(r['fp32_acc']):>8} | {acc(r['after_acc']):>13} | "
+        f"{acc(r['acc']) if r['finetune_epochs'] else '-':>10} | "
+        f"{r['avg_bits']:8.3f} | {r['size_mb']:8.4f} | {r['compression_ratio']:5.2f}"
+    )
+    label = f"{r['finetune']} ({r['bits']}-bit start), {r['finetune_epochs']} epoch(s) at lr {r['finetune_lr']:g}"
+    return "\n".join([label, head, "-" * len(head), row])
+
+
 # ------------------------------------------------------------------------------------------- main
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
@@ -354,6 +485,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--save-fp32", type=Path, default=None, help="write the trained fp32 state_dict here")
     p.add_argument("--load-fp32", type=Path, default=None, help="skip training: load this fp32 state_dict")
+    ft = p.add_argument_group("quantization-aware fine-tuning")
+    ft.add_argument("--finetune", choices=["ste", "ternary", "noise"], default=None, help="fine-tuning mode")
+    ft.add_argument("--finetune-epochs", type=int, default=3, help="N: epochs of fine-tuning")
+    ft.add_argument("--finetune-lr", type=float, default=0.01, help="start of the cosine learning rate")
+    ft.add_argument(
+        "--max-drop", type=float, default=None, help="skip fine-tuning if val_acc (a fraction) drops by at most this"
+    )
+    ft.add_argument("--noise-penalty", type=float, default=1.0, help="DiffQ: weight of the size term (per MB)")
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar / model summary (for tests and logs)")
     return p
@@ -368,7 +507,15 @@ def run(args: argparse.Namespace) -> dict:
     lit = CifarClassifier(args.model, lr=args.lr)
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     # the callback quantizes inside fit, so saving / loading fp32 weights needs the comparison path
-    use_callback = len(args.bits) == 1 and not args.rtn and args.load_fp32 is None and args.save_fp32 is None
+    if args.finetune is not None and (len(args.bits) != 1 or args.rtn):
+        raise SystemExit("--finetune takes one --bits value (the OBC / initial bit width) and no --rtn")
+    use_callback = (
+        len(args.bits) == 1
+        and not args.rtn
+        and args.load_fp32 is None
+        and args.save_fp32 is None
+        and args.finetune is None
+    )
     callbacks: list[L.Callback] = [EpochPrinter()] if args.quiet else []
     if use_callback:
         from obc_lightning.callback import OBCQuantize
@@ -419,6 +566,10 @@ def run(args: argparse.Namespace) -> dict:
         print(
             f"val_acc fp32 {100 * before:.2f}% -> {args.bits[0]}-bit {100 * after:.2f}% ({100 * (after - before):+.2f})"
         )
+    elif args.finetune is not None:
+        if args.save_fp32 is not None:
+            torch.save(lit.state_dict(), args.save_fp32)
+        run_finetune(args, lit, dm, results)
     else:
         if args.save_fp32 is not None:
             torch.save(lit.state_dict(), args.save_fp32)

@@ -178,7 +178,8 @@ class OBCQuantize(Callback):
         ternary_skip_first_last: keep the first and the last target module (in registration order) at
             full precision in ``"ternary"`` mode, as in the TTQ paper.
         noise_group_size, noise_min_bits, noise_max_bits: DiffQ groups (consecutive weights of a row,
-            one learned bit width each) and the bit-width range.
+            one learned bit width each; the range min / max is per row) and the bit-width range. Stored
+            size: round(b) bits per weight + fp16 min and max per row + the bit width per group.
         noise_penalty: weight of the model-size term ``penalty · size_mb`` added to the task loss.
 
     Fine-tuning (``finetune`` set): at the end of epoch K = ``max_epochs - finetune_epochs - 1`` the
@@ -226,7 +227,7 @@ class OBCQuantize(Callback):
         finetune_epochs: int = 1,
         ternary_threshold: float = 0.05,
         ternary_skip_first_last: bool = True,
-        noise_group_size: int = 8,
+        noise_group_size: int = 16,
         noise_min_bits: float = 2.0,
         noise_max_bits: float = 8.0,
         noise_penalty: float = 1.0,

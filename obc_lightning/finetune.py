@@ -103,6 +103,13 @@ class STEQuantizer(nn.Module):
 
 
 # ------------------------------------------------------------------------------------------ ternary
+def _grad_scaled(scale: Tensor, mask: Tensor) -> Tensor:
+    """``scale`` with its gradient multiplied by 1/√(number of weights in ``mask``) (value unchanged)."""
+    k = 1.0 / math.sqrt(max(int(mask.sum()), 1))
+    scaled = scale * k
+    return scale.detach() + (scaled - scaled.detach())  # exactly ``scale`` (x − x = 0), gradient k
+
+
 class TernaryQuantizer(nn.Module):
     r"""Trained ternary quantization (TTQ): w_t ∈ {−w_n, 0, +w_p} with learned positive scalars.
 
@@ -115,6 +122,13 @@ class TernaryQuantizer(nn.Module):
                                    taken as −w_n — the descent direction is the one here)
         ∂L/∂w̃  = w_p·g on I_p,  1·g on I_z,  w_n·g on I_n     (scaled straight-through estimator)
     Initialisation: w_p (w_n) = mean |w̃| over I_p (I_n) of the initial weights.
+
+    Gradient scale of the two scalars (LSQ, Esser et al. 2020): the optimizer sees
+        ∂L/∂w_p · 1/√|I_p|   and   ∂L/∂w_n · 1/√|I_n|
+    (the value is unchanged). Without it a sum over thousands of weights, stepped at the latent weights'
+    SGD learning rate, moves w_p by far more than its own size (ResNet-20: w_p ≈ 0.1, Σ_{I_p} g ≈ 3 per
+    batch) and drives it negative -- the network collapsed to chance level at lr 0.01 and 0.05. Adam
+    (the paper's optimizer) is invariant to this scale; SGD is not.
     """
 
     def __init__(self, weight: Tensor, threshold: float = 0.05) -> None:
@@ -138,8 +152,8 @@ class TernaryQuantizer(nn.Module):
 
     def forward(self, w: Tensor) -> Tensor:
         pos, neg = self.masks(w)
-        # value w_p·1[I_p] − w_n·1[I_n]; autograd gives ∂/∂w_p = Σ_{I_p} g and ∂/∂w_n = −Σ_{I_n} g
-        wt = self.w_p * pos - self.w_n * neg
+        # value w_p·1[I_p] − w_n·1[I_n]; ∂/∂w_p = Σ_{I_p} g / √|I_p| and ∂/∂w_n = −Σ_{I_n} g / √|I_n|
+        wt = _grad_scaled(self.w_p, pos) * pos - _grad_scaled(self.w_n, neg) * neg
         if not self.training:
             return wt
         coef = torch.where(pos, self.w_p.detach(), torch.where(neg, self.w_n.detach(), torch.ones_like(w)))
@@ -152,25 +166,30 @@ class TernaryQuantizer(nn.Module):
 
 # -------------------------------------------------------------------------------------------- noise
 class NoiseQuantizer(nn.Module):
-    r"""DiffQ: pseudo-quantization noise with a learned bit width per group of weights.
+    r"""DiffQ: pseudo-quantization noise with a learned bit width per group, range per output channel.
 
-    Weights of a row are cut into groups of ``group_size`` consecutive entries (the last one may be
-    shorter). One logit per group (parameters: rows · n_groups, not one per weight):
+    Layout (DiffQ's, made per output channel): each row of the weight (one output channel, the matrix
+    the OBC grids are defined on) has one range [min_r, max_r] of its latent weights; the row is cut into
+    groups of ``group_size`` consecutive entries (the last one may be shorter), each with one learned bit
+    width (parameters: rows · n_groups logits, not one per weight):
         b = min_bits + (max_bits − min_bits) · σ(logit)
-        Δ = (max(w_g) − min(w_g)) / (2^b − 1)                (min / max of the group's latent weights)
+        Δ = (max_r − min_r) / (2^b − 1)                       (the row's range, the group's bit width)
     train:  w + Δ · u,  u ~ U(−½, ½)  (fresh each forward)   →  |noise| ≤ Δ/2
-    eval:   b̂ = round(b); Δ̂ = (max − min) / (2^b̂ − 1); q = min + round((w − min) / Δ̂) · Δ̂
-    Size (MB, differentiable): Σ_groups n_g · b / 8 / 2^20 (:meth:`size_mb`); the training objective adds
-    ``penalty · size_mb`` to the task loss.
+    eval:   b̂ = round(b); Δ̂ = (max_r − min_r) / (2^b̂ − 1); q = min_r + round((w − min_r) / Δ̂) · Δ̂
+            (every weight of the row lies in [min_r, max_r], so no clipping; codes 0 … 2^b̂ − 1)
+    Size (MB, differentiable): Σ_groups n_g · b / 8 / 2^20 (:meth:`size_mb`, the codes only); the
+    training objective adds ``penalty · size_mb`` to the task loss. The stored size
+    (:meth:`storage_bits`) adds the per-row range and the per-group bit widths.
 
     min / max are *not* detached: as in the DiffQ reference code (``scale = p.max() - p.min()``, taken
-    there over the whole tensor), the noise amplitude's gradient also reaches the extreme weights.
+    there over the whole tensor, here per row), the noise amplitude's gradient also reaches the row's
+    extreme weights.
     """
 
     def __init__(
         self,
         weight: Tensor,
-        group_size: int = 8,
+        group_size: int = 16,
         min_bits: float = 2.0,
         max_bits: float = 8.0,
         init_bits: float = 4.0,
@@ -202,41 +221,44 @@ class NoiseQuantizer(nn.Module):
     def rounded_bits(self) -> Tensor:
         return self.bits().detach().round()
 
-    def _grouped(self, w: Tensor) -> Tensor:
-        """(rows, n_groups, group_size); the last group is padded with its own last value (same min/max)."""
-        w2 = _rows(w)
-        pad = self.n_groups * self.group_size - self.cols
-        if pad:
-            w2 = torch.cat([w2, w2[:, -1:].expand(-1, pad)], dim=1)
-        return w2.reshape(self.rows, self.n_groups, self.group_size)
+    @property
+    def bit_width_bits(self) -> int:
+        """Bits that store one group's bit width: ceil(log2(number of possible rounded widths))."""
+        n = round(self.max_bits) - round(self.min_bits) + 1
+        return max(1, math.ceil(math.log2(n)))
 
-    def _ungrouped(self, g: Tensor, like: Tensor) -> Tensor:
-        return g.reshape(self.rows, -1)[:, : self.cols].reshape(like.shape)
+    def _per_entry(self, g: Tensor) -> Tensor:
+        """(rows, n_groups) -> (rows, cols): each weight gets its group's value."""
+        idx = torch.arange(self.cols, device=g.device) // self.group_size
+        return g[:, idx]
 
     def step(self, w: Tensor, bits: Tensor) -> tuple[Tensor, Tensor]:
-        """(min, Δ) of every group, each (rows, n_groups, 1), for the given bit widths."""
-        g = self._grouped(w)
-        lo, hi = g.amin(dim=2, keepdim=True), g.amax(dim=2, keepdim=True)
-        return lo, (hi - lo) / (2 ** bits.to(w.dtype).unsqueeze(-1) - 1)
+        """(min_r, Δ) of every weight, each (rows, cols): the row's minimum and its group's step."""
+        w2 = _rows(w)
+        lo, hi = w2.amin(dim=1, keepdim=True), w2.amax(dim=1, keepdim=True)  # (rows, 1)
+        delta = (hi - lo) / (2 ** self._per_entry(bits.to(w2.dtype)) - 1)
+        return lo.expand_as(w2), delta
 
     def forward(self, w: Tensor) -> Tensor:
-        g = self._grouped(w)
+        w2 = _rows(w)
         if self.training:
             _, delta = self.step(w, self.bits())
-            return self._ungrouped(g + delta * (torch.rand_like(g) - 0.5), w)
+            return (w2 + delta * (torch.rand_like(w2) - 0.5)).view_as(w)
         lo, delta = self.step(w, self.rounded_bits())
         safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-        q = lo + torch.round((g - lo) / safe) * delta
-        return self._ungrouped(torch.where(delta > 0, q, g), w)
+        q = lo + torch.round((w2 - lo) / safe) * delta
+        return torch.where(delta > 0, q, w2).view_as(w)  # a constant row is left as it is
 
     def size_mb(self, exact: bool = False) -> Tensor:
-        """Σ_groups n_g · b / 8 / 2^20: the weights' size in MB (``exact``: rounded bits, no gradient)."""
+        """Σ_groups n_g · b / 8 / 2^20: the codes' size in MB (``exact``: rounded bits, no gradient)."""
         b = self.rounded_bits() if exact else self.bits()
         return (b * self.group_numel.to(b.dtype)).sum() / 8 / 2**20
 
     def storage_bits(self, numel: int) -> int:
-        """round(b) bits per weight + per group an fp16 min, an fp16 step and a uint8 bit width."""
-        return int(float((self.rounded_bits() * self.group_numel).sum())) + 40 * self.rows * self.n_groups
+        """round(b) bits per weight + per row an fp16 min and an fp16 max (32 bits) + per group its bit
+        width in ``ceil(log2(round(max_bits) − round(min_bits) + 1))`` bits."""
+        codes = int(float((self.rounded_bits() * self.group_numel).sum()))
+        return codes + 32 * self.rows + self.bit_width_bits * self.rows * self.n_groups
 
 
 # --------------------------------------------------------------------------------- model-level glue
@@ -298,7 +320,7 @@ def attach_ternary(model: nn.Module, names: Iterable[str], threshold: float = 0.
 def attach_noise(
     model: nn.Module,
     names: Iterable[str],
-    group_size: int = 8,
+    group_size: int = 16,
     min_bits: float = 2.0,
     max_bits: float = 8.0,
     init_bits: float = 4.0,

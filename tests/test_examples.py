@@ -165,3 +165,31 @@ def test_quickstart_runs_and_keeps_accuracy():
     assert res["before"] > 0.85  # 5 epochs on the digits already separate them well
     assert res["after"] > res["before"] - 0.05
     assert len(res["report"].modules) == 4
+
+
+@needs_subset
+@pytest.mark.parametrize("mode", ["ste", "noise"])
+def test_cifar_finetune_path(tmp_path, mode, capsys):
+    """--load-fp32 + --finetune: epoch 0 passes through (compression sees the loaded weights), 1 epoch of
+    fine-tuning, then the table. Tiny: 128 training images, 64 test images."""
+    ckpt = tmp_path / "fp32.pt"
+    torch.manual_seed(0)
+    lit = cifar.CifarClassifier("resnet20")
+    torch.save(lit.state_dict(), ckpt)
+    tiny = [a for a in QUICK]
+    tiny[tiny.index("--limit-train") + 1], tiny[tiny.index("--limit-test") + 1] = "128", "64"
+    res = cifar.main(
+        tiny
+        + ["--load-fp32", str(ckpt), "--bits", "4", "--solvers", "gptq", "--finetune", mode]
+        + ["--finetune-epochs", "1", "--finetune-lr", "0.01", "--noise-penalty", "0"]
+    )
+    assert res["finetune"] == mode and res["finetune_epochs"] == 1
+    # the pass-through epoch leaves the loaded weights alone: "before" is the loaded model's accuracy
+    lit.eval()
+    data = cifar.load_subset(SUBSET).limit(128, 64)
+    assert res["fp32_acc"] == pytest.approx(cifar.evaluate(lit, cifar.CifarDataModule(data).val_dataloader()))
+    for key in ("after_acc", "acc"):
+        assert 0 <= res[key] <= 100
+    assert 4 < res["avg_bits"] < 4.5 and 0.1 < res["size_mb"] < 0.15  # ~270k weights at ~4 bits
+    out = capsys.readouterr().out
+    assert "post-training" in out and "fine-tuned" in out

@@ -73,10 +73,25 @@ def test_ternary_init_forward_and_gradients_by_hand():
     assert torch.allclose(out.detach(), torch.tensor([[2.0, -1.25, 0.0, 2.0, -1.25, 0.0]]))
     g = torch.tensor([[1.0, 2.0, 3.0, 4.0, 5.0, 6.0]])
     out.backward(g)
-    assert q.w_p.grad.item() == pytest.approx(1.0 + 4.0)  # Σ_{I_p} g
-    assert q.w_n.grad.item() == pytest.approx(-(2.0 + 5.0))  # −Σ_{I_n} g
+    # Σ_{I_p} g and −Σ_{I_n} g, each scaled by 1/√|I| (LSQ gradient scale; |I_p| = |I_n| = 2)
+    assert q.w_p.grad.item() == pytest.approx((1.0 + 4.0) / 2**0.5)
+    assert q.w_n.grad.item() == pytest.approx(-(2.0 + 5.0) / 2**0.5)
     # latent: w_p·g on I_p, g on I_z, w_n·g on I_n
     assert torch.allclose(w.grad, torch.tensor([[2.0 * 1, 1.25 * 2, 3.0, 2.0 * 4, 1.25 * 5, 6.0]]))
+
+
+def test_ternary_scale_gradient_is_lsq_scaled_and_sgd_keeps_scales_positive():
+    # 10 000 positive / 10 000 negative weights, a uniform upstream gradient of 1e-3 · (−1): Σ g = −10 per side
+    torch.manual_seed(0)
+    w0 = torch.cat([torch.rand(10_000) + 0.5, -(torch.rand(10_000) + 0.5)]).reshape(200, 100)
+    q = TernaryQuantizer(w0)
+    (q(w0.clone().requires_grad_(True)) * -1e-3).sum().backward()
+    assert q.w_p.grad.item() == pytest.approx(-10 / 100, rel=1e-5)  # Σ g / √10 000
+    assert q.w_n.grad.item() == pytest.approx(10 / 100, rel=1e-5)
+    # a plain SGD step at a weight learning rate of 0.05 moves w_p (≈ 1) by 0.5 %, not by 50 %
+    w_p = q.w_p.item()
+    torch.optim.SGD(q.parameters(), lr=0.05).step()
+    assert 0 < q.w_p.item() - w_p < 0.01 * w_p
 
 
 def test_ternary_eval_has_three_values():
@@ -88,18 +103,31 @@ def test_ternary_eval_has_three_values():
 
 
 # ---------------------------------------------------------------------------------------------- noise
-def test_noise_bounded_by_half_step():
+def test_noise_bounded_by_half_step_of_row_range():
     torch.manual_seed(0)
-    # groups of 4; logits 0 → b = 2 + (4 − 2)·½ = 3 bits → Δ = range / 7
+    # one row, range [-1, 3] (4 wide); groups of 4 with 3 and 5 bits → Δ = 4/7 and 4/31
     w = torch.tensor([[0.0, 1.0, 2.0, 3.0, -1.0, 1.0, 0.0, 0.5]])
-    q = NoiseQuantizer(w, group_size=4, min_bits=2, max_bits=4, init_bits=3)
-    assert torch.allclose(q.bits(), torch.full((1, 2), 3.0))
+    q = NoiseQuantizer(w, group_size=4, min_bits=2, max_bits=6, init_bits=4)
+    with torch.no_grad():
+        q.logits.copy_(torch.tensor([[0.25, 0.75]]).logit())  # σ⁻¹(¼), σ⁻¹(¾): b = 2 + 4·¼ = 3, 2 + 4·¾ = 5
+    assert torch.allclose(q.bits(), torch.tensor([[3.0, 5.0]]), atol=1e-5)
     assert q.logits.shape == (1, 2)  # one parameter per group, not per weight
-    delta = torch.tensor([3.0 / 7] * 4 + [2.0 / 7] * 4)
-    for _ in range(50):
-        noise = q(w) - w
-        assert (noise.abs() <= delta / 2 + 1e-7).all()
-    assert noise.abs().max() > 0
+    delta = torch.tensor([4.0 / 7] * 4 + [4.0 / 31] * 4)
+    lo, step = q.step(w, q.bits().detach())
+    assert torch.allclose(step, delta[None], atol=1e-5) and torch.equal(lo, torch.full((1, 8), -1.0))
+    worst = torch.zeros(8)
+    for _ in range(200):
+        noise = (q(w) - w)[0]
+        assert (noise.abs() <= delta / 2 + 1e-6).all()
+        worst = torch.maximum(worst, noise.abs())
+    assert (worst > delta / 4).all()  # the noise fills its interval, group by group
+
+
+def test_noise_range_is_per_row():
+    w = torch.tensor([[0.0, 1.0, 0.5, 0.2], [0.0, 10.0, 5.0, 2.0]])
+    q = NoiseQuantizer(w, group_size=2, min_bits=2, max_bits=4, init_bits=3)
+    _, step = q.step(w, torch.full((2, 2), 2.0))
+    assert torch.allclose(step, torch.tensor([[1 / 3] * 4, [10 / 3] * 4]))
 
 
 def test_noise_penalty_gradient_wrt_logit():
@@ -108,27 +136,51 @@ def test_noise_penalty_gradient_wrt_logit():
     penalty = 0.7
     noise_penalty([q], penalty).backward()
     s = torch.sigmoid(q.logits.detach())
+    # ∂/∂logit of penalty · n_g · b / 8 / 2^20 with b = 2 + 6σ(logit), n_g = 8
     expected = penalty * 8 / 8 / 2**20 * (8 - 2) * s * (1 - s)
     assert torch.allclose(q.logits.grad, expected)
 
 
-def test_noise_eval_uniform_grid_with_rounded_bits_and_short_last_group():
-    w = torch.tensor([[0.0, 0.1, 0.35, 1.0, 5.0]])  # groups of 4: [0, .1, .35, 1], [5] (short)
-    q = NoiseQuantizer(w, group_size=4, min_bits=2, max_bits=4, init_bits=2.2)  # round(2.2) = 2 bits
+def test_noise_eval_on_each_groups_grid_with_short_last_group():
+    # one row, range [0, 3]; groups of 2: [0, .4] at 2 bits, [1.3, 2.9] at 3 bits, [3] (short) at 2 bits
+    w = torch.tensor([[0.0, 0.4, 1.3, 2.9, 3.0]])
+    q = NoiseQuantizer(w, group_size=2, min_bits=2, max_bits=4, init_bits=3)
+    with torch.no_grad():
+        q.logits.copy_(torch.tensor([[-3.0, 0.3, -3.0]]))  # b ≈ 2.09, 3.15, 2.09 → rounded 2, 3, 2
+    assert q.rounded_bits().tolist() == [[2.0, 3.0, 2.0]]
     out = q.eval()(w)
-    # 2 bits on [0, 1]: step 1/3 → levels {0, 1/3, 2/3, 1}; a constant group is left as it is
-    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 1.0 / 3, 1.0, 5.0]]))
-    assert q.group_numel.tolist() == [4.0, 1.0]
-    assert q.size_mb(exact=True).item() == pytest.approx(2 * 5 / 8 / 2**20)
+    # 2 bits: step 3/3 = 1 → {0, 1, 2, 3}; 3 bits: step 3/7 → 1.3 ≈ 3·(3/7) = 1.2857, 2.9 ≈ 7·(3/7) = 3
+    assert torch.allclose(out, torch.tensor([[0.0, 0.0, 9 / 7, 3.0, 3.0]]))
+    assert q.group_numel.tolist() == [2.0, 2.0, 1.0]
+    assert q.size_mb(exact=True).item() == pytest.approx((2 * 2 + 3 * 2 + 2 * 1) / 8 / 2**20)
+    codes = (out - 0.0) / torch.tensor([[1.0, 1.0, 3 / 7, 3 / 7, 1.0]])
+    assert torch.allclose(codes, codes.round(), atol=1e-5)
+
+
+def test_noise_storage_formula():
+    # 3 rows x 40 cols, groups of 16 → 16, 16, 8; bits 2..8 → 7 widths → 3 bits per group
+    q = NoiseQuantizer(torch.randn(3, 40), group_size=16, min_bits=2, max_bits=8, init_bits=4)
+    assert q.bit_width_bits == 3 and q.rounded_bits().unique().tolist() == [4.0]
+    assert q.storage_bits(120) == 4 * 120 + 32 * 3 + 3 * 3 * 3
+    with torch.no_grad():
+        q.logits[0, 2] = 10.0  # 8 bits on the short group of row 0
+    assert q.storage_bits(120) == 4 * 120 + (8 - 4) * 8 + 32 * 3 + 3 * 3 * 3
+    # 2..4 bits: 3 widths → 2 bits each; 1..2 bits: 2 widths → 1 bit
+    assert NoiseQuantizer(torch.randn(2, 8), group_size=4, min_bits=2, max_bits=4).bit_width_bits == 2
+    assert NoiseQuantizer(torch.randn(2, 8), group_size=4, min_bits=1, max_bits=2, init_bits=1.5).bit_width_bits == 1
+    # default layout: 16-weight groups, 4 bits: 4 + 3/16 bits per weight + 32 bits per row
+    big = NoiseQuantizer(torch.randn(64, 576))
+    assert big.group_size == 16 and big.storage_bits(64 * 576) == 64 * 576 * 4 + 64 * 32 + 64 * 36 * 3
 
 
 def test_noise_latent_min_max_not_detached():
     w = torch.tensor([[0.0, 1.0, 2.0, 3.0]], requires_grad=True)
-    q = NoiseQuantizer(w.detach(), group_size=4, min_bits=2, max_bits=4, init_bits=3)
+    q = NoiseQuantizer(w.detach(), group_size=2, min_bits=2, max_bits=4, init_bits=3)
     torch.manual_seed(1)
     q(w).sum().backward()
     assert q.logits.grad is not None and q.logits.grad.abs().sum() > 0
-    assert w.grad[0, 0] != 1 or w.grad[0, 3] != 1  # the range's gradient reaches the extremes
+    assert w.grad[0, 0] != 1 or w.grad[0, 3] != 1  # the row range's gradient reaches the extremes
+    assert w.grad[0, 1] == 1 and w.grad[0, 2] == 1  # interior weights: identity
 
 
 # ------------------------------------------------------------------------------- parametrize / finalize
