@@ -28,10 +28,10 @@ __version__ = "0.1.0"
 
 def __getattr__(name):
     # the callback is the only module that imports lightning: load it on first use
-    if name == "OBCQuantize":
-        from obc_lightning.callback import OBCQuantize
+    if name in ("OBCQuantize", "OBCPrune"):
+        from obc_lightning import callback
 
-        return OBCQuantize
+        return getattr(callback, name)
     raise AttributeError(f"module 'obc_lightning' has no attribute {name!r}")
 
 
@@ -44,6 +44,7 @@ __all__ = [
     "LayerHessian",
     "ModuleReport",
     "NoiseQuantizer",
+    "OBCPrune",
     "OBCQuantize",
     "PruneResult",
     "QuantResult",

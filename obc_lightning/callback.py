@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from obc_lightning import finetune as ft
 from obc_lightning.calibration import call_model
-from obc_lightning.compress import SOLVERS, compress_model, select_modules
+from obc_lightning.compress import SOLVERS, _check_prune_args, compress_model, select_modules
 from obc_lightning.grids import check_bits
 from obc_lightning.reporting import CompressionReport, error_figure
 
@@ -159,6 +159,8 @@ class OBCQuantize(Callback):
         verbose: print the summary table.
         export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
             created if missing.
+        sparsity, n_m: prune with OBS before quantizing (the pruned weights stay exactly 0), see
+            :func:`~obc_lightning.compress.compress_model`; ``bits=None`` prunes only (:class:`OBCPrune`).
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
             samples (tokens / conv positions), drawn at random; 1/32 cuts a CNN's calibration time ~5x
             at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
@@ -201,7 +203,7 @@ class OBCQuantize(Callback):
 
     def __init__(
         self,
-        bits: int = 4,
+        bits: int | None = 4,
         *,
         group_size: int | None = None,
         symmetric: bool = False,
@@ -220,6 +222,8 @@ class OBCQuantize(Callback):
         verbose: bool = True,
         export_path: str | os.PathLike | None = None,
         sample_fraction: float = 1.0,
+        sparsity: float | None = None,
+        n_m: tuple[int, int] | None = None,
         monitor: str | None = None,
         mode: str = "max",
         max_drop: float | None = None,
@@ -232,7 +236,19 @@ class OBCQuantize(Callback):
         noise_max_bits: float = 8.0,
         noise_penalty: float = 1.0,
     ) -> None:
-        check_bits(bits)
+        if bits is not None or (sparsity is None and n_m is None):
+            check_bits(bits)
+        _check_prune_args(bits, sparsity, n_m, {})  # values now; M against each module's inputs in setup
+        if (sparsity is not None or n_m is not None) and finetune is not None:
+            raise ValueError(
+                "OBCQuantize: fine-tuning a pruned model (the mask held fixed) is not supported yet; "
+                "use sparsity / n_m without finetune"
+            )
+        if bits is None and export_path is not None:
+            raise ValueError(
+                "OBCQuantize: export_path writes quantized codes; a pruned float model (bits=None) is saved "
+                "with its state dict"
+            )
         self._check_finetune_args(
             monitor, mode, max_drop, finetune, finetune_epochs, ternary_threshold, ternary_skip_first_last,
             noise_group_size, noise_min_bits, noise_max_bits, noise_penalty, evaluate, export_path,
@@ -321,6 +337,7 @@ class OBCQuantize(Callback):
         self.evaluate, self.plot, self.verbose = evaluate, plot, verbose
         self.export_path = None if export_path is None else os.fspath(export_path)
         self.sample_fraction = float(sample_fraction)
+        self.sparsity, self.n_m = sparsity, None if n_m is None else tuple(n_m)
 
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -399,6 +416,8 @@ class OBCQuantize(Callback):
             "offload": self.offload,
             "calibration_batches": self.calibration_batches,
             "sample_fraction": self.sample_fraction,
+            "sparsity": self.sparsity,
+            "n_m": None if self.n_m is None else list(self.n_m),
             "include": self.include
             if self.include is None or isinstance(self.include, str)
             else list(self.include),
@@ -453,6 +472,8 @@ class OBCQuantize(Callback):
         if stage == "fit":
             # a typo in include / exclude surfaces before training, not after it
             targets = select_modules(pl_module, self.include, self.exclude)
+            # bad sparsity / N:M (e.g. M not dividing a module's inputs) surfaces before training
+            _check_prune_args(self.bits, self.sparsity, self.n_m, targets)
             if self.finetune is not None:
                 self._check_schedule(trainer)
                 if self.finetune == "ternary" and not self._ternary_targets(targets):
@@ -543,6 +564,8 @@ class OBCQuantize(Callback):
             reduce_fn=_all_reduce_fn(trainer),
             keep_results=keep_results,
             sample_fraction=self.sample_fraction,
+            sparsity=self.sparsity,
+            n_m=self.n_m,
         )
 
     def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -567,7 +590,7 @@ class OBCQuantize(Callback):
             metrics[f"obc/{name}_after"] = value
         self._export(trainer, pl_module, report, metrics)
         lines = [
-            f"OBCQuantize: {self.bits}-bit, solver={self.solver}, {len(batches)} calibration batches",
+            f"{type(self).__name__}: {self._what()}, {len(batches)} calibration batches",
             report.table(),
         ]
         for name in before:
@@ -608,6 +631,14 @@ class OBCQuantize(Callback):
                     if isinstance(lg, TensorBoardLogger):
                         lg.experiment.add_figure("obc/rel_error", fig, global_step=trainer.global_step, close=False)
                 plt.close(fig)
+
+    def _what(self) -> str:
+        parts = [] if self.bits is None else [f"{self.bits}-bit, solver={self.solver}"]
+        if self.sparsity is not None:
+            parts.insert(0, f"OBS {self.sparsity:.0%} unstructured")
+        if self.n_m is not None:
+            parts.insert(0, f"OBS {self.n_m[0]}:{self.n_m[1]}")
+        return " + ".join(parts)
 
     # ------------------------------------------------------------------ fine-tuning
     def _ternary_targets(self, targets: Mapping[str, torch.nn.Module]) -> list[str]:
@@ -896,3 +927,30 @@ def _recode(weight: Tensor, results: list) -> list:
         codes = r.grid.codes(w.to(r.grid.scales.dtype))
         out.append(replace(r, codes=codes.to(r.codes.dtype), quantized_matrix=r.grid.dequantize(codes)))
     return out
+
+
+class OBCPrune(OBCQuantize):
+    """Prune the model's Linear / Conv1d / Conv2d weights with Optimal Brain Surgeon at the end of ``fit``.
+
+    ``Trainer(callbacks=[OBCPrune(sparsity=0.5)])`` or ``OBCPrune(n_m=(2, 4))``: the same calibration,
+    evaluation, report and logging as :class:`OBCQuantize` (``obc/sparsity`` and
+    ``obc/<module>/sparsity`` among the metrics), with :func:`~obc_lightning.solvers.prune.obs_prune` in
+    place of the quantizer: unstructured sparsity with the layer-wise global selection, or N:M (for
+    convs along the input channels at each kernel position). The weights stay in full precision; for
+    pruning and quantization together use ``OBCQuantize(bits=4, n_m=(2, 4))``.
+
+    Args:
+        sparsity: fraction of each module's weights to remove (unstructured).
+        n_m: (N, M): at most N non-zeros in every M consecutive inputs.
+        **kwargs: the calibration, evaluation and reporting arguments of :class:`OBCQuantize`
+            (``include``, ``exclude``, ``damp``, ``calibration_batches``, ``sample_fraction``, ...).
+    """
+
+    def __init__(self, sparsity: float | None = None, n_m: tuple[int, int] | None = None, **kwargs) -> None:
+        if (sparsity is None) == (n_m is None):
+            raise ValueError(f"OBCPrune: give exactly one of sparsity=... or n_m=(N, M), got {sparsity=!r}, {n_m=!r}")
+        for arg in ("bits", "finetune", "export_path"):
+            if kwargs.get(arg) is not None:
+                raise ValueError(f"OBCPrune: {arg} is not an argument of OBCPrune (use OBCQuantize for quantization)")
+        kwargs.pop("bits", None)
+        super().__init__(None, sparsity=sparsity, n_m=n_m, **kwargs)

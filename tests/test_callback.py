@@ -385,3 +385,53 @@ def test_ddp_two_processes_identical_weights(tmp_path):
         assert torch.equal(p, r1["state_dict"][name]), name
     # evaluation metrics are reduced over ranks too
     assert r0["metrics"]["obc/val_loss_after"] == pytest.approx(r1["metrics"]["obc/val_loss_after"])
+
+
+def test_obcprune_n_m_end_to_end(tmp_path):
+    from obc_lightning import OBCPrune
+
+    model = Net()  # its conv has 2 input channels, no groups of 4: excluded
+    w0 = model.head.weight.detach().clone()
+    cb = OBCPrune(n_m=(2, 4), exclude="conv", calibration_batches=3, plot=False)
+    t = trainer(tmp_path, cb)
+    t.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
+    W = model.head.weight.detach()
+    assert (W.view(W.shape[0], -1, 4) != 0).sum(dim=2).max() <= 2  # at most 2 of every 4 kept
+    assert cb.report.sparsity == pytest.approx(0.5) and cb.quantized_modules == ["head"]
+    kept = W != 0
+    assert not torch.equal(W[kept], w0[kept])  # OBS compensated the kept weights
+    assert cb.metrics["obc/sparsity"] == pytest.approx(0.5) and "obc/head/sparsity" in cb.metrics
+    assert "obc/val_acc_after" in cb.metrics
+
+
+def test_obcquantize_joint_sparsity_and_bits(tmp_path):
+    model = Net()
+    cb = OBCQuantize(bits=4, sparsity=0.5, calibration_batches=3, evaluate=False, plot=False)
+    trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
+    W = model.head.weight.detach()
+    assert cb.report.sparsity == pytest.approx(0.5, abs=0.01)
+    assert (W == 0).float().mean() >= 0.49  # the pruned weights stay exactly 0 through quantization
+    on_grid(cb.report, model)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: __import__("obc_lightning").OBCPrune(), "exactly one"),
+        (lambda: __import__("obc_lightning").OBCPrune(sparsity=1.0), "sparsity"),
+        (lambda: __import__("obc_lightning").OBCPrune(n_m=(4, 4)), "n_m"),
+        (lambda: __import__("obc_lightning").OBCPrune(sparsity=0.5, bits=4), "bits"),
+        (lambda: OBCQuantize(bits=4, n_m=(2, 4), finetune="ste"), "not supported"),
+    ],
+)
+def test_prune_arguments_rejected(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_n_m_not_dividing_inputs_fails_before_training(tmp_path):
+    model = Net()  # conv has 2 input channels
+    cb = OBCQuantize(bits=4, n_m=(2, 4), calibration_batches=1)
+    with pytest.raises(ValueError, match="conv"):
+        trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
+    assert not model.conv.weight.eq(0).any()
