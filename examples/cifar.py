@@ -11,13 +11,12 @@ Two ways to quantize:
   with plain round-to-nearest on a per-channel grid; prints a table of fp32 vs quantized accuracy.
 
 Quantization-aware fine-tuning (``--finetune ste|ternary|noise``): start from trained fp32 weights
-(``--load-fp32``, or train ``--epochs`` first), then one ``trainer.fit`` of N + 1 epochs (N =
+(``--load-fp32``, or train ``--epochs`` first), then one ``trainer.fit`` of N epochs (N =
 ``--finetune-epochs``) with ``OBCQuantize(finetune=mode, finetune_epochs=N, monitor="val_acc",
-max_drop=...)``. The callback compresses at the end of epoch ``max_epochs - N - 1`` = 0; epoch 0 is a
-*pass-through* epoch here (``training_step`` returns ``None``: no forward, no update, BatchNorm statistics
-untouched), so compression sees exactly the loaded fp32 weights. The N fine-tuning epochs use SGD
-(momentum 0.9, Nesterov) with a cosine learning rate from ``--finetune-lr`` to 0 over their steps. Prints
-fp32 / post-training / fine-tuned accuracy, average bits and size.
+max_drop=...)``: with ``finetune_epochs == max_epochs`` the callback compresses the weights as loaded at
+the start of fit. The N fine-tuning epochs use SGD (momentum 0.9, Nesterov) with a cosine learning rate
+from ``--finetune-lr`` to 0 over their steps. Prints fp32 / post-training / fine-tuned accuracy, average
+bits and size.
 
 Data:
 
@@ -333,25 +332,17 @@ def results_table(results: dict) -> str:
 class FinetuneClassifier(CifarClassifier):
     """:class:`CifarClassifier` with a fine-tuning schedule for ``OBCQuantize(finetune=...)``.
 
-    The first ``passthrough_epochs`` epochs do nothing (``training_step`` returns ``None``, so Lightning
-    skips backward and the optimizer step): the callback compresses at the end of an epoch, and this way
-    it compresses the weights as loaded. Afterwards: SGD (momentum 0.9, Nesterov, weight decay on the
+    SGD (momentum 0.9, Nesterov, weight decay on the
     weights only) with lr = ``lr`` · ½ (1 + cos(π t / T)), t the optimizer step, T the steps of the
     fine-tuning epochs; set per batch on every parameter group (including the one the callback adds
     for TTQ scales / DiffQ logits).
     """
 
-    def __init__(self, model: str = "resnet20", lr: float = 0.01, weight_decay: float = 5e-4, passthrough_epochs: int = 1):
+    def __init__(self, model: str = "resnet20", lr: float = 0.01, weight_decay: float = 5e-4):
         super().__init__(model, lr=lr, weight_decay=weight_decay)
-        self.passthrough_epochs = passthrough_epochs
-
-    def training_step(self, batch, batch_idx):
-        if self.current_epoch < self.passthrough_epochs:
-            return None
-        return super().training_step(batch, batch_idx)
 
     def on_train_batch_start(self, batch, batch_idx):
-        total = max(1, (self.trainer.max_epochs - self.passthrough_epochs) * self.trainer.num_training_batches)
+        total = max(1, self.trainer.max_epochs * self.trainer.num_training_batches)
         lr = self.hparams.lr * 0.5 * (1 + math.cos(math.pi * min(self.trainer.global_step, total) / total))
         for group in self.trainer.optimizers[0].param_groups:
             group["lr"] = lr
@@ -390,7 +381,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         verbose=not args.quiet,
     )
     trainer = L.Trainer(
-        max_epochs=args.finetune_epochs + 1,
+        max_epochs=args.finetune_epochs,  # = finetune_epochs: compress the loaded weights at fit start
         accelerator=args.accelerator,
         devices=devices,
         callbacks=([EpochPrinter()] if args.quiet else []) + [cb],

@@ -175,7 +175,8 @@ class OBCQuantize(Callback):
             (DiffQ noise with a learned bit width per group, from the fp32 weights; ``bits`` is the
             initial bit width), or ``None`` (post-training only, at the end of fit).
         finetune_epochs: N, the epochs left for fine-tuning; compression then happens at the end of the
-            epoch with index ``max_epochs - N - 1`` (after its validation).
+            epoch with index ``max_epochs - N - 1`` (after its validation), or, with N = ``max_epochs``
+            (a model that arrives trained, e.g. loaded from a checkpoint), at the start of fit.
         ternary_threshold: TTQ threshold t (Δ = t · max|w| per layer).
         ternary_skip_first_last: keep the first and the last target module (in registration order) at
             full precision in ``"ternary"`` mode, as in the TTQ paper.
@@ -489,10 +490,10 @@ class OBCQuantize(Callback):
                 f"OBCQuantize: finetune needs Trainer(max_epochs=...) (got {max_epochs}): compression happens "
                 f"at the end of epoch max_epochs - finetune_epochs - 1"
             )
-        if self.finetune_epochs >= max_epochs:
+        if self.finetune_epochs > max_epochs:
             raise ValueError(
-                f"OBCQuantize: finetune_epochs={self.finetune_epochs} must be < max_epochs={max_epochs} (at least "
-                "one epoch of ordinary training comes first)"
+                f"OBCQuantize: finetune_epochs={self.finetune_epochs} must be <= max_epochs={max_epochs} (equal: "
+                "compress at the start of fit, for a model that arrives trained)"
             )
         if self.max_drop is not None and (trainer.min_epochs or 0) > self._compress_epoch(trainer) + 1:
             raise ValueError(
@@ -501,8 +502,14 @@ class OBCQuantize(Callback):
             )
 
     def _compress_epoch(self, trainer: Trainer) -> int:
-        """K: the epoch at whose end the model is compressed when fine-tuning."""
+        """K: the epoch at whose end the model is compressed when fine-tuning (-1: at the start of fit)."""
         return trainer.max_epochs - self.finetune_epochs - 1
+
+    def on_train_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the train and val dataloaders and the optimizers exist here (fit_loop.on_run_start)
+        if self.finetune is None or self._phase != "idle" or self._compress_epoch(trainer) != -1:
+            return
+        self._compress_for_finetune(trainer, pl_module, may_finetune=True)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # in Lightning 2.x the epoch's validation has already run (training_epoch_loop.on_advance_end)
@@ -699,7 +706,7 @@ class OBCQuantize(Callback):
             lines.append(
                 f"{self.monitor} worsened by {drop:.5g} ({'within' if within else 'over'} max_drop={self.max_drop:g})"
             )
-        self._start_epoch = trainer.current_epoch
+        self._start_epoch = self._compress_epoch(trainer) if may_finetune else trainer.current_epoch
         if within or not may_finetune:
             if self._quantizers:
                 ft.finalize_all(pl_module, self._quantizers)

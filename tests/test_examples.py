@@ -184,7 +184,7 @@ def test_cifar_finetune_path(tmp_path, mode, capsys):
         + ["--finetune-epochs", "1", "--finetune-lr", "0.01", "--noise-penalty", "0"]
     )
     assert res["finetune"] == mode and res["finetune_epochs"] == 1
-    # the pass-through epoch leaves the loaded weights alone: "before" is the loaded model's accuracy
+    # compression at fit start sees the loaded weights: "before" is the loaded model's accuracy
     lit.eval()
     data = cifar.load_subset(SUBSET).limit(128, 64)
     assert res["fp32_acc"] == pytest.approx(cifar.evaluate(lit, cifar.CifarDataModule(data).val_dataloader()))

@@ -409,11 +409,36 @@ def test_state_is_plain_and_mid_finetuning_resume_raises(tmp_path):
         OBCQuantize(finetune="ste").load_state_dict(state)
 
 
-def test_finetune_epochs_must_leave_training(tmp_path):
-    with pytest.raises(ValueError, match="finetune_epochs=4 must be < max_epochs=4"):
-        fit(tmp_path, OBCQuantize(finetune="ste", finetune_epochs=4))
+def test_finetune_epochs_at_most_max_epochs(tmp_path):
+    with pytest.raises(ValueError, match="finetune_epochs=5 must be <= max_epochs=4"):
+        fit(tmp_path, OBCQuantize(finetune="ste", finetune_epochs=5))
     with pytest.raises(ValueError, match="ternary_skip_first_last"):
         fit(tmp_path, OBCQuantize(finetune="ternary", finetune_epochs=1))
+
+
+def test_finetune_epochs_equal_max_epochs_compresses_at_fit_start(tmp_path):
+    """A model that arrives trained: compression before the first step, every epoch fine-tunes."""
+    model = MLP()
+    w0 = model.fc1.weight.detach().clone()
+    cb = OBCQuantize(bits=2, calibration_batches=2, finetune="ste", finetune_epochs=3, monitor="val_acc", plot=False)
+    t, model = fit(tmp_path, cb, model, max_epochs=3)
+    assert cb._start_epoch == -1 and cb.metrics["obc/finetune_epochs"] == 3
+    # "before" is the model as it arrived: evaluated before any optimizer step
+    assert len(model.lrs) == 3 and "obc/val_acc_before" in cb.metrics and "obc/val_acc_finetuned" in cb.metrics
+    assert not torch.equal(model.fc1.weight.detach(), w0)
+    for name in ("fc1", "fc2"):
+        w = getattr(model, name).weight.detach()
+        assert torch.equal(cb._quantizers[name].eval()(w), w)
+
+
+def test_budget_met_at_fit_start_trains_nothing(tmp_path):
+    model = MLP()
+    cb = OBCQuantize(
+        bits=8, calibration_batches=2, finetune="ste", finetune_epochs=2, monitor="val_acc", max_drop=1.0, plot=False
+    )
+    t, model = fit(tmp_path, cb, model, max_epochs=2)
+    assert len(model.lrs) == 0 and t.global_step == 0  # stopped before the first epoch
+    assert cb.metrics["obc/finetune_epochs"] == 0 and not parametrize.is_parametrized(model.fc1)
 
 
 def test_fit_ending_before_compression_epoch_compresses_at_end(tmp_path):
