@@ -2,18 +2,24 @@
 
     python benchmarks/prune.py                  # synthetic CNN-like layers and a ResNet-20 layer, CPU
     python benchmarks/prune.py --device cuda
+    python benchmarks/prune.py --published /path/to/IST-DASLab/OBC   # also its trueobs.py (not shipped)
 
 Objective: sum over rows of 1/2 (p - w) H (p - w)^T (H damped by 1 % of its mean diagonal, as the solver
 sees it), relative to plain magnitude pruning (= 1.000). Rows:
 - magnitude: the smallest |w| (over the layer / in every group of 4 input channels), no compensation;
 - magnitude+comp: the same mask, kept weights set to their optimal values (closed form);
-- OBS: :func:`obs_prune` (greedy OBS, global selection / N:M-restricted steps, fast engine).
+- OBS: :func:`obs_prune` (greedy OBS, global selection / N:M-restricted steps, fast engine);
+- published (with ``--published``): IST-DASLab/OBC ``TrueOBS`` on the same W and H, as a 3x3 Conv2d
+  (``prepare_unstr`` + ``prune_unstr`` for unstructured, ``nmprune`` for N:M along the input channels).
 ResNet-20 layer: random weights (no training), Hessian from random CIFAR-sized inputs.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import io
+import sys
 import time
 
 import torch
@@ -46,9 +52,37 @@ def resnet20_layer(name: str, gen: torch.Generator):
     return m.weight.detach().reshape(m.weight.shape[0], -1), lh.hessians[0], m.in_channels
 
 
+def published_prune(path: str, W, H, c_in: int, kw: dict):
+    """IST-DASLab/OBC's ``TrueOBS`` pruning of the same problem (a checkout the user points at)."""
+    sys.path.insert(0, path)
+    from trueobs import TrueOBS
+
+    layer = torch.nn.Conv2d(c_in, W.shape[0], 3, bias=False).to(W.device)
+    layer.weight.data = W.reshape(W.shape[0], c_in, 3, 3).clone()
+    obs = TrueOBS(layer, rel_damp=DAMP)
+    obs.H = H.double().clone()
+    sync = torch.cuda.synchronize
+    if W.device.type != "cuda":
+        torch.cuda.synchronize = lambda *a, **k: None  # it calls this unconditionally
+    try:
+        with contextlib.redirect_stdout(io.StringIO()):
+            t0 = time.perf_counter()
+            if "sparsity" in kw:
+                obs.prepare_unstr()
+                P = obs.prune_unstr([kw["sparsity"]])[0]
+            else:
+                n, m = kw["n_m"]
+                obs.nmprune(m - n, m)  # its (n, m) counts the weights removed per group; ours those kept
+                P = layer.weight.data.reshape(W.shape[0], -1)
+            return P.to(W.dtype), time.perf_counter() - t0
+    finally:
+        torch.cuda.synchronize = sync
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--device", default="cpu")
+    ap.add_argument("--published", default=None, help="path to a checkout of IST-DASLab/OBC to compare with")
     args = ap.parse_args()
     gen = torch.Generator().manual_seed(0)
     layers = [
@@ -61,7 +95,10 @@ def main() -> None:
         W, H = W.to(args.device), H.to(args.device, W.dtype)
         Hd = H + DAMP * H.diagonal().mean() * torch.eye(H.shape[0], device=H.device)
         gi = conv_nm_group_index(c_in, W.shape[1] // c_in, 4).to(args.device)
-        for pattern, kw in (("50%", dict(sparsity=0.5)), ("2:4", dict(n_m=(2, 4), group_index=gi))):
+        gi4 = gi
+        patterns = (("50%", dict(sparsity=0.5)), ("2:4", dict(n_m=(2, 4), group_index=gi4)),
+                    ("1:4", dict(n_m=(1, 4), group_index=gi4)))
+        for pattern, kw in patterns:
             t0 = time.perf_counter()
             mask = magnitude_prune(W, **kw)
             t_mag = time.perf_counter() - t0
@@ -74,8 +111,10 @@ def main() -> None:
                 torch.cuda.synchronize()
             t_obs = time.perf_counter() - t0
             base = float(layer_objective(W, W * mask, Hd).sum())
-            for method, P, t in (("magnitude", W * mask, t_mag), ("magnitude+comp", comp, t_comp),
-                                 ("OBS", res.pruned_matrix, t_obs)):
+            rows = [("magnitude", W * mask, t_mag), ("magnitude+comp", comp, t_comp), ("OBS", res.pruned_matrix, t_obs)]
+            if args.published:
+                rows.append(("published", *published_prune(args.published, W, H, c_in, kw)))
+            for method, P, t in rows:
                 obj = float(layer_objective(W, P, Hd).sum())
                 print(f"{name:<26}{pattern:<8}{method:<16}{obj:>12.4g}{obj / base:>8.3f}{t:>9.3f}")
 

@@ -436,7 +436,8 @@ def finetune_table(r: dict) -> str:
         f"{acc(r['acc']) if r['finetune_epochs'] else '-':>10} | "
         f"{r['avg_bits']:8.3f} | {r['size_mb']:8.4f} | {r['compression_ratio']:5.2f}"
     )
-    label = f"{r['finetune']} ({r['bits']}-bit start), {r['finetune_epochs']} epoch(s) at lr {r['finetune_lr']:g}"
+    start = "" if r["finetune"] == "ternary" else f" ({r['bits']}-bit start)"
+    label = f"{r['finetune']}{start}, {r['finetune_epochs']} epoch(s) at lr {r['finetune_lr']:g}"
     return "\n".join([label, head, "-" * len(head), row])
 
 
