@@ -188,9 +188,19 @@ def sample_count(module: nn.Module, x: Tensor) -> int:
     """How many samples (tokens or output positions) one input ``x`` gives the module."""
     if isinstance(module, nn.Linear):
         return x.numel() // x.shape[-1]
-    _, _, _, _, (Ho, Wo) = _padded_input(module, x[:1])
-    batch = 1 if x.dim() == (2 if isinstance(module, nn.Conv1d) else 3) else x.shape[0]
-    return batch * Ho * Wo
+    one_d = isinstance(module, nn.Conv1d)
+    batch = 1 if x.dim() == (2 if one_d else 3) else x.shape[0]
+    spatial = x.shape[-1:] if one_d else x.shape[-2:]
+    if isinstance(module.padding, str):  # "valid" or "same" (stride 1): same as the conv's own output
+        if module.padding == "same":
+            return batch * math.prod(spatial)
+        pads = (0,) * len(spatial)
+    else:
+        pads = module.padding
+    out = 1
+    for n, p, k, s, dl in zip(spatial, pads, module.kernel_size, module.stride, module.dilation):
+        out *= (n + 2 * p - dl * (k - 1) - 1) // s + 1
+    return batch * out
 
 
 class _Accumulator:
@@ -228,8 +238,8 @@ class _Accumulator:
         # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d (when
         # sampling, the unsampled activations are checked directly: one read of x)
         finite = torch.isfinite(xtx.diagonal(dim1=1, dim2=2)).all()
-        if positions is not None:
-            finite = finite & torch.isfinite(x).all()
+        if positions is not None:  # one reduction: a NaN or Inf anywhere in x makes the sum non-finite
+            finite = finite & torch.isfinite(x.sum())
         if not finite:
             raise ValueError(
                 f"collect_hessians: the input of module '{self.name}' ({type(self.module).__name__}) "

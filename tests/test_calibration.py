@@ -283,3 +283,22 @@ def test_sample_fraction_still_catches_nan_and_rejects_bad_fraction():
     for bad in (0, 1.5, -0.1, True):
         with pytest.raises(ValueError, match="sample_fraction"):
             collect_hessians(lin, [torch.randn(3, 4)], {"lin": lin}, sample_fraction=bad)
+
+
+@pytest.mark.parametrize(
+    "conv,shape",
+    [
+        (nn.Conv2d(2, 3, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (3, 2, 9, 7)),
+        (nn.Conv2d(2, 3, 4, padding="same"), (2, 2, 6, 5)),
+        (nn.Conv2d(2, 3, 3, padding="valid", padding_mode="reflect"), (2, 2, 6, 5)),
+        (nn.Conv2d(2, 3, 3, padding=1, padding_mode="circular"), (2, 6, 5)),  # unbatched
+        (nn.Conv1d(2, 3, 3, stride=2, padding=1, dilation=2), (2, 2, 11)),
+    ],
+)
+def test_sample_count_is_the_conv_output_positions(conv, shape):
+    from obc_lightning.calibration import sample_count
+
+    x = torch.randn(shape)
+    out = conv(x)
+    positions = out.numel() // conv.out_channels
+    assert sample_count(conv, x) == positions
