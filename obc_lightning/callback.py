@@ -170,7 +170,9 @@ class OBCQuantize(Callback):
             logged as a fraction): the largest allowed worsening after compression before fine-tuning is
             used. ``None``: with ``finetune`` set, always fine-tune.
         finetune: quantization-aware fine-tuning mode (:mod:`obc_lightning.finetune`): ``"ste"``
-            (straight-through on the OBC grid, latent weights start at the OBC result), ``"ternary"``
+            (straight-through on the OBC grid, latent weights start at the OBC result; with ``sparsity`` /
+            ``n_m`` the pruning mask is held fixed), ``"masked"`` (pruning only, :class:`OBCPrune`: the
+            kept weights train, the mask is held fixed), ``"ternary"``
             (trained ternary quantization from the fp32 weights; ``bits`` is not used), ``"noise"``
             (DiffQ noise with a learned bit width per group, from the fp32 weights; ``bits`` is the
             initial bit width), or ``None`` (post-training only, at the end of fit).
@@ -240,10 +242,16 @@ class OBCQuantize(Callback):
         if bits is not None or (sparsity is None and n_m is None):
             check_bits(bits)
         _check_prune_args(bits, sparsity, n_m, {})  # values now; M against each module's inputs in setup
-        if (sparsity is not None or n_m is not None) and finetune is not None:
+        pruning = sparsity is not None or n_m is not None
+        if pruning and finetune in ("ternary", "noise"):
             raise ValueError(
-                "OBCQuantize: fine-tuning a pruned model (the mask held fixed) is not supported yet; "
-                "use sparsity / n_m without finetune"
+                f"OBCQuantize: finetune={finetune!r} starts from the fp32 weights and cannot keep a pruning mask; "
+                "with sparsity / n_m use finetune='ste' (quantized) or OBCPrune(finetune='masked')"
+            )
+        if (finetune == "masked") != (finetune is not None and bits is None):
+            raise ValueError(
+                "OBCQuantize: finetune='masked' (train the kept weights, mask fixed) is the fine-tuning of a pruned "
+                f"float model (bits=None, OBCPrune); got finetune={finetune!r} with bits={bits!r}"
             )
         if bits is None and export_path is not None:
             raise ValueError(
@@ -639,6 +647,10 @@ class OBCQuantize(Callback):
                         lg.experiment.add_figure("obc/rel_error", fig, global_step=trainer.global_step, close=False)
                 plt.close(fig)
 
+    @property
+    def _pruning(self) -> bool:
+        return self.sparsity is not None or self.n_m is not None
+
     def _what(self) -> str:
         parts = [] if self.bits is None else [f"{self.bits}-bit, solver={self.solver}"]
         if self.sparsity is not None:
@@ -657,17 +669,17 @@ class OBCQuantize(Callback):
         fine-tuning parametrizations and extend the optimizer."""
         before = self._evaluate(trainer, pl_module) if self.evaluate else {}
         report = None
-        if self.finetune == "ste":
+        if self.finetune in ("ste", "masked"):
             batches = self._calibration_set(trainer, pl_module)
             if not batches:
                 rank_zero_warn("OBCQuantize: no calibration data; the model was not quantized")
                 self._phase = "done"
                 return
-            report = self._compress(trainer, pl_module, batches, keep_results=True)
+            report = self._compress(trainer, pl_module, batches, keep_results=self.bits is not None)
             self.quantized_modules = report.quantized
             self.skipped_modules = dict(report.skipped)
             metrics = report.metrics()
-            header = f"OBCQuantize: {self.bits}-bit, solver={self.solver}, {len(batches)} calibration batches"
+            header = f"{type(self).__name__}: {self._what()}, {len(batches)} calibration batches"
         else:
             targets = {
                 n: m
@@ -720,8 +732,12 @@ class OBCQuantize(Callback):
             self._publish(trainer, metrics, lines, report)
             return
 
+        # a pruned model keeps its mask: the weights that are 0 after compression stay 0
+        masks = ft.keep_masks(pl_module, report.quantized) if self._pruning else None
         if self.finetune == "ste":
-            self._quantizers = ft.attach_ste(pl_module, report.results)
+            self._quantizers = ft.attach_ste(pl_module, report.results, masks)
+        elif self.finetune == "masked":
+            self._quantizers = ft.attach_masks(pl_module, masks)
         params = [p for q in self._quantizers.values() for p in q.parameters()]
         if params:
             if trainer.optimizers:
@@ -946,6 +962,11 @@ class OBCPrune(OBCQuantize):
     convs along the input channels at each kernel position). The weights stay in full precision; for
     pruning and quantization together use ``OBCQuantize(bits=4, n_m=(2, 4))``.
 
+    With ``finetune="masked"`` (and ``finetune_epochs``, ``monitor``, ``max_drop`` as in
+    :class:`OBCQuantize`) the model is pruned before the last ``finetune_epochs`` epochs, and if the drop
+    is over budget those epochs train the kept weights with the mask held fixed (pruned weights stay 0
+    and get no gradient). ``OBCQuantize(bits=..., n_m=..., finetune="ste")`` does the same on the grid.
+
     Args:
         sparsity: fraction of each module's weights to remove (unstructured).
         n_m: (N, M): at most N non-zeros in every M consecutive inputs.
@@ -956,7 +977,12 @@ class OBCPrune(OBCQuantize):
     def __init__(self, sparsity: float | None = None, n_m: tuple[int, int] | None = None, **kwargs) -> None:
         if (sparsity is None) == (n_m is None):
             raise ValueError(f"OBCPrune: give exactly one of sparsity=... or n_m=(N, M), got {sparsity=!r}, {n_m=!r}")
-        for arg in ("bits", "finetune", "export_path"):
+        if kwargs.get("finetune") not in (None, "masked"):
+            raise ValueError(
+                f"OBCPrune: finetune must be 'masked' (train the kept weights with the mask fixed) or None, got "
+                f"{kwargs['finetune']!r}"
+            )
+        for arg in ("bits", "export_path"):
             if kwargs.get(arg) is not None:
                 raise ValueError(f"OBCPrune: {arg} is not an argument of OBCPrune (use OBCQuantize for quantization)")
         kwargs.pop("bits", None)

@@ -32,7 +32,7 @@ from obc_lightning.grids import round_to_grid
 if TYPE_CHECKING:
     from obc_lightning.solvers.common import QuantResult
 
-MODES = ("ste", "ternary", "noise")
+MODES = ("ste", "ternary", "noise", "masked")
 
 
 def _rows(w: Tensor) -> Tensor:
@@ -92,14 +92,48 @@ class STEQuantizer(nn.Module):
         s, z = s.to(w2.dtype), z.to(w2.dtype)
         q = round_to_grid(w2, s, z, self.maxq)
         if not self.training:
-            return q.view_as(w)
+            return _masked(self, q.view_as(w))
         inside = (w2 >= s * (0 - z)) & (w2 <= s * (self.maxq - z))
         # value q, gradient 1 inside the clip range and 0 outside: q + (w − sg(w)) · 1[inside]
-        return (q.detach() + (w2 - w2.detach()) * inside).view_as(w)
+        return _masked(self, (q.detach() + (w2 - w2.detach()) * inside).view_as(w))
 
     def storage_bits(self, numel: int) -> int:
         """Bits of the packed weight: ``n_bits`` per weight + fp16 scale and uint8 zero per row / group."""
         return self.n_bits * numel + 24 * self.scales.numel()
+
+
+def _masked(q: nn.Module, w: Tensor) -> Tensor:
+    """``w`` with the pruned entries (``q.mask`` False) held at exactly 0 and given no gradient."""
+    mask = getattr(q, "mask", None)
+    return w if mask is None else w * mask.to(w.dtype)
+
+
+class MaskedWeight(nn.Module):
+    """Fine-tuning a pruned float model with its mask fixed: forward ``w · mask`` (pruned weights stay 0
+    and get no gradient; the kept ones train as they are). Used after :func:`~obc_lightning.compress.
+    compress_model` pruned without quantizing (``OBCPrune(finetune="masked")``)."""
+
+    def __init__(self, mask: Tensor) -> None:
+        super().__init__()
+        self.register_buffer("mask", mask.detach().clone().bool())
+
+    def forward(self, w: Tensor) -> Tensor:
+        return _masked(self, w)
+
+    def storage_bits(self, numel: int) -> int:
+        """Dense float32 storage (no sparse format is modelled)."""
+        return 32 * numel
+
+
+def keep_masks(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
+    """``weight != 0`` of each named module: after pruning, the weights fine-tuning must keep at 0 (a kept
+    weight that quantized to exactly 0 is held there too, which only adds sparsity)."""
+    return {name: model.get_submodule(name).weight.detach() != 0 for name in names}
+
+
+def attach_masks(model: nn.Module, masks: Mapping[str, Tensor]) -> dict[str, MaskedWeight]:
+    """One :class:`MaskedWeight` per module of ``masks``."""
+    return {name: attach(model.get_submodule(name), MaskedWeight(mask)) for name, mask in masks.items()}
 
 
 # ------------------------------------------------------------------------------------------ ternary
@@ -275,7 +309,7 @@ def quantizer_of(module: nn.Module) -> nn.Module | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
     for p in module.parametrizations.weight:
-        if isinstance(p, (STEQuantizer, TernaryQuantizer, NoiseQuantizer)):
+        if isinstance(p, (STEQuantizer, TernaryQuantizer, NoiseQuantizer, MaskedWeight)):
             return p
     return None
 
@@ -289,16 +323,22 @@ def finalize(module: nn.Module) -> None:
     parametrize.remove_parametrizations(module, "weight", leave_parametrized=True)
 
 
-def attach_ste(model: nn.Module, results: Mapping[str, Sequence[QuantResult]]) -> dict[str, STEQuantizer]:
+def attach_ste(
+    model: nn.Module, results: Mapping[str, Sequence[QuantResult]], masks: Mapping[str, Tensor] | None = None
+) -> dict[str, STEQuantizer]:
     """One :class:`STEQuantizer` per module of ``results`` (name -> QuantResult list), on the module's device.
 
     The latent weights are the module's current weights: after ``compress_model`` those are the OBC
-    values, so fine-tuning starts exactly where post-training quantization ended.
+    values, so fine-tuning starts exactly where post-training quantization ended. ``masks`` (name ->
+    bool tensor of the weight's shape, False = pruned): those weights stay exactly 0 (a pruned model's
+    mask held fixed, e.g. its N:M pattern).
     """
     out = {}
     for name, res in results.items():
         m = model.get_submodule(name)
         q = STEQuantizer.from_results(list(res)).to(m.weight.device)
+        if masks is not None and name in masks:
+            q.register_buffer("mask", masks[name].detach().clone().bool().to(m.weight.device))
         if q.scales.shape[0] != m.weight.shape[0] or q.cols != _rows(m.weight).shape[1]:
             raise ValueError(
                 f"finetune: the grid of '{name}' ({q.scales.shape[0]} x {q.cols}) does not fit its weight "

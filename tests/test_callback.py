@@ -421,7 +421,7 @@ def test_obcquantize_joint_sparsity_and_bits(tmp_path):
         (lambda: __import__("obc_lightning").OBCPrune(sparsity=1.0), "sparsity"),
         (lambda: __import__("obc_lightning").OBCPrune(n_m=(4, 4)), "n_m"),
         (lambda: __import__("obc_lightning").OBCPrune(sparsity=0.5, bits=4), "bits"),
-        (lambda: OBCQuantize(bits=4, n_m=(2, 4), finetune="ste"), "not supported"),
+        (lambda: OBCQuantize(bits=4, n_m=(2, 4), finetune="ternary"), "cannot keep a pruning mask"),
     ],
 )
 def test_prune_arguments_rejected(make, match):

@@ -321,7 +321,8 @@ def fit(tmp_path, cb, model=None, max_epochs=4, **kw):
         log_every_n_steps=1,
     )
     args.update(kw)
-    t = pl.Trainer(callbacks=[cb] if cb is not None else [], **args)
+    args.setdefault("callbacks", [cb] if cb is not None else [])
+    t = pl.Trainer(**args)
     t.fit(model, DataLoader(mlp_data(), batch_size=16), DataLoader(mlp_data(32), batch_size=16))
     return t, model
 
@@ -467,3 +468,82 @@ def test_noise_penalty_backward_scaled_by_amp_and_accumulation():
     s = torch.sigmoid(q.logits.detach())
     expected = 3.0 * 8 / 8 / 2**20 * (8 - 2) * s * (1 - s) * 4.0 / 2
     assert torch.allclose(q.logits.grad, expected)
+
+
+# --- pruned models: the mask held fixed ---------------------------------------------------------------
+def test_masked_weight_forward_and_gradient():
+    from obc_lightning.finetune import MaskedWeight
+
+    mask = torch.tensor([[True, False], [False, True]])
+    q = MaskedWeight(mask)
+    w = torch.tensor([[1.5, -2.0], [0.3, 0.7]], requires_grad=True)
+    out = q(w)
+    assert torch.equal(out.detach(), torch.tensor([[1.5, 0.0], [0.0, 0.7]]))
+    out.sum().backward()
+    assert torch.equal(w.grad, mask.float())  # pruned weights get no gradient
+
+
+def test_ste_with_mask_keeps_pruned_weights_at_zero():
+    from obc_lightning.finetune import STEQuantizer
+
+    q = STEQuantizer(torch.tensor([[0.5]]), torch.tensor([[2.0]]), 2, None, 3)
+    q.register_buffer("mask", torch.tensor([[True, False, True]]))
+    w = torch.tensor([[0.4, 0.6, -0.2]], requires_grad=True)
+    out = q.train()(w)
+    out.sum().backward()
+    assert out[0, 1].item() == 0.0 and w.grad.tolist() == [[1.0, 0.0, 1.0]]
+    assert q.eval()(w.detach())[0, 1].item() == 0.0
+
+
+def test_n_m_quantized_finetune_keeps_pattern_and_grid(tmp_path):
+    cb = OBCQuantize(
+        bits=3, n_m=(2, 4), exclude="fc2", calibration_batches=2, finetune="ste", finetune_epochs=2,
+        monitor="val_acc", plot=False,
+    )
+    _, model = fit(tmp_path, cb)
+    W = model.fc1.weight.detach()
+    assert not parametrize.is_parametrized(model.fc1)
+    assert (W.view(W.shape[0], -1, 4) != 0).sum(dim=2).max() <= 2  # the 2:4 pattern survived training
+    assert torch.equal(cb._quantizers["fc1"].eval()(W), W)  # and the weights are on the grid
+    assert cb.metrics["obc/finetune_epochs"] == 2 and "obc/val_acc_finetuned" in cb.metrics
+
+
+def test_obcprune_masked_finetune_trains_kept_weights_only(tmp_path):
+    from obc_lightning import OBCPrune
+
+    model = MLP()
+    cb = OBCPrune(sparsity=0.5, calibration_batches=2, finetune="masked", finetune_epochs=2, monitor="val_acc",
+                  plot=False)
+    captured = {}
+
+    class Snapshot(pl.Callback):  # the weights right after pruning, before fine-tuning
+        def on_train_epoch_start(self, trainer, pl_module):
+            if cb._phase == "finetuning" and "w" not in captured:
+                captured["w"] = pl_module.fc1.parametrizations.weight.original.detach().clone()
+
+    _, model = fit(tmp_path, None, model, callbacks=[cb, Snapshot()])
+    W, W0 = model.fc1.weight.detach(), captured["w"]
+    pruned = W0 == 0
+    assert pruned.float().mean() >= 0.45 and torch.equal(W == 0, pruned)  # the same mask at the end
+    assert not torch.equal(W[~pruned], W0[~pruned])  # the kept weights trained
+    assert "obc/val_acc_finetuned" in cb.metrics and not parametrize.is_parametrized(model.fc1)
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(bits=4, n_m=(2, 4), finetune="ternary"), "cannot keep a pruning mask"),
+        (dict(bits=4, sparsity=0.5, finetune="noise"), "cannot keep a pruning mask"),
+        (dict(bits=4, finetune="masked"), "masked"),
+    ],
+)
+def test_pruned_finetune_modes_rejected(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OBCQuantize(**kwargs)
+
+
+def test_obcprune_rejects_quantizing_finetune():
+    from obc_lightning import OBCPrune
+
+    with pytest.raises(ValueError, match="masked"):
+        OBCPrune(sparsity=0.5, finetune="ste")
