@@ -89,14 +89,11 @@ def _check_prune_args(bits, sparsity, n_m, targets) -> None:
         raise ValueError(f"compress_model: give at most one of sparsity and n_m, got {sparsity=!r}, {n_m=!r}")
     if bits is None and sparsity is None and n_m is None:
         raise ValueError("compress_model: bits=None (no quantization) needs sparsity=... or n_m=(N, M)")
-    if sparsity is not None and (isinstance(sparsity, bool) or not isinstance(sparsity, (int, float))
-                                 or not 0 <= sparsity < 1):
-        raise ValueError(f"compress_model: sparsity must be a number in [0, 1), got {sparsity!r}")
+    from obc_lightning.solvers.prune import check_sparsity_pattern
+
+    check_sparsity_pattern("compress_model", sparsity, n_m)
     if n_m is None:
         return
-    if not (isinstance(n_m, (tuple, list)) and len(n_m) == 2
-            and all(isinstance(x, int) and not isinstance(x, bool) for x in n_m) and 0 <= n_m[0] < n_m[1]):
-        raise ValueError(f"compress_model: n_m must be a pair of integers (N, M) with 0 <= N < M, got {n_m!r}")
     for name, m in targets.items():
         d = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
         if d % n_m[1]:

@@ -260,6 +260,23 @@ def compensate(W: Tensor, H: Tensor, removed: Tensor, batch_size: int) -> Tensor
     return out
 
 
+def check_sparsity_pattern(fn: str, sparsity, n_m) -> None:
+    """The values of ``sparsity`` (in [0, 1)) and ``n_m`` (integers 0 <= N < M), each when given; shared by
+    :func:`obs_prune` and :func:`~obc_lightning.compress.compress_model`, which checks before any work."""
+    if sparsity is not None and (
+        isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1
+    ):
+        raise ValueError(f"{fn}: sparsity must be a number in [0, 1), got {sparsity!r}")
+    if n_m is None:
+        return
+    ok = isinstance(n_m, (tuple, list)) and len(n_m) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in n_m)
+    if not ok:
+        raise ValueError(f"{fn}: n_m must be a pair of integers (N, M), got {n_m!r}")
+    if not 0 <= n_m[0] < n_m[1]:
+        raise ValueError(f"{fn}: n_m=(N, M) needs 0 <= N < M, got {n_m!r}")
+
+
 def _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group_index) -> None:
     fn = "obs_prune"
     check_problem(fn, matrix, hessian, 8, None)  # bits unused: 8 is always valid
@@ -271,21 +288,14 @@ def _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group
             raise ValueError(f"{fn}: {name} must be a positive integer, got {v!r}")
     if method not in ("fast", "reference"):
         raise ValueError(f"{fn}: method must be 'fast' or 'reference', got {method!r}")
+    check_sparsity_pattern(fn, sparsity, n_m)
     if sparsity is not None:
-        if isinstance(sparsity, bool) or not isinstance(sparsity, (int, float)) or not 0 <= sparsity < 1:
-            raise ValueError(f"{fn}: sparsity must be a number in [0, 1), got {sparsity!r}")
         if d % block_size:
             raise ValueError(f"{fn}: block_size={block_size} must divide the {d} columns")
         if group_index is not None:
             raise ValueError(f"{fn}: group_index is for n_m pruning only")
         return
-    ok = isinstance(n_m, (tuple, list)) and len(n_m) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in n_m)
-    if not ok:
-        raise ValueError(f"{fn}: n_m must be a pair of integers (N, M), got {n_m!r}")
-    N, M = n_m
-    if not (M >= 1 and 0 <= N < M):
-        raise ValueError(f"{fn}: n_m=(N, M) needs 0 <= N < M, got {n_m!r}")
+    M = n_m[1]
     if block_size != 1:
         raise ValueError(f"{fn}: block_size applies to unstructured sparsity only, not to n_m")
     if group_index is None:
