@@ -4,11 +4,13 @@ from obc_lightning.solvers.common import HessianDampingWarning, QuantResult, lay
 from obc_lightning.solvers.gptq import gptq
 from obc_lightning.solvers.obc import exact_obc
 from obc_lightning.solvers.polish import polish
+from obc_lightning.solvers.pq import PQResult, product_quantize
 from obc_lightning.solvers.prune import PruneResult, obs_prune
 from obc_lightning.solvers.quantize import quantize_weight
 
 __all__ = [
     "HessianDampingWarning",
+    "PQResult",
     "PruneResult",
     "QuantResult",
     "exact_obc",
@@ -16,5 +18,6 @@ __all__ = [
     "layer_objective",
     "obs_prune",
     "polish",
+    "product_quantize",
     "quantize_weight",
 ]
