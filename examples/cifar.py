@@ -18,6 +18,12 @@ the start of fit. The N fine-tuning epochs use SGD (momentum 0.9, Nesterov) with
 from ``--finetune-lr`` to 0 over their steps. Prints fp32 / post-training / fine-tuned accuracy, average
 bits and size.
 
+Product quantization (``--method pq``): sub-vectors of ``--block-size`` inputs replaced by entries of
+one codebook of ``--n-centroids`` per layer (the first conv and the classifier stay fp32 unless
+``--exclude`` says otherwise: they have too few sub-vectors for a 256-entry codebook). Without
+``--finetune`` it compares plain k-means PQ (fairseq's iPQ) with Hessian-aware PQ after training; with
+``--finetune pq`` the codebooks are fine-tuned (assignments fixed) through ``OBCQuantize``.
+
 Data:
 
 * ``--subset PATH`` (default ``../shared/data/cifar10_subset.npz`` next to the repository): an npz with
@@ -34,6 +40,8 @@ Examples::
     python examples/cifar.py --data-dir ~/data --model resnet18 --epochs 30 --accelerator gpu --bits 4 3
     python examples/cifar.py --load-fp32 fp32.pt --bits 2 --solvers obc --finetune ste --finetune-epochs 3
     python examples/cifar.py --load-fp32 fp32.pt --finetune noise --finetune-epochs 5 --noise-penalty 1e3
+    python examples/cifar.py --load-fp32 fp32.pt --method pq --block-size 8 --n-centroids 256
+    python examples/cifar.py --load-fp32 fp32.pt --method pq --finetune pq --finetune-epochs 3
 """
 
 from __future__ import annotations
@@ -311,12 +319,57 @@ def compare_bits(
     return results
 
 
+def compare_pq(
+    lit: CifarClassifier,
+    dm: CifarDataModule,
+    methods: tuple[str, ...] = ("pq-kmeans", "pq"),
+    block_size: int = 8,
+    n_centroids: int = 256,
+    exclude=("conv1", "fc"),
+    calibration_images: int = 1024,
+    seed: int = 0,
+    log=print,
+) -> dict:
+    """Product-quantize copies of the trained ``lit`` with each method (``"pq-kmeans"``: plain k-means,
+    ``"pq"``: Hessian-aware); accuracies, sizes and timings."""
+    from obc_lightning.compress import compress_model as _compress
+
+    val = dm.val_dataloader()
+    fp32 = evaluate(lit, val)
+    log(f"fp32 val_acc {fp32:.2f}%")
+    device = next(lit.parameters()).device
+    calib = [x.to(device) for x in dm.calibration_batches(calibration_images, seed=seed)]
+    results = {"fp32_acc": fp32, "calibration_images": sum(len(x) for x in calib), "runs": []}
+    for method in methods:
+        model = copy.deepcopy(lit)
+        t0 = time.perf_counter()
+        report = _compress(
+            model, calib, method=method, block_size=block_size, n_centroids=n_centroids, exclude=list(exclude),
+            seed=seed,
+        )
+        seconds = time.perf_counter() - t0
+        acc = evaluate(model, val)
+        loss = sum(m.loss for m in report.modules)
+        results["runs"].append({
+            "bits": f"pq{block_size}x{n_centroids}", "method": method, "acc": acc, "seconds": seconds,
+            "compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits, "layer_loss": loss,
+        })
+        log(
+            f"{method:>9} b={block_size} K={n_centroids}: val_acc {acc:.2f}% ({acc - fp32:+.2f}), "
+            f"{report.avg_bits:.2f} bits/weight, sum of layer objectives {loss:.4g}, {seconds:.1f} s"
+        )
+    return results
+
+
 def results_table(results: dict) -> str:
     """Rows: bit widths; columns: methods; cells: accuracy (difference to fp32)."""
     if not results["runs"]:
         return f"fp32 accuracy: {results['fp32_acc']:.2f}%"
     methods = list(dict.fromkeys(r["method"] for r in results["runs"]))
-    names = {"rtn": "round-to-nearest", "obc": "ExactOBC", "auto": "auto (OBC|GPTQ)", "gptq": "GPTQ"}
+    names = {
+        "rtn": "round-to-nearest", "obc": "ExactOBC", "auto": "auto (OBC|GPTQ)", "gptq": "GPTQ",
+        "pq": "PQ (Hessian)", "pq-kmeans": "PQ (k-means)",
+    }
     head = f"{'bits':>4} | " + " | ".join(f"{names.get(m, m):>18}" for m in methods)
     lines = [f"fp32 accuracy: {results['fp32_acc']:.2f}%", head, "-" * len(head)]
     for bits in dict.fromkeys(r["bits"] for r in results["runs"]):
@@ -368,9 +421,18 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
     devices = int(args.devices) if str(args.devices).isdigit() else args.devices
     solver = args.solvers[0] if args.solvers else "auto"
     calib = dm.calibration_batches(args.calibration_images, batch_size=args.batch_size, seed=args.seed)
+    pq = {}
+    if args.method != "scalar":
+        pq = dict(
+            method=args.method, block_size=args.block_size, n_centroids=args.n_centroids,
+            exclude=args.exclude if args.exclude is not None else ["conv1", "fc"], pq_noise_rate=args.pq_noise_rate,
+        )
+    elif args.exclude:
+        pq = dict(exclude=args.exclude)
     cb = OBCQuantize(
         bits=args.bits[0],
         solver=solver,
+        **pq,
         calibration_dataloader=calib,
         finetune=args.finetune,
         finetune_epochs=args.finetune_epochs,
@@ -409,6 +471,8 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         compression_ratio=m.get("obc/compression_ratio"),
         finetune_seconds=time.perf_counter() - t0,
     )
+    if args.finetune == "pq":
+        results["pq"] = f"{args.method} b={args.block_size} K={args.n_centroids} noise rate {args.pq_noise_rate:g}"
     if args.finetune == "noise":
         results["noise_penalty"] = args.noise_penalty
         results["noise_bits"] = m.get("obc/noise_bits")
@@ -436,7 +500,7 @@ def finetune_table(r: dict) -> str:
         f"{acc(r['acc']) if r['finetune_epochs'] else '-':>10} | "
         f"{r['avg_bits']:8.3f} | {r['size_mb']:8.4f} | {r['compression_ratio']:5.2f}"
     )
-    start = "" if r["finetune"] == "ternary" else f" ({r['bits']}-bit start)"
+    start = {"ternary": "", "pq": f" ({r.get('pq')})"}.get(r["finetune"], f" ({r['bits']}-bit start)")
     label = f"{r['finetune']}{start}, {r['finetune_epochs']} epoch(s) at lr {r['finetune_lr']:g}"
     return "\n".join([label, head, "-" * len(head), row])
 
@@ -478,13 +542,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--save-fp32", type=Path, default=None, help="write the trained fp32 state_dict here")
     p.add_argument("--load-fp32", type=Path, default=None, help="skip training: load this fp32 state_dict")
     ft = p.add_argument_group("quantization-aware fine-tuning")
-    ft.add_argument("--finetune", choices=["ste", "ternary", "noise"], default=None, help="fine-tuning mode")
+    ft.add_argument("--finetune", choices=["ste", "ternary", "noise", "pq"], default=None, help="fine-tuning mode")
     ft.add_argument("--finetune-epochs", type=int, default=3, help="N: epochs of fine-tuning")
     ft.add_argument("--finetune-lr", type=float, default=0.01, help="start of the cosine learning rate")
     ft.add_argument(
         "--max-drop", type=float, default=None, help="skip fine-tuning if val_acc (a fraction) drops by at most this"
     )
     ft.add_argument("--noise-penalty", type=float, default=1.0, help="DiffQ: weight of the size term (per MB)")
+    ft.add_argument(
+        "--pq-noise-rate", type=float, default=1.0, help="finetune pq: fraction of sub-vectors quantized per step"
+    )
+    pq = p.add_argument_group("product quantization")
+    pq.add_argument("--method", choices=["scalar", "pq", "pq-kmeans"], default="scalar")
+    pq.add_argument("--block-size", type=int, default=8, help="inputs per sub-vector (9: one 3x3 kernel)")
+    pq.add_argument("--n-centroids", type=int, default=256, help="codebook entries per layer")
+    p.add_argument(
+        "--exclude", nargs="*", default=None, help="modules left in fp32 (default with --method pq: conv1 fc)"
+    )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
     p.add_argument("--quiet", action="store_true", help="no progress bar / model summary (for tests and logs)")
     return p
@@ -501,12 +575,15 @@ def run(args: argparse.Namespace) -> dict:
     # the callback quantizes inside fit, so saving / loading fp32 weights needs the comparison path
     if args.finetune is not None and (len(args.bits) != 1 or args.rtn):
         raise SystemExit("--finetune takes one --bits value (the OBC / initial bit width) and no --rtn")
+    if (args.finetune == "pq") != (args.method != "scalar" and args.finetune is not None):
+        raise SystemExit("--finetune pq goes with --method pq / pq-kmeans (and they with --finetune pq or none)")
     use_callback = (
         len(args.bits) == 1
         and not args.rtn
         and args.load_fp32 is None
         and args.save_fp32 is None
         and args.finetune is None
+        and args.method == "scalar"
     )
     callbacks: list[L.Callback] = [EpochPrinter()] if args.quiet else []
     if use_callback:
@@ -562,6 +639,16 @@ def run(args: argparse.Namespace) -> dict:
         if args.save_fp32 is not None:
             torch.save(lit.state_dict(), args.save_fp32)
         run_finetune(args, lit, dm, results)
+    elif args.method != "scalar":
+        if args.save_fp32 is not None:
+            torch.save(lit.state_dict(), args.save_fp32)
+        results.update(
+            compare_pq(
+                lit, dm, ("pq-kmeans", "pq"), args.block_size, args.n_centroids,
+                args.exclude if args.exclude is not None else ("conv1", "fc"), args.calibration_images, args.seed,
+            )
+        )
+        print(results_table(results))
     else:
         if args.save_fp32 is not None:
             torch.save(lit.state_dict(), args.save_fp32)

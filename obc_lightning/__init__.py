@@ -1,18 +1,20 @@
 """obc_lightning: second-order post-training compression for PyTorch Lightning.
 
-Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``, ``obs_prune``) on
+Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``, ``obs_prune``,
+``product_quantize``) on
 grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
 """
 
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
 from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
-from obc_lightning.finetune import NoiseQuantizer, STEQuantizer, TernaryQuantizer
+from obc_lightning.finetune import CentroidQuantizer, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from obc_lightning.reporting import CompressionReport, ModuleReport
 from obc_lightning.solvers import (
     HessianDampingWarning,
+    PQResult,
     PruneResult,
     QuantResult,
     exact_obc,
@@ -20,6 +22,7 @@ from obc_lightning.solvers import (
     layer_objective,
     obs_prune,
     polish,
+    product_quantize,
     quantize_weight,
 )
 
@@ -38,6 +41,7 @@ def __getattr__(name):
 __all__ = [
     "CalibrationResult",
     "CalibrationWarning",
+    "CentroidQuantizer",
     "CompressionReport",
     "Grid",
     "HessianDampingWarning",
@@ -46,6 +50,7 @@ __all__ = [
     "NoiseQuantizer",
     "OBCPrune",
     "OBCQuantize",
+    "PQResult",
     "PruneResult",
     "QuantResult",
     "QuantizedConv1d",
@@ -64,6 +69,7 @@ __all__ = [
     "pack_model",
     "polish",
     "prepare_for_load",
+    "product_quantize",
     "quantize_weight",
     "save_quantized",
     "select_modules",

@@ -28,7 +28,7 @@ from torch.nn.utils import parametrize
 
 from obc_lightning import finetune as ft
 from obc_lightning.calibration import call_model
-from obc_lightning.compress import SOLVERS, _check_prune_args, compress_model, select_modules
+from obc_lightning.compress import SOLVERS, _check_pq_args, _check_prune_args, compress_model, select_modules
 from obc_lightning.grids import check_bits
 from obc_lightning.reporting import CompressionReport, error_figure
 
@@ -175,7 +175,8 @@ class OBCQuantize(Callback):
             kept weights train, the mask is held fixed), ``"ternary"``
             (trained ternary quantization from the fp32 weights; ``bits`` is not used), ``"noise"``
             (DiffQ noise with a learned bit width per group, from the fp32 weights; ``bits`` is the
-            initial bit width), or ``None`` (post-training only, at the end of fit).
+            initial bit width), ``"pq"`` (product quantization: the codebooks train with the assignments
+            fixed, iPQ), or ``None`` (post-training only, at the end of fit).
         finetune_epochs: N, the epochs left for fine-tuning; compression then happens at the end of the
             epoch with index ``max_epochs - N - 1`` (after its validation), or, with N = ``max_epochs``
             (a model that arrives trained, e.g. loaded from a checkpoint), at the start of fit.
@@ -186,6 +187,15 @@ class OBCQuantize(Callback):
             one learned bit width each; the range min / max is per row) and the bit-width range. Stored
             size: round(b) bits per weight + fp16 min and max per row + the bit width per group.
         noise_penalty: weight of the model-size term ``penalty · size_mb`` added to the task loss.
+        method: ``"scalar"`` (default, a ``bits``-bit grid), ``"pq"`` (Hessian-aware product quantization)
+            or ``"pq-kmeans"`` (plain k-means PQ, fairseq's iPQ): see
+            :func:`~obc_lightning.compress.compress_model`. With product quantization ``bits`` is not used.
+        block_size, n_centroids: product quantization layout: inputs per sub-vector and codebook size,
+            an int or a mapping {module name or pattern: int} (e.g. ``{"*conv*": 9, "*": 4}``).
+        pq_noise_rate: with ``finetune="pq"``: the fraction p of sub-vectors replaced by their centroids
+            in each training step (quantization noise, Fan et al. 2020; the others use latent float weights
+            that start from the weights before compression and train too); 1.0: plain centroid
+            fine-tuning, every sub-vector is its centroid.
 
     Fine-tuning (``finetune`` set): at the end of epoch K = ``max_epochs - finetune_epochs - 1`` the
     model is compressed (``"ste"``: OBC, exactly as without fine-tuning; ``"ternary"`` / ``"noise"``:
@@ -238,22 +248,42 @@ class OBCQuantize(Callback):
         noise_min_bits: float = 2.0,
         noise_max_bits: float = 8.0,
         noise_penalty: float = 1.0,
+        method: str = "scalar",
+        block_size: int | Mapping[str, int] = 8,
+        n_centroids: int | Mapping[str, int] = 256,
+        pq_noise_rate: float = 1.0,
     ) -> None:
-        if bits is not None or (sparsity is None and n_m is None):
+        _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, {})
+        if method != "scalar":
+            bits = None
+            if finetune not in (None, "pq"):
+                raise ValueError(
+                    f"OBCQuantize: method={method!r} fine-tunes its codebooks with finetune='pq', got {finetune!r}"
+                )
+        elif finetune == "pq":
+            raise ValueError("OBCQuantize: finetune='pq' trains product-quantization codebooks: set method='pq'")
+        if (
+            isinstance(pq_noise_rate, bool)
+            or not isinstance(pq_noise_rate, (int, float))
+            or not 0 < pq_noise_rate <= 1
+        ):
+            raise ValueError(f"OBCQuantize: pq_noise_rate must be in (0, 1], got {pq_noise_rate!r}")
+        if method == "scalar" and (bits is not None or (sparsity is None and n_m is None)):
             check_bits(bits)
-        _check_prune_args(bits, sparsity, n_m, {})  # values now; M against each module's inputs in setup
+        if method == "scalar":
+            _check_prune_args(bits, sparsity, n_m, {})  # values now; M against each module's inputs in setup
         pruning = sparsity is not None or n_m is not None
         if pruning and finetune in ("ternary", "noise"):
             raise ValueError(
                 f"OBCQuantize: finetune={finetune!r} starts from the fp32 weights and cannot keep a pruning mask; "
                 "with sparsity / n_m use finetune='ste' (quantized) or OBCPrune(finetune='masked')"
             )
-        if (finetune == "masked") != (finetune is not None and bits is None):
+        if method == "scalar" and (finetune == "masked") != (finetune is not None and bits is None):
             raise ValueError(
                 "OBCQuantize: finetune='masked' (train the kept weights, mask fixed) is the fine-tuning of a pruned "
                 f"float model (bits=None, OBCPrune); got finetune={finetune!r} with bits={bits!r}"
             )
-        if bits is None and export_path is not None:
+        if bits is None and method == "scalar" and export_path is not None:
             raise ValueError(
                 "OBCQuantize: export_path writes quantized codes; a pruned float model (bits=None) is saved "
                 "with its state dict"
@@ -347,6 +377,8 @@ class OBCQuantize(Callback):
         self.export_path = None if export_path is None else os.fspath(export_path)
         self.sample_fraction = float(sample_fraction)
         self.sparsity, self.n_m = sparsity, None if n_m is None else tuple(n_m)
+        self.method, self.block_size, self.n_centroids = method, block_size, n_centroids
+        self.pq_noise_rate = float(pq_noise_rate)
 
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -363,6 +395,7 @@ class OBCQuantize(Callback):
         self._start_epoch: int | None = None  # K, the epoch at whose end compression ran
         self._quantizers: dict[str, torch.nn.Module] = {}
         self._added_group = False
+        self._latent: dict[str, Tensor] = {}  # pq noise: the weights before compression, for the latent weights
 
     @staticmethod
     def _check_finetune_args(
@@ -427,6 +460,9 @@ class OBCQuantize(Callback):
             "sample_fraction": self.sample_fraction,
             "sparsity": self.sparsity,
             "n_m": None if self.n_m is None else list(self.n_m),
+            "method": self.method,
+            "block_size": dict(self.block_size) if isinstance(self.block_size, Mapping) else self.block_size,
+            "n_centroids": dict(self.n_centroids) if isinstance(self.n_centroids, Mapping) else self.n_centroids,
             "include": self.include
             if self.include is None or isinstance(self.include, str)
             else list(self.include),
@@ -482,7 +518,13 @@ class OBCQuantize(Callback):
             # a typo in include / exclude surfaces before training, not after it
             targets = select_modules(pl_module, self.include, self.exclude)
             # bad sparsity / N:M (e.g. M not dividing a module's inputs) surfaces before training
-            _check_prune_args(self.bits, self.sparsity, self.n_m, targets)
+            if self.method == "scalar":
+                _check_prune_args(self.bits, self.sparsity, self.n_m, targets)
+            # a block size that does not divide a module's inputs, a layer too small for the codebook
+            _check_pq_args(
+                self.method, self.bits, self.block_size, self.n_centroids, self.sparsity, self.n_m, self.group_size,
+                self.symmetric, targets,
+            )
             if self.finetune is not None:
                 self._check_schedule(trainer)
                 if self.finetune == "ternary" and not self._ternary_targets(targets):
@@ -581,6 +623,9 @@ class OBCQuantize(Callback):
             sample_fraction=self.sample_fraction,
             sparsity=self.sparsity,
             n_m=self.n_m,
+            method=self.method,
+            block_size=self.block_size,
+            n_centroids=self.n_centroids,
         )
 
     def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -652,6 +697,8 @@ class OBCQuantize(Callback):
         return self.sparsity is not None or self.n_m is not None
 
     def _what(self) -> str:
+        if self.method != "scalar":
+            return f"{self.method}, block_size={self.block_size}, n_centroids={self.n_centroids}"
         parts = [] if self.bits is None else [f"{self.bits}-bit, solver={self.solver}"]
         if self.sparsity is not None:
             parts.insert(0, f"OBS {self.sparsity:.0%} unstructured")
@@ -669,13 +716,21 @@ class OBCQuantize(Callback):
         fine-tuning parametrizations and extend the optimizer."""
         before = self._evaluate(trainer, pl_module) if self.evaluate else {}
         report = None
-        if self.finetune in ("ste", "masked"):
+        if self.finetune in ("ste", "masked", "pq"):
             batches = self._calibration_set(trainer, pl_module)
             if not batches:
                 rank_zero_warn("OBCQuantize: no calibration data; the model was not quantized")
                 self._phase = "done"
                 return
-            report = self._compress(trainer, pl_module, batches, keep_results=self.bits is not None)
+            noisy = self.finetune == "pq" and self.pq_noise_rate < 1
+            # quantization noise trains latent float weights: they start from the weights before compression
+            self._latent = (
+                {n: m.weight.detach().clone() for n, m in select_modules(pl_module, self.include, self.exclude).items()}
+                if noisy else {}
+            )
+            report = self._compress(
+                trainer, pl_module, batches, keep_results=self.bits is not None or self.method != "scalar"
+            )
             self.quantized_modules = report.quantized
             self.skipped_modules = dict(report.skipped)
             metrics = report.metrics()
@@ -720,6 +775,7 @@ class OBCQuantize(Callback):
             )
         self._start_epoch = self._compress_epoch(trainer) if may_finetune else trainer.current_epoch
         if within or not may_finetune:
+            self._latent = {}
             if self._quantizers:
                 ft.finalize_all(pl_module, self._quantizers)
             if within and may_finetune:
@@ -736,6 +792,13 @@ class OBCQuantize(Callback):
         masks = ft.keep_masks(pl_module, report.quantized) if self._pruning else None
         if self.finetune == "ste":
             self._quantizers = ft.attach_ste(pl_module, report.results, masks)
+        elif self.finetune == "pq":
+            with torch.no_grad():
+                for name, w in self._latent.items():
+                    if name in report.results:
+                        pl_module.get_submodule(name).weight.copy_(w)
+            self._latent = {}
+            self._quantizers = ft.attach_centroids(pl_module, report.results, self.pq_noise_rate)
         elif self.finetune == "masked":
             self._quantizers = ft.attach_masks(pl_module, masks)
         params = [p for q in self._quantizers.values() for p in q.parameters()]
@@ -775,7 +838,12 @@ class OBCQuantize(Callback):
         ]
         report = self.report
         if report is not None:
-            if self.export_path is not None:  # the codes changed during fine-tuning; the grid did not
+            if self.export_path is not None and self.finetune == "pq":  # the codebooks were trained
+                report.results = {
+                    n: [_retrained(r, self._quantizers[n]) for r in res] for n, res in report.results.items()
+                }
+                self._export(trainer, pl_module, report, metrics)
+            elif self.export_path is not None:  # the codes changed during fine-tuning; the grid did not
                 report.results = {n: _recode(pl_module.get_submodule(n).weight, r) for n, r in report.results.items()}
                 self._export(trainer, pl_module, report, metrics)
             report.results = None
@@ -950,6 +1018,13 @@ def _recode(weight: Tensor, results: list) -> list:
         codes = r.grid.codes(w.to(r.grid.scales.dtype))
         out.append(replace(r, codes=codes.to(r.codes.dtype), quantized_matrix=r.grid.dequantize(codes)))
     return out
+
+
+def _retrained(result, quantizer: ft.CentroidQuantizer):
+    """A PQResult with the trained codebook (as stored) and the weights it gives."""
+    codebook = quantizer.stored_codebook().cpu().to(result.codebook.dtype)
+    q = codebook[result.codes].reshape(result.quantized_matrix.shape).to(result.quantized_matrix.dtype)
+    return replace(result, codebook=codebook, quantized_matrix=q)
 
 
 class OBCPrune(OBCQuantize):

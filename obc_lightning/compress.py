@@ -36,6 +36,10 @@ from obc_lightning.reporting import (
 )
 
 SOLVERS = ("auto", "obc", "gptq")
+# "scalar": a uniform grid per row / group (the solvers above); "pq": Hessian-aware product quantization;
+# "pq-kmeans": plain k-means product quantization (fairseq's iPQ), for comparison
+METHODS = ("scalar", "pq", "pq-kmeans")
+DEFAULT_BITS = 4
 
 
 def _as_patterns(arg, what: str) -> list[str]:
@@ -101,6 +105,61 @@ def _check_prune_args(bits, sparsity, n_m, targets) -> None:
                 f"compress_model: N:M pruning needs M={n_m[1]} to divide the input channels (per group) of "
                 f"'{name}' ({d}); exclude it"
             )
+
+
+def per_module(value, name: str, what: str):
+    """``value`` itself, or for a mapping {name or fnmatch pattern: value} the first entry matching ``name``."""
+    if not isinstance(value, Mapping):
+        return value
+    for pattern, v in value.items():
+        if _matches(name, pattern):
+            return v
+    raise ValueError(
+        f"compress_model: {what}={dict(value)!r} gives no value for module '{name}'; add a '*' entry as the default"
+    )
+
+
+def _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets) -> None:
+    """Product-quantization arguments, checked against every target before the model is touched."""
+    if method not in METHODS:
+        raise ValueError(f"compress_model: method must be one of {METHODS}, got {method!r}")
+    if method == "scalar":
+        return
+    if bits not in (None, DEFAULT_BITS):
+        raise ValueError(
+            f"compress_model: bits={bits!r} does not apply to method={method!r}: its size is "
+            "log2(n_centroids) / block_size bits per weight plus the codebook"
+        )
+    for arg, value in (("sparsity", sparsity), ("n_m", n_m), ("group_size", group_size)):
+        if value is not None:
+            raise ValueError(f"compress_model: {arg} does not apply to method={method!r}")
+    if symmetric:
+        raise ValueError(f"compress_model: symmetric does not apply to method={method!r}")
+    from obc_lightning.solvers.pq import check_pq_args
+
+    for what, value in (("block_size", block_size), ("n_centroids", n_centroids)):
+        if isinstance(value, Mapping):
+            for pattern in value:
+                if not isinstance(pattern, str) or not any(_matches(n, pattern) for n in targets):
+                    raise ValueError(
+                        f"compress_model: {what} pattern {pattern!r} matches no target module; targets: "
+                        + ", ".join(list(targets)[:20])
+                    )
+    for name, m in targets.items():
+        if getattr(m, "groups", 1) != 1:
+            raise ValueError(
+                f"compress_model: module '{name}' is a grouped convolution (groups={m.groups}); product "
+                "quantization keeps one codebook per layer over ungrouped weights: exclude it"
+            )
+        rows, cols = m.weight.shape[0], m.weight[0].numel()
+        check_pq_args(
+            "compress_model",
+            cols,
+            rows,
+            per_module(block_size, name, "block_size"),
+            per_module(n_centroids, name, "n_centroids"),
+            what=f"weight of '{name}'",
+        )
 
 
 def _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets) -> None:
@@ -263,10 +322,57 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     return Q, rep, results, rows * n_groups, pruned
 
 
+def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
+    """Product-quantize one (ungrouped) module; returns Q, the report and the result."""
+    from obc_lightning.solvers.common import layer_objective
+    from obc_lightning.solvers.pq import product_quantize
+
+    t0 = time.perf_counter()
+    W = m.weight.detach()
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    Wm = W.reshape(W.shape[0], -1).to(dt)
+    H = lh.hessians[0].to(device=W.device, dtype=dt)
+    res = product_quantize(
+        Wm,
+        H if method == "pq" else None,
+        block_size=block_size,
+        n_centroids=n_centroids,
+        seed=seed,
+        damp=damp,
+        codebook_dtype=scale_dtype,
+    )
+    Q = res.quantized_matrix
+    loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
+    signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
+    entry = torch.empty(0, dtype=scale_dtype or torch.float32).element_size()
+    weight_bits = res.codes.numel() * res.code_bits + res.codebook.numel() * 8 * entry
+    before = _size(m)
+    rep = ModuleReport(
+        name=name,
+        kind=type(m).__name__,
+        shape=tuple(W.shape),
+        bits=None,
+        groups=1,
+        group_size=None,
+        n_samples=lh.n_samples,
+        loss=loss,
+        rel_error=2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf")),
+        seconds=time.perf_counter() - t0,
+        damp=res.damp,
+        bytes_before=before,
+        bytes_after=before - W.numel() * FP32_BYTES + -(-weight_bits // 8),
+        method=method,
+        block_size=block_size,
+        n_centroids=n_centroids,
+        weight_bits=weight_bits,
+    )
+    return Q.reshape(W.shape), rep, res
+
+
 def compress_model(
     model: nn.Module,
     calibration_batches: Iterable,
-    bits: int | None = 4,
+    bits: int | None = DEFAULT_BITS,
     *,
     include: str | Sequence[str] | None = None,
     exclude: str | Sequence[str] | None = None,
@@ -285,6 +391,10 @@ def compress_model(
     sparsity: float | None = None,
     n_m: tuple[int, int] | None = None,
     sample_fraction: float = 1.0,
+    method: str = "scalar",
+    block_size: int | Mapping[str, int] = 8,
+    n_centroids: int | Mapping[str, int] = 256,
+    seed: int = 0,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -315,7 +425,18 @@ def compress_model(
             :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
             in-memory weights bit for bit; ``None`` keeps float32 scales.
         keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
-            per conv group, on the CPU) in ``report.results`` (codes, scales, zeros for export).
+            per conv group, on the CPU) in ``report.results`` (codes, scales, zeros for export; with
+            product quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`).
+        method: ``"scalar"`` (default): a uniform ``bits``-bit grid per row or group. ``"pq"``: product
+            quantization (:func:`~obc_lightning.solvers.pq.product_quantize`), Hessian-aware: sub-vectors of
+            ``block_size`` consecutive inputs replaced by entries of one codebook of ``n_centroids`` per
+            module, minimising the layer objective; ``"pq-kmeans"``: the same layout with plain k-means
+            (fairseq's iPQ, minimising ||W - Q||^2). ``bits``, ``sparsity``, ``n_m``, ``group_size`` and
+            ``symmetric`` do not apply; the codebook is rounded to ``scale_dtype``. Size per module:
+            ceil(log2 n_centroids) bits per sub-vector plus the codebook (``report[name].bits_per_weight``).
+        block_size, n_centroids: an int for every module, or a mapping {name or fnmatch pattern: int}
+            (first match wins; e.g. ``{"*conv*": 9, "*": 4}``: whole 3x3 kernels in convs, 4 elsewhere).
+        seed: k-means initialisation of product quantization (deterministic for a seed and a device).
 
     Returns:
         :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (never called as
@@ -327,11 +448,16 @@ def compress_model(
     """
     targets = select_modules(model, include, exclude)
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
-    _check_prune_args(bits, sparsity, n_m, targets)
+    pq = method != "scalar"
+    _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
+    if pq:
+        bits = None
+    else:
+        _check_prune_args(bits, sparsity, n_m, targets)
     batches = _materialize(calibration_batches)
 
     t_start = time.perf_counter()
-    report = CompressionReport(bits=bits, solver=solver, sequential=sequential)
+    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method)
     report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
     skipped: dict[str, str] = {}
     for name, m in targets.items():
@@ -354,16 +480,22 @@ def compress_model(
 
     def solve(name: str, lh: LayerHessian) -> None:
         m = targets[name]
-        Q, rep, results, n_scales, n_pruned = _quantize_module(
-            name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
-        )
+        if pq:
+            b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
+            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
+            results, n_pruned = [res], 0
+        else:
+            Q, rep, results, n_scales, n_pruned = _quantize_module(
+                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
+            )
+            rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
+                SCALE_BYTES + ZERO_BYTES) * n_scales
         backups[name] = m.weight.detach().to("cpu", copy=True)
         m.weight.copy_(Q.to(m.weight.dtype))
         report.modules.append(rep)
         report.quantized_weights += m.weight.numel()
         report.pruned_weights += n_pruned
-        report.quantized_weight_bits += (32 if bits is None else bits) * m.weight.numel() + 8 * (
-            SCALE_BYTES + ZERO_BYTES) * n_scales
+        report.quantized_weight_bits += rep.weight_bits
         if keep_results:
             report.results[name] = [_to_cpu(r) for r in results]
 
@@ -412,6 +544,16 @@ def compress_model(
 def _to_cpu(res):
     from dataclasses import replace
 
+    from obc_lightning.solvers.pq import PQResult
+
+    if isinstance(res, PQResult):
+        return replace(
+            res,
+            quantized_matrix=res.quantized_matrix.cpu(),
+            codes=res.codes.cpu(),
+            codebook=res.codebook.cpu(),
+            loss=res.loss.cpu(),
+        )
     return replace(
         res,
         quantized_matrix=res.quantized_matrix.cpu(),

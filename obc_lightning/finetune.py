@@ -11,6 +11,8 @@ DiffQ bit logits) are new and must be added to the optimizer (:func:`add_param_g
 * :class:`TernaryQuantizer`: trained ternary quantization (TTQ; Zhu, Han, Mao, Dally 2017).
 * :class:`NoiseQuantizer`: differentiable bit widths through pseudo-quantization noise
   (DiffQ; Défossez, Adi, Synnaeve 2021).
+* :class:`CentroidQuantizer`: product-quantized weights with the assignments fixed and the codebook
+  trained (iPQ; Stock et al. 2020), optionally with quantization noise (Fan et al. 2020).
 
 In training mode each quantizer returns the differentiable surrogate; in eval mode (and therefore in
 :func:`finalize`, which removes the parametrization in eval mode with ``leave_parametrized=True``) the
@@ -32,7 +34,7 @@ from obc_lightning.grids import round_to_grid
 if TYPE_CHECKING:
     from obc_lightning.solvers.common import QuantResult
 
-MODES = ("ste", "ternary", "noise", "masked")
+MODES = ("ste", "ternary", "noise", "masked", "pq")
 
 
 def _rows(w: Tensor) -> Tensor:
@@ -295,6 +297,73 @@ class NoiseQuantizer(nn.Module):
         return codes + 32 * self.rows + self.bit_width_bits * self.rows * self.n_groups
 
 
+# ------------------------------------------------------------------------------- product quantization
+class CentroidQuantizer(nn.Module):
+    r"""Product-quantized weight with fixed assignments and a trained codebook (iPQ centroid fine-tuning).
+
+    The weight, as its (rows, d) matrix, is cut into sub-vectors of ``block_size`` consecutive inputs;
+    sub-vector (r, j) is the centroid ``codebook[codes[r, j]]``. The codebook is an ``nn.Parameter``:
+    each centroid's gradient is the sum of the gradients of the sub-vectors assigned to it (what
+    indexing's backward computes), so it trains with the rest of the model.
+
+    Quantization noise (Fan et al. 2020, ``noise_rate`` p < 1): in training mode each sub-vector is
+    replaced by its centroid with probability p and otherwise taken from the latent float weight (which
+    then trains too); in eval mode every sub-vector is its centroid. ``codebook_dtype`` (float16: the
+    export format) rounds the codebook in eval mode, so the finalized weight is exactly what
+    :func:`~obc_lightning.export.save_quantized` stores.
+    """
+
+    def __init__(
+        self,
+        codebook: Tensor,
+        codes: Tensor,
+        noise_rate: float = 1.0,
+        codebook_dtype: torch.dtype | None = torch.float16,
+    ) -> None:
+        super().__init__()
+        if codebook.dim() != 2 or codes.dim() != 2:
+            raise ValueError(
+                f"CentroidQuantizer: codebook must be (K, block_size) and codes (rows, n_blocks), got "
+                f"{tuple(codebook.shape)} and {tuple(codes.shape)}"
+            )
+        if not 0 < noise_rate <= 1:
+            raise ValueError(f"CentroidQuantizer: noise_rate must be in (0, 1], got {noise_rate!r}")
+        self.codebook = nn.Parameter(codebook.detach().clone().float())
+        self.register_buffer("codes", codes.detach().clone().long())
+        self.noise_rate = float(noise_rate)
+        self.codebook_dtype = codebook_dtype
+
+    @classmethod
+    def from_result(cls, result, noise_rate: float = 1.0, codebook_dtype=torch.float16) -> CentroidQuantizer:
+        """From a :class:`~obc_lightning.solvers.pq.PQResult`."""
+        return cls(result.codebook, result.codes, noise_rate, codebook_dtype)
+
+    @property
+    def block_size(self) -> int:
+        return self.codebook.shape[1]
+
+    def stored_codebook(self) -> Tensor:
+        """The codebook as export stores it (rounded to ``codebook_dtype``), no gradient."""
+        c = self.codebook.detach()
+        return c if self.codebook_dtype is None else c.to(self.codebook_dtype).float()
+
+    def forward(self, w: Tensor) -> Tensor:
+        rows = self.codes.shape[0]
+        if not self.training:
+            return self.stored_codebook()[self.codes].to(w.dtype).reshape(w.shape)
+        q = self.codebook[self.codes].to(w.dtype)  # (rows, n_blocks, b)
+        if self.noise_rate < 1:
+            keep = torch.rand(self.codes.shape, device=w.device) < self.noise_rate
+            q = torch.where(keep.unsqueeze(-1), q, w.reshape(rows, -1, self.block_size))
+        return q.reshape(w.shape)
+
+    def storage_bits(self, numel: int) -> int:
+        """ceil(log2 K) bits per sub-vector + the codebook at 16 bits per entry."""
+        from obc_lightning.solvers.pq import code_bits
+
+        return self.codes.numel() * code_bits(self.codebook.shape[0]) + 16 * self.codebook.numel()
+
+
 # --------------------------------------------------------------------------------- model-level glue
 def attach(module: nn.Module, quantizer: nn.Module) -> nn.Module:
     """Parametrize ``module.weight`` by ``quantizer``; the latent weight stays the same Parameter object."""
@@ -309,7 +378,7 @@ def quantizer_of(module: nn.Module) -> nn.Module | None:
     if not parametrize.is_parametrized(module, "weight"):
         return None
     for p in module.parametrizations.weight:
-        if isinstance(p, (STEQuantizer, TernaryQuantizer, NoiseQuantizer, MaskedWeight)):
+        if isinstance(p, (STEQuantizer, TernaryQuantizer, NoiseQuantizer, MaskedWeight, CentroidQuantizer)):
             return p
     return None
 
@@ -370,6 +439,27 @@ def attach_noise(
     for name in names:
         m = model.get_submodule(name)
         out[name] = attach(m, NoiseQuantizer(m.weight, group_size, min_bits, max_bits, init_bits))
+    return out
+
+
+def attach_centroids(
+    model: nn.Module,
+    results: Mapping[str, Sequence],
+    noise_rate: float = 1.0,
+    codebook_dtype: torch.dtype | None = torch.float16,
+) -> dict[str, CentroidQuantizer]:
+    """One :class:`CentroidQuantizer` per module of ``results`` (name -> [PQResult]), on its device."""
+    out = {}
+    for name, res in results.items():
+        m = model.get_submodule(name)
+        (r,) = res
+        q = CentroidQuantizer.from_result(r, noise_rate, codebook_dtype).to(m.weight.device)
+        if q.codes.numel() * q.block_size != m.weight.numel() or q.codes.shape[0] != m.weight.shape[0]:
+            raise ValueError(
+                f"finetune: the codes of '{name}' ({tuple(q.codes.shape)}, block {q.block_size}) do not fit its "
+                f"weight {tuple(m.weight.shape)}"
+            )
+        out[name] = attach(m, q)
     return out
 
 

@@ -28,7 +28,10 @@ class ModuleReport:
     ``loss`` is the layer objective 1/2 * sum_rows (w - q) H (w - q)^T = 1/N ||(W - Q) X||^2;
     ``rel_error`` = trace((W - Q) H (W - Q)^T) / trace(W H W^T) = ||(W - Q) X||^2 / ||W X||^2 on the
     calibration inputs. ``obc_rows`` / ``gptq_rows``: rows whose best solution came from each solver.
-    ``sparsity``: fraction of the weights pruned (OBS, before quantization); ``bits`` None: prune only.
+    ``sparsity``: fraction of the weights pruned (OBS, before quantization); ``bits`` None: prune only
+    (``method`` "scalar") or product quantization (``method`` "pq" / "pq-kmeans", with ``block_size``
+    inputs per sub-vector and ``n_centroids`` codebook entries). ``weight_bits``: storage of the weight
+    (codes and scales / zeros, or codes and codebook).
     """
 
     name: str
@@ -47,6 +50,15 @@ class ModuleReport:
     bytes_before: int = 0
     bytes_after: int = 0
     sparsity: float = 0.0
+    method: str = "scalar"
+    block_size: int | None = None
+    n_centroids: int | None = None
+    weight_bits: int = 0
+
+    @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight, scales or codebook included."""
+        return self.weight_bits / math.prod(self.shape)
 
 
 @dataclass
@@ -63,6 +75,7 @@ class CompressionReport:
     bits: int | None = 4
     solver: str = "auto"
     sequential: bool = False
+    method: str = "scalar"
     bytes_before: int = 0
     bytes_after: int = 0
     quantized_weights: int = 0
@@ -103,6 +116,7 @@ class CompressionReport:
             out[f"{prefix}{m.name}/rel_error"] = m.rel_error
             out[f"{prefix}{m.name}/obc_rows"] = float(m.obc_rows)
             out[f"{prefix}{m.name}/gptq_rows"] = float(m.gptq_rows)
+            out[f"{prefix}{m.name}/bits_per_weight"] = m.bits_per_weight
             if self.pruned_weights:
                 out[f"{prefix}{m.name}/sparsity"] = m.sparsity
         if self.pruned_weights:
@@ -131,7 +145,8 @@ class CompressionReport:
                 m.name,
                 m.kind + (f"[g={m.groups}]" if m.groups > 1 else ""),
                 "x".join(map(str, m.shape)),
-                ("fp" if m.bits is None else str(m.bits)) + (f"/g{m.group_size}" if m.group_size else "")
+                (f"pq{m.block_size}x{m.n_centroids}" if m.method != "scalar" else
+                 ("fp" if m.bits is None else str(m.bits)) + (f"/g{m.group_size}" if m.group_size else ""))
                 + (f" {m.sparsity:.0%} sp" if m.sparsity else ""),
                 f"{m.loss:.4g}",
                 f"{m.rel_error:.3%}" if math.isfinite(m.rel_error) else "nan",
@@ -173,7 +188,8 @@ def error_figure(report: CompressionReport):
     ax.bar(range(len(names)), [m.rel_error for m in report.modules])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("||(W-Q)X||^2 / ||WX||^2")
-    ax.set_title(f"{report.bits}-bit: relative output error per module")
+    what = f"{report.bits}-bit" if report.method == "scalar" else report.method
+    ax.set_title(f"{what}: relative output error per module")
     fig.tight_layout()
     return fig
 
