@@ -43,7 +43,8 @@ def ar1_hessian(d: int, n: int = 8192, rho: float = 0.9, seed: int = 0) -> torch
 
 def synthetic_layers(seed: int = 0):
     g = torch.Generator().manual_seed(seed)
-    for rows, d in ((64, 576), (128, 1152), (256, 2304)):
+    # the last shape is ResNet-50's largest 3x3 conv (layer4: 512 x 512 x 3 x 3)
+    for rows, d in ((64, 576), (128, 1152), (256, 2304), (512, 4608)):
         yield f"AR(1) {rows}x{d}", 0.05 * torch.randn(rows, d, generator=g), ar1_hessian(d, seed=seed)
 
 

@@ -138,13 +138,17 @@ def _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_s
     from obc_lightning.solvers.pq import check_pq_args
 
     for what, value in (("block_size", block_size), ("n_centroids", n_centroids)):
-        if isinstance(value, Mapping):
+        if isinstance(value, Mapping):  # (no targets: the callback's early check of the values alone)
             for pattern in value:
-                if not isinstance(pattern, str) or not any(_matches(n, pattern) for n in targets):
+                if not isinstance(pattern, str) or (targets and not any(_matches(n, pattern) for n in targets)):
                     raise ValueError(
                         f"compress_model: {what} pattern {pattern!r} matches no target module; targets: "
                         + ", ".join(list(targets)[:20])
                     )
+        lo = 1 if what == "block_size" else 2
+        for v in value.values() if isinstance(value, Mapping) else [value]:
+            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
+                raise ValueError(f"compress_model: {what} must be an integer >= {lo} (or a mapping of them), got {v!r}")
     for name, m in targets.items():
         if getattr(m, "groups", 1) != 1:
             raise ValueError(

@@ -2,22 +2,33 @@
 
 File layout (safetensors; every key is the one the packed model's ``state_dict`` uses):
 
-- per quantized module ``m``: ``m.weight_codes`` (uint8, codes of ``weight.reshape(out, -1)`` row-major,
-  bit-packed by :func:`obc_lightning.packed.pack_bits`), ``m.weight_scales`` ((out, n_groups), float16 by
-  default), ``m.weight_zeros`` ((out, n_groups) uint8 integer zero points);
+- per scalar-quantized module ``m`` (scheme "affine" / "symmetric"): ``m.weight_codes`` (uint8, codes of
+  ``weight.reshape(out, -1)`` row-major, bit-packed by :func:`obc_lightning.packed.pack_bits`),
+  ``m.weight_scales`` ((out, n_groups), float16 by default), ``m.weight_zeros`` ((out, n_groups) uint8
+  integer zero points);
+- per product-quantized module ``m`` (scheme "pq", :func:`obc_lightning.solvers.pq.product_quantize`):
+  ``m.weight_codes`` (uint8, the (out, J) sub-vector codes row-major, J = in * kh * kw / block_size,
+  bit-packed at bits = ceil(log2 n_centroids); at most 256 centroids) and ``m.weight_codebook``
+  ((n_centroids, block_size), float16 by default: ``scale_dtype`` names its dtype too); the weight is
+  ``codebook[codes]`` reshaped to the weight's shape;
 - every other entry of ``model.state_dict()`` (biases, unquantized weights, BatchNorm statistics) at
   its own dtype and full precision;
 - string metadata: ``format`` = "obc_lightning", ``format_version`` = "1", ``library_version``, and
-  ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}``.
+  ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}`` for scalar
+  modules, ``{name: {kind, scheme: "pq", bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for
+  product-quantized ones.
 
-Size: sum over quantized modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1), plus
-the other tensors, plus the safetensors header (JSON, a few hundred bytes per module).
+Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1), over
+PQ modules of ceil(bits * rows * J / 8) + n_centroids * block_size * (codebook entry bytes), plus the
+other tensors, plus the safetensors header (JSON, a few hundred bytes per module).
 
 Precision of the loaded weight: ``W = float(s) * (code - z)`` with the *stored* scale s. With the default
 ``scale_dtype=torch.float16`` the loaded weights differ from the in-memory result of ``compress_model``
 (fp32 scales) by the fp16 rounding of each scale: a relative error of at most 2**-11 per row / group,
 far below the quantization step. ``scale_dtype=torch.float32`` gives a bit-exact round trip of an fp32
-(or fp16 / bf16) model at 2 more bytes per scale. Either way, loading the same file always gives the
+(or fp16 / bf16) model at 2 more bytes per scale. A PQ codebook is never rounded on export: it must be
+exactly representable in ``scale_dtype`` (``product_quantize`` rounds it to float16 by default), so a PQ
+module always round-trips bit-exactly. Either way, loading the same file always gives the
 same bits, and ``QuantizedLinear`` / ``QuantizedConv2d`` compute exactly the weights that
 ``load_quantized`` writes into a dense model.
 
@@ -40,7 +51,6 @@ yourself before ``model.load_state_dict``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -53,10 +63,14 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from obc_lightning.packed import (
+    MAX_PQ_CENTROIDS,
     PACKED_CLASSES,
     PACKED_FORMAT,
+    PQ_SCHEME,
     SCALE_DTYPES,
     _QuantizedBase,
+    buffer_names,
+    buffer_specs,
     check_config,
     check_packed_tensors,
     dequantize_packed,
@@ -64,18 +78,18 @@ from obc_lightning.packed import (
     kind_of,
     n_groups_of,
     pack_bits,
-    packed_nbytes,
+    payload_nbytes,
+    pq_code_bits,
 )
+from obc_lightning.solvers.pq import PQResult
 
 FILE_FORMAT = "obc_lightning"
 FORMAT_VERSION = "1"
-PACKED_KEYS = ("weight_codes", "weight_scales", "weight_zeros")
-ZERO_BYTES = 1
 
 
 # ------------------------------------------------------------------ from solver results to packed tensors
 def _results_map(report_or_results) -> dict[str, list]:
-    """name -> [QuantResult per conv group] from a CompressionReport or a mapping."""
+    """name -> [QuantResult per conv group] or [PQResult] from a CompressionReport or a mapping."""
     if report_or_results is None:
         return {}
     if hasattr(report_or_results, "modules") and hasattr(report_or_results, "results"):
@@ -86,8 +100,8 @@ def _results_map(report_or_results) -> dict[str, list]:
         report_or_results = report_or_results.results
     if not isinstance(report_or_results, Mapping):
         raise ValueError(
-            "report_or_results must be a CompressionReport or a mapping module name -> QuantResult list, "
-            f"got {type(report_or_results).__name__}"
+            "report_or_results must be a CompressionReport or a mapping module name -> QuantResult list "
+            f"(or [PQResult]), got {type(report_or_results).__name__}"
         )
     out = {}
     for name, res in report_or_results.items():
@@ -102,11 +116,14 @@ def _check_scale_dtype(scale_dtype) -> str:
     return name
 
 
-def _packed_from_results(name: str, m: nn.Module, results: list, scale_dtype: str):
-    """(config, codes, scales, zeros) of module ``m`` from its QuantResults, checked against its weight."""
+def _packed_from_results(name: str, m: nn.Module, results: list, scale_dtype: str) -> tuple[dict, dict[str, Tensor]]:
+    """(config, {buffer name: tensor}) of module ``m`` from its QuantResults (one per conv group) or its
+    one PQResult, checked against its weight."""
     kind = kind_of(m)
     if kind is None:
         raise ValueError(f"module '{name}' is a {type(m).__name__}; only Linear / Conv1d / Conv2d are exported")
+    if any(isinstance(r, PQResult) for r in results):
+        return _pq_from_result(name, m, kind, results, scale_dtype)
     groups = getattr(m, "groups", 1)
     if len(results) != groups:
         raise ValueError(f"module '{name}' has {groups} conv group(s) but {len(results)} result(s)")
@@ -154,17 +171,92 @@ def _packed_from_results(name: str, m: nn.Module, results: list, scale_dtype: st
         "scale_dtype": scale_dtype,
         "dtype": dtype_name(W.dtype),
     }
-    return config, pack_bits(codes.to(torch.int32), bits), stored.contiguous(), zeros.to(torch.uint8)
+    tensors = {
+        "weight_codes": pack_bits(codes.to(torch.int32), bits),
+        "weight_scales": stored.contiguous(),
+        "weight_zeros": zeros.to(torch.uint8),
+    }
+    return config, tensors
+
+
+def _pq_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dtype: str):
+    """(config, {weight_codes, weight_codebook}) of module ``m`` from its PQResult, checked against its weight."""
+    if len(results) != 1:
+        raise ValueError(f"module '{name}': a product-quantized module takes one PQResult, got {len(results)} results")
+    groups = getattr(m, "groups", 1)
+    if groups != 1:
+        raise ValueError(
+            f"module '{name}' is a grouped convolution (groups={groups}); product-quantized export supports "
+            "ungrouped modules only"
+        )
+    res = results[0]
+    W = m.weight.detach().cpu()
+    rows, cols = W.shape[0], W[0].numel()
+    b, K = res.block_size, res.n_centroids
+    if isinstance(K, bool) or not isinstance(K, int) or not 2 <= K <= MAX_PQ_CENTROIDS:
+        raise ValueError(
+            f"module '{name}': n_centroids={K!r} cannot be exported: codes are bit-packed at 8 bits at most, so "
+            f"n_centroids must be in [2, {MAX_PQ_CENTROIDS}]"
+        )
+    if isinstance(b, bool) or not isinstance(b, int) or b < 1 or cols % b:
+        raise ValueError(
+            f"module '{name}': block_size={b!r} does not divide the {cols} inputs per row of its weight of shape "
+            f"{tuple(W.shape)}"
+        )
+    codes, codebook = res.codes.detach().cpu(), res.codebook.detach().cpu()
+    J = cols // b
+    if (
+        tuple(codes.shape) != (rows, J)
+        or codes.is_floating_point()
+        or codes.is_complex()
+        or codes.dtype == torch.bool
+        or tuple(codebook.shape) != (K, b)
+        or not codebook.is_floating_point()
+    ):
+        raise ValueError(
+            f"module '{name}': a PQResult with codes {codes.dtype} of shape {tuple(codes.shape)} and codebook "
+            f"{codebook.dtype} of shape {tuple(codebook.shape)} does not fit its weight of shape {tuple(W.shape)} "
+            f"(integer codes of shape ({rows}, {J}) and a floating-point codebook of shape ({K}, {b}) expected)"
+        )
+    if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+        raise ValueError(f"module '{name}': codes must be in [0, {K - 1}] for n_centroids={K}")
+    if not torch.isfinite(codebook).all():
+        raise ValueError(f"module '{name}': the codebook contains NaN or Inf")
+    if not torch.equal(codebook[codes.long()].reshape(W.shape).to(W.dtype), W):
+        raise ValueError(
+            f"module '{name}': its weight is not codebook[codes] of the given PQResult (was the model changed "
+            "after quantization? after fine-tuning the centroids, pass a result holding the updated codebook)"
+        )
+    stored = codebook.to(SCALE_DTYPES[scale_dtype])
+    if not torch.equal(stored.to(codebook.dtype), codebook):
+        raise ValueError(
+            f"module '{name}': scale_dtype={scale_dtype} cannot represent its {dtype_name(codebook.dtype)} codebook "
+            "exactly; round the codebook to it first (product_quantize(..., codebook_dtype=torch.float16), the "
+            f"default) or pass scale_dtype=torch.{dtype_name(codebook.dtype)}"
+        )
+    bits = pq_code_bits(K)
+    config = {
+        "kind": kind,
+        "scheme": PQ_SCHEME,
+        "bits": bits,
+        "block_size": b,
+        "n_centroids": K,
+        "shape": list(W.shape),
+        "scale_dtype": scale_dtype,
+        "dtype": dtype_name(W.dtype),
+    }
+    tensors = {"weight_codes": pack_bits(codes.to(torch.int32), bits), "weight_codebook": stored.contiguous()}
+    return config, tensors
 
 
 def _packed_entries(model: nn.Module, report_or_results, scale_dtype) -> dict[str, tuple]:
-    """name -> (config, codes, scales, zeros, is_packed_module) for every quantized module."""
+    """name -> (config, {buffer name: tensor}, is_packed_module) for every quantized module."""
     scale_dtype = _check_scale_dtype(scale_dtype)
     results = _results_map(report_or_results)
     entries = {}
     for name, m in model.named_modules():
         if isinstance(m, _QuantizedBase):
-            entries[name] = (m.config, m.weight_codes, m.weight_scales, m.weight_zeros, True)
+            entries[name] = (m.config, m.packed_tensors(), True)
     for name, res in results.items():
         try:
             m = model.get_submodule(name)
@@ -216,12 +308,14 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
             or after :func:`pack_model` (packed modules are written as they are).
         report_or_results: the :class:`~obc_lightning.reporting.CompressionReport` of
             ``compress_model(..., keep_results=True)``, or a mapping module name -> QuantResult list (one
-            per conv group); ``None`` if every quantized module is already packed.
-        scale_dtype: storage of the scales of dense modules: float16 (default), bfloat16, float32
-            (bit-exact round trip), float64. Packed modules keep theirs.
+            per conv group) or ``[PQResult]`` (product quantization, ungrouped modules); ``None`` if every
+            quantized module is already packed.
+        scale_dtype: storage of the scales (and of the PQ codebooks) of dense modules: float16 (default),
+            bfloat16, float32 (bit-exact round trip of scales), float64. A PQ codebook must be exactly
+            representable in it. Packed modules keep theirs.
 
     Returns the size of the file in bytes. Raises ``ValueError`` (and writes nothing) if a result does
-    not fit its module or the module's weight is not on the result's grid.
+    not fit its module or the module's weight is not on the result's grid (not ``codebook[codes]``).
     """
     entries = _packed_entries(model, report_or_results, scale_dtype)
     if not entries:
@@ -232,10 +326,10 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
     sd = model.state_dict()
     skip = set()
     tensors: dict[str, Tensor] = {}
-    for name, (_config, codes, scales, zeros, is_packed) in entries.items():
+    for name, (_config, packed, is_packed) in entries.items():
         prefix = f"{name}." if name else ""
         skip.update([prefix + "_extra_state", prefix + "weight"])
-        for key, t in zip(PACKED_KEYS, (codes, scales, zeros)):
+        for key, t in packed.items():
             if not is_packed and prefix + key in sd:
                 raise ValueError(f"save_quantized: the model already has a tensor named '{prefix + key}'")
             skip.add(prefix + key)
@@ -272,16 +366,14 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
 
 
 def theoretical_bytes(path) -> int:
-    """The payload a file should hold: packed codes + scales + zero points + other tensors, no header."""
+    """The payload a file should hold, no header: packed codes + scales + zero points (scalar modules),
+    packed codes + codebook (PQ modules), + other tensors."""
     configs, tensors = _read(os.fspath(path))
     total = 0
     quantized = set()
     for name, cfg in configs.items():
-        rows, numel = cfg["shape"][0], math.prod(cfg["shape"])
-        ng = n_groups_of(numel // rows, cfg["group_size"])
-        scale_bytes = torch.empty(0, dtype=SCALE_DTYPES[cfg["scale_dtype"]]).element_size()
-        total += packed_nbytes(numel, cfg["bits"]) + rows * ng * (scale_bytes + ZERO_BYTES)
-        quantized.update(f"{name}.{k}" if name else k for k in PACKED_KEYS)
+        total += payload_nbytes(cfg)
+        quantized.update(f"{name}.{k}" if name else k for k in buffer_names(cfg))
     total += sum(t.numel() * t.element_size() for k, t in tensors.items() if k not in quantized)
     return total
 
@@ -313,10 +405,10 @@ def _read(path: str) -> tuple[dict[str, dict], dict[str, Tensor]]:
     configs = {name: check_config(cfg, f"{path}: module '{name}'") for name, cfg in modules.items()}
     for name, cfg in configs.items():
         prefix = f"{name}." if name else ""
-        missing = [prefix + k for k in PACKED_KEYS if prefix + k not in tensors]
+        missing = [prefix + k for k in buffer_names(cfg) if prefix + k not in tensors]
         if missing:
             raise ValueError(f"{path}: module '{name}' lacks the tensors {missing}")
-        check_packed_tensors(cfg, *(tensors[prefix + k] for k in PACKED_KEYS), f"{path}: module '{name}'")
+        check_packed_tensors(cfg, {k: tensors[prefix + k] for k in buffer_names(cfg)}, f"{path}: module '{name}'")
     return configs, tensors
 
 
@@ -362,11 +454,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module:
     """Load a file written by :func:`save_quantized` into ``model`` (same architecture), in place.
 
-    Every quantized weight becomes ``float(scale) * (code - zero)`` in the weight's dtype (see the module
-    docstring), every other tensor its saved value. With ``packed=True`` the quantized Linear / Conv
-    modules are replaced by :class:`~obc_lightning.packed.QuantizedLinear` / ``QuantizedConv1d`` /
-    ``QuantizedConv2d`` holding the packed codes (the memory saving at inference). Modules already
-    packed in ``model`` receive the packed tensors either way.
+    Every quantized weight becomes ``float(scale) * (code - zero)`` (scalar) or ``codebook[codes]`` (PQ) in
+    the weight's dtype (see the module docstring), every other tensor its saved value. With
+    ``packed=True`` the quantized Linear / Conv modules are replaced by
+    :class:`~obc_lightning.packed.QuantizedLinear` / ``QuantizedConv1d`` / ``QuantizedConv2d`` holding the
+    packed codes (the memory saving at inference). Modules already packed in ``model`` receive the
+    packed tensors either way.
 
     Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; bad metadata;
     tensor of the wrong size; module missing or of another shape; tensors missing or unexpected)
@@ -380,7 +473,7 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
         m = _submodule(model, name)
         _check_target(name, m, cfg, path)
         prefix = f"{name}." if name else ""
-        quantized_keys.update(prefix + k for k in (*PACKED_KEYS, "_extra_state", "weight"))
+        quantized_keys.update(prefix + k for k in (*buffer_names(cfg), "_extra_state", "weight"))
     plain = {k: v for k, v in sd.items() if k not in quantized_keys and isinstance(v, Tensor)}
     file_plain = {k for k in tensors if k not in quantized_keys}
     missing, unexpected = sorted(set(plain) - file_plain), sorted(file_plain - set(plain))
@@ -406,21 +499,18 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
         for name, cfg in configs.items():
             m = model.get_submodule(name)
             prefix = f"{name}." if name else ""
-            codes, scales, zeros = (tensors[prefix + k] for k in PACKED_KEYS)
+            packed_t = {k: tensors[prefix + k] for k in buffer_names(cfg)}
             if isinstance(m, _QuantizedBase):
-                for k, t in zip(PACKED_KEYS, (codes, scales, zeros)):
+                for k, t in packed_t.items():
                     getattr(m, k).copy_(t)
                 m._weight_cache = None
             elif packed:
                 dev = m.weight.device
                 cfg = dict(cfg, dtype=dtype_name(m.weight.dtype))
-                _swap(
-                    model,
-                    name,
-                    PACKED_CLASSES[cfg["kind"]].from_dense(m, cfg, codes.to(dev), scales.to(dev), zeros.to(dev)),
-                )
+                moved = {k: t.to(dev) for k, t in packed_t.items()}
+                _swap(model, name, PACKED_CLASSES[cfg["kind"]].from_dense(m, cfg, moved))
             else:
-                m.weight.copy_(dequantize_packed(cfg, codes, scales, zeros, m.weight.dtype))
+                m.weight.copy_(dequantize_packed(cfg, packed_t, m.weight.dtype))
     return model
 
 
@@ -430,17 +520,19 @@ def pack_model(model: nn.Module, report_or_results=None, *, scale_dtype=torch.fl
 
     The packed modules compute ``float(scale) * (code - zero)`` with scales stored in ``scale_dtype``
     (float16 by default: outputs differ from the dense quantized model by the fp16 rounding of the
-    scales; ``torch.float32`` reproduces them exactly). Forward hooks on the replaced modules are not
-    carried over. All modules are checked before the first is replaced.
+    scales; ``torch.float32`` reproduces them exactly), or ``codebook[codes]`` for product-quantized
+    modules (codebook stored exactly in ``scale_dtype``: the dense model's outputs, bit for bit).
+    Forward hooks on the replaced modules are not carried over. All modules are checked before the
+    first is replaced.
     """
     entries = _packed_entries(model, report_or_results, scale_dtype)
     new = {}
-    for name, (config, codes, scales, zeros, is_packed) in entries.items():
+    for name, (config, packed, is_packed) in entries.items():
         if is_packed:
             continue
         m = model.get_submodule(name)
         dev = m.weight.device
-        new[name] = PACKED_CLASSES[config["kind"]].from_dense(m, config, codes.to(dev), scales.to(dev), zeros.to(dev))
+        new[name] = PACKED_CLASSES[config["kind"]].from_dense(m, config, {k: t.to(dev) for k, t in packed.items()})
     if "" in new:
         raise ValueError("pack_model: the model itself is the quantized module; wrap it in a container")
     for name, q in new.items():
@@ -459,13 +551,10 @@ def unpack_model(model: nn.Module) -> nn.Module:
 
 
 def _placeholder(m: nn.Module, cfg: dict) -> nn.Module:
-    """A packed module of the right layout whose buffers ``load_state_dict`` will fill."""
-    rows, cols = cfg["shape"][0], math.prod(cfg["shape"][1:])
-    ng, dev = n_groups_of(cols, cfg["group_size"]), m.weight.device
-    codes = torch.zeros(packed_nbytes(rows * cols, cfg["bits"]), dtype=torch.uint8, device=dev)
-    scales = torch.ones(rows, ng, dtype=SCALE_DTYPES[cfg["scale_dtype"]], device=dev)
-    zeros = torch.zeros(rows, ng, dtype=torch.uint8, device=dev)
-    return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), codes, scales, zeros)
+    """A packed module of the right layout (either scheme) whose buffers ``load_state_dict`` will fill."""
+    dev = m.weight.device
+    tensors = {k: torch.zeros(shape, dtype=dtype, device=dev) for k, (dtype, shape) in buffer_specs(cfg).items()}
+    return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), tensors)
 
 
 def prepare_for_load(model: nn.Module, checkpoint_or_state_dict) -> list[str]:

@@ -1,7 +1,9 @@
 """Bit-packed integer codes and the modules that hold them: ``QuantizedLinear``, ``QuantizedConv1d``,
 ``QuantizedConv2d``.
 
-A packed module keeps, instead of a float weight, three buffers:
+A packed module keeps, instead of a float weight, the buffers of its scheme (``buffer_names(config)``).
+
+Scalar schemes ("affine", "symmetric"), three buffers:
 
 - ``weight_codes``: uint8, the codes of ``weight.reshape(out, -1)`` in row-major order, packed by
   :func:`pack_bits` (``ceil(numel * bits / 8)`` bytes);
@@ -13,12 +15,26 @@ and dequantizes ``W[r, c] = s[r, c // group_size] * (code[r, c] - z[r, c // grou
 forward (computed in float32, float64 if the scales or the module are float64, then cast to the
 module's dtype), or once with ``cache_weight=True``. Column c is in group ``c // group_size`` of the
 row; a conv with g groups is g stacked row blocks sharing the same layout, so nothing in the format
-depends on g. This module knows only torch.
+depends on g. Size: ``ceil(bits * numel / 8) + out * n_groups * (scale bytes + 1)``.
+
+Product quantization ("pq", see :mod:`obc_lightning.solvers.pq`), two buffers:
+
+- ``weight_codes``: uint8, the (out, J) sub-vector codes (J = d / block_size, d = in * kh * kw) in
+  row-major order, packed by :func:`pack_bits` at ``bits = ceil(log2 n_centroids)`` bits each
+  (``ceil(bits * out * J / 8)`` bytes; so at most 256 centroids);
+- ``weight_codebook``: (n_centroids, block_size), float16 by default (``scale_dtype`` names its
+  dtype, which, as for the scales, ``.to(dtype)`` never changes).
+
+and dequantizes ``W.reshape(out, -1)[r, j*b:(j+1)*b] = codebook[code[r, j]]`` (gathered in the
+codebook's dtype promoted to float32, then cast to the module's dtype: exact for a float16 codebook).
+Size: ``ceil(bits * out * J / 8) + n_centroids * block_size * (codebook entry bytes)``.
+This module knows only torch.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Mapping
 from typing import Any
 
 import torch
@@ -26,7 +42,16 @@ from torch import Tensor, nn
 from torch.nn import functional as F
 
 PACKED_FORMAT = "obc_lightning.packed"
-SCHEMES = ("affine", "symmetric")
+SCALAR_SCHEMES = ("affine", "symmetric")
+PQ_SCHEME = "pq"
+SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME)
+# the buffers a packed module of each scheme holds (and the tensors an export file holds per module)
+SCALAR_BUFFERS = ("weight_codes", "weight_scales", "weight_zeros")
+PQ_BUFFERS = ("weight_codes", "weight_codebook")
+# the keys of a module's description, per scheme
+SCALAR_KEYS = ("kind", "bits", "group_size", "shape", "scheme", "scale_dtype", "dtype")
+PQ_KEYS = ("kind", "scheme", "bits", "block_size", "n_centroids", "shape", "scale_dtype", "dtype")
+MAX_PQ_CENTROIDS = 256  # codes are bit-packed at <= 8 bits
 SCALE_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -104,52 +129,137 @@ def n_groups_of(cols: int, group_size: int | None) -> int:
     return 1 if group_size is None else -(-cols // group_size)
 
 
+def pq_code_bits(n_centroids: int) -> int:
+    """Bits of one PQ code: ceil(log2 n_centroids), at least 1."""
+    return max(1, (n_centroids - 1).bit_length())
+
+
+def is_pq(config: Mapping) -> bool:
+    return config.get("scheme") == PQ_SCHEME
+
+
+def buffer_names(config: Mapping) -> tuple[str, ...]:
+    """The packed tensors of a module of this description, in their usual order."""
+    return PQ_BUFFERS if is_pq(config) else SCALAR_BUFFERS
+
+
+def _is_int(v: Any) -> bool:
+    return isinstance(v, int) and not isinstance(v, bool)
+
+
 def check_config(config: Any, where: str) -> dict:
-    """A packed weight's description, validated: kind, bits, group_size, shape, scheme, scale_dtype, dtype."""
+    """A packed weight's description, validated.
+
+    Scalar schemes: kind, bits, group_size, shape, scheme, scale_dtype, dtype. Scheme "pq": kind, scheme,
+    bits (= ceil(log2 n_centroids)), block_size, n_centroids, shape, scale_dtype (the codebook's), dtype.
+    """
     if not isinstance(config, dict):
         raise ValueError(f"{where}: metadata must be a JSON object, got {type(config).__name__}")
-    need = ("kind", "bits", "group_size", "shape", "scheme", "scale_dtype", "dtype")
+    pq = is_pq(config)
+    need = PQ_KEYS if pq else SCALAR_KEYS
     missing = [k for k in need if k not in config]
     if missing:
         raise ValueError(f"{where}: metadata lacks {missing}")
-    kind, bits, gs, shape = config["kind"], config["bits"], config["group_size"], config["shape"]
+    kind, bits, shape = config["kind"], config["bits"], config["shape"]
     if kind not in KINDS:
         raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
-    if isinstance(bits, bool) or not isinstance(bits, int) or not 2 <= bits <= 8:
+    if config["scheme"] not in SCHEMES:
+        raise ValueError(f"{where}: scheme must be one of {SCHEMES}, got {config['scheme']!r}")
+    if not pq and (not _is_int(bits) or not 2 <= bits <= 8):
         raise ValueError(f"{where}: bits must be an integer in [2, 8], got {bits!r}")
-    if not isinstance(shape, (list, tuple)) or not all(
-        isinstance(s, int) and not isinstance(s, bool) and s > 0 for s in shape
-    ):
+    if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s > 0 for s in shape):
         raise ValueError(f"{where}: shape must be a list of positive integers, got {shape!r}")
     if len(shape) != {"Linear": 2, "Conv1d": 3, "Conv2d": 4}[kind]:
         raise ValueError(f"{where}: a {kind} weight cannot have shape {list(shape)}")
     cols = math.prod(shape[1:])
-    if gs is not None and (isinstance(gs, bool) or not isinstance(gs, int) or not 1 <= gs <= cols):
-        raise ValueError(f"{where}: group_size must be null or an integer in [1, {cols}], got {gs!r}")
-    if config["scheme"] not in SCHEMES:
-        raise ValueError(f"{where}: scheme must be one of {SCHEMES}, got {config['scheme']!r}")
+    if pq:
+        K, b = config["n_centroids"], config["block_size"]
+        if not _is_int(K) or not 2 <= K <= MAX_PQ_CENTROIDS:
+            raise ValueError(f"{where}: n_centroids must be an integer in [2, {MAX_PQ_CENTROIDS}], got {K!r}")
+        if bits != pq_code_bits(K):
+            raise ValueError(
+                f"{where}: bits must be ceil(log2 n_centroids) = {pq_code_bits(K)} for n_centroids={K}, got {bits!r}"
+            )
+        if not _is_int(b) or not 1 <= b <= cols or cols % b:
+            raise ValueError(
+                f"{where}: block_size must be an integer that divides the {cols} inputs per row of a weight of "
+                f"shape {list(shape)}, got {b!r}"
+            )
+    else:
+        gs = config["group_size"]
+        if gs is not None and (not _is_int(gs) or not 1 <= gs <= cols):
+            raise ValueError(f"{where}: group_size must be null or an integer in [1, {cols}], got {gs!r}")
     for key in ("scale_dtype", "dtype"):
         if config[key] not in SCALE_DTYPES:
             raise ValueError(f"{where}: {key} must be one of {list(SCALE_DTYPES)}, got {config[key]!r}")
     return {k: (list(config[k]) if k == "shape" else config[k]) for k in need}
 
 
-def check_packed_tensors(config: dict, codes: Tensor, scales: Tensor, zeros: Tensor, where: str) -> None:
-    """The three tensors agree with ``config`` (dtypes, sizes, zero points on the code range)."""
+def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
+    """name -> (dtype, shape) of each packed tensor of a (validated) description."""
     rows, cols = config["shape"][0], math.prod(config["shape"][1:])
-    n_groups = n_groups_of(cols, config["group_size"])
-    expect = (
-        ("weight_codes", codes, torch.uint8, (packed_nbytes(rows * cols, config["bits"]),)),
-        ("weight_scales", scales, SCALE_DTYPES[config["scale_dtype"]], (rows, n_groups)),
-        ("weight_zeros", zeros, torch.uint8, (rows, n_groups)),
+    stored = SCALE_DTYPES[config["scale_dtype"]]
+    if is_pq(config):
+        b = config["block_size"]
+        return {
+            "weight_codes": (torch.uint8, (packed_nbytes(rows * (cols // b), config["bits"]),)),
+            "weight_codebook": (stored, (config["n_centroids"], b)),
+        }
+    ng = n_groups_of(cols, config["group_size"])
+    return {
+        "weight_codes": (torch.uint8, (packed_nbytes(rows * cols, config["bits"]),)),
+        "weight_scales": (stored, (rows, ng)),
+        "weight_zeros": (torch.uint8, (rows, ng)),
+    }
+
+
+def payload_nbytes(config: Mapping) -> int:
+    """Bytes of the packed tensors of one module (the size formulas of the module docstring)."""
+    return sum(
+        math.prod(shape) * torch.empty(0, dtype=dtype).element_size() for dtype, shape in buffer_specs(config).values()
     )
-    for name, t, dtype, shape in expect:
-        if t.dtype != dtype or tuple(t.shape) != shape:
+
+
+def _layout(config: Mapping) -> str:
+    if is_pq(config):
+        return (
+            f"a product-quantized weight of shape {config['shape']} (block_size={config['block_size']}, "
+            f"n_centroids={config['n_centroids']}, {config['bits']}-bit codes)"
+        )
+    return f"a {config['bits']}-bit weight of shape {config['shape']} (group_size={config['group_size']})"
+
+
+def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str) -> None:
+    """The packed tensors {buffer name: tensor} agree with ``config``: names, dtypes, sizes, and values
+    (zero points on the code range, finite scales / codebook, PQ codes below n_centroids)."""
+    specs = buffer_specs(config)
+    missing = [k for k in specs if k not in tensors]
+    unexpected = [k for k in tensors if k not in specs]
+    if missing or unexpected:
+        raise ValueError(
+            f"{where}: {_layout(config)} takes the tensors {list(specs)}"
+            + (f"; missing {missing}" if missing else "")
+            + (f"; unexpected {unexpected}" if unexpected else "")
+        )
+    for name, (dtype, shape) in specs.items():
+        t = tensors[name]
+        if not isinstance(t, Tensor) or t.dtype != dtype or tuple(t.shape) != shape:
+            got = f"{dtype_name(t.dtype)} of shape {tuple(t.shape)}" if isinstance(t, Tensor) else type(t).__name__
             raise ValueError(
-                f"{where}: {name} must be {dtype_name(dtype)} of shape {shape} for a {config['bits']}-bit "
-                f"weight of shape {config['shape']} (group_size={config['group_size']}), got "
-                f"{dtype_name(t.dtype)} of shape {tuple(t.shape)}"
+                f"{where}: {name} must be {dtype_name(dtype)} of shape {shape} for {_layout(config)}, got {got}"
             )
+    if is_pq(config):
+        if not torch.isfinite(tensors["weight_codebook"]).all():
+            raise ValueError(f"{where}: weight_codebook contains NaN or Inf")
+        K, bits = config["n_centroids"], config["bits"]
+        if K < 2**bits:  # codes K ... 2**bits - 1 fit in the bits but name no centroid
+            rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+            n = rows * (cols // config["block_size"])
+            top = int(unpack_bits(tensors["weight_codes"], bits, n).max()) if n else 0
+            if top >= K:
+                raise ValueError(f"{where}: weight_codes holds code {top}, beyond the n_centroids={K} codebook entries")
+        return
+    zeros, scales = tensors["weight_zeros"], tensors["weight_scales"]
     if zeros.numel() and int(zeros.max()) > 2 ** config["bits"] - 1:
         raise ValueError(
             f"{where}: zero points exceed {2 ** config['bits'] - 1}, the largest {config['bits']}-bit code"
@@ -158,10 +268,18 @@ def check_packed_tensors(config: dict, codes: Tensor, scales: Tensor, zeros: Ten
         raise ValueError(f"{where}: weight_scales contains NaN or Inf")
 
 
-def dequantize_packed(config: dict, codes: Tensor, scales: Tensor, zeros: Tensor, dtype=None) -> Tensor:
-    """The weight, shape ``config["shape"]``, in ``dtype`` (default: ``config["dtype"]``)."""
+def dequantize_packed(config: dict, tensors: Mapping[str, Tensor], dtype=None) -> Tensor:
+    """The weight, shape ``config["shape"]``, in ``dtype`` (default: ``config["dtype"]``), from the packed
+    tensors {buffer name: tensor} of either scheme."""
     dtype = dtype or SCALE_DTYPES[config["dtype"]]
     rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    codes = tensors["weight_codes"]
+    if is_pq(config):
+        codebook = tensors["weight_codebook"]
+        k = unpack_bits(codes, config["bits"], rows * (cols // config["block_size"])).long()
+        compute = torch.promote_types(codebook.dtype, torch.float32)
+        return codebook.to(compute)[k].to(dtype).view(config["shape"])
+    scales, zeros = tensors["weight_scales"], tensors["weight_zeros"]
     compute = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
     k = unpack_bits(codes, config["bits"], rows * cols).view(rows, cols).to(compute)
     s, z = scales.to(compute), zeros.to(compute)
@@ -178,13 +296,12 @@ class _QuantizedBase(nn.Module):
 
     _kind = ""
 
-    def _init_packed(self, config: dict, codes: Tensor, scales: Tensor, zeros: Tensor, bias: Tensor | None):
+    def _init_packed(self, config: dict, tensors: Mapping[str, Tensor], bias: Tensor | None):
         config = check_config(dict(config, kind=self._kind), type(self).__name__)
-        check_packed_tensors(config, codes, scales, zeros, type(self).__name__)
+        check_packed_tensors(config, tensors, type(self).__name__)
         self.config = config
-        self.register_buffer("weight_codes", codes)
-        self.register_buffer("weight_scales", scales)
-        self.register_buffer("weight_zeros", zeros)
+        for name in buffer_names(config):  # the scheme's buffers: codes + scales + zeros, or codes + codebook
+            self.register_buffer(name, tensors[name])
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias.detach().clone())
         self.register_parameter("bias", bias)  # the dense module's own Parameter: optimizers keep tracking it
@@ -197,24 +314,47 @@ class _QuantizedBase(nn.Module):
         """The dequantized weight (read only: assigning to it has no effect on the codes)."""
         if self._weight_cache is not None:
             return self._weight_cache
-        w = dequantize_packed(self.config, self.weight_codes, self.weight_scales, self.weight_zeros, self._dtype)
+        w = dequantize_packed(self.config, self.packed_tensors(), self._dtype)
         if self.cache_weight:
             self._weight_cache = w
         return w
 
+    def packed_tensors(self) -> dict[str, Tensor]:
+        """{buffer name: buffer} of this module's scheme (what an export file holds for it)."""
+        return {name: getattr(self, name) for name in buffer_names(self.config)}
+
+    @property
+    def scheme(self) -> str:
+        """The scheme: "affine" / "symmetric" (scalar grid) or "pq" (product quantization)."""
+        return self.config["scheme"]
+
     @property
     def bits(self) -> int:
+        """Bits per code: per weight (scalar schemes), per sub-vector of ``block_size`` weights ("pq")."""
         return self.config["bits"]
 
     @property
     def group_size(self) -> int | None:
-        return self.config["group_size"]
+        """Inputs per scale (None: one per row; also None for "pq", which has no groups)."""
+        return self.config.get("group_size")
+
+    @property
+    def block_size(self) -> int | None:
+        """Inputs per PQ sub-vector (None for the scalar schemes)."""
+        return self.config.get("block_size")
+
+    @property
+    def n_centroids(self) -> int | None:
+        """PQ codebook entries (None for the scalar schemes)."""
+        return self.config.get("n_centroids")
 
     def _apply(self, fn, recurse=True):
-        scales = self.weight_scales
+        before = self.packed_tensors()
         super()._apply(fn, recurse)
-        if self.weight_scales.dtype != scales.dtype:  # the stored precision is the format: only move it
-            self.weight_scales = scales.to(self.weight_scales.device)
+        for name, t in before.items():  # the stored precision is the format: scales / codebook only move
+            now = getattr(self, name)
+            if now.dtype != t.dtype:
+                setattr(self, name, t.to(now.device))
         self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
         self.config = dict(self.config, dtype=dtype_name(self._dtype))
         self._weight_cache = None
@@ -242,25 +382,35 @@ class _QuantizedBase(nn.Module):
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
-        gs = self.config["group_size"]
-        return (
-            f"{self._shape_repr()}, bits={self.bits}, group_size={gs}, scheme={self.config['scheme']}, "
-            f"scale_dtype={self.config['scale_dtype']}, bias={self.bias is not None}"
-        )
+        c = self.config
+        if is_pq(c):
+            layout = (
+                f"scheme=pq, bits={c['bits']}, block_size={c['block_size']}, n_centroids={c['n_centroids']}, "
+                f"codebook_dtype={c['scale_dtype']}"
+            )
+        else:
+            layout = (
+                f"bits={c['bits']}, group_size={c['group_size']}, scheme={c['scheme']}, "
+                f"scale_dtype={c['scale_dtype']}"
+            )
+        return f"{self._shape_repr()}, {layout}, bias={self.bias is not None}"
 
     def _shape_repr(self) -> str:
         return ""
 
 
 class QuantizedLinear(_QuantizedBase):
-    """``nn.Linear`` with a bit-packed weight (see the module docstring for the buffers)."""
+    """``nn.Linear`` with a bit-packed weight (see the module docstring for the buffers).
+
+    ``tensors``: {buffer name: tensor} of the scheme of ``config`` (:func:`buffer_names`).
+    """
 
     _kind = "Linear"
 
-    def __init__(self, in_features: int, out_features: int, config: dict, codes, scales, zeros, bias=None):
+    def __init__(self, in_features: int, out_features: int, config: dict, tensors: Mapping[str, Tensor], bias=None):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_packed(dict(config, shape=[out_features, in_features]), codes, scales, zeros, bias)
+        self._init_packed(dict(config, shape=[out_features, in_features]), tensors, bias)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
@@ -269,8 +419,8 @@ class QuantizedLinear(_QuantizedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
     @classmethod
-    def from_dense(cls, m: nn.Linear, config: dict, codes, scales, zeros) -> QuantizedLinear:
-        return cls(m.in_features, m.out_features, config, codes, scales, zeros, m.bias)
+    def from_dense(cls, m: nn.Linear, config: dict, tensors: Mapping[str, Tensor]) -> QuantizedLinear:
+        return cls(m.in_features, m.out_features, config, tensors, m.bias)
 
     def to_dense(self) -> nn.Linear:
         w = self.weight
@@ -299,12 +449,12 @@ _CONV_ATTRS = (
 class _QuantizedConv(_QuantizedBase):
     _dense: type[nn.Module] = nn.Conv2d
 
-    def __init__(self, conv_args: dict, config: dict, codes, scales, zeros, bias=None):
+    def __init__(self, conv_args: dict, config: dict, tensors: Mapping[str, Tensor], bias=None):
         super().__init__()
         for k in _CONV_ATTRS:
             setattr(self, k, conv_args[k])
         shape = [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
-        self._init_packed(dict(config, shape=shape), codes, scales, zeros, bias)
+        self._init_packed(dict(config, shape=shape), tensors, bias)
 
     def forward(self, input: Tensor) -> Tensor:
         # padding modes, stride, dilation and groups exactly as the dense conv handles them
@@ -317,8 +467,8 @@ class _QuantizedConv(_QuantizedBase):
         )
 
     @classmethod
-    def from_dense(cls, m: nn.Module, config: dict, codes, scales, zeros):
-        return cls({k: getattr(m, k) for k in _CONV_ATTRS}, config, codes, scales, zeros, m.bias)
+    def from_dense(cls, m: nn.Module, config: dict, tensors: Mapping[str, Tensor]):
+        return cls({k: getattr(m, k) for k in _CONV_ATTRS}, config, tensors, m.bias)
 
     def to_dense(self) -> nn.Module:
         w = self.weight

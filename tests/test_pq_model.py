@@ -318,3 +318,37 @@ def test_callback_pq_layout_checked_before_training(tmp_path):
     with pytest.raises(ValueError, match=r"block_size=5 must divide the 36 inputs"):
         t.fit(model, *loaders())
     assert torch.equal(model.net.conv.weight.detach(), before) and t.global_step == 0
+
+
+def test_callback_pq_finetune_exports_trained_codebooks(tmp_path):
+    from obc_lightning import OBCQuantize, load_quantized
+    from obc_lightning.export import read_metadata, theoretical_bytes
+
+    path = tmp_path / "pq.safetensors"
+    cb = OBCQuantize(
+        method="pq", block_size={"net.conv": 4, "*": 8}, n_centroids=16, calibration_batches=2, finetune="pq",
+        finetune_epochs=1, export_path=path, plot=False, verbose=False,
+    )
+    _, model = run(tmp_path, cb, max_epochs=2)
+    fresh = LitNet()
+    load_quantized(path, fresh)
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, fresh.state_dict()[key]), key
+    meta = read_metadata(path)
+    assert meta["net.conv"]["scheme"] == "pq" and meta["net.conv"]["block_size"] == 4
+    assert meta["net.fc"]["n_centroids"] == 16 and meta["net.fc"]["bits"] == 4
+    # the report's size is the file's payload
+    assert cb.metrics["obc/file_mb"] * 2**20 == path.stat().st_size
+    payload = theoretical_bytes(path)
+    others = sum(t.numel() * t.element_size() for k, t in model.state_dict().items() if not k.endswith("weight"))
+    assert payload - others == sum(r.bytes_after - 4 * model.get_submodule(r.name).bias.numel()
+                                   for r in cb.report.modules)
+
+
+def test_callback_pq_mapping_values_checked_at_construction():
+    from obc_lightning import OBCQuantize
+
+    with pytest.raises(ValueError, match=r"block_size must be an integer >= 1 .* got 0"):
+        OBCQuantize(method="pq", block_size={"*conv*": 9, "*": 0})
+    with pytest.raises(ValueError, match=r"n_centroids must be an integer >= 2 .* got 1"):
+        OBCQuantize(method="pq", n_centroids=1)
