@@ -193,3 +193,27 @@ def test_cifar_finetune_path(tmp_path, mode, capsys):
     assert 4 < res["avg_bits"] < 4.5 and 0.1 < res["size_mb"] < 0.15  # ~270k weights at ~4 bits
     out = capsys.readouterr().out
     assert "post-training" in out and "fine-tuned" in out
+
+
+@needs_subset
+def test_cifar_pq_comparison_and_finetune(tmp_path, capsys):
+    """--method pq: k-means vs Hessian-aware PQ after loading weights; --finetune pq: centroid fine-tuning."""
+    ckpt = tmp_path / "fp32.pt"
+    torch.manual_seed(0)
+    torch.save(cifar.CifarClassifier("resnet20").state_dict(), ckpt)
+    tiny = [a for a in QUICK]
+    tiny[tiny.index("--limit-train") + 1], tiny[tiny.index("--limit-test") + 1] = "128", "64"
+    res = cifar.main(tiny + ["--load-fp32", str(ckpt), "--method", "pq", "--n-centroids", "64"])
+    assert [r["method"] for r in res["runs"]] == ["pq-kmeans", "pq"]
+    kmeans, aware = res["runs"]
+    assert aware["layer_loss"] < 0.5 * kmeans["layer_loss"]
+    # 18 convs: a 6-bit code per 8 weights + a 64 x 8 fp16 codebook each
+    assert 0.75 < aware["avg_bits"] < 1.5 and aware["avg_bits"] == kmeans["avg_bits"]
+    assert "PQ (Hessian)" in capsys.readouterr().out
+    res = cifar.main(
+        tiny + ["--load-fp32", str(ckpt), "--method", "pq", "--n-centroids", "64", "--finetune", "pq"]
+        + ["--finetune-epochs", "1", "--finetune-lr", "0.01"]
+    )
+    assert res["finetune"] == "pq" and res["finetune_epochs"] == 1 and "K=64" in res["pq"]
+    with pytest.raises(SystemExit, match="--finetune pq goes with --method pq"):
+        cifar.main(tiny + ["--load-fp32", str(ckpt), "--finetune", "pq"])
