@@ -136,3 +136,23 @@ def test_bad_inputs():
     other = fit_grid(W[:4], 3)
     with pytest.raises(ValueError, match="grid is for"):
         polish(W, H, codes, other)
+
+
+@pytest.mark.parametrize("block_size", [4, 128])
+def test_rows_stop_independently_so_stacked_rows_polish_as_separate_calls(block_size):
+    """Each row stops after a pass that moves none of its weights: rows converging at different passes
+    give the same codes polished together or apart (what quantize_weight relies on for auto)."""
+    W, H, grid = setup(rows=12, d=30, seed=5)
+    s, z = grid.per_column()
+    start = torch.randint(0, grid.maxq + 1, W.shape, generator=torch.Generator().manual_seed(1)).to(W.dtype)
+    start[:6] = grid.codes(W)[:6].to(W.dtype)  # half the rows start close to a minimum, half far from it
+    together, passes, _ = polish_codes(W, H, start, s, z, grid.maxq, max_passes=6, block_size=block_size)
+    apart = torch.cat([
+        polish_codes(W[r], H, start[r], s[r], z[r], grid.maxq, max_passes=6, block_size=block_size)[0]
+        for r in (slice(0, 6), slice(6, 12))
+    ])
+    assert passes > 1 and torch.equal(together, apart)
+    for r in range(12):  # and row by row
+        one = polish_codes(W[r : r + 1], H, start[r : r + 1], s[r : r + 1], z[r : r + 1], grid.maxq, max_passes=6,
+                           block_size=block_size)[0]
+        assert torch.equal(one, together[r : r + 1]), r

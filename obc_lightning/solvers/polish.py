@@ -32,45 +32,62 @@ def polish_codes(
     """Coordinate descent for all rows at once.
 
     w, codes (floats), scale, zero: (R, d); hessian: (d, d) symmetric PSD (columns with H_jj <= 0 are
-    left alone: with a PSD H their weight costs nothing). Returns (codes, passes run, converged), where
-    converged means the last pass moved no weight. Rows whose objective would rise by float rounding
-    keep their input codes. ``frozen`` (R, d) bool: weights never moved (pruned weights held at 0).
+    left alone: with a PSD H their weight costs nothing). A row stops after a pass that moves none of its
+    weights (it is then coordinate-wise optimal), so rows are independent: polishing a stack of row sets
+    in one call gives each set's own result. Returns (codes, passes run, converged), where converged means
+    every row's last pass moved nothing. Rows whose objective would rise by float rounding keep their
+    input codes. ``frozen`` (R, d) bool: weights never moved (pruned weights held at 0).
     """
     R, d = w.shape
     K = codes.clone()
     Q = dequantize(K, scale, zero)
     hd = torch.diagonal(hessian)
     live = (hd > 0).tolist()
-    moved, passes = 1, 0
-    while moved and passes < max_passes:
+    half_h = [0.5 * x for x in hd.tolist()]
+    inv_h = [1.0 / x if x > 0 else 0.0 for x in hd.tolist()]
+    active = torch.ones(R, dtype=torch.bool, device=w.device)
+    passes = 0
+    while passes < max_passes:
+        rows = torch.nonzero(active).flatten()
+        if rows.numel() == 0:
+            break
         passes += 1
-        G = (Q - w) @ hessian  # (R, d) gradient g = (q - w) H, exact at the start of each pass
-        n_moved = torch.zeros((), dtype=torch.long, device=w.device)
+        everything = rows.numel() == R
+        wa, Qa, Ka = (w, Q, K) if everything else (w[rows], Q[rows], K[rows])
+        sa, za = (scale, zero) if everything else (scale[rows], zero[rows])
+        free = None if frozen is None else ~(frozen if everything else frozen[rows])
+        G = (Qa - wa) @ hessian  # (r, d) gradient g = (q - w) H, exact at the start of each pass
+        moved = torch.zeros(rows.numel(), dtype=torch.bool, device=w.device)
         for i1 in range(0, d, block_size):
             i2 = min(i1 + block_size, d)
             Gb = G[:, i1:i2]  # view: the block's gradients, kept current
-            D = torch.zeros(R, i2 - i1, dtype=w.dtype, device=w.device)  # (R, B) moves of the block
+            D = torch.zeros(rows.numel(), i2 - i1, dtype=w.dtype, device=w.device)  # the block's moves
+            Kb = Ka[:, i1:i2].clone()
             for i in range(i2 - i1):
                 j = i1 + i
                 if not live[j]:
                     continue
-                t = Q[:, j] - Gb[:, i] / hd[j]  # minimiser of f along coordinate j
-                k = quantize_codes(t, scale[:, j], zero[:, j], maxq)
-                delta = dequantize(k, scale[:, j], zero[:, j]) - Q[:, j]
-                take = delta * (Gb[:, i] + 0.5 * delta * hd[j]) < 0  # df < 0
-                if frozen is not None:
-                    take &= ~frozen[:, j]
-                delta = torch.where(take, delta, torch.zeros_like(delta))
-                K[:, j] = torch.where(take, k, K[:, j])
-                Q[:, j] += delta
-                Gb[:, i:].addr_(delta, hessian[j, i1 + i:i2])  # g += delta H[j, :] within the block
+                g, q, sj, zj = Gb[:, i], Qa[:, j], sa[:, j], za[:, j]
+                # the grid point nearest to the 1-D minimiser t = q - g / H_jj
+                k = quantize_codes(q - g * inv_h[j], sj, zj, maxq)
+                delta = sj * (k - zj) - q
+                take = delta * (g + half_h[j] * delta) < 0  # df = delta (g + delta H_jj / 2) < 0
+                if free is not None:
+                    take &= free[:, j]
+                delta = delta * take
+                Kb[:, i] = torch.where(take, k, Kb[:, i])
+                Gb[:, i:].addr_(delta, hessian[j, j:i2])  # g += delta H[j, :] within the block
                 D[:, i] = delta
-                n_moved += take.sum()
+            Qa[:, i1:i2] += D  # column j's own value is only read before its move
+            Ka[:, i1:i2] = Kb
+            moved |= (D != 0).any(dim=1)
             G[:, i2:].addmm_(D, hessian[i1:i2, i2:])  # deferred: g[:, i2:] += D H[block, i2:]
-        moved = int(n_moved)
+        if not everything:
+            Q[rows], K[rows] = Qa, Ka
+        active[rows] = moved
     worse = layer_objective(w, Q, hessian) > layer_objective(w, dequantize(codes, scale, zero), hessian)
     K[worse] = codes[worse]
-    return K, passes, moved == 0
+    return K, passes, not bool(active.any())
 
 
 @torch.no_grad()

@@ -100,18 +100,26 @@ def quantize_weight(
     frozen = frozen if bool(frozen.any()) else None
 
     names = ["obc", "gptq"] if solver == "auto" else [solver]
-    best_codes, best_loss, winner = None, None, None
-    for i, name in enumerate(names):
+    solutions = []
+    for name in names:
         if name == "obc":
             codes, _ = solve_obc_rows(W, prep, grid, batch_size=batch_size, max_memory=max_memory)
         else:
             codes = gptq_codes(
                 W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size, frozen=frozen
             )
-        if polish:
-            codes, _, _ = polish_codes(
-                W0, H0, codes, s, z, grid.maxq, max_passes=max_passes, block_size=block_size, frozen=frozen
-            )
+        solutions.append(codes)
+    if polish:
+        # one coordinate-descent run over all solutions stacked by rows: the rows are independent, and
+        # the per-column loop (the cost on small layers) runs once instead of once per solver
+        n = len(solutions)
+        stacked, _, _ = polish_codes(
+            W0.repeat(n, 1), H0, torch.cat(solutions), s.repeat(n, 1), z.repeat(n, 1), grid.maxq,
+            max_passes=max_passes, block_size=block_size, frozen=None if frozen is None else frozen.repeat(n, 1),
+        )
+        solutions = list(stacked.chunk(n))
+    best_codes, best_loss, winner = None, None, None
+    for i, codes in enumerate(solutions):
         loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
         if best_codes is None:
             best_codes, best_loss = codes, loss
