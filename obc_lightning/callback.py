@@ -158,7 +158,8 @@ class OBCQuantize(Callback):
         plot: save a per-module error chart when matplotlib is installed.
         verbose: print the summary table.
         export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
-            created if missing.
+            created if missing. With ``n_m`` the quantized modules are stored N:M-sparse (the codes of the
+            kept weights and their positions, :func:`~obc_lightning.export.save_quantized`).
         sparsity, n_m: prune with OBS before quantizing (the pruned weights stay exactly 0), see
             :func:`~obc_lightning.compress.compress_model`; ``bits=None`` prunes only (:class:`OBCPrune`).
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
@@ -663,7 +664,7 @@ class OBCQuantize(Callback):
             from obc_lightning.export import save_quantized
 
             os.makedirs(os.path.dirname(os.path.abspath(self.export_path)), exist_ok=True)
-            file_mb = save_quantized(pl_module, self.export_path, report) / 2**20
+            file_mb = save_quantized(pl_module, self.export_path, report, n_m=self.n_m) / 2**20
             sd = pl_module.state_dict()
             dense_bytes = sum(t.numel() * t.element_size() for t in sd.values() if isinstance(t, Tensor))
             metrics["obc/file_mb"] = metrics["obc/size_mb_after"] = file_mb

@@ -6,6 +6,11 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   ``weight.reshape(out, -1)`` row-major, bit-packed by :func:`obc_lightning.packed.pack_bits`),
   ``m.weight_scales`` ((out, n_groups), float16 by default), ``m.weight_zeros`` ((out, n_groups) uint8
   integer zero points);
+- with ``save_quantized(..., n_m=(N, M))``, per scalar module ``m`` instead: ``m.weight_codes`` (the codes
+  of exactly N entries per group of M inputs -- the kept weights, padded with zeros -- bit-packed at
+  ``bits``), ``m.weight_positions`` (each entry's position 0 ... M-1 in its group, bit-packed at
+  ceil(log2 M) bits), ``m.weight_scales``, ``m.weight_zeros``; groups, entry order and dequantization in
+  :mod:`obc_lightning.packed`;
 - per product-quantized module ``m`` (scheme "pq", :func:`obc_lightning.solvers.pq.product_quantize`):
   ``m.weight_codes`` (uint8, the (out, J) sub-vector codes row-major, J = in * kh * kw / block_size,
   bit-packed at bits = ceil(log2 n_centroids); at most 256 centroids) and ``m.weight_codebook``
@@ -15,10 +20,11 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   its own dtype and full precision;
 - string metadata: ``format`` = "obc_lightning", ``format_version`` = "1", ``library_version``, and
   ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}`` for scalar
-  modules, ``{name: {kind, scheme: "pq", bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for
-  product-quantized ones.
+  modules (plus ``n_m: [N, M]`` for N:M-sparse storage; absent: dense), ``{name: {kind, scheme: "pq",
+  bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for product-quantized ones.
 
-Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1), over
+Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1) (N:M:
+ceil(bits * numel * N / M / 8) + ceil(ceil(log2 M) * numel * N / M / 8) + the same scales / zeros), over
 PQ modules of ceil(bits * rows * J / 8) + n_centroids * block_size * (codebook entry bytes), plus the
 other tensors, plus the safetensors header (JSON, a few hundred bytes per module).
 
@@ -51,6 +57,7 @@ yourself before ``model.load_state_dict``.
 from __future__ import annotations
 
 import json
+import math
 import os
 import tempfile
 from collections.abc import Callable, Mapping
@@ -63,6 +70,7 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from obc_lightning.packed import (
+    ALL_BUFFERS,
     MAX_PQ_CENTROIDS,
     PACKED_CLASSES,
     PACKED_FORMAT,
@@ -73,10 +81,15 @@ from obc_lightning.packed import (
     buffer_specs,
     check_config,
     check_packed_tensors,
+    dense_codes,
     dequantize_packed,
     dtype_name,
+    is_nm,
+    is_pq,
     kind_of,
     n_groups_of,
+    nm_pack,
+    nm_position_bits,
     pack_bits,
     payload_nbytes,
     pq_code_bits,
@@ -249,9 +262,41 @@ def _pq_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dty
     return config, tensors
 
 
-def _packed_entries(model: nn.Module, report_or_results, scale_dtype) -> dict[str, tuple]:
-    """name -> (config, {buffer name: tensor}, is_packed_module) for every quantized module."""
+def _check_n_m(fn: str, n_m) -> tuple[int, int] | None:
+    if n_m is None:
+        return None
+    ok = isinstance(n_m, (tuple, list)) and len(n_m) == 2 and all(
+        isinstance(x, int) and not isinstance(x, bool) for x in n_m
+    )
+    if not ok or not 1 <= n_m[0] < n_m[1]:
+        raise ValueError(f"{fn}: n_m must be a pair of integers (N, M) with 1 <= N < M, got {n_m!r}")
+    return int(n_m[0]), int(n_m[1])
+
+
+def _to_nm(name: str, config: dict, tensors: Mapping[str, Tensor], n_m: tuple[int, int]):
+    """(config, tensors) of a scalar module stored N:M-sparse (unchanged if it already is, at this N:M, or
+    is product-quantized); ValueError naming the module and its worst group if the weight violates it."""
+    if is_pq(config) or config.get("n_m") == list(n_m):
+        return config, tensors
+    where = f"module '{name}'"
+    dense_cfg = {k: v for k, v in config.items() if k != "n_m"}
+    new_cfg = check_config(dict(dense_cfg, n_m=list(n_m)), where)
+    rows = config["shape"][0]
+    codes = dense_codes(config, tensors)
+    nonzero = dequantize_packed(config, tensors).reshape(rows, -1) != 0  # the weight as exported
+    out = {
+        **nm_pack(new_cfg, codes, tensors["weight_zeros"], nonzero, where),
+        "weight_scales": tensors["weight_scales"],
+        "weight_zeros": tensors["weight_zeros"],
+    }
+    return new_cfg, {k: out[k] for k in buffer_names(new_cfg)}
+
+
+def _packed_entries(model: nn.Module, report_or_results, scale_dtype, n_m=None) -> dict[str, tuple]:
+    """name -> (config, {buffer name: tensor}, is_packed_module) for every quantized module; with ``n_m``
+    every scalar module in N:M-sparse storage (all checked here, before anything is written)."""
     scale_dtype = _check_scale_dtype(scale_dtype)
+    n_m = _check_n_m("n_m", n_m)
     results = _results_map(report_or_results)
     entries = {}
     for name, m in model.named_modules():
@@ -265,6 +310,9 @@ def _packed_entries(model: nn.Module, report_or_results, scale_dtype) -> dict[st
         if name in entries:
             continue  # already packed: its buffers are the codes
         entries[name] = (*_packed_from_results(name, m, res, scale_dtype), False)
+    if n_m is not None:
+        for name, (config, tensors, is_packed) in list(entries.items()):
+            entries[name] = (*_to_nm(name, config, tensors, n_m), is_packed)
     return entries
 
 
@@ -300,7 +348,9 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
                 os.close(dfd)
 
 
-def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtype=torch.float16) -> int:
+def save_quantized(
+    model: nn.Module, path, report_or_results=None, *, scale_dtype=torch.float16, n_m: tuple[int, int] | None = None
+) -> int:
     """Write ``model`` with its quantized modules bit-packed to the safetensors file ``path``.
 
     Args:
@@ -313,11 +363,17 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
         scale_dtype: storage of the scales (and of the PQ codebooks) of dense modules: float16 (default),
             bfloat16, float32 (bit-exact round trip of scales), float64. A PQ codebook must be exactly
             representable in it. Packed modules keep theirs.
+        n_m: ``(N, M)``: store every scalar-quantized module N:M-sparse (the codes of N entries per group
+            of M inputs and their positions, see :mod:`obc_lightning.packed`; conv groups run along the
+            input channels at each kernel position, as ``compress_model(..., n_m=...)`` prunes them).
+            Every such module must have at most N non-zero weights per group. ``None`` (default): dense
+            codes (packed modules keep their storage). Product-quantized modules are not affected.
 
     Returns the size of the file in bytes. Raises ``ValueError`` (and writes nothing) if a result does
-    not fit its module or the module's weight is not on the result's grid (not ``codebook[codes]``).
+    not fit its module, the module's weight is not on the result's grid (not ``codebook[codes]``), or,
+    with ``n_m``, a module's weight is not N:M sparse (naming the module and its worst group).
     """
-    entries = _packed_entries(model, report_or_results, scale_dtype)
+    entries = _packed_entries(model, report_or_results, scale_dtype, n_m)
     if not entries:
         raise ValueError(
             "save_quantized: nothing to export: pass the report of compress_model(..., keep_results=True), "
@@ -329,6 +385,8 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
     for name, (_config, packed, is_packed) in entries.items():
         prefix = f"{name}." if name else ""
         skip.update([prefix + "_extra_state", prefix + "weight"])
+        if is_packed:  # its buffers (of whichever storage) are replaced by the entry's tensors
+            skip.update(prefix + k for k in ALL_BUFFERS)
         for key, t in packed.items():
             if not is_packed and prefix + key in sd:
                 raise ValueError(f"save_quantized: the model already has a tensor named '{prefix + key}'")
@@ -366,8 +424,8 @@ def save_quantized(model: nn.Module, path, report_or_results=None, *, scale_dtyp
 
 
 def theoretical_bytes(path) -> int:
-    """The payload a file should hold, no header: packed codes + scales + zero points (scalar modules),
-    packed codes + codebook (PQ modules), + other tensors."""
+    """The payload a file should hold, no header: packed codes + scales + zero points (scalar modules;
+    + packed positions when N:M-sparse), packed codes + codebook (PQ modules), + other tensors."""
     configs, tensors = _read(os.fspath(path))
     total = 0
     quantized = set()
@@ -515,23 +573,27 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
 
 
 # ------------------------------------------------------------------ packed modules in memory
-def pack_model(model: nn.Module, report_or_results=None, *, scale_dtype=torch.float16) -> nn.Module:
+def pack_model(
+    model: nn.Module, report_or_results=None, *, scale_dtype=torch.float16, n_m: tuple[int, int] | None = None
+) -> nn.Module:
     """Replace each quantized Linear / Conv1d / Conv2d by its packed module, in place; returns ``model``.
 
     The packed modules compute ``float(scale) * (code - zero)`` with scales stored in ``scale_dtype``
     (float16 by default: outputs differ from the dense quantized model by the fp16 rounding of the
     scales; ``torch.float32`` reproduces them exactly), or ``codebook[codes]`` for product-quantized
     modules (codebook stored exactly in ``scale_dtype``: the dense model's outputs, bit for bit).
-    Forward hooks on the replaced modules are not carried over. All modules are checked before the
-    first is replaced.
+    With ``n_m=(N, M)`` every scalar-quantized module holds its codes N:M-sparse (as
+    ``save_quantized(..., n_m=...)`` writes them; modules already packed densely are re-packed; the weights
+    are the same bits). Forward hooks on the replaced modules are not carried over. All modules are
+    checked before the first is replaced.
     """
-    entries = _packed_entries(model, report_or_results, scale_dtype)
+    entries = _packed_entries(model, report_or_results, scale_dtype, n_m)
     new = {}
     for name, (config, packed, is_packed) in entries.items():
-        if is_packed:
-            continue
         m = model.get_submodule(name)
-        dev = m.weight.device
+        if is_packed and _same_config(config, m.config):
+            continue
+        dev = m.weight_codes.device if is_packed else m.weight.device
         new[name] = PACKED_CLASSES[config["kind"]].from_dense(m, config, {k: t.to(dev) for k, t in packed.items()})
     if "" in new:
         raise ValueError("pack_model: the model itself is the quantized module; wrap it in a container")
@@ -554,6 +616,11 @@ def _placeholder(m: nn.Module, cfg: dict) -> nn.Module:
     """A packed module of the right layout (either scheme) whose buffers ``load_state_dict`` will fill."""
     dev = m.weight.device
     tensors = {k: torch.zeros(shape, dtype=dtype, device=dev) for k, (dtype, shape) in buffer_specs(cfg).items()}
+    if is_nm(cfg):  # valid positions (0 ... N-1 in every group), overwritten by load_state_dict
+        N, M = cfg["n_m"]
+        n_groups = cfg["shape"][0] * math.prod(cfg["shape"][1:]) // M
+        pos = torch.arange(N, dtype=torch.int32).repeat(n_groups)
+        tensors["weight_positions"] = pack_bits(pos, nm_position_bits(M)).to(dev)
     return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), tensors)
 
 

@@ -17,6 +17,32 @@ module's dtype), or once with ``cache_weight=True``. Column c is in group ``c //
 row; a conv with g groups is g stacked row blocks sharing the same layout, so nothing in the format
 depends on g. Size: ``ceil(bits * numel / 8) + out * n_groups * (scale bytes + 1)``.
 
+N:M-sparse scalar weights (config key ``"n_m": [N, M]``, 1 <= N < M <= 256; absent: dense as above),
+four buffers: ``weight_codes``, ``weight_positions``, ``weight_scales``, ``weight_zeros`` (the last two
+exactly as above). The d = in * kh * kw columns of a row fall in G = d / M groups of M columns:
+
+- Linear: column c is in group ``c // M``, at position ``c % M``;
+- Conv1d / Conv2d (columns c = i * K + k, i the input channel within the conv group, k the flattened
+  kernel position, K = kh * kw): group ``k * (in / M) + i // M``, position ``i % M`` -- M consecutive
+  input channels at one kernel position (:func:`obc_lightning.solvers.prune.conv_nm_group_index`;
+  M must divide in_channels / groups). In both cases the position of a column is its rank among the
+  columns of its group in increasing column order.
+
+Each group stores exactly N entries: its non-zero weights plus, when it has fewer than N, the zero
+weights at its smallest remaining positions (code = the zero point of that column's grid, so they are
+0). Stored entry e = (r * G + g) * N + j is the j-th of row r, group g (groups in increasing group id,
+the N entries of a group in strictly increasing position):
+
+- ``weight_codes``: uint8, the rows * G * N codes of the stored entries in that order, packed by
+  :func:`pack_bits` at ``bits`` (``ceil(bits * rows * d * N / M / 8)`` bytes);
+- ``weight_positions``: uint8, their positions within their groups (0 ... M-1, strictly increasing
+  within a group), same order, packed at ``ceil(log2 M)`` bits.
+
+Dequantization: the dense (rows, d) code matrix is the zero point of every column's grid, with the
+stored codes scattered to their columns; then ``W = s * (code - z)`` exactly as for dense weights (so
+an unstored weight is exactly 0). Size: ``ceil(bits * rows * d * N / M / 8) + ceil(ceil(log2 M) * rows
+* d * N / M / 8) + out * n_groups * (scale bytes + 1)``.
+
 Product quantization ("pq", see :mod:`obc_lightning.solvers.pq`), two buffers:
 
 - ``weight_codes``: uint8, the (out, J) sub-vector codes (J = d / block_size, d = in * kh * kw) in
@@ -47,11 +73,14 @@ PQ_SCHEME = "pq"
 SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME)
 # the buffers a packed module of each scheme holds (and the tensors an export file holds per module)
 SCALAR_BUFFERS = ("weight_codes", "weight_scales", "weight_zeros")
+NM_BUFFERS = ("weight_codes", "weight_positions", "weight_scales", "weight_zeros")
+ALL_BUFFERS = ("weight_codes", "weight_positions", "weight_scales", "weight_zeros", "weight_codebook")
 PQ_BUFFERS = ("weight_codes", "weight_codebook")
 # the keys of a module's description, per scheme
 SCALAR_KEYS = ("kind", "bits", "group_size", "shape", "scheme", "scale_dtype", "dtype")
 PQ_KEYS = ("kind", "scheme", "bits", "block_size", "n_centroids", "shape", "scale_dtype", "dtype")
 MAX_PQ_CENTROIDS = 256  # codes are bit-packed at <= 8 bits
+MAX_NM_M = 256  # N:M positions are bit-packed at <= 8 bits
 SCALE_DTYPES = {
     "float16": torch.float16,
     "bfloat16": torch.bfloat16,
@@ -138,9 +167,44 @@ def is_pq(config: Mapping) -> bool:
     return config.get("scheme") == PQ_SCHEME
 
 
+def is_nm(config: Mapping) -> bool:
+    """An N:M-sparse scalar weight (config key ``n_m``)."""
+    return config.get("n_m") is not None
+
+
 def buffer_names(config: Mapping) -> tuple[str, ...]:
     """The packed tensors of a module of this description, in their usual order."""
-    return PQ_BUFFERS if is_pq(config) else SCALAR_BUFFERS
+    if is_pq(config):
+        return PQ_BUFFERS
+    return NM_BUFFERS if is_nm(config) else SCALAR_BUFFERS
+
+
+def nm_position_bits(m: int) -> int:
+    """Bits of one N:M position: ceil(log2 M), at least 1."""
+    return max(1, (m - 1).bit_length())
+
+
+def nm_group_of(config: Mapping) -> Tensor:
+    """(d,) long: the N:M group id of every column of ``weight.reshape(out, -1)`` (module docstring)."""
+    shape, M = config["shape"], config["n_m"][1]
+    if config["kind"] == "Linear":
+        return torch.arange(shape[1]) // M
+    from obc_lightning.solvers.prune import conv_nm_group_index  # torch only; lazy: solvers import grids
+
+    return conv_nm_group_index(shape[1], math.prod(shape[2:]), M).long()
+
+
+def nm_members(config: Mapping) -> Tensor:
+    """(G, M) long: ``members[g, p]`` = the column at position p of group g (increasing column order)."""
+    group = nm_group_of(config)
+    return torch.argsort(group, stable=True).view(-1, config["n_m"][1])
+
+
+def _nm_sizes(config: Mapping) -> tuple[int, int, int, int]:
+    """(rows, d, G, stored entries) of an N:M description."""
+    rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    N, M = config["n_m"]
+    return rows, cols, cols // M, rows * (cols // M) * N
 
 
 def _is_int(v: Any) -> bool:
@@ -150,8 +214,9 @@ def _is_int(v: Any) -> bool:
 def check_config(config: Any, where: str) -> dict:
     """A packed weight's description, validated.
 
-    Scalar schemes: kind, bits, group_size, shape, scheme, scale_dtype, dtype. Scheme "pq": kind, scheme,
-    bits (= ceil(log2 n_centroids)), block_size, n_centroids, shape, scale_dtype (the codebook's), dtype.
+    Scalar schemes: kind, bits, group_size, shape, scheme, scale_dtype, dtype, and optionally n_m = [N, M]
+    (N:M-sparse storage; absent: dense). Scheme "pq": kind, scheme, bits (= ceil(log2 n_centroids)),
+    block_size, n_centroids, shape, scale_dtype (the codebook's), dtype.
     """
     if not isinstance(config, dict):
         raise ValueError(f"{where}: metadata must be a JSON object, got {type(config).__name__}")
@@ -189,10 +254,28 @@ def check_config(config: Any, where: str) -> dict:
         gs = config["group_size"]
         if gs is not None and (not _is_int(gs) or not 1 <= gs <= cols):
             raise ValueError(f"{where}: group_size must be null or an integer in [1, {cols}], got {gs!r}")
+    if "n_m" in config:
+        nm = config["n_m"]
+        if pq:
+            raise ValueError(f"{where}: n_m applies to the scalar schemes only, not to scheme 'pq'")
+        if (
+            not isinstance(nm, (list, tuple))
+            or len(nm) != 2
+            or not all(_is_int(x) for x in nm)
+            or not 1 <= nm[0] < nm[1] <= MAX_NM_M
+        ):
+            raise ValueError(
+                f"{where}: n_m must be a pair of integers [N, M] with 1 <= N < M <= {MAX_NM_M}, got {nm!r}"
+            )
+        per_group = shape[1]  # Linear: in_features; conv: in_channels / groups (at each kernel position)
+        if per_group % nm[1]:
+            what = "inputs" if kind == "Linear" else "input channels per conv group"
+            raise ValueError(f"{where}: n_m={list(nm)}: M={nm[1]} does not divide the {per_group} {what}")
+        need = (*need, "n_m")
     for key in ("scale_dtype", "dtype"):
         if config[key] not in SCALE_DTYPES:
             raise ValueError(f"{where}: {key} must be one of {list(SCALE_DTYPES)}, got {config[key]!r}")
-    return {k: (list(config[k]) if k == "shape" else config[k]) for k in need}
+    return {k: (list(config[k]) if k in ("shape", "n_m") else config[k]) for k in need}
 
 
 def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -206,6 +289,14 @@ def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...
             "weight_codebook": (stored, (config["n_centroids"], b)),
         }
     ng = n_groups_of(cols, config["group_size"])
+    if is_nm(config):
+        n = _nm_sizes(config)[3]
+        return {
+            "weight_codes": (torch.uint8, (packed_nbytes(n, config["bits"]),)),
+            "weight_positions": (torch.uint8, (packed_nbytes(n, nm_position_bits(config["n_m"][1])),)),
+            "weight_scales": (stored, (rows, ng)),
+            "weight_zeros": (torch.uint8, (rows, ng)),
+        }
     return {
         "weight_codes": (torch.uint8, (packed_nbytes(rows * cols, config["bits"]),)),
         "weight_scales": (stored, (rows, ng)),
@@ -226,7 +317,8 @@ def _layout(config: Mapping) -> str:
             f"a product-quantized weight of shape {config['shape']} (block_size={config['block_size']}, "
             f"n_centroids={config['n_centroids']}, {config['bits']}-bit codes)"
         )
-    return f"a {config['bits']}-bit weight of shape {config['shape']} (group_size={config['group_size']})"
+    nm = f", {config['n_m'][0]}:{config['n_m'][1]} sparse" if is_nm(config) else ""
+    return f"a {config['bits']}-bit weight of shape {config['shape']} (group_size={config['group_size']}{nm})"
 
 
 def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str) -> None:
@@ -266,6 +358,69 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
         )
     if not torch.isfinite(scales).all():
         raise ValueError(f"{where}: weight_scales contains NaN or Inf")
+    if is_nm(config):
+        N, M = config["n_m"]
+        _, _, G, n = _nm_sizes(config)
+        pos = unpack_bits(tensors["weight_positions"], nm_position_bits(M), n).view(-1, N).long()
+        if n and int(pos.max()) >= M:
+            raise ValueError(f"{where}: weight_positions holds position {int(pos.max())}, beyond M-1 = {M - 1}")
+        if N > 1 and n and not bool((pos[:, 1:] > pos[:, :-1]).all()):
+            raise ValueError(f"{where}: weight_positions must be strictly increasing within each group of {M}")
+
+
+def _column_zeros(config: Mapping, zeros: Tensor, cols: int) -> Tensor:
+    """(rows, cols): the zero point of every column's grid."""
+    gs = config["group_size"]
+    if gs is None or zeros.shape[1] == 1:
+        return zeros[:, :1].expand(-1, cols)
+    return zeros[:, torch.arange(cols, device=zeros.device) // gs]
+
+
+def dense_codes(config: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
+    """(rows, d) uint8: the codes of every weight of a scalar description, dense or N:M (unstored entries
+    of an N:M weight: the zero point of their column's grid)."""
+    rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    codes = tensors["weight_codes"]
+    if not is_nm(config):
+        return unpack_bits(codes, config["bits"], rows * cols).view(rows, cols)
+    N, M = config["n_m"]
+    _, _, G, n = _nm_sizes(config)
+    k = unpack_bits(codes, config["bits"], n).view(rows, G, N)
+    pos = unpack_bits(tensors["weight_positions"], nm_position_bits(M), n).view(rows, G, N).long()
+    members = nm_members(config).to(codes.device)  # (G, M)
+    col = members.unsqueeze(0).expand(rows, G, M).gather(2, pos)  # (rows, G, N) columns
+    out = _column_zeros(config, tensors["weight_zeros"], cols).clone(memory_format=torch.contiguous_format)
+    return out.scatter_(1, col.view(rows, -1), k.view(rows, -1))
+
+
+def nm_pack(config: Mapping, codes: Tensor, zeros: Tensor, nonzero: Tensor, where: str) -> dict[str, Tensor]:
+    """{weight_codes, weight_positions} of an N:M description from the dense (rows, d) codes, the
+    (rows, n_groups) zero points and the (rows, d) mask of non-zero weights; ValueError naming the worst
+    group if a group has more than N non-zeros."""
+    N, M = config["n_m"]
+    rows, cols, G, _ = _nm_sizes(config)
+    members = nm_members(config).to(codes.device)  # (G, M)
+    nz = nonzero.reshape(rows, cols)[:, members]  # (rows, G, M)
+    count = nz.sum(dim=2)
+    if rows and int(count.max()) > N:
+        flat = int(count.argmax())
+        r, g = divmod(flat, G)
+        raise ValueError(
+            f"{where}: the weight is not {N}:{M} sparse: row {r}, group {g} (columns {members[g].tolist()} of "
+            f"weight.reshape(out, -1)) has {int(count[r, g])} non-zero weights, at most {N} allowed"
+        )
+    ar = torch.arange(M, device=codes.device)
+    key = (~nz).long() * M + ar  # non-zeros first, then zeros, each by increasing position
+    pos = key.argsort(dim=2)[..., :N].sort(dim=2).values  # (rows, G, N), strictly increasing
+    col = members.unsqueeze(0).expand(rows, G, M).gather(2, pos)
+    # a zero weight is stored (padding) or implied with the code of 0 on its grid: the zero point
+    canonical = torch.where(nonzero.reshape(rows, cols), codes.reshape(rows, cols).to(torch.int32),
+                            _column_zeros(config, zeros, cols).to(torch.int32))
+    k = canonical.gather(1, col.view(rows, -1))
+    return {
+        "weight_codes": pack_bits(k.to(torch.int32), config["bits"]),
+        "weight_positions": pack_bits(pos.reshape(-1).to(torch.int32), nm_position_bits(M)),
+    }
 
 
 def dequantize_packed(config: dict, tensors: Mapping[str, Tensor], dtype=None) -> Tensor:
@@ -281,7 +436,7 @@ def dequantize_packed(config: dict, tensors: Mapping[str, Tensor], dtype=None) -
         return codebook.to(compute)[k].to(dtype).view(config["shape"])
     scales, zeros = tensors["weight_scales"], tensors["weight_zeros"]
     compute = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
-    k = unpack_bits(codes, config["bits"], rows * cols).view(rows, cols).to(compute)
+    k = dense_codes(config, tensors).to(compute)
     s, z = scales.to(compute), zeros.to(compute)
     gs = config["group_size"]
     if gs is not None and s.shape[1] > 1:
@@ -348,6 +503,12 @@ class _QuantizedBase(nn.Module):
         """PQ codebook entries (None for the scalar schemes)."""
         return self.config.get("n_centroids")
 
+    @property
+    def n_m(self) -> tuple[int, int] | None:
+        """(N, M) of an N:M-sparse weight stored compactly, None for dense storage."""
+        nm = self.config.get("n_m")
+        return None if nm is None else (nm[0], nm[1])
+
     def _apply(self, fn, recurse=True):
         before = self.packed_tensors()
         super()._apply(fn, recurse)
@@ -393,6 +554,8 @@ class _QuantizedBase(nn.Module):
                 f"bits={c['bits']}, group_size={c['group_size']}, scheme={c['scheme']}, "
                 f"scale_dtype={c['scale_dtype']}"
             )
+            if is_nm(c):
+                layout += f", n_m={tuple(c['n_m'])}"
         return f"{self._shape_repr()}, {layout}, bias={self.bias is not None}"
 
     def _shape_repr(self) -> str:

@@ -435,3 +435,16 @@ def test_n_m_not_dividing_inputs_fails_before_training(tmp_path):
     with pytest.raises(ValueError, match="conv"):
         trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
     assert not model.conv.weight.eq(0).any()
+
+
+def test_obcquantize_n_m_export_is_stored_sparse(tmp_path):
+    from obc_lightning.export import load_quantized, read_metadata
+
+    path = tmp_path / "nm.safetensors"
+    cb = OBCQuantize(bits=4, n_m=(2, 4), include="head", export_path=path, plot=False, verbose=False)
+    model = Net()
+    trainer(tmp_path, cb).fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
+    assert read_metadata(path)["head"]["n_m"] == [2, 4]
+    fresh = Net()
+    load_quantized(path, fresh)
+    assert torch.equal(fresh.head.weight, model.head.weight)
