@@ -279,6 +279,16 @@ def round_to_nearest_(model: nn.Module, bits: int) -> None:
             m.weight.copy_(fit_grid(W, bits).round(W).view_as(m.weight))
 
 
+def _comparison_setup(lit, dm, calibration_images: int, seed: int, log):
+    """(validation loader, calibration batches on the model's device, results dict with the fp32 accuracy)."""
+    val = dm.val_dataloader()
+    fp32 = evaluate(lit, val)
+    log(f"fp32 val_acc {fp32:.2f}%")
+    device = next(lit.parameters()).device
+    calib = [x.to(device) for x in dm.calibration_batches(calibration_images, seed=seed)]
+    return val, calib, {"fp32_acc": fp32, "calibration_images": sum(len(x) for x in calib), "runs": []}
+
+
 def compare_bits(
     lit: CifarClassifier,
     dm: CifarDataModule,
@@ -296,12 +306,8 @@ def compare_bits(
     """
     from obc_lightning.compress import compress_model as _compress
 
-    val = dm.val_dataloader()
-    fp32 = evaluate(lit, val)
-    log(f"fp32 val_acc {fp32:.2f}%")
-    device = next(lit.parameters()).device
-    calib = [x.to(device) for x in dm.calibration_batches(calibration_images, seed=seed)]
-    results = {"fp32_acc": fp32, "calibration_images": sum(len(x) for x in calib), "runs": []}
+    val, calib, results = _comparison_setup(lit, dm, calibration_images, seed, log)
+    fp32 = results["fp32_acc"]
     for bits in bits_list:
         for method in methods:
             model = copy.deepcopy(lit)
@@ -339,12 +345,8 @@ def compare_pq(
     ``"pq"``: Hessian-aware); accuracies, sizes and timings."""
     from obc_lightning.compress import compress_model as _compress
 
-    val = dm.val_dataloader()
-    fp32 = evaluate(lit, val)
-    log(f"fp32 val_acc {fp32:.2f}%")
-    device = next(lit.parameters()).device
-    calib = [x.to(device) for x in dm.calibration_batches(calibration_images, seed=seed)]
-    results = {"fp32_acc": fp32, "calibration_images": sum(len(x) for x in calib), "runs": []}
+    val, calib, results = _comparison_setup(lit, dm, calibration_images, seed, log)
+    fp32 = results["fp32_acc"]
     for method in methods:
         model = copy.deepcopy(lit)
         t0 = time.perf_counter()

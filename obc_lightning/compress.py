@@ -242,6 +242,11 @@ def _size(m: nn.Module) -> int:
     return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
 
 
+def _relative_error(loss: float, signal: float) -> float:
+    """trace(dW H dW^T) / trace(W H W^T) from loss = 1/2 trace(dW H dW^T) and signal = trace(W H W^T)."""
+    return 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
+
+
 def _nm_group_index(m: nn.Module, n_m):
     """Conv weights prune N:M along input channels at each kernel position; Linear along its inputs."""
     if n_m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
@@ -297,8 +302,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         loss += float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.sum())
         signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
     Q = torch.cat(Qs, dim=0).reshape(W.shape)
-    # rel_error = trace(dW H dW^T) / trace(W H W^T), and loss = 1/2 trace(dW H dW^T)
-    rel = 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
+    rel = _relative_error(loss, signal)
     rows = W.shape[0]
     n_groups = results[0].scales.shape[1] if results else 0
     before = _size(m)
@@ -360,7 +364,7 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
         group_size=None,
         n_samples=lh.n_samples,
         loss=loss,
-        rel_error=2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf")),
+        rel_error=_relative_error(loss, signal),
         seconds=time.perf_counter() - t0,
         damp=res.damp,
         bytes_before=before,
