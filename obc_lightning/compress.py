@@ -550,24 +550,10 @@ def compress_model(
 
 
 def _to_cpu(res):
-    from dataclasses import replace
+    """A solver result (QuantResult or PQResult) with every tensor field, and the grid, on the CPU."""
+    from dataclasses import fields, replace
 
-    from obc_lightning.solvers.pq import PQResult
-
-    if isinstance(res, PQResult):
-        return replace(
-            res,
-            quantized_matrix=res.quantized_matrix.cpu(),
-            codes=res.codes.cpu(),
-            codebook=res.codebook.cpu(),
-            loss=res.loss.cpu(),
-        )
-    return replace(
-        res,
-        quantized_matrix=res.quantized_matrix.cpu(),
-        scales=res.scales.cpu(),
-        rounded_zeros=res.rounded_zeros.cpu(),
-        codes=res.codes.cpu(),
-        loss=res.loss.cpu(),
-        grid=res.grid.to("cpu"),
-    )
+    moved = {f.name: getattr(res, f.name).cpu() for f in fields(res) if isinstance(getattr(res, f.name), Tensor)}
+    if hasattr(res, "grid"):
+        moved["grid"] = res.grid.to("cpu")
+    return replace(res, **moved)
