@@ -68,7 +68,7 @@ def main() -> None:
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--repeats", type=int, default=3, help="best of this many timings of each pass")
-    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 1 / 8, 1 / 32],
+    ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 1 / 8, 1 / 32, 1 / 64, 1 / 128],
                     help="sample_fraction values of collect_hessians to time")
     args = ap.parse_args()
 

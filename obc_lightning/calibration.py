@@ -118,45 +118,52 @@ def _module_device(module: nn.Module) -> torch.device:
     return module.weight.device
 
 
-def _padded_input(module: nn.Conv1d | nn.Conv2d, x: Tensor):
-    """``x`` padded as the conv pads it, as a 4-D batch, with the 2-D kernel, stride, dilation and output size.
+def _conv_geometry(module: nn.Conv1d | nn.Conv2d, x: Tensor):
+    """``x`` as the 4-D batch the conv sees, the zero padding still to apply (top, bottom, left, right),
+    and the 2-D kernel, stride, dilation and output size.
 
-    Reproduces the conv's own padding: a non-zero padding mode or a string padding ("same") pads
-    explicitly with ``module._reversed_padding_repeated_twice``, as ``nn.Conv*._conv_forward`` does; a
-    Conv1d is a Conv2d of height 1.
+    Reproduces the conv's own padding: a non-zero padding mode pads ``x`` explicitly with
+    ``module._reversed_padding_repeated_twice``, as ``nn.Conv*._conv_forward`` does (the zero padding
+    left is then 0); zero padding (numeric or "same") is returned, not applied, so that sampled patches
+    can be read from the unpadded input. A Conv1d is a Conv2d of height 1.
     """
     one_d = isinstance(module, nn.Conv1d)
     if x.dim() == (2 if one_d else 3):  # unbatched input
         x = x.unsqueeze(0)
-    if isinstance(module.padding, str) or module.padding_mode != "zeros":
-        mode = "constant" if module.padding_mode == "zeros" else module.padding_mode
-        x = F.pad(x, module._reversed_padding_repeated_twice, mode=mode)
-        padding = (0,) * len(module.kernel_size)
+    if module.padding_mode != "zeros":
+        x = F.pad(x, module._reversed_padding_repeated_twice, mode=module.padding_mode)
+        pads = (0, 0, 0, 0)
+    elif isinstance(module.padding, str):  # "same" / "valid": the padding nn.Conv* computed, maybe uneven
+        rev = module._reversed_padding_repeated_twice  # (left, right[, top, bottom])
+        pads = (0, 0, rev[0], rev[1]) if one_d else (rev[2], rev[3], rev[0], rev[1])
     else:
-        padding = module.padding
+        ph, pw = (0, *module.padding) if one_d else module.padding
+        pads = (ph, ph, pw, pw)
     kernel, stride, dilation = module.kernel_size, module.stride, module.dilation
     if one_d:
         x = x.unsqueeze(2)
-        kernel, stride, dilation, padding = (1, *kernel), (1, *stride), (1, *dilation), (0, *padding)
-    x = F.pad(x, (padding[1], padding[1], padding[0], padding[0]))
-    _, _, Hp, Wp = x.shape
+        kernel, stride, dilation = (1, *kernel), (1, *stride), (1, *dilation)
+    Hp, Wp = x.shape[2] + pads[0] + pads[1], x.shape[3] + pads[2] + pads[3]
     (kh, kw), (dh, dw) = kernel, dilation
     out_size = ((Hp - dh * (kh - 1) - 1) // stride[0] + 1, (Wp - dw * (kw - 1) - 1) // stride[1] + 1)
-    return x, kernel, stride, dilation, out_size
+    return x, pads, kernel, stride, dilation, out_size
 
 
-def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, positions: Tensor | None = None) -> Tensor:
+def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, rows: Tensor | None = None) -> Tensor:
     """The receptive-field patches of ``x`` for ``module``, transposed: (groups, in/groups * prod(kernel), N).
 
     Entry (c, i, j) of the patch at output position (b, r, s) is x_padded[b, c, r*sh + i*dh, s*sw + j*dw],
     the order of ``weight.reshape(out, -1)`` (what ``F.unfold`` gives, built from kh*kw strided slices:
-    ``F.unfold`` is ~10x slower on CPU). ``positions``: flat indices into the B*Ho*Wo output positions;
-    only those patches are built (N = len(positions)).
+    ``F.unfold`` is ~10x slower on CPU). ``rows``: flat indices into the B*Ho output rows (b, r); only
+    the patches of those rows are built, all Wo positions of each, row after row (N = len(rows)*Wo).
+    A row is read from the unpadded input as contiguous runs of W values (zero padding becomes a mask),
+    ~4x cheaper per sample than gathering scattered positions.
     """
-    x, (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = _padded_input(module, x)
-    B, C = x.shape[:2]
+    x, (pt, pb, pl, pr), (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = _conv_geometry(module, x)
+    B, C, H, W = x.shape
     g = module.groups
-    if positions is None:
+    if rows is None:
+        x = F.pad(x, (pl, pr, pt, pb))
         # samples along the last axis: every kernel offset is a copy of contiguous image rows
         out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
         for i in range(kh):
@@ -164,43 +171,57 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, positions: Tensor | N
                 shift = x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
                 out[:, :, i * kw + j] = shift.view(B, g, C // g, Ho, Wo).permute(1, 2, 0, 3, 4)
         return out.view(g, C // g * kh * kw, B * Ho * Wo)
-    b, rs = positions.div(Ho * Wo, rounding_mode="floor"), positions.remainder(Ho * Wo)
-    r, s = rs.div(Wo, rounding_mode="floor") * sh, rs.remainder(Wo) * sw
-    channels_last = x.permute(0, 2, 3, 1)  # (B, Hp, Wp, C): one gather per kernel offset reads whole rows of C
-    out = x.new_empty(kh * kw, len(positions), C)
-    for i in range(kh):
-        for j in range(kw):
-            out[i * kw + j] = channels_last[b, r + i * dh, s + j * dw]
-    return out.permute(2, 0, 1).reshape(g, C // g * kh * kw, len(positions))
+    b, r = rows.div(Ho, rounding_mode="floor"), rows.remainder(Ho) * sh - pt  # r: unpadded input row
+    in_rows = r + (torch.arange(kh, device=rows.device) * dh)[:, None]  # (kh, n) input row of kernel row i
+    lines = x[b.expand_as(in_rows), :, in_rows.clamp(0, H - 1)]  # (kh, n, C, W)
+    if pt or pb:  # input rows outside the image are the conv's zero padding
+        lines = lines * ((in_rows >= 0) & (in_rows < H))[:, :, None, None].to(lines.dtype)
+    lines = F.pad(lines, (pl, pr))
+    out = lines.new_empty(C, kh, kw, len(rows), Wo)
+    for j in range(kw):
+        out[:, :, j] = lines[..., j * dw : j * dw + sw * (Wo - 1) + 1 : sw].permute(2, 0, 1, 3)
+    return out.view(g, C // g * kh * kw, len(rows) * Wo)
 
 
-def layer_inputs(module: nn.Module, x: Tensor, positions: Tensor | None = None) -> Tensor:
-    """The samples the module's weight sees, transposed: (groups, d, N); only ``positions`` if given."""
+def layer_inputs(module: nn.Module, x: Tensor, units: Tensor | None = None) -> Tensor:
+    """The samples the module's weight sees, transposed: (groups, d, N).
+
+    ``units`` (see :func:`sample_units`): only those tokens of a Linear, only those output rows of a conv.
+    """
     if isinstance(module, nn.Linear):
         tokens = x.reshape(-1, x.shape[-1])
-        if positions is not None:
-            tokens = tokens[positions]
+        if units is not None:
+            tokens = tokens[units]
         return tokens.T.unsqueeze(0)
-    return conv_patches(module, x, positions)
+    return conv_patches(module, x, units)
 
 
-def sample_count(module: nn.Module, x: Tensor) -> int:
-    """How many samples (tokens or output positions) one input ``x`` gives the module."""
+def sample_units(module: nn.Module, x: Tensor) -> tuple[int, int]:
+    """(units, samples per unit) of one input ``x``: sampling draws units. A Linear's unit is one token
+    (one sample); a conv's unit is one output row (b, r) of Wo output positions (a Conv1d's: one whole
+    sequence), since a row's patches are read as contiguous runs of the input."""
     if isinstance(module, nn.Linear):
-        return x.numel() // x.shape[-1]
+        return x.numel() // x.shape[-1], 1
     one_d = isinstance(module, nn.Conv1d)
     batch = 1 if x.dim() == (2 if one_d else 3) else x.shape[0]
     spatial = x.shape[-1:] if one_d else x.shape[-2:]
     if isinstance(module.padding, str):  # "valid" or "same" (stride 1): same as the conv's own output
         if module.padding == "same":
-            return batch * math.prod(spatial)
+            return (batch, spatial[0]) if one_d else (batch * spatial[0], spatial[1])
         pads = (0,) * len(spatial)
     else:
         pads = module.padding
-    out = 1
-    for n, p, k, s, dl in zip(spatial, pads, module.kernel_size, module.stride, module.dilation):
-        out *= (n + 2 * p - dl * (k - 1) - 1) // s + 1
-    return batch * out
+    out = [
+        (n + 2 * p - dl * (k - 1) - 1) // s + 1
+        for n, p, k, s, dl in zip(spatial, pads, module.kernel_size, module.stride, module.dilation)
+    ]
+    return (batch, out[0]) if one_d else (batch * out[0], out[1])
+
+
+def sample_count(module: nn.Module, x: Tensor) -> int:
+    """How many samples (tokens or output positions) one input ``x`` gives the module."""
+    units, per_unit = sample_units(module, x)
+    return units * per_unit
 
 
 class _Accumulator:
@@ -222,14 +243,16 @@ class _Accumulator:
     def add(self, x: Tensor) -> None:
         self.calls += 1
         x = x.detach()
-        positions = None
+        units = None
         if self.generator is not None:
-            # a uniform random subset of the samples, without replacement: 2/n sum over the subset is an
-            # unbiased estimate of H at sample_fraction of the X^T X cost
-            total = sample_count(self.module, x)
+            # m units (tokens, conv output rows) drawn uniformly with replacement (randint: ~100x cheaper
+            # than a permutation of all units): the mean of x x^T over a drawn unit's samples has the
+            # expectation of the mean over all samples (every unit has as many), so 2/n sum over the
+            # drawn samples is an unbiased estimate of H at sample_fraction of the X^T X cost
+            total, _ = sample_units(self.module, x)
             m = max(1, math.ceil(self.sample_fraction * total))
-            positions = torch.randperm(total, generator=self.generator, device=x.device)[:m]
-        Xt = layer_inputs(self.module, x, positions)  # (g, d, N)
+            units = torch.randint(total, (m,), generator=self.generator, device=x.device)
+        Xt = layer_inputs(self.module, x, units)  # (g, d, N)
         if Xt.dtype not in (torch.float32, torch.float64):
             Xt = Xt.float()
         # one batch's X^T X in the activations' precision (fast matmul), the running sum in float64:
@@ -238,7 +261,7 @@ class _Accumulator:
         # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d (when
         # sampling, the unsampled activations are checked directly: one read of x)
         finite = torch.isfinite(xtx.diagonal(dim1=1, dim2=2)).all()
-        if positions is not None:  # one reduction: a NaN or Inf anywhere in x makes the sum non-finite
+        if units is not None:  # one reduction: a NaN or Inf anywhere in x makes the sum non-finite
             finite = finite & torch.isfinite(x.sum())
         if not finite:
             raise ValueError(
@@ -343,9 +366,9 @@ def collect_hessians(
             anything is allocated.
         reduce_fn: called on every sum before H is formed, e.g. ``torch.distributed.all_reduce`` under
             DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
-        sample_fraction: in (0, 1]; below 1, each batch contributes a uniform random subset of this
-            fraction of its samples (tokens, conv output positions) to each Hessian, drawn with a
-            generator seeded by ``seed``: an unbiased estimate at that fraction of the X^T X cost,
+        sample_fraction: in (0, 1]; below 1, each batch contributes this fraction of its samples to
+            each Hessian: tokens of a Linear, whole output rows of a conv (see :func:`sample_units`),
+            drawn uniformly with replacement by a generator seeded by ``seed``: an unbiased estimate at that fraction of the X^T X cost,
             which for a 3x3 conv is ~9x the conv's own arithmetic (see ``benchmarks/calibration.py``).
 
     Returns:

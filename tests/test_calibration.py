@@ -240,22 +240,31 @@ def test_transformer_encoder_slow_path_reaches_linears():
     "conv",
     [
         nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)),
+        nn.Conv2d(4, 6, (4, 3), stride=(1, 2), padding=(2, 0)),
+        nn.Conv2d(4, 6, 4, padding="same", dilation=(1, 2)),  # uneven zero padding
         nn.Conv2d(4, 4, 3, padding=1, groups=2, padding_mode="reflect"),
+        nn.Conv2d(4, 4, 3, padding=1, padding_mode="circular"),
         nn.Conv1d(3, 4, 3, stride=2, padding=1, dilation=2),
         nn.Linear(5, 3),
     ],
-    ids=["conv2d-strided", "conv2d-grouped-reflect", "conv1d", "linear"],
+    ids=["conv2d-strided", "conv2d-rows-only-padded", "conv2d-same", "conv2d-grouped-reflect",
+         "conv2d-circular", "conv1d", "linear"],
 )
-def test_sampled_positions_are_the_full_samples_at_those_positions(conv):
-    from obc_lightning.calibration import layer_inputs, sample_count
+def test_sampled_units_are_the_full_samples_of_those_units(conv):
+    from obc_lightning.calibration import layer_inputs, sample_count, sample_units
 
     x = torch.randn(3, 4, 9, 7) if isinstance(conv, nn.Conv2d) else torch.randn(3, 3, 11)
     if isinstance(conv, nn.Linear):
         x = torch.randn(3, 4, 5)
     full = layer_inputs(conv, x)  # (g, d, N)
-    assert sample_count(conv, x) == full.shape[2]
-    positions = torch.randperm(full.shape[2])[: full.shape[2] // 3]
-    torch.testing.assert_close(layer_inputs(conv, x, positions), full[:, :, positions], rtol=0, atol=0)
+    units, per_unit = sample_units(conv, x)
+    assert sample_count(conv, x) == full.shape[2] == units * per_unit
+    if isinstance(conv, nn.Conv2d):
+        assert full.shape[2] == conv(x).shape[0] * conv(x).shape[2] * conv(x).shape[3]
+        assert units == conv(x).shape[0] * conv(x).shape[2]  # a conv's unit is one output row
+    drawn = torch.cat([torch.tensor([0, units - 1, units - 1]), torch.randint(units, (5,))])  # repeats too
+    samples = (drawn[:, None] * per_unit + torch.arange(per_unit)).flatten()
+    torch.testing.assert_close(layer_inputs(conv, x, drawn), full[:, :, samples], rtol=0, atol=0)
 
 
 def test_sample_fraction_counts_samples_is_deterministic_and_unbiased():
