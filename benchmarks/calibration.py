@@ -17,6 +17,7 @@ from __future__ import annotations
 
 import argparse
 import platform
+import statistics
 import time
 from pathlib import Path
 
@@ -67,7 +68,7 @@ def main() -> None:
     ap.add_argument("--minilm", default=None, help="time all-MiniLM-L6-v2 from this wheel instead (see transformer.py)")
     ap.add_argument("--batches", type=int, default=8)
     ap.add_argument("--batch-size", type=int, default=128)
-    ap.add_argument("--repeats", type=int, default=3, help="best of this many timings of each pass")
+    ap.add_argument("--repeats", type=int, default=5, help="pairs (plain, calibration) timed per fraction")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 1 / 8, 1 / 32, 1 / 64, 1 / 128],
                     help="sample_fraction values of collect_hessians to time")
     args = ap.parse_args()
@@ -100,17 +101,28 @@ def main() -> None:
         collect_hessians(model, batches, targets, sample_fraction=fraction)
 
     plain(), calibrate(1.0)  # warm-up: allocator, oneDNN kernels
-    t_plain = min(_timed(plain) for _ in range(args.repeats))
     cpu = platform.processor() or platform.machine()
     print(f"{name}, {len(targets)} target layers; "
           f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
           f"arithmetic of XᵀX / arithmetic of the target layers: {flop_ratio(model, batches[0]):.1f}x")
-    print("| pass | seconds | vs plain forward | extra time |\n|---|---|---|---|")
-    print(f"| plain forward | {t_plain:.3f} | 1.00 | |")
+    # interleaved: each repeat times the plain pass right before each calibration pass, and the ratio is
+    # the median of those pairs (a shared machine's speed drifts over seconds; back-to-back blocks of
+    # one pass each would fold the drift into the ratio)
+    times = {f: [] for f in args.fractions}
+    ratios = {f: [] for f in args.fractions}
+    plains = []
+    for _ in range(args.repeats):
+        for f in args.fractions:
+            tp, tc = _timed(plain), _timed(lambda f=f: calibrate(f))
+            plains.append(tp)
+            times[f].append(tc)
+            ratios[f].append(tc / tp)
+    print("| pass | seconds (median) | vs plain forward (median of pairs) | extra time |\n|---|---|---|---|")
+    print(f"| plain forward | {statistics.median(plains):.3f} | 1.00 | |")
     for f in args.fractions:
-        t = min(_timed(lambda f=f: calibrate(f)) for _ in range(args.repeats))
-        print(f"| collect_hessians, sample_fraction={f:.4g} | {t:.3f} | {t / t_plain:.2f} | "
-              f"{100 * (t / t_plain - 1):+.0f} % |", flush=True)
+        r = statistics.median(ratios[f])
+        print(f"| collect_hessians, sample_fraction={f:.4g} | {statistics.median(times[f]):.3f} | {r:.2f} | "
+              f"{100 * (r - 1):+.0f} % |", flush=True)
 
 
 def _timed(fn) -> float:

@@ -368,8 +368,9 @@ def collect_hessians(
             DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
         sample_fraction: in (0, 1]; below 1, each batch contributes this fraction of its samples to
             each Hessian: tokens of a Linear, whole output rows of a conv (see :func:`sample_units`),
-            drawn uniformly with replacement by a generator seeded by ``seed``: an unbiased estimate at that fraction of the X^T X cost,
-            which for a 3x3 conv is ~9x the conv's own arithmetic (see ``benchmarks/calibration.py``).
+            drawn uniformly with replacement by a generator seeded by ``seed``: an unbiased estimate at
+            that fraction of the X^T X cost, which for a 3x3 conv is ~9x the conv's own arithmetic (see
+            ``benchmarks/calibration.py``).
 
     Returns:
         :class:`CalibrationResult`. A module that never ran as a module (e.g. ``MultiheadAttention``'s
