@@ -1,4 +1,5 @@
-"""Packed export: quantized models in safetensors, loaded back without pickle and without a Trainer.
+"""Packed export: quantized and pruned models in safetensors, loaded back without pickle and without a
+Trainer.
 
 File layout (safetensors; every key is the one the packed model's ``state_dict`` uses):
 
@@ -16,17 +17,26 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   bit-packed at bits = ceil(log2 n_centroids); at most 256 centroids) and ``m.weight_codebook``
   ((n_centroids, block_size), float16 by default: ``scale_dtype`` names its dtype too); the weight is
   ``codebook[codes]`` reshaped to the weight's shape;
+- per pruned float module ``m`` (scheme "sparse": a prune-only ``compress_model(..., bits=None)`` report,
+  or ``save_quantized(..., sparse=...)``), the kept weights in ``value_dtype`` (float16 by default):
+  with ``n_m=(N, M)`` ``m.weight_values`` (exactly N values per group of M inputs -- the non-zeros,
+  padded with zeros -- in the entry order of the N:M codes) and ``m.weight_positions`` (as above);
+  without, ``m.weight_mask`` (1 bit per weight of ``weight.reshape(-1)``, set for the stored ones) and
+  ``m.weight_values`` (the non-zero weights, row-major);
 - every other entry of ``model.state_dict()`` (biases, unquantized weights, BatchNorm statistics) at
   its own dtype and full precision;
 - string metadata: ``format`` = "obc_lightning", ``format_version`` = "1", ``library_version``, and
   ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}`` for scalar
   modules (plus ``n_m: [N, M]`` for N:M-sparse storage; absent: dense), ``{name: {kind, scheme: "pq",
-  bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for product-quantized ones.
+  bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for product-quantized ones, ``{name: {kind,
+  scheme: "sparse", shape, value_dtype, dtype, n_m: [N, M] | nnz}}`` for sparse ones.
 
 Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1) (N:M:
 ceil(bits * numel * N / M / 8) + ceil(ceil(log2 M) * numel * N / M / 8) + the same scales / zeros), over
-PQ modules of ceil(bits * rows * J / 8) + n_centroids * block_size * (codebook entry bytes), plus the
-other tensors, plus the safetensors header (JSON, a few hundred bytes per module).
+PQ modules of ceil(bits * rows * J / 8) + n_centroids * block_size * (codebook entry bytes), over sparse
+modules of numel * N / M * (value bytes) + ceil(ceil(log2 M) * numel * N / M / 8) (N:M; 2:4 with float16
+values: 9 bits per weight) or ceil(numel / 8) + nnz * (value bytes) (bitmask), plus the other tensors,
+plus the safetensors header (JSON, a few hundred bytes per module).
 
 Precision of the loaded weight: ``W = float(s) * (code - z)`` with the *stored* scale s. With the default
 ``scale_dtype=torch.float16`` the loaded weights differ from the in-memory result of ``compress_model``
@@ -34,9 +44,10 @@ Precision of the loaded weight: ``W = float(s) * (code - z)`` with the *stored* 
 far below the quantization step. ``scale_dtype=torch.float32`` gives a bit-exact round trip of an fp32
 (or fp16 / bf16) model at 2 more bytes per scale. A PQ codebook is never rounded on export: it must be
 exactly representable in ``scale_dtype`` (``product_quantize`` rounds it to float16 by default), so a PQ
-module always round-trips bit-exactly. Either way, loading the same file always gives the
-same bits, and ``QuantizedLinear`` / ``QuantizedConv2d`` compute exactly the weights that
-``load_quantized`` writes into a dense model.
+module always round-trips bit-exactly. A sparse weight loads as its weight rounded to ``value_dtype``
+(``value_dtype=torch.float32``: bit-exact for an fp32, fp16 or bf16 model). Either way, loading the same
+file always gives the same bits, and ``QuantizedLinear`` / ``QuantizedConv2d`` compute exactly the
+weights that ``load_quantized`` writes into a dense model.
 
 Safety: no pickle (safetensors only); every check on the file and on the model happens before the first
 weight is written, and each failure is a ``ValueError`` that names the file, the module or the tensor;
@@ -60,7 +71,7 @@ import json
 import math
 import os
 import tempfile
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any
 
@@ -69,6 +80,7 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
+from obc_lightning.compress import _matches
 from obc_lightning.packed import (
     ALL_BUFFERS,
     MAX_PQ_CENTROIDS,
@@ -76,6 +88,7 @@ from obc_lightning.packed import (
     PACKED_FORMAT,
     PQ_SCHEME,
     SCALE_DTYPES,
+    SPARSE_SCHEME,
     _QuantizedBase,
     buffer_names,
     buffer_specs,
@@ -86,6 +99,7 @@ from obc_lightning.packed import (
     dtype_name,
     is_nm,
     is_pq,
+    is_sparse,
     kind_of,
     n_groups_of,
     nm_pack,
@@ -93,6 +107,7 @@ from obc_lightning.packed import (
     pack_bits,
     payload_nbytes,
     pq_code_bits,
+    sparse_pack,
 )
 from obc_lightning.solvers.pq import PQResult
 
@@ -102,11 +117,16 @@ FORMAT_VERSION = "1"
 
 # ------------------------------------------------------------------ from solver results to packed tensors
 def _results_map(report_or_results) -> dict[str, list]:
-    """name -> [QuantResult per conv group] or [PQResult] from a CompressionReport or a mapping."""
+    """name -> [QuantResult per conv group], [PQResult], or [] (pruned only: a float weight) from a
+    CompressionReport or a mapping."""
     if report_or_results is None:
         return {}
     if hasattr(report_or_results, "modules") and hasattr(report_or_results, "results"):
-        if report_or_results.results is None:
+        report = report_or_results
+        pruned_only = getattr(report, "bits", 0) is None and getattr(report, "method", "") == "scalar"
+        if pruned_only:  # no codes: the pruned float weights are the result, with or without keep_results
+            return {name: [] for name in report.quantized}
+        if report.results is None:
             raise ValueError(
                 "the report holds no codes: run compress_model(..., keep_results=True) to export its result"
             )
@@ -122,10 +142,10 @@ def _results_map(report_or_results) -> dict[str, list]:
     return out
 
 
-def _check_scale_dtype(scale_dtype) -> str:
-    name = dtype_name(scale_dtype) if isinstance(scale_dtype, torch.dtype) else None
+def _check_storage_dtype(arg: str, dtype) -> str:
+    name = dtype_name(dtype) if isinstance(dtype, torch.dtype) else None
     if name not in SCALE_DTYPES:
-        raise ValueError(f"scale_dtype must be one of torch.{', torch.'.join(SCALE_DTYPES)}, got {scale_dtype!r}")
+        raise ValueError(f"{arg} must be one of torch.{', torch.'.join(SCALE_DTYPES)}, got {dtype!r}")
     return name
 
 
@@ -262,11 +282,66 @@ def _pq_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dty
     return config, tensors
 
 
+def _sparse_from_weight(name: str, m: nn.Module, value_dtype: str, n_m: tuple[int, int] | None):
+    """(config, buffers) of a pruned float module in the "sparse" scheme: N:M with ``n_m`` (ValueError
+    naming the module and its worst group if the weight violates it), else bitmask + values."""
+    kind = kind_of(m)
+    if kind is None:
+        raise ValueError(f"module '{name}' is a {type(m).__name__}; only Linear / Conv1d / Conv2d are exported")
+    where = f"module '{name}'"
+    W = m.weight.detach().cpu()
+    if not torch.isfinite(W).all():
+        raise ValueError(f"{where}: its weight contains NaN or Inf")
+    stored = W.to(SCALE_DTYPES[value_dtype])
+    if not torch.isfinite(stored).all():
+        raise ValueError(
+            f"{where}: value_dtype={value_dtype} cannot represent its weights (largest |w| = "
+            f"{float(W.abs().max()):.3g}); use value_dtype=torch.float32"
+        )
+    config = {
+        "kind": kind,
+        "scheme": SPARSE_SCHEME,
+        "shape": list(W.shape),
+        "value_dtype": value_dtype,
+        "dtype": dtype_name(W.dtype),
+    }
+    if n_m is not None:
+        config["n_m"] = list(n_m)
+    else:
+        config["nnz"] = int(torch.count_nonzero(stored))  # sparse_pack stores exactly these
+    config = check_config(config, where)
+    return config, sparse_pack(config, stored, where)
+
+
+def _sparse_names(model: nn.Module, sparse, quantized: set[str]) -> list[str]:
+    """The float modules ``sparse`` selects among the Linear / Conv1d / Conv2d not in ``quantized``: all of
+    them (True), or those matching a name or fnmatch pattern (a parent selects its children, as in
+    ``compress_model``'s include), each pattern matching at least one."""
+    if sparse is None or sparse is False:
+        return []
+    floats = [n for n, m in model.named_modules() if kind_of(m) is not None and n not in quantized]
+    if sparse is True:
+        return floats
+    patterns = [sparse] if isinstance(sparse, str) else list(sparse) if isinstance(sparse, Iterable) else None
+    if patterns is None or not all(isinstance(p, str) for p in patterns):
+        raise ValueError(f"sparse must be True, a module name / fnmatch pattern or a list of them, got {sparse!r}")
+    for p in patterns:
+        if not any(_matches(n, p) for n in floats):
+            shown = ", ".join(floats[:20]) + (", ..." if len(floats) > 20 else "")
+            raise ValueError(
+                f"sparse: {p!r} matches no float Linear / Conv1d / Conv2d module (quantized and packed modules "
+                f"excluded); available: {shown or 'none'}"
+            )
+    return [n for n in floats if any(_matches(n, p) for p in patterns)]
+
+
 def _check_n_m(fn: str, n_m) -> tuple[int, int] | None:
     if n_m is None:
         return None
-    ok = isinstance(n_m, (tuple, list)) and len(n_m) == 2 and all(
-        isinstance(x, int) and not isinstance(x, bool) for x in n_m
+    ok = (
+        isinstance(n_m, (tuple, list))
+        and len(n_m) == 2
+        and all(isinstance(x, int) and not isinstance(x, bool) for x in n_m)
     )
     if not ok or not 1 <= n_m[0] < n_m[1]:
         raise ValueError(f"{fn}: n_m must be a pair of integers (N, M) with 1 <= N < M, got {n_m!r}")
@@ -274,11 +349,17 @@ def _check_n_m(fn: str, n_m) -> tuple[int, int] | None:
 
 
 def _to_nm(name: str, config: dict, tensors: Mapping[str, Tensor], n_m: tuple[int, int]):
-    """(config, tensors) of a scalar module stored N:M-sparse (unchanged if it already is, at this N:M, or
-    is product-quantized); ValueError naming the module and its worst group if the weight violates it."""
+    """(config, tensors) of a scalar or sparse module stored N:M-sparse (unchanged if it already is, at this
+    N:M, or is product-quantized); ValueError naming the module and its worst group if the weight violates
+    it."""
     if is_pq(config) or config.get("n_m") == list(n_m):
         return config, tensors
     where = f"module '{name}'"
+    if is_sparse(config):  # from the bitmask layout (or another N:M): the same values, exactly
+        weight = dequantize_packed(config, tensors, SCALE_DTYPES[config["value_dtype"]])
+        bitmask_cfg = {k: v for k, v in config.items() if k not in ("n_m", "nnz")}
+        new_cfg = check_config(dict(bitmask_cfg, n_m=list(n_m)), where)
+        return new_cfg, sparse_pack(new_cfg, weight, where)
     dense_cfg = {k: v for k, v in config.items() if k != "n_m"}
     new_cfg = check_config(dict(dense_cfg, n_m=list(n_m)), where)
     rows = config["shape"][0]
@@ -292,16 +373,21 @@ def _to_nm(name: str, config: dict, tensors: Mapping[str, Tensor], n_m: tuple[in
     return new_cfg, {k: out[k] for k in buffer_names(new_cfg)}
 
 
-def _packed_entries(model: nn.Module, report_or_results, scale_dtype, n_m=None) -> dict[str, tuple]:
-    """name -> (config, {buffer name: tensor}, is_packed_module) for every quantized module; with ``n_m``
-    every scalar module in N:M-sparse storage (all checked here, before anything is written)."""
-    scale_dtype = _check_scale_dtype(scale_dtype)
+def _packed_entries(
+    model: nn.Module, report_or_results, scale_dtype, n_m=None, sparse=None, value_dtype=torch.float16
+) -> dict[str, tuple]:
+    """name -> (config, {buffer name: tensor}, is_packed_module) for every quantized, sparse or packed
+    module; with ``n_m`` every scalar and sparse module in N:M storage (all checked here, before anything
+    is written)."""
+    scale_dtype = _check_storage_dtype("scale_dtype", scale_dtype)
+    value_dtype = _check_storage_dtype("value_dtype", value_dtype)
     n_m = _check_n_m("n_m", n_m)
     results = _results_map(report_or_results)
     entries = {}
     for name, m in model.named_modules():
         if isinstance(m, _QuantizedBase):
             entries[name] = (m.config, m.packed_tensors(), True)
+    pruned = []  # float modules: the sparse scheme
     for name, res in results.items():
         try:
             m = model.get_submodule(name)
@@ -309,7 +395,13 @@ def _packed_entries(model: nn.Module, report_or_results, scale_dtype, n_m=None) 
             raise ValueError(f"the results name module '{name}', which the model does not have") from None
         if name in entries:
             continue  # already packed: its buffers are the codes
-        entries[name] = (*_packed_from_results(name, m, res, scale_dtype), False)
+        if res:
+            entries[name] = (*_packed_from_results(name, m, res, scale_dtype), False)
+        else:
+            pruned.append(name)
+    pruned += [n for n in _sparse_names(model, sparse, set(entries)) if n not in pruned]
+    for name in pruned:
+        entries[name] = (*_sparse_from_weight(name, model.get_submodule(name), value_dtype, n_m), False)
     if n_m is not None:
         for name, (config, tensors, is_packed) in list(entries.items()):
             entries[name] = (*_to_nm(name, config, tensors, n_m), is_packed)
@@ -349,35 +441,55 @@ def _atomic_write(path: str, write: Callable[[str], None]) -> None:
 
 
 def save_quantized(
-    model: nn.Module, path, report_or_results=None, *, scale_dtype=torch.float16, n_m: tuple[int, int] | None = None
+    model: nn.Module,
+    path,
+    report_or_results=None,
+    *,
+    scale_dtype=torch.float16,
+    n_m: tuple[int, int] | None = None,
+    sparse: bool | str | Iterable[str] | None = None,
+    value_dtype=torch.float16,
 ) -> int:
-    """Write ``model`` with its quantized modules bit-packed to the safetensors file ``path``.
+    """Write ``model`` with its quantized modules bit-packed, its pruned float modules sparse, to the
+    safetensors file ``path``.
 
     Args:
-        model: the model after :func:`~obc_lightning.compress.compress_model` (dense weights on the grid),
-            or after :func:`pack_model` (packed modules are written as they are).
+        model: the model after :func:`~obc_lightning.compress.compress_model` (dense weights on the grid,
+            or pruned float weights), or after :func:`pack_model` (packed modules are written as they are).
         report_or_results: the :class:`~obc_lightning.reporting.CompressionReport` of
             ``compress_model(..., keep_results=True)``, or a mapping module name -> QuantResult list (one
             per conv group) or ``[PQResult]`` (product quantization, ungrouped modules); ``None`` if every
-            quantized module is already packed.
+            quantized module is already packed. The report of a prune-only run (``bits=None``; no
+            ``keep_results`` needed), or an empty result list, names float modules: they are written in
+            the "sparse" scheme.
         scale_dtype: storage of the scales (and of the PQ codebooks) of dense modules: float16 (default),
             bfloat16, float32 (bit-exact round trip of scales), float64. A PQ codebook must be exactly
             representable in it. Packed modules keep theirs.
         n_m: ``(N, M)``: store every scalar-quantized module N:M-sparse (the codes of N entries per group
             of M inputs and their positions, see :mod:`obc_lightning.packed`; conv groups run along the
-            input channels at each kernel position, as ``compress_model(..., n_m=...)`` prunes them).
-            Every such module must have at most N non-zero weights per group. ``None`` (default): dense
-            codes (packed modules keep their storage). Product-quantized modules are not affected.
+            input channels at each kernel position, as ``compress_model(..., n_m=...)`` prunes them), and
+            every sparse module as N values per group and their positions. Every such module must have at
+            most N non-zero weights per group. ``None`` (default): dense codes, and sparse modules as a
+            bitmask plus the non-zero values (packed modules keep their storage). Product-quantized
+            modules are not affected.
+        sparse: more float modules to write in the "sparse" scheme (pruned by other means): ``True``: every
+            Linear / Conv1d / Conv2d that is neither quantized nor packed; or module names / fnmatch
+            patterns among those (a parent selects its children), each matching at least one. Any weight
+            is valid (a dense one only gains nothing).
+        value_dtype: storage of the kept values of sparse modules: float16 (default; the loaded weights
+            are the weights rounded to float16), bfloat16, float32 (bit-exact round trip of an fp32, fp16
+            or bf16 model), float64. Packed modules keep theirs.
 
     Returns the size of the file in bytes. Raises ``ValueError`` (and writes nothing) if a result does
-    not fit its module, the module's weight is not on the result's grid (not ``codebook[codes]``), or,
-    with ``n_m``, a module's weight is not N:M sparse (naming the module and its worst group).
+    not fit its module, the module's weight is not on the result's grid (not ``codebook[codes]``), a
+    sparse weight is not finite in ``value_dtype``, or, with ``n_m``, a module's weight is not N:M sparse
+    (naming the module and its worst group).
     """
-    entries = _packed_entries(model, report_or_results, scale_dtype, n_m)
+    entries = _packed_entries(model, report_or_results, scale_dtype, n_m, sparse, value_dtype)
     if not entries:
         raise ValueError(
             "save_quantized: nothing to export: pass the report of compress_model(..., keep_results=True), "
-            "or pack the model with pack_model first"
+            "name the pruned float modules with sparse=..., or pack the model with pack_model first"
         )
     sd = model.state_dict()
     skip = set()
@@ -425,7 +537,8 @@ def save_quantized(
 
 def theoretical_bytes(path) -> int:
     """The payload a file should hold, no header: packed codes + scales + zero points (scalar modules;
-    + packed positions when N:M-sparse), packed codes + codebook (PQ modules), + other tensors."""
+    + packed positions when N:M-sparse), packed codes + codebook (PQ modules), values + packed positions
+    or bitmask (sparse modules), + other tensors."""
     configs, tensors = _read(os.fspath(path))
     total = 0
     quantized = set()
@@ -512,12 +625,12 @@ def _swap(model: nn.Module, name: str, new: nn.Module) -> None:
 def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module:
     """Load a file written by :func:`save_quantized` into ``model`` (same architecture), in place.
 
-    Every quantized weight becomes ``float(scale) * (code - zero)`` (scalar) or ``codebook[codes]`` (PQ) in
-    the weight's dtype (see the module docstring), every other tensor its saved value. With
-    ``packed=True`` the quantized Linear / Conv modules are replaced by
-    :class:`~obc_lightning.packed.QuantizedLinear` / ``QuantizedConv1d`` / ``QuantizedConv2d`` holding the
-    packed codes (the memory saving at inference). Modules already packed in ``model`` receive the
-    packed tensors either way.
+    Every quantized weight becomes ``float(scale) * (code - zero)`` (scalar) or ``codebook[codes]`` (PQ),
+    every sparse one its stored values (0 elsewhere), in the weight's dtype (see the module docstring),
+    every other tensor its saved value. With ``packed=True`` the quantized and sparse Linear / Conv
+    modules are replaced by :class:`~obc_lightning.packed.QuantizedLinear` / ``QuantizedConv1d`` /
+    ``QuantizedConv2d`` holding the packed tensors (the memory saving at inference). Modules already
+    packed in ``model`` receive the packed tensors either way.
 
     Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; bad metadata;
     tensor of the wrong size; module missing or of another shape; tensors missing or unexpected)
@@ -574,26 +687,35 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
 
 # ------------------------------------------------------------------ packed modules in memory
 def pack_model(
-    model: nn.Module, report_or_results=None, *, scale_dtype=torch.float16, n_m: tuple[int, int] | None = None
+    model: nn.Module,
+    report_or_results=None,
+    *,
+    scale_dtype=torch.float16,
+    n_m: tuple[int, int] | None = None,
+    sparse: bool | str | Iterable[str] | None = None,
+    value_dtype=torch.float16,
 ) -> nn.Module:
-    """Replace each quantized Linear / Conv1d / Conv2d by its packed module, in place; returns ``model``.
+    """Replace each quantized (or sparse) Linear / Conv1d / Conv2d by its packed module, in place; returns
+    ``model``. The arguments are those of :func:`save_quantized`.
 
     The packed modules compute ``float(scale) * (code - zero)`` with scales stored in ``scale_dtype``
     (float16 by default: outputs differ from the dense quantized model by the fp16 rounding of the
     scales; ``torch.float32`` reproduces them exactly), or ``codebook[codes]`` for product-quantized
     modules (codebook stored exactly in ``scale_dtype``: the dense model's outputs, bit for bit).
-    With ``n_m=(N, M)`` every scalar-quantized module holds its codes N:M-sparse (as
-    ``save_quantized(..., n_m=...)`` writes them; modules already packed densely are re-packed; the weights
-    are the same bits). Forward hooks on the replaced modules are not carried over. All modules are
-    checked before the first is replaced.
+    With ``n_m=(N, M)`` every scalar-quantized module holds its codes N:M-sparse, every sparse module its
+    values (as ``save_quantized(..., n_m=...)`` writes them; modules already packed densely or as a
+    bitmask are re-packed; the weights are the same bits). Pruned float modules (a prune-only report,
+    ``sparse``) hold their values in ``value_dtype`` and compute with the weight rounded to it
+    (``torch.float32``: the dense outputs). Forward hooks on the replaced modules are not carried over.
+    All modules are checked before the first is replaced.
     """
-    entries = _packed_entries(model, report_or_results, scale_dtype, n_m)
+    entries = _packed_entries(model, report_or_results, scale_dtype, n_m, sparse, value_dtype)
     new = {}
     for name, (config, packed, is_packed) in entries.items():
         m = model.get_submodule(name)
         if is_packed and _same_config(config, m.config):
             continue
-        dev = m.weight_codes.device if is_packed else m.weight.device
+        dev = next(iter(m.packed_tensors().values())).device if is_packed else m.weight.device
         new[name] = PACKED_CLASSES[config["kind"]].from_dense(m, config, {k: t.to(dev) for k, t in packed.items()})
     if "" in new:
         raise ValueError("pack_model: the model itself is the quantized module; wrap it in a container")
@@ -613,14 +735,16 @@ def unpack_model(model: nn.Module) -> nn.Module:
 
 
 def _placeholder(m: nn.Module, cfg: dict) -> nn.Module:
-    """A packed module of the right layout (either scheme) whose buffers ``load_state_dict`` will fill."""
+    """A packed module of the right layout (any scheme) whose buffers ``load_state_dict`` will fill."""
     dev = m.weight.device
     tensors = {k: torch.zeros(shape, dtype=dtype, device=dev) for k, (dtype, shape) in buffer_specs(cfg).items()}
+    numel = cfg["shape"][0] * math.prod(cfg["shape"][1:])
     if is_nm(cfg):  # valid positions (0 ... N-1 in every group), overwritten by load_state_dict
         N, M = cfg["n_m"]
-        n_groups = cfg["shape"][0] * math.prod(cfg["shape"][1:]) // M
-        pos = torch.arange(N, dtype=torch.int32).repeat(n_groups)
+        pos = torch.arange(N, dtype=torch.int32).repeat(numel // M)
         tensors["weight_positions"] = pack_bits(pos, nm_position_bits(M)).to(dev)
+    elif is_sparse(cfg):  # a valid bitmask (nnz bits set), overwritten by load_state_dict
+        tensors["weight_mask"] = pack_bits((torch.arange(numel) < cfg["nnz"]).to(torch.int32), 1).to(dev)
     return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), tensors)
 
 

@@ -1,5 +1,5 @@
-"""Bit-packed integer codes and the modules that hold them: ``QuantizedLinear``, ``QuantizedConv1d``,
-``QuantizedConv2d``.
+"""Bit-packed integer codes, sparse float weights, and the modules that hold them: ``QuantizedLinear``,
+``QuantizedConv1d``, ``QuantizedConv2d``.
 
 A packed module keeps, instead of a float weight, the buffers of its scheme (``buffer_names(config)``).
 
@@ -54,6 +54,36 @@ Product quantization ("pq", see :mod:`obc_lightning.solvers.pq`), two buffers:
 and dequantizes ``W.reshape(out, -1)[r, j*b:(j+1)*b] = codebook[code[r, j]]`` (gathered in the
 codebook's dtype promoted to float32, then cast to the module's dtype: exact for a float16 codebook).
 Size: ``ceil(bits * out * J / 8) + n_centroids * block_size * (codebook entry bytes)``.
+
+Sparse float weights ("sparse": pruned, not quantized), the kept weights at their float value in
+``value_dtype`` (float16 by default; as for the scales, the dtype is part of the format and ``.to(dtype)``
+never changes it); an unstored weight is exactly 0. Two layouts:
+
+- N:M (config key ``"n_m": [N, M]``): the groups, positions, padding and entry order of the N:M scalar
+  weights above (each group stores exactly N entries: its non-zero weights, plus zero weights at its
+  smallest remaining positions when it has fewer than N), two buffers:
+
+  - ``weight_values``: (rows * G * N,) in ``value_dtype``, the value of stored entry e at index e;
+  - ``weight_positions``: uint8, their positions, packed at ``ceil(log2 M)`` bits exactly as above.
+
+  Dequantization: ``W.reshape(rows, d)[r, column of entry e] = values[e]``, every other weight 0. Size:
+  ``rows * d * N / M * (value bytes) + ceil(ceil(log2 M) * rows * d * N / M / 8)`` (2:4, float16: 9 bits
+  per weight, 0.5625 of dense float16).
+- unstructured (config key ``"nnz"``, the number of stored weights; no ``n_m``), two buffers:
+
+  - ``weight_mask``: uint8, bit i set iff weight i of ``weight.reshape(-1)`` (row-major over
+    ``weight.reshape(out, -1)``) is stored, packed by :func:`pack_bits` at 1 bit
+    (``ceil(rows * d / 8)`` bytes); exactly ``nnz`` bits are set;
+  - ``weight_values``: (nnz,) in ``value_dtype``, the stored weights in the same row-major order.
+
+  Dequantization: ``W.reshape(-1)[mask] = values``, every other weight 0. Size: ``ceil(rows * d / 8) +
+  nnz * (value bytes)``.
+
+The values are written into a zero weight of the module's dtype (exact when it holds ``value_dtype``).
+A writer (:func:`sparse_pack`) stores the non-zero weights of the weight rounded to ``value_dtype``, so
+a weight that rounds to 0 is not stored. A conv with g groups is g stacked row blocks, as for the
+scalar schemes.
+
 This module knows only torch.
 """
 
@@ -70,15 +100,27 @@ from torch.nn import functional as F
 PACKED_FORMAT = "obc_lightning.packed"
 SCALAR_SCHEMES = ("affine", "symmetric")
 PQ_SCHEME = "pq"
-SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME)
+SPARSE_SCHEME = "sparse"
+SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME, SPARSE_SCHEME)
 # the buffers a packed module of each scheme holds (and the tensors an export file holds per module)
 SCALAR_BUFFERS = ("weight_codes", "weight_scales", "weight_zeros")
 NM_BUFFERS = ("weight_codes", "weight_positions", "weight_scales", "weight_zeros")
-ALL_BUFFERS = ("weight_codes", "weight_positions", "weight_scales", "weight_zeros", "weight_codebook")
 PQ_BUFFERS = ("weight_codes", "weight_codebook")
-# the keys of a module's description, per scheme
+SPARSE_NM_BUFFERS = ("weight_values", "weight_positions")
+SPARSE_MASK_BUFFERS = ("weight_mask", "weight_values")
+ALL_BUFFERS = (
+    "weight_codes",
+    "weight_positions",
+    "weight_scales",
+    "weight_zeros",
+    "weight_codebook",
+    "weight_values",
+    "weight_mask",
+)
+# the keys of a module's description, per scheme ("sparse": plus n_m, or nnz for the bitmask layout)
 SCALAR_KEYS = ("kind", "bits", "group_size", "shape", "scheme", "scale_dtype", "dtype")
 PQ_KEYS = ("kind", "scheme", "bits", "block_size", "n_centroids", "shape", "scale_dtype", "dtype")
+SPARSE_KEYS = ("kind", "scheme", "shape", "value_dtype", "dtype")
 MAX_PQ_CENTROIDS = 256  # codes are bit-packed at <= 8 bits
 MAX_NM_M = 256  # N:M positions are bit-packed at <= 8 bits
 SCALE_DTYPES = {
@@ -167,8 +209,13 @@ def is_pq(config: Mapping) -> bool:
     return config.get("scheme") == PQ_SCHEME
 
 
+def is_sparse(config: Mapping) -> bool:
+    """A pruned float weight (scheme "sparse"), N:M or bitmask."""
+    return config.get("scheme") == SPARSE_SCHEME
+
+
 def is_nm(config: Mapping) -> bool:
-    """An N:M-sparse scalar weight (config key ``n_m``)."""
+    """N:M storage (config key ``n_m``): of scalar codes, or of sparse float values."""
     return config.get("n_m") is not None
 
 
@@ -176,6 +223,8 @@ def buffer_names(config: Mapping) -> tuple[str, ...]:
     """The packed tensors of a module of this description, in their usual order."""
     if is_pq(config):
         return PQ_BUFFERS
+    if is_sparse(config):
+        return SPARSE_NM_BUFFERS if is_nm(config) else SPARSE_MASK_BUFFERS
     return NM_BUFFERS if is_nm(config) else SCALAR_BUFFERS
 
 
@@ -207,6 +256,49 @@ def _nm_sizes(config: Mapping) -> tuple[int, int, int, int]:
     return rows, cols, cols // M, rows * (cols // M) * N
 
 
+def nm_select(config: Mapping, nonzero: Tensor, where: str) -> tuple[Tensor, Tensor]:
+    """The stored entries of an N:M description, from the (rows, d) mask of non-zero weights: (positions
+    (rows, G, N), columns (rows, G * N)), long, in entry order. Each group keeps its non-zeros, padded
+    with zeros at its smallest remaining positions; ValueError naming the worst group if a group has
+    more than N non-zeros."""
+    N, M = config["n_m"]
+    rows, cols, G, _ = _nm_sizes(config)
+    members = nm_members(config).to(nonzero.device)  # (G, M)
+    nz = nonzero.reshape(rows, cols)[:, members]  # (rows, G, M)
+    count = nz.sum(dim=2)
+    if rows and int(count.max()) > N:
+        flat = int(count.argmax())
+        r, g = divmod(flat, G)
+        raise ValueError(
+            f"{where}: the weight is not {N}:{M} sparse: row {r}, group {g} (columns {members[g].tolist()} of "
+            f"weight.reshape(out, -1)) has {int(count[r, g])} non-zero weights, at most {N} allowed"
+        )
+    ar = torch.arange(M, device=nonzero.device)
+    key = (~nz).long() * M + ar  # non-zeros first, then zeros, each by increasing position
+    pos = key.argsort(dim=2)[..., :N].sort(dim=2).values  # (rows, G, N), strictly increasing
+    return pos, members.unsqueeze(0).expand(rows, G, M).gather(2, pos).view(rows, -1)
+
+
+def nm_columns(config: Mapping, positions: Tensor) -> Tensor:
+    """(rows, G * N) long: the column of ``weight.reshape(out, -1)`` of every stored entry, in entry
+    order, from the packed ``weight_positions`` of an N:M description."""
+    N, M = config["n_m"]
+    rows, _, G, n = _nm_sizes(config)
+    pos = unpack_bits(positions, nm_position_bits(M), n).view(rows, G, N).long()
+    members = nm_members(config).to(positions.device)  # (G, M)
+    return members.unsqueeze(0).expand(rows, G, M).gather(2, pos).view(rows, -1)
+
+
+def _check_nm_positions(config: Mapping, positions: Tensor, where: str) -> None:
+    N, M = config["n_m"]
+    n = _nm_sizes(config)[3]
+    pos = unpack_bits(positions, nm_position_bits(M), n).view(-1, N).long()
+    if n and int(pos.max()) >= M:
+        raise ValueError(f"{where}: weight_positions holds position {int(pos.max())}, beyond M-1 = {M - 1}")
+    if N > 1 and n and not bool((pos[:, 1:] > pos[:, :-1]).all()):
+        raise ValueError(f"{where}: weight_positions must be strictly increasing within each group of {M}")
+
+
 def _is_int(v: Any) -> bool:
     return isinstance(v, int) and not isinstance(v, bool)
 
@@ -216,29 +308,30 @@ def check_config(config: Any, where: str) -> dict:
 
     Scalar schemes: kind, bits, group_size, shape, scheme, scale_dtype, dtype, and optionally n_m = [N, M]
     (N:M-sparse storage; absent: dense). Scheme "pq": kind, scheme, bits (= ceil(log2 n_centroids)),
-    block_size, n_centroids, shape, scale_dtype (the codebook's), dtype.
+    block_size, n_centroids, shape, scale_dtype (the codebook's), dtype. Scheme "sparse": kind, scheme,
+    shape, value_dtype, dtype, and either n_m = [N, M] or nnz (the bitmask layout).
     """
     if not isinstance(config, dict):
         raise ValueError(f"{where}: metadata must be a JSON object, got {type(config).__name__}")
-    pq = is_pq(config)
-    need = PQ_KEYS if pq else SCALAR_KEYS
+    pq, sparse = is_pq(config), is_sparse(config)
+    need = PQ_KEYS if pq else SPARSE_KEYS if sparse else SCALAR_KEYS
     missing = [k for k in need if k not in config]
     if missing:
         raise ValueError(f"{where}: metadata lacks {missing}")
-    kind, bits, shape = config["kind"], config["bits"], config["shape"]
+    kind, shape = config["kind"], config["shape"]
     if kind not in KINDS:
         raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
     if config["scheme"] not in SCHEMES:
         raise ValueError(f"{where}: scheme must be one of {SCHEMES}, got {config['scheme']!r}")
-    if not pq and (not _is_int(bits) or not 2 <= bits <= 8):
-        raise ValueError(f"{where}: bits must be an integer in [2, 8], got {bits!r}")
+    if not (pq or sparse) and (not _is_int(config["bits"]) or not 2 <= config["bits"] <= 8):
+        raise ValueError(f"{where}: bits must be an integer in [2, 8], got {config['bits']!r}")
     if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s > 0 for s in shape):
         raise ValueError(f"{where}: shape must be a list of positive integers, got {shape!r}")
     if len(shape) != {"Linear": 2, "Conv1d": 3, "Conv2d": 4}[kind]:
         raise ValueError(f"{where}: a {kind} weight cannot have shape {list(shape)}")
     cols = math.prod(shape[1:])
     if pq:
-        K, b = config["n_centroids"], config["block_size"]
+        K, b, bits = config["n_centroids"], config["block_size"], config["bits"]
         if not _is_int(K) or not 2 <= K <= MAX_PQ_CENTROIDS:
             raise ValueError(f"{where}: n_centroids must be an integer in [2, {MAX_PQ_CENTROIDS}], got {K!r}")
         if bits != pq_code_bits(K):
@@ -250,14 +343,14 @@ def check_config(config: Any, where: str) -> dict:
                 f"{where}: block_size must be an integer that divides the {cols} inputs per row of a weight of "
                 f"shape {list(shape)}, got {b!r}"
             )
-    else:
+    elif not sparse:
         gs = config["group_size"]
         if gs is not None and (not _is_int(gs) or not 1 <= gs <= cols):
             raise ValueError(f"{where}: group_size must be null or an integer in [1, {cols}], got {gs!r}")
     if "n_m" in config:
         nm = config["n_m"]
         if pq:
-            raise ValueError(f"{where}: n_m applies to the scalar schemes only, not to scheme 'pq'")
+            raise ValueError(f"{where}: n_m applies to the scalar and sparse schemes only, not to scheme 'pq'")
         if (
             not isinstance(nm, (list, tuple))
             or len(nm) != 2
@@ -272,7 +365,17 @@ def check_config(config: Any, where: str) -> dict:
             what = "inputs" if kind == "Linear" else "input channels per conv group"
             raise ValueError(f"{where}: n_m={list(nm)}: M={nm[1]} does not divide the {per_group} {what}")
         need = (*need, "n_m")
-    for key in ("scale_dtype", "dtype"):
+    if sparse and "n_m" in config and "nnz" in config:
+        raise ValueError(f"{where}: a sparse weight stores either n_m (N:M layout) or nnz (bitmask layout), not both")
+    if sparse and "n_m" not in config:
+        nnz, numel = config.get("nnz"), shape[0] * cols
+        if not _is_int(nnz) or not 0 <= nnz <= numel:
+            raise ValueError(
+                f"{where}: a sparse weight without n_m needs nnz, an integer in [0, {numel}] (the stored weights "
+                f"of shape {list(shape)}), got {nnz!r}"
+            )
+        need = (*need, "nnz")
+    for key in ("value_dtype" if sparse else "scale_dtype", "dtype"):
         if config[key] not in SCALE_DTYPES:
             raise ValueError(f"{where}: {key} must be one of {list(SCALE_DTYPES)}, got {config[key]!r}")
     return {k: (list(config[k]) if k in ("shape", "n_m") else config[k]) for k in need}
@@ -281,6 +384,18 @@ def check_config(config: Any, where: str) -> dict:
 def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
     """name -> (dtype, shape) of each packed tensor of a (validated) description."""
     rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    if is_sparse(config):
+        values = SCALE_DTYPES[config["value_dtype"]]
+        if is_nm(config):
+            n = _nm_sizes(config)[3]
+            return {
+                "weight_values": (values, (n,)),
+                "weight_positions": (torch.uint8, (packed_nbytes(n, nm_position_bits(config["n_m"][1])),)),
+            }
+        return {
+            "weight_mask": (torch.uint8, (packed_nbytes(rows * cols, 1),)),
+            "weight_values": (values, (config["nnz"],)),
+        }
     stored = SCALE_DTYPES[config["scale_dtype"]]
     if is_pq(config):
         b = config["block_size"]
@@ -317,13 +432,17 @@ def _layout(config: Mapping) -> str:
             f"a product-quantized weight of shape {config['shape']} (block_size={config['block_size']}, "
             f"n_centroids={config['n_centroids']}, {config['bits']}-bit codes)"
         )
+    if is_sparse(config):
+        stored = "{}:{}".format(*config["n_m"]) if is_nm(config) else f"bitmask, nnz={config['nnz']}"
+        return f"a sparse weight of shape {config['shape']} ({stored}, value_dtype={config['value_dtype']})"
     nm = f", {config['n_m'][0]}:{config['n_m'][1]} sparse" if is_nm(config) else ""
     return f"a {config['bits']}-bit weight of shape {config['shape']} (group_size={config['group_size']}{nm})"
 
 
 def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str) -> None:
     """The packed tensors {buffer name: tensor} agree with ``config``: names, dtypes, sizes, and values
-    (zero points on the code range, finite scales / codebook, PQ codes below n_centroids)."""
+    (zero points on the code range, finite scales / codebook / sparse values, PQ codes below n_centroids,
+    N:M positions below M and increasing in a group, nnz bits set in a sparse mask)."""
     specs = buffer_specs(config)
     missing = [k for k in specs if k not in tensors]
     unexpected = [k for k in tensors if k not in specs]
@@ -340,6 +459,17 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
             raise ValueError(
                 f"{where}: {name} must be {dtype_name(dtype)} of shape {shape} for {_layout(config)}, got {got}"
             )
+    if is_sparse(config):
+        if not torch.isfinite(tensors["weight_values"]).all():
+            raise ValueError(f"{where}: weight_values contains NaN or Inf")
+        if is_nm(config):
+            _check_nm_positions(config, tensors["weight_positions"], where)
+            return
+        numel = config["shape"][0] * math.prod(config["shape"][1:])
+        n_set = int(unpack_bits(tensors["weight_mask"], 1, numel).sum())
+        if n_set != config["nnz"]:
+            raise ValueError(f"{where}: weight_mask has {n_set} bits set, nnz={config['nnz']} values are stored")
+        return
     if is_pq(config):
         if not torch.isfinite(tensors["weight_codebook"]).all():
             raise ValueError(f"{where}: weight_codebook contains NaN or Inf")
@@ -359,13 +489,7 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
     if not torch.isfinite(scales).all():
         raise ValueError(f"{where}: weight_scales contains NaN or Inf")
     if is_nm(config):
-        N, M = config["n_m"]
-        _, _, G, n = _nm_sizes(config)
-        pos = unpack_bits(tensors["weight_positions"], nm_position_bits(M), n).view(-1, N).long()
-        if n and int(pos.max()) >= M:
-            raise ValueError(f"{where}: weight_positions holds position {int(pos.max())}, beyond M-1 = {M - 1}")
-        if N > 1 and n and not bool((pos[:, 1:] > pos[:, :-1]).all()):
-            raise ValueError(f"{where}: weight_positions must be strictly increasing within each group of {M}")
+        _check_nm_positions(config, tensors["weight_positions"], where)
 
 
 def _column_zeros(config: Mapping, zeros: Tensor, cols: int) -> Tensor:
@@ -383,51 +507,59 @@ def dense_codes(config: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
     codes = tensors["weight_codes"]
     if not is_nm(config):
         return unpack_bits(codes, config["bits"], rows * cols).view(rows, cols)
-    N, M = config["n_m"]
-    _, _, G, n = _nm_sizes(config)
-    k = unpack_bits(codes, config["bits"], n).view(rows, G, N)
-    pos = unpack_bits(tensors["weight_positions"], nm_position_bits(M), n).view(rows, G, N).long()
-    members = nm_members(config).to(codes.device)  # (G, M)
-    col = members.unsqueeze(0).expand(rows, G, M).gather(2, pos)  # (rows, G, N) columns
+    k = unpack_bits(codes, config["bits"], _nm_sizes(config)[3]).view(rows, -1)
+    col = nm_columns(config, tensors["weight_positions"])
     out = _column_zeros(config, tensors["weight_zeros"], cols).clone(memory_format=torch.contiguous_format)
-    return out.scatter_(1, col.view(rows, -1), k.view(rows, -1))
+    return out.scatter_(1, col, k)
 
 
 def nm_pack(config: Mapping, codes: Tensor, zeros: Tensor, nonzero: Tensor, where: str) -> dict[str, Tensor]:
     """{weight_codes, weight_positions} of an N:M description from the dense (rows, d) codes, the
     (rows, n_groups) zero points and the (rows, d) mask of non-zero weights; ValueError naming the worst
     group if a group has more than N non-zeros."""
-    N, M = config["n_m"]
-    rows, cols, G, _ = _nm_sizes(config)
-    members = nm_members(config).to(codes.device)  # (G, M)
-    nz = nonzero.reshape(rows, cols)[:, members]  # (rows, G, M)
-    count = nz.sum(dim=2)
-    if rows and int(count.max()) > N:
-        flat = int(count.argmax())
-        r, g = divmod(flat, G)
-        raise ValueError(
-            f"{where}: the weight is not {N}:{M} sparse: row {r}, group {g} (columns {members[g].tolist()} of "
-            f"weight.reshape(out, -1)) has {int(count[r, g])} non-zero weights, at most {N} allowed"
-        )
-    ar = torch.arange(M, device=codes.device)
-    key = (~nz).long() * M + ar  # non-zeros first, then zeros, each by increasing position
-    pos = key.argsort(dim=2)[..., :N].sort(dim=2).values  # (rows, G, N), strictly increasing
-    col = members.unsqueeze(0).expand(rows, G, M).gather(2, pos)
+    rows, cols, _, _ = _nm_sizes(config)
+    pos, col = nm_select(config, nonzero, where)
     # a zero weight is stored (padding) or implied with the code of 0 on its grid: the zero point
-    canonical = torch.where(nonzero.reshape(rows, cols), codes.reshape(rows, cols).to(torch.int32),
-                            _column_zeros(config, zeros, cols).to(torch.int32))
-    k = canonical.gather(1, col.view(rows, -1))
+    canonical = torch.where(
+        nonzero.reshape(rows, cols),
+        codes.reshape(rows, cols).to(torch.int32),
+        _column_zeros(config, zeros, cols).to(torch.int32),
+    )
     return {
-        "weight_codes": pack_bits(k.to(torch.int32), config["bits"]),
-        "weight_positions": pack_bits(pos.reshape(-1).to(torch.int32), nm_position_bits(M)),
+        "weight_codes": pack_bits(canonical.gather(1, col), config["bits"]),
+        "weight_positions": pack_bits(pos.reshape(-1).to(torch.int32), nm_position_bits(config["n_m"][1])),
     }
+
+
+def sparse_pack(config: Mapping, weight: Tensor, where: str) -> dict[str, Tensor]:
+    """The buffers of a "sparse" description from the weight already rounded to its ``value_dtype``: its
+    non-zero weights are the stored ones (the bitmask layout's ``nnz`` must be their number); with
+    ``n_m``, ValueError naming the worst group if a group has more than N non-zeros."""
+    rows = config["shape"][0]
+    w = weight.reshape(rows, -1)
+    if is_nm(config):
+        pos, col = nm_select(config, w != 0, where)
+        return {
+            "weight_values": w.gather(1, col).reshape(-1).contiguous(),
+            "weight_positions": pack_bits(pos.reshape(-1).to(torch.int32), nm_position_bits(config["n_m"][1])),
+        }
+    kept = w.reshape(-1) != 0
+    return {"weight_mask": pack_bits(kept.to(torch.int32), 1), "weight_values": w.reshape(-1)[kept]}
 
 
 def dequantize_packed(config: dict, tensors: Mapping[str, Tensor], dtype=None) -> Tensor:
     """The weight, shape ``config["shape"]``, in ``dtype`` (default: ``config["dtype"]``), from the packed
-    tensors {buffer name: tensor} of either scheme."""
+    tensors {buffer name: tensor} of any scheme."""
     dtype = dtype or SCALE_DTYPES[config["dtype"]]
     rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    if is_sparse(config):
+        values = tensors["weight_values"].to(dtype)
+        w = torch.zeros(rows, cols, dtype=dtype, device=values.device)
+        if is_nm(config):
+            w.scatter_(1, nm_columns(config, tensors["weight_positions"]), values.view(rows, -1))
+        else:
+            w.view(-1)[unpack_bits(tensors["weight_mask"], 1, rows * cols).bool()] = values
+        return w.view(config["shape"])
     codes = tensors["weight_codes"]
     if is_pq(config):
         codebook = tensors["weight_codebook"]
@@ -455,7 +587,7 @@ class _QuantizedBase(nn.Module):
         config = check_config(dict(config, kind=self._kind), type(self).__name__)
         check_packed_tensors(config, tensors, type(self).__name__)
         self.config = config
-        for name in buffer_names(config):  # the scheme's buffers: codes + scales + zeros, or codes + codebook
+        for name in buffer_names(config):  # the scheme's buffers (module docstring)
             self.register_buffer(name, tensors[name])
         if bias is not None and not isinstance(bias, nn.Parameter):
             bias = nn.Parameter(bias.detach().clone())
@@ -480,13 +612,15 @@ class _QuantizedBase(nn.Module):
 
     @property
     def scheme(self) -> str:
-        """The scheme: "affine" / "symmetric" (scalar grid) or "pq" (product quantization)."""
+        """The scheme: "affine" / "symmetric" (scalar grid), "pq" (product quantization) or "sparse"
+        (pruned float weights)."""
         return self.config["scheme"]
 
     @property
-    def bits(self) -> int:
-        """Bits per code: per weight (scalar schemes), per sub-vector of ``block_size`` weights ("pq")."""
-        return self.config["bits"]
+    def bits(self) -> int | None:
+        """Bits per code: per weight (scalar schemes), per sub-vector of ``block_size`` weights ("pq");
+        None for "sparse", which stores float values."""
+        return self.config.get("bits")
 
     @property
     def group_size(self) -> int | None:
@@ -505,14 +639,14 @@ class _QuantizedBase(nn.Module):
 
     @property
     def n_m(self) -> tuple[int, int] | None:
-        """(N, M) of an N:M-sparse weight stored compactly, None for dense storage."""
+        """(N, M) of a weight stored N:M-sparse (scalar codes or sparse values), None otherwise."""
         nm = self.config.get("n_m")
         return None if nm is None else (nm[0], nm[1])
 
     def _apply(self, fn, recurse=True):
         before = self.packed_tensors()
         super()._apply(fn, recurse)
-        for name, t in before.items():  # the stored precision is the format: scales / codebook only move
+        for name, t in before.items():  # the stored precision is the format: scales / codebook / values only move
             now = getattr(self, name)
             if now.dtype != t.dtype:
                 setattr(self, name, t.to(now.device))
@@ -544,15 +678,18 @@ class _QuantizedBase(nn.Module):
 
     def extra_repr(self) -> str:
         c = self.config
-        if is_pq(c):
+        if is_sparse(c):
+            layout = f"scheme=sparse, value_dtype={c['value_dtype']}, " + (
+                f"n_m={tuple(c['n_m'])}" if is_nm(c) else f"nnz={c['nnz']}"
+            )
+        elif is_pq(c):
             layout = (
                 f"scheme=pq, bits={c['bits']}, block_size={c['block_size']}, n_centroids={c['n_centroids']}, "
                 f"codebook_dtype={c['scale_dtype']}"
             )
         else:
             layout = (
-                f"bits={c['bits']}, group_size={c['group_size']}, scheme={c['scheme']}, "
-                f"scale_dtype={c['scale_dtype']}"
+                f"bits={c['bits']}, group_size={c['group_size']}, scheme={c['scheme']}, scale_dtype={c['scale_dtype']}"
             )
             if is_nm(c):
                 layout += f", n_m={tuple(c['n_m'])}"
