@@ -446,6 +446,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         monitor="val_acc",
         max_drop=args.max_drop,
         noise_penalty=args.noise_penalty,
+        noise_bits_lr=args.noise_bits_lr or None,
         plot=False,
         verbose=not args.quiet,
     )
@@ -482,6 +483,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         results["pq"] = f"{args.method} b={args.block_size} K={args.n_centroids} noise rate {args.pq_noise_rate:g}"
     if args.finetune == "noise":
         results["noise_penalty"] = args.noise_penalty
+        results["noise_bits_lr"] = args.noise_bits_lr
         results["noise_bits"] = m.get("obc/noise_bits")
     per_layer = {}
     for name, q in cb._quantizers.items():
@@ -556,6 +558,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--max-drop", type=float, default=None, help="skip fine-tuning if val_acc (a fraction) drops by at most this"
     )
     ft.add_argument("--noise-penalty", type=float, default=1.0, help="DiffQ: weight of the size term (per MB)")
+    ft.add_argument("--noise-bits-lr", type=float, default=1e-3,
+                    help="DiffQ: learning rate of the bit widths' own Adam (0: train them with the model's SGD)")
     ft.add_argument(
         "--pq-noise-rate", type=float, default=1.0, help="finetune pq: fraction of sub-vectors quantized per step"
     )

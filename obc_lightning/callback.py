@@ -159,7 +159,10 @@ class OBCQuantize(Callback):
         verbose: print the summary table.
         export_path: file (``.safetensors``) to write the packed model to at the end; its directory is
             created if missing. With ``n_m`` the quantized modules are stored N:M-sparse (the codes of the
-            kept weights and their positions, :func:`~obc_lightning.export.save_quantized`).
+            kept weights and their positions, :func:`~obc_lightning.export.save_quantized`). A pruned
+            float model (``bits=None``, :class:`OBCPrune`) is stored in the "sparse" scheme: the kept
+            weights in float16 and, with ``n_m``, their positions in ceil(log2 M) bits each, else a
+            bitmask.
         sparsity, n_m: prune with OBS before quantizing (the pruned weights stay exactly 0), see
             :func:`~obc_lightning.compress.compress_model`; ``bits=None`` prunes only (:class:`OBCPrune`).
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
@@ -188,6 +191,13 @@ class OBCQuantize(Callback):
             one learned bit width each; the range min / max is per row) and the bit-width range. Stored
             size: round(b) bits per weight + fp16 min and max per row + the bit width per group.
         noise_penalty: weight of the model-size term ``penalty · size_mb`` added to the task loss.
+        noise_bits_lr: the bit-width logits are trained by their own ``torch.optim.Adam`` at this learning
+            rate (no weight decay), stepped with the user's optimizer, as in DiffQ's CIFAR recipe (a
+            separate Adam at 1e-3): a group's logit gets the gradient of only ``noise_group_size``
+            weights, so SGD at the model's learning rate leaves the bit widths where they started
+            (measured: rounded widths unchanged after 3 epochs at lr 0.01). ``None``: add them to the
+            user's optimizer as one more parameter group (its hyper-parameters and schedule, no weight
+            decay).
         method: ``"scalar"`` (default, a ``bits``-bit grid), ``"pq"`` (Hessian-aware product quantization)
             or ``"pq-kmeans"`` (plain k-means PQ, fairseq's iPQ): see
             :func:`~obc_lightning.compress.compress_model`. With product quantization ``bits`` is not used.
@@ -249,6 +259,7 @@ class OBCQuantize(Callback):
         noise_min_bits: float = 2.0,
         noise_max_bits: float = 8.0,
         noise_penalty: float = 1.0,
+        noise_bits_lr: float | None = 1e-3,
         method: str = "scalar",
         block_size: int | Mapping[str, int] = 8,
         n_centroids: int | Mapping[str, int] = 256,
@@ -284,15 +295,17 @@ class OBCQuantize(Callback):
                 "OBCQuantize: finetune='masked' (train the kept weights, mask fixed) is the fine-tuning of a pruned "
                 f"float model (bits=None, OBCPrune); got finetune={finetune!r} with bits={bits!r}"
             )
-        if bits is None and method == "scalar" and export_path is not None:
-            raise ValueError(
-                "OBCQuantize: export_path writes quantized codes; a pruned float model (bits=None) is saved "
-                "with its state dict"
-            )
         self._check_finetune_args(
             monitor, mode, max_drop, finetune, finetune_epochs, ternary_threshold, ternary_skip_first_last,
             noise_group_size, noise_min_bits, noise_max_bits, noise_penalty, evaluate, export_path,
         )
+        if noise_bits_lr is not None and (
+            isinstance(noise_bits_lr, bool)
+            or not isinstance(noise_bits_lr, (int, float))
+            or not math.isfinite(noise_bits_lr)
+            or noise_bits_lr <= 0
+        ):
+            raise ValueError(f"OBCQuantize: noise_bits_lr must be a positive number or None, got {noise_bits_lr!r}")
         if group_size is not None and (
             isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
         ):
@@ -390,6 +403,8 @@ class OBCQuantize(Callback):
         self.finetune, self.finetune_epochs = finetune, finetune_epochs
         self.ternary_threshold, self.ternary_skip_first_last = float(ternary_threshold), ternary_skip_first_last
         self.noise_group_size, self.noise_penalty = noise_group_size, float(noise_penalty)
+        self.noise_bits_lr = None if noise_bits_lr is None else float(noise_bits_lr)
+        self._bits_optimizer: torch.optim.Optimizer | None = None  # DiffQ's own Adam for the bit widths
         self.noise_min_bits, self.noise_max_bits = float(noise_min_bits), float(noise_max_bits)
         # fine-tuning state: "idle" (not compressed yet) -> "finetuning" -> "done"
         self._phase = "idle"
@@ -581,15 +596,31 @@ class OBCQuantize(Callback):
         (loss / trainer.accumulate_grad_batches).backward()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        """Under DDP, average the gradients of the parameters added after wrapping (DDP does not see them)."""
-        reduce = _all_reduce_fn(trainer) if self._added_group else None
-        if reduce is None:
-            return
-        for q in self._quantizers.values():
-            for p in q.parameters():
-                if p.grad is not None:
-                    reduce(p.grad)
-                    p.grad.div_(trainer.world_size)
+        """Under DDP, average the gradients of the parameters added after wrapping (DDP does not see them);
+        then step DiffQ's own optimizer of the bit widths, if there is one."""
+        reduce = _all_reduce_fn(trainer) if self._added_group or self._bits_optimizer is not None else None
+        if reduce is not None:
+            for q in self._quantizers.values():
+                for p in q.parameters():
+                    if p.grad is not None:
+                        reduce(p.grad)
+                        p.grad.div_(trainer.world_size)
+        if self._bits_optimizer is not None and getattr(optimizer, "_optimizer", optimizer) is trainer.optimizers[0]:
+            self._step_bits(trainer)
+
+    def _step_bits(self, trainer: Trainer) -> None:
+        """One Adam step of the bit-width logits (their gradients unscaled under AMP, as the precision
+        plugin unscaled the user's optimizer; a step with non-finite gradients is skipped, as the
+        scaler skips the model's)."""
+        params = [p for g in self._bits_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        scaler = getattr(trainer.precision_plugin, "scaler", None)
+        if scaler is not None and scaler.is_enabled():
+            inv = 1.0 / scaler.get_scale()
+            for p in params:
+                p.grad.mul_(inv)
+        if all(bool(torch.isfinite(p.grad).all()) for p in params):
+            self._bits_optimizer.step()
+        self._bits_optimizer.zero_grad(set_to_none=True)
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         if self.finetune is None:
@@ -803,7 +834,9 @@ class OBCQuantize(Callback):
         elif self.finetune == "masked":
             self._quantizers = ft.attach_masks(pl_module, masks)
         params = [p for q in self._quantizers.values() for p in q.parameters()]
-        if params:
+        if params and self.finetune == "noise" and self.noise_bits_lr is not None:
+            self._bits_optimizer = torch.optim.Adam(params, lr=self.noise_bits_lr, weight_decay=0.0)
+        elif params:
             if trainer.optimizers:
                 opt = trainer.optimizers[0]
                 scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
@@ -820,6 +853,7 @@ class OBCQuantize(Callback):
         if self.finetune == "noise":
             metrics.update(self._quantizer_metrics(pl_module))  # the bit widths were trained
         ft.finalize_all(pl_module, self._quantizers)
+        self._bits_optimizer = None
         if self._added_group and trainer.optimizers:
             opt = trainer.optimizers[0]
             scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
@@ -1046,8 +1080,9 @@ class OBCPrune(OBCQuantize):
     Args:
         sparsity: fraction of each module's weights to remove (unstructured).
         n_m: (N, M): at most N non-zeros in every M consecutive inputs.
-        **kwargs: the calibration, evaluation and reporting arguments of :class:`OBCQuantize`
-            (``include``, ``exclude``, ``damp``, ``calibration_batches``, ``sample_fraction``, ...).
+        **kwargs: the calibration, evaluation, reporting and export arguments of :class:`OBCQuantize`
+            (``include``, ``exclude``, ``damp``, ``calibration_batches``, ``sample_fraction``,
+            ``export_path``: the pruned weights in float16 with their N:M positions or a bitmask, ...).
     """
 
     def __init__(self, sparsity: float | None = None, n_m: tuple[int, int] | None = None, **kwargs) -> None:
@@ -1058,8 +1093,7 @@ class OBCPrune(OBCQuantize):
                 f"OBCPrune: finetune must be 'masked' (train the kept weights with the mask fixed) or None, got "
                 f"{kwargs['finetune']!r}"
             )
-        for arg in ("bits", "export_path"):
-            if kwargs.get(arg) is not None:
-                raise ValueError(f"OBCPrune: {arg} is not an argument of OBCPrune (use OBCQuantize for quantization)")
+        if kwargs.get("bits") is not None:
+            raise ValueError("OBCPrune: bits is not an argument of OBCPrune (use OBCQuantize for quantization)")
         kwargs.pop("bits", None)
         super().__init__(None, sparsity=sparsity, n_m=n_m, **kwargs)

@@ -448,3 +448,21 @@ def test_obcquantize_n_m_export_is_stored_sparse(tmp_path):
     fresh = Net()
     load_quantized(path, fresh)
     assert torch.equal(fresh.head.weight, model.head.weight)
+
+
+@pytest.mark.parametrize("kwargs", [{"n_m": (2, 4)}, {"sparsity": 0.5}], ids=["2:4", "unstructured"])
+def test_obcprune_export_is_the_sparse_float_file(tmp_path, kwargs):
+    from obc_lightning import OBCPrune
+    from obc_lightning.export import load_quantized, read_metadata
+
+    path = tmp_path / "pruned.safetensors"
+    cb = OBCPrune(**kwargs, include="head", calibration_batches=2, export_path=path, plot=False, verbose=False)
+    model = Net()
+    trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
+    meta = read_metadata(path)["head"]
+    assert meta["scheme"] == "sparse" and meta.get("n_m") == ([2, 4] if "n_m" in kwargs else None)
+    assert cb.metrics["obc/size_mb_after"] == pytest.approx(os.path.getsize(path) / 2**20)
+    fresh = Net()
+    load_quantized(path, fresh)  # float16 values: the pruned weights rounded to fp16, zeros exact
+    torch.testing.assert_close(fresh.head.weight, model.head.weight.half().float(), rtol=0, atol=0)
+    assert torch.equal(fresh.head.weight == 0, model.head.weight == 0)

@@ -373,10 +373,13 @@ def test_ternary_loop_adds_scales_to_optimizer_and_keeps_lr_schedule(tmp_path):
     assert "obc/val_acc_finetuned" in cb.metrics
 
 
-def test_noise_loop_penalty_lowers_bits(tmp_path):
+@pytest.mark.parametrize(
+    "bits_lr,penalty", [(None, 1e7), (0.5, 1e3)], ids=["users-optimizer", "own-adam"]
+)
+def test_noise_loop_penalty_lowers_bits(tmp_path, bits_lr, penalty):
     cb = OBCQuantize(
-        bits=6, finetune="noise", finetune_epochs=2, noise_group_size=4, noise_penalty=1e7, monitor="val_acc",
-        plot=False,
+        bits=6, finetune="noise", finetune_epochs=2, noise_group_size=4, noise_penalty=penalty, monitor="val_acc",
+        noise_bits_lr=bits_lr, plot=False,
     )
     t, model = fit(tmp_path, cb, MLP(scheduler=False))
     assert cb.metrics["obc/noise_bits"] < 3  # from 6 bits: the size penalty's gradient was applied
@@ -385,6 +388,29 @@ def test_noise_loop_penalty_lowers_bits(tmp_path):
     assert not parametrize.is_parametrized(model.fc1)
     assert torch.equal(q.eval()(w), w)  # on each group's uniform grid already
     assert cb.metrics["obc/finetune_epochs"] == 2
+
+
+def test_noise_bits_have_their_own_adam_by_default(tmp_path):
+    """DiffQ's recipe: the bit logits are stepped by the callback's Adam, not added to the user's SGD."""
+    seen = {}
+
+    class Spy(OBCQuantize):
+        def on_train_epoch_end(self, trainer, pl_module):
+            super().on_train_epoch_end(trainer, pl_module)
+            if self._phase == "finetuning" and "groups" not in seen:
+                seen["groups"] = len(trainer.optimizers[0].param_groups)
+                seen["logits"] = self._quantizers["fc1"].logits.detach().clone()
+                seen["adam"] = self._bits_optimizer
+
+    cb = Spy(bits=4, finetune="noise", finetune_epochs=2, noise_penalty=0.0, monitor="val_acc", plot=False)
+    t, model = fit(tmp_path, cb, MLP(scheduler=False))
+    assert seen["groups"] == 1  # nothing added to the user's optimizer
+    assert isinstance(seen["adam"], torch.optim.Adam) and seen["adam"].defaults["lr"] == 1e-3
+    assert seen["adam"].defaults["weight_decay"] == 0
+    assert seen["adam"].state  # it stepped
+    assert cb._bits_optimizer is None  # released after fine-tuning
+    with pytest.raises(ValueError, match="noise_bits_lr"):
+        OBCQuantize(finetune="noise", noise_bits_lr=0)
 
 
 def test_budget_met_stops_early_without_parametrization(tmp_path):
