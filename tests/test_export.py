@@ -11,8 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors_edit import rewrite
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
@@ -221,17 +220,6 @@ def assert_untouched(model, before):
     assert after.keys() == before.keys()
     for k, v in before.items():
         assert torch.equal(after[k], v) if isinstance(v, torch.Tensor) else after[k] == v, k
-
-
-def rewrite(path, tensors_fn=None, meta_fn=None):
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if tensors_fn:
-        tensors_fn(tensors)
-    if meta_fn:
-        meta_fn(meta)
-    save_file(tensors, path, metadata=meta)
 
 
 def truncate(path):

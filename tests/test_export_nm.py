@@ -2,14 +2,13 @@
 group of M inputs and their positions (convs grouped along the input channels at each kernel position)."""
 
 import copy
-import json
 import math
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors_edit import rewrite
 from torch import nn
 
 from obc_lightning.compress import compress_model
@@ -268,19 +267,6 @@ def test_m_not_dividing_the_inputs_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"module 'conv'.*M=16 does not divide the 8 input channels"):
         save_quantized(model, tmp_path / "m.safetensors", results, n_m=(2, 16))
     assert not os.listdir(tmp_path)
-
-
-def rewrite(path, tensors_fn=None, modules_fn=None):
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if tensors_fn:
-        tensors_fn(tensors)
-    if modules_fn:
-        modules = json.loads(meta["modules"])
-        modules_fn(modules)
-        meta["modules"] = json.dumps(modules)
-    save_file(tensors, path, metadata=meta)
 
 
 def set_fc(key, value):

@@ -4,14 +4,12 @@ and PQ modules, Lightning-style checkpoints, and bad inputs refused before anyth
 import copy
 import functools
 import io
-import json
 import math
 import os
 
 import pytest
 import torch
-from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors_edit import rewrite
 from torch import nn
 
 from obc_lightning.compress import compress_model
@@ -335,19 +333,6 @@ def test_grouped_conv_is_refused(tmp_path):
     with pytest.raises(ValueError, match=r"module '0' is a grouped convolution \(groups=2\)"):
         save_quantized(model, tmp_path / "m.safetensors", {"0": [res]})
     assert os.listdir(tmp_path) == []
-
-
-def rewrite(path, tensors_fn=None, modules_fn=None):
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if tensors_fn:
-        tensors_fn(tensors)
-    if modules_fn:
-        modules = json.loads(meta["modules"])
-        modules_fn(modules)
-        meta["modules"] = json.dumps(modules)
-    save_file(tensors, path, metadata=meta)
 
 
 def no_block_size(path):

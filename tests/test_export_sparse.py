@@ -4,14 +4,13 @@ sizes, packed modules, prune-only compress_model runs, and bad inputs refused be
 
 import copy
 import io
-import json
 import math
 import os
 
 import pytest
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors_edit import rewrite
 from torch import nn
 
 from obc_lightning.compress import compress_model
@@ -443,17 +442,9 @@ def test_a_quantized_module_is_not_selected_by_sparse(tmp_path):
 
 
 # ------------------------------------------------------------------ corrupted files
-def rewrite(path, tensors_fn=None, modules_fn=None):
-    with safe_open(path, framework="pt") as f:
-        meta = f.metadata()
-        tensors = {k: f.get_tensor(k) for k in f.keys()}
-    if tensors_fn:
-        tensors_fn(tensors)
-    if modules_fn:
-        modules = json.loads(meta["modules"])
-        modules_fn(modules["fc"])
-        meta["modules"] = json.dumps(modules)
-    save_file(tensors, path, metadata=meta)
+def edit_fc_config(edit):
+    """A corruption of the saved file: ``edit`` applied to the config of module 'fc'."""
+    return lambda path: rewrite(path, modules_fn=lambda modules: edit(modules["fc"]))
 
 
 def flip_mask_bit(t):
@@ -471,11 +462,11 @@ def nan_value(t):
     [
         (lambda p: rewrite(p, tensors_fn=flip_mask_bit), r"module 'fc'.*weight_mask has \d+ bits set, nnz=\d+"),
         (lambda p: rewrite(p, tensors_fn=nan_value), r"module 'fc'.*weight_values contains NaN"),
-        (lambda p: rewrite(p, modules_fn=lambda c: c.update(nnz=c["nnz"] + 1)), r"module 'fc'.*weight_values must be"),
-        (lambda p: rewrite(p, modules_fn=lambda c: c.update(nnz=161)), r"module 'fc'.*nnz, an integer in \[0, 160\]"),
-        (lambda p: rewrite(p, modules_fn=lambda c: c.pop("nnz")), r"module 'fc'.*needs nnz"),
-        (lambda p: rewrite(p, modules_fn=lambda c: c.update(n_m=[2, 4])), r"module 'fc'.*either n_m .* or nnz"),
-        (lambda p: rewrite(p, modules_fn=lambda c: c.update(value_dtype="int8")), r"module 'fc'.*value_dtype must"),
+        (edit_fc_config(lambda c: c.update(nnz=c["nnz"] + 1)), r"module 'fc'.*weight_values must be"),
+        (edit_fc_config(lambda c: c.update(nnz=161)), r"module 'fc'.*nnz, an integer in \[0, 160\]"),
+        (edit_fc_config(lambda c: c.pop("nnz")), r"module 'fc'.*needs nnz"),
+        (edit_fc_config(lambda c: c.update(n_m=[2, 4])), r"module 'fc'.*either n_m .* or nnz"),
+        (edit_fc_config(lambda c: c.update(value_dtype="int8")), r"module 'fc'.*value_dtype must"),
         (lambda p: rewrite(p, tensors_fn=lambda t: t.pop("fc.weight_mask")), r"lacks the tensors \['fc.weight_mask'\]"),
     ],
 )
