@@ -11,6 +11,7 @@ import lightning.pytorch as pl
 import pytest
 import torch
 from lightning.pytorch.loggers import CSVLogger
+from quiet_trainer import quiet_trainer
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
@@ -63,19 +64,7 @@ class Net(pl.LightningModule):
 
 
 def trainer(tmp_path, callback, **kw):
-    args = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
-    args.update(kw)
-    return pl.Trainer(callbacks=[callback], **args)
+    return quiet_trainer(tmp_path, callbacks=[callback], **kw)
 
 
 def on_grid(report, model):

@@ -10,7 +10,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
+from quiet_trainer import quiet_trainer
 from safetensors_edit import rewrite
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -432,27 +432,11 @@ def lit_data(n=32):
     return TensorDataset(x, (x.mean(dim=(1, 2, 3)) > 0).long())
 
 
-def lit_trainer(tmp_path, **kw):
-    args = dict(
-        max_epochs=1,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
-    args.update(kw)
-    return pl.Trainer(**args)
-
-
 def test_lightning_checkpoint_of_packed_model_loads_back(tmp_path):
     model = LitTiny().eval()
     report = compress_model(model, calibration(), 3, keep_results=True)
     pack_model(model, report)
-    t = lit_trainer(tmp_path)
+    t = quiet_trainer(tmp_path)
     val = DataLoader(lit_data(16), batch_size=8)
     t.validate(model, val, verbose=False)
     ckpt = tmp_path / "packed.ckpt"
@@ -464,7 +448,7 @@ def test_lightning_checkpoint_of_packed_model_loads_back(tmp_path):
     assert torch.equal(restored(x), model(x))
 
     fresh = LitTiny()
-    out = lit_trainer(tmp_path).validate(fresh, val, ckpt_path=ckpt, verbose=False)
+    out = quiet_trainer(tmp_path).validate(fresh, val, ckpt_path=ckpt, verbose=False)
     assert isinstance(fresh.net.gconv, QuantizedConv2d) and torch.equal(fresh.eval()(x), model(x))
     assert out[0]["val_loss"] == pytest.approx(t.callback_metrics["val_loss"].item())
 
@@ -473,7 +457,7 @@ def test_callback_export_path_end_to_end(tmp_path):
     model = LitTiny()
     path = tmp_path / "out" / "model.safetensors"
     cb = OBCQuantize(bits=4, calibration_batches=2, evaluate=False, plot=False, verbose=False, export_path=path)
-    t = lit_trainer(tmp_path, callbacks=[cb])
+    t = quiet_trainer(tmp_path, callbacks=[cb])
     t.fit(model, DataLoader(lit_data(), batch_size=8))
 
     file_mb = os.path.getsize(path) / 2**20

@@ -5,7 +5,6 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
@@ -259,6 +258,8 @@ def test_add_param_group_keeps_schedule(name):
 
 
 # ------------------------------------------------------------------------------------ callback end to end
+from quiet_trainer import quiet_trainer  # noqa: E402
+
 from obc_lightning.callback import OBCQuantize  # noqa: E402  (after the Lightning-free unit tests)
 
 
@@ -309,20 +310,8 @@ class MLP(pl.LightningModule):
 
 def fit(tmp_path, cb, model=None, max_epochs=4, **kw):
     model = model or MLP()
-    args = dict(
-        max_epochs=max_epochs,
-        accelerator="cpu",
-        devices=1,
-        logger=CSVLogger(tmp_path),
-        enable_progress_bar=False,
-        enable_model_summary=False,
-        enable_checkpointing=False,
-        default_root_dir=tmp_path,
-        log_every_n_steps=1,
-    )
-    args.update(kw)
-    args.setdefault("callbacks", [cb] if cb is not None else [])
-    t = pl.Trainer(**args)
+    kw.setdefault("callbacks", [cb] if cb is not None else [])
+    t = quiet_trainer(tmp_path, max_epochs=max_epochs, **kw)
     t.fit(model, DataLoader(mlp_data(), batch_size=16), DataLoader(mlp_data(32), batch_size=16))
     return t, model
 
