@@ -90,7 +90,8 @@ def test_conv2d_same_padding():
     quadratic_form_check(conv, collect_hessians(conv, xs, {"c": conv})["c"], xs)
 
 
-@pytest.mark.parametrize("groups,in_ch,out_ch", [(2, 4, 6), (4, 4, 4), (4, 4, 8)])  # grouped, depthwise, x2
+# grouped, depthwise, x2, d = 288 (two block rows)
+@pytest.mark.parametrize("groups,in_ch,out_ch", [(2, 4, 6), (4, 4, 4), (4, 4, 8), (2, 64, 4)])
 def test_grouped_and_depthwise_conv_one_hessian_per_group(groups, in_ch, out_ch):
     conv = nn.Conv2d(in_ch, out_ch, 3, padding=1, groups=groups)
     xs = [torch.randn(3, in_ch, 5, 5) for _ in range(2)]
@@ -135,6 +136,50 @@ def test_nan_activation_names_module_and_hooks_removed():
     assert all(not m._forward_pre_hooks and not m._forward_hooks for m in model.modules())
 
 
+def test_small_batches_are_buffered_until_d_samples_then_folded():
+    # batches of 3 tokens < d = 16: products of the buffered samples, equal to folding every batch
+    # (offload) and to the direct X^T X; the buffer holds copies, so changing x in place later is harmless
+    class InPlaceAfter(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.lin = nn.Linear(16, 4)
+
+        def forward(self, x):
+            y = self.lin(x)
+            x.mul_(0)  # the caller's activations change after the Linear ran
+            return y
+
+    model = InPlaceAfter()
+    xs = [torch.randn(3, 16) for _ in range(13)]  # 39 samples: folds of 18 at batches 6 and 12, 3 left at the end
+    X = torch.cat(xs).double()
+    buffered = collect_hessians(model, [x.clone() for x in xs], {"lin": model.lin})["lin"]
+    folded = collect_hessians(model, [x.clone() for x in xs], {"lin": model.lin}, offload=True)["lin"]
+    direct = 2 / X.shape[0] * X.T @ X
+    assert buffered.n_samples == folded.n_samples == 39
+    torch.testing.assert_close(buffered.hessians[0], direct, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(folded.hessians[0], direct, rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("d", [255, 256, 300, 513, 1100])  # 1, 2, 2, 4 and 8 block rows
+def test_wide_layers_sum_the_block_lower_triangle_and_mirror_it(d):
+    # from 2 * SYMMETRIC_MIN_BLOCK inputs on, only the block-lower triangle of X^T X is multiplied; the
+    # result must still be the full symmetric 2/N X^T X, buffered (small batches) or not
+    lin = nn.Linear(d, 3).double()
+    xs = [torch.randn(n, d, dtype=torch.float64) for n in (7, 2 * d, 40, 5)]
+    X = torch.cat(xs)
+    lh = collect_hessians(lin, xs, {"lin": lin})["lin"]
+    torch.testing.assert_close(lh.hessians[0], 2 / X.shape[0] * X.T @ X, rtol=1e-12, atol=1e-12)
+    assert torch.equal(lh.hessians[0], lh.hessians[0].T)
+
+
+def test_nan_in_a_buffered_batch_names_module_and_batch():
+    lin = nn.Linear(16, 2)
+    xs = [torch.randn(2, 16) for _ in range(4)]
+    xs[2][1, 5] = float("inf")
+    with pytest.raises(ValueError, match=r"module 'lin'.*NaN or Inf.*batch 2"):
+        collect_hessians(lin, xs, {"lin": lin})
+
+
 def test_never_ran_module_skipped_listed_warned():
     class M(nn.Module):
         def __init__(self):
@@ -157,10 +202,13 @@ def test_never_ran_module_skipped_listed_warned():
 def test_memory_budget_refusal_before_allocation():
     lin = nn.Linear(512, 2)
     assert hessian_bytes(lin) == 512 * 512 * 8
-    with pytest.raises(MemoryError, match=r"2\.0 MiB on cpu.*budget of 1\.0 MiB.*'big'"):
-        collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=1 << 20)
-    res = collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=4 << 20)
+    # the float64 sum (2 MiB) and up to d buffered float32 samples (1 MiB); offloaded: the sum alone
+    with pytest.raises(MemoryError, match=r"3\.0 MiB on cpu.*budget of 2\.5 MiB.*'big'"):
+        collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=5 << 19)
+    res = collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=5 << 19, offload=True)
     assert res["big"].n_samples == 1
+    with pytest.raises(MemoryError, match=r"2\.0 MiB on cpu.*budget of 1\.0 MiB.*'big'"):
+        collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=1 << 20, offload=True)
 
 
 def test_modes_restored_hooks_removed_and_calling_conventions():
