@@ -240,7 +240,9 @@ class _Accumulator:
                  buffer: bool = True):
         self.name = name
         self.module = module
-        self.sum = torch.zeros(hessian_shape(module), dtype=torch.float64, device=device)
+        # written by the first fold (a zero fill first would be one more pass over g * d^2 float64s)
+        self.sum = torch.empty(hessian_shape(module), dtype=torch.float64, device=device)
+        self.folded = False
         self.n = 0
         self.calls = 0
         self.batch_index = -1
@@ -283,9 +285,23 @@ class _Accumulator:
         self._fold(Xt, check_x=x if units is not None else None)
 
     def flush(self) -> None:
-        """Fold the buffered samples into the sum."""
+        """Fold the buffered samples into the sum (zeros if nothing ran: DDP reduces every rank's sum)."""
         if self.pending:
             self._fold(None, check_x=None)
+        if not self.folded:
+            self.sum.zero_()
+            self.folded = True
+
+    def symmetric_sum(self, total: Tensor) -> Tensor:
+        """``total`` (this sum, or its reduction over ranks: block-lower) mirrored in place to the full
+        symmetric X^T X. Diagonal blocks were multiplied in full; their lower triangles are kept."""
+        d = total.shape[1]
+        for r0 in range(0, d, self.block):
+            r1 = min(d, r0 + self.block)
+            diag = total[:, r0:r1, r0:r1]
+            diag.copy_(torch.tril(diag) + torch.tril(diag, -1).transpose(1, 2))
+            total[:, :r0, r0:r1].copy_(total[:, r0:r1, :r0].transpose(1, 2))
+        return total
 
     def _fold(self, Xt: Tensor | None, check_x: Tensor | None) -> None:
         if self.pending:
@@ -300,7 +316,11 @@ class _Accumulator:
             r1 = min(d, r0 + self.block)
             part = Xt[:, r0:r1] @ Xt[:, :r1].transpose(1, 2)  # (g, r1 - r0, r1)
             diagonal.append(part[:, :, r0:r1].diagonal(dim1=1, dim2=2))
-            self.sum[:, r0:r1, :r1] += part.to(device=self.sum.device, dtype=torch.float64)
+            if self.folded:
+                self.sum[:, r0:r1, :r1] += part.to(device=self.sum.device, dtype=torch.float64)
+            else:
+                self.sum[:, r0:r1, :r1].copy_(part)
+        self.folded = True
         # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d (when
         # sampling, the unsampled activations are checked directly: one read of x)
         finite = torch.isfinite(torch.cat(diagonal, dim=1)).all()
@@ -496,7 +516,7 @@ def collect_hessians(
             a.sum = None  # free it
             continue
         s = a.sum if reduce_fn is None else _reduced(reduce_fn, a.sum)
-        s = torch.tril(s).add_(torch.tril(s, -1).transpose(1, 2))  # the block-lower sums, mirrored
+        s = a.symmetric_sum(s)
         result.hessians[name] = LayerHessian(name, s.mul_(2.0 / a.n), a.n, a.calls)  # H = 2/N * X^T X
     if result.skipped and warn:
         lines = "\n".join(f"  {n}: {r}" for n, r in result.skipped.items())
