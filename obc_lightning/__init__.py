@@ -12,6 +12,7 @@ from obc_lightning.finetune import CentroidQuantizer, NoiseQuantizer, STEQuantiz
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
 from obc_lightning.reporting import CompressionReport, ModuleReport
+from obc_lightning.semi_structured import to_semi_structured
 from obc_lightning.solvers import (
     HessianDampingWarning,
     PQResult,
@@ -73,5 +74,6 @@ __all__ = [
     "quantize_weight",
     "save_quantized",
     "select_modules",
+    "to_semi_structured",
     "unpack_model",
 ]
