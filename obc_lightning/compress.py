@@ -33,6 +33,7 @@ from obc_lightning.reporting import (
     CompressionReport,
     ModuleReport,
     packed_weight_bytes,
+    sparse_weight_bytes,
 )
 
 SOLVERS = ("auto", "obc", "gptq")
@@ -306,9 +307,15 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     rows = W.shape[0]
     n_groups = results[0].scales.shape[1] if results else 0
     before = _size(m)
-    # prune-only weights stay dense fp32; sparse storage formats (2:4 metadata) are not modelled
-    after = before if bits is None else (
-        before - W.numel() * FP32_BYTES + packed_weight_bytes(W.numel(), rows, n_groups, bits))
+    # the weight as save_quantized stores it by default (N:M: the kept entries and their positions;
+    # pruned float weights: float16 values; quantized unstructured-sparse weights: dense codes)
+    if bits is None:
+        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, nnz=W.numel() - pruned)
+    elif n_m is not None:
+        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, bits=bits, n_scales=rows * n_groups)
+    else:
+        weight_bytes = packed_weight_bytes(W.numel(), rows, n_groups, bits)
+    after = before - W.numel() * FP32_BYTES + weight_bytes
     rep = ModuleReport(
         name=name,
         kind=type(m).__name__,

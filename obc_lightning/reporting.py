@@ -9,6 +9,8 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
+from obc_lightning.packed import nm_position_bits, packed_nbytes
+
 # Packed format that the size estimate assumes: codes at ``bits`` bits each, bit-packed per module;
 # one fp16 scale and one uint8 zero point per row (or per row and group); biases kept in fp32.
 SCALE_BYTES = 2
@@ -19,6 +21,20 @@ FP32_BYTES = 4
 def packed_weight_bytes(numel: int, rows: int, n_groups: int, bits: int) -> int:
     """Bytes of one weight in the packed format: ceil(numel * bits / 8) + (2 + 1) per row and group."""
     return -(-numel * bits // 8) + rows * n_groups * (SCALE_BYTES + ZERO_BYTES)
+
+
+def sparse_weight_bytes(numel: int, *, n_m: tuple[int, int] | None = None, nnz: int | None = None,
+                        bits: int | None = None, n_scales: int = 0) -> int:
+    """Bytes of a pruned weight as ``save_quantized`` stores it. N:M: exactly N of every M entries, as
+    ``bits``-bit codes (plus (2 + 1) bytes of scale and zero point for each of ``n_scales`` rows and
+    groups) or, without ``bits``, float16 values, each with its position in ceil(log2 M) bits (2:4 float:
+    9 bits per weight). Unstructured float weights: a 1-bit mask and the ``nnz`` float16 values."""
+    if n_m is None:
+        return packed_nbytes(numel, 1) + nnz * SCALE_BYTES
+    n, m = n_m
+    stored = numel // m * n
+    values = stored * SCALE_BYTES if bits is None else packed_nbytes(stored, bits)
+    return values + packed_nbytes(stored, nm_position_bits(m)) + n_scales * (SCALE_BYTES + ZERO_BYTES)
 
 
 @dataclass

@@ -11,6 +11,8 @@ from torch import nn
 import obc_lightning.solvers.quantize as quantize_mod
 from obc_lightning.calibration import CalibrationWarning, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
+from obc_lightning.export import read_metadata, save_quantized
+from obc_lightning.packed import payload_nbytes
 from obc_lightning.reporting import packed_weight_bytes
 
 
@@ -264,19 +266,40 @@ def test_prune_then_quantize_unstructured():
     assert report["head"].loss > plain["head"].loss and plain.sparsity == 0 and "obc/sparsity" not in plain.metrics()
 
 
-def test_prune_only_and_nm_on_linear_and_conv_channels():
+def test_prune_only_and_nm_on_linear_and_conv_channels(tmp_path):
     model = tiny()
     orig = weights(model)
     report = compress_model(model, batches(), bits=None, n_m=(2, 4), include="head")
     W = model.head.weight
     assert ((W != 0).view(5, 16, 4).sum(dim=2) <= 2).all()  # dead inputs (always 0) count as pruned
-    assert report.bytes_after == report.bytes_before and report["head"].sparsity >= 0.5
+    assert report["head"].sparsity >= 0.5
+    # the reported size is that of the file save_quantized writes: 2 float16 values of every 4 inputs
+    # and their 2-bit positions (9 bits per weight), the rest of the model as it is
+    assert report["head"].bytes_after == report["head"].bytes_before - 5 * 64 * 4 + 5 * 64 * 9 // 8
+    assert report["head"].bytes_after == stored_bytes(model, report, tmp_path / "nm.safetensors", n_m=(2, 4))["head"]
     assert not torch.equal(W[W != 0], orig["head.weight"][W != 0])  # kept weights were compensated
     torch.manual_seed(0)
     net = nn.Sequential(nn.Conv2d(3, 8, 3, padding=1), nn.ReLU(), nn.Conv2d(8, 4, 3))
-    rep = compress_model(net, batches(), bits=4, n_m=(2, 4), include="2", solver="obc")
+    rep = compress_model(net, batches(), bits=4, n_m=(2, 4), include="2", solver="obc", keep_results=True)
     nz = (net[2].weight != 0).view(4, 2, 4, 3, 3).sum(dim=2)  # input channels in groups of 4, per kernel position
     assert (nz <= 2).all() and rep["2"].sparsity >= 0.5
+    assert rep["2"].bytes_after == stored_bytes(net, rep, tmp_path / "joint.safetensors", n_m=(2, 4))["2"]
+
+
+def test_unstructured_prune_only_size_is_the_bitmask_file(tmp_path):
+    model = tiny()
+    report = compress_model(model, batches(), bits=None, sparsity=0.5)
+    stored = stored_bytes(model, report, tmp_path / "u.safetensors")
+    assert {r.name: r.bytes_after for r in report.modules} == stored
+    assert report.bytes_after == sum(stored.values()) < report.bytes_before
+
+
+def stored_bytes(model, report, path, **save_kw) -> dict[str, int]:
+    """Bytes each compressed module takes in the file save_quantized writes: packed payload + bias."""
+    save_quantized(model, path, report, **save_kw)
+    configs = read_metadata(path)
+    modules = dict(model.named_modules())
+    return {n: payload_nbytes(configs[n]) + modules[n].bias.numel() * 4 for n in (r.name for r in report.modules)}
 
 
 @pytest.mark.parametrize(
