@@ -27,6 +27,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from obc_lightning import finetune as ft
+from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import call_model
 from obc_lightning.compress import SOLVERS, _check_pq_args, _check_prune_args, compress_model, select_modules
 from obc_lightning.grids import check_bits
@@ -207,6 +208,12 @@ class OBCQuantize(Callback):
             in each training step (quantization noise, Fan et al. 2020; the others use latent float weights
             that start from the weights before compression and train too); 1.0: plain centroid
             fine-tuning, every sub-vector is its centroid.
+        recalibrate_bn: re-estimate every BatchNorm's running statistics over this many batches of the
+            training dataloader once the weights are final (after post-training compression, after
+            fine-tuning; 0: off), through the same code path as calibration (see
+            :func:`~obc_lightning.batchnorm.reestimate_batchnorm`). The training batches, augmentation
+            included, are the distribution the statistics were gathered on; the validation metrics
+            "after" / "finetuned" are measured after it.
 
     Fine-tuning (``finetune`` set): at the end of epoch K = ``max_epochs - finetune_epochs - 1`` the
     model is compressed (``"ste"``: OBC, exactly as without fine-tuning; ``"ternary"`` / ``"noise"``:
@@ -264,6 +271,7 @@ class OBCQuantize(Callback):
         block_size: int | Mapping[str, int] = 8,
         n_centroids: int | Mapping[str, int] = 256,
         pq_noise_rate: float = 1.0,
+        recalibrate_bn: int = 0,
     ) -> None:
         _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, {})
         if method != "scalar":
@@ -393,6 +401,9 @@ class OBCQuantize(Callback):
         self.sparsity, self.n_m = sparsity, None if n_m is None else tuple(n_m)
         self.method, self.block_size, self.n_centroids = method, block_size, n_centroids
         self.pq_noise_rate = float(pq_noise_rate)
+        if isinstance(recalibrate_bn, bool) or not isinstance(recalibrate_bn, int) or recalibrate_bn < 0:
+            raise ValueError(f"OBCQuantize: recalibrate_bn must be an integer >= 0, got {recalibrate_bn!r}")
+        self.recalibrate_bn = recalibrate_bn
 
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -670,12 +681,13 @@ class OBCQuantize(Callback):
             return
         before = self._evaluate(trainer, pl_module) if self.evaluate else {}
         report = self._compress(trainer, pl_module, batches, keep_results=self.export_path is not None)
+        bn_metrics, bn_lines = self._recalibrate_batchnorm(trainer, pl_module)
         after = self._evaluate(trainer, pl_module) if self.evaluate else {}
 
         self.report = report
         self.quantized_modules = report.quantized
         self.skipped_modules = dict(report.skipped)
-        metrics = report.metrics()
+        metrics = report.metrics() | bn_metrics
         for name, value in before.items():
             metrics[f"obc/{name}_before"] = value
         for name, value in after.items():
@@ -684,6 +696,7 @@ class OBCQuantize(Callback):
         lines = [
             f"{type(self).__name__}: {self._what()}, {len(batches)} calibration batches",
             report.table(),
+            *bn_lines,
         ]
         for name in before:
             lines.append(f"{name}: {before[name]:.5g} -> {after.get(name, float('nan')):.5g}")
@@ -765,8 +778,10 @@ class OBCQuantize(Callback):
             )
             self.quantized_modules = report.quantized
             self.skipped_modules = dict(report.skipped)
-            metrics = report.metrics()
+            bn_metrics, bn_lines = self._recalibrate_batchnorm(trainer, pl_module)
+            metrics = report.metrics() | bn_metrics
             header = f"{type(self).__name__}: {self._what()}, {len(batches)} calibration batches"
+            header = "\n".join([header, *bn_lines])
         else:
             targets = {
                 n: m
@@ -859,13 +874,15 @@ class OBCQuantize(Callback):
             scheds = [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
             ft.remove_last_param_group(opt, scheds)
             self._added_group = False
+        bn_metrics, bn_lines = self._recalibrate_batchnorm(trainer, pl_module)
+        metrics.update(bn_metrics)
         finetuned = self._evaluate(trainer, pl_module) if self.evaluate else {}
         epochs = trainer.current_epoch - self._start_epoch - 1
         for name, value in finetuned.items():
             metrics[f"obc/{name}_finetuned"] = value
         metrics["obc/finetune_epochs"] = float(epochs)
         self._phase = "done"
-        lines = [f"OBCQuantize: fine-tuned ({self.finetune}) for {epochs} epoch(s)"]
+        lines = [f"OBCQuantize: fine-tuned ({self.finetune}) for {epochs} epoch(s)", *bn_lines]
         lines += [
             f"{n}: {metrics.get(f'obc/{n}_before', float('nan')):.5g} -> "
             f"{metrics.get(f'obc/{n}_after', float('nan')):.5g} -> {v:.5g}"
@@ -911,6 +928,24 @@ class OBCQuantize(Callback):
         if self.finetune == "noise" and qnumel:
             out["obc/noise_bits"] = wbits / qnumel  # mean rounded bit width, without scales
         return out
+
+    def _recalibrate_batchnorm(self, trainer: Trainer, pl_module: LightningModule) -> tuple[dict, list[str]]:
+        """BatchNorm statistics of the final weights over ``recalibrate_bn`` training batches: (metrics, lines)."""
+        if not self.recalibrate_bn:
+            return {}, []
+        loader = _first_loader(trainer.train_dataloader)
+        batches = []
+        for batch in loader if loader is not None else ():
+            batches.append(trainer.strategy.batch_to_device(batch))
+            if len(batches) >= self.recalibrate_bn:
+                break
+        if not batches:
+            rank_zero_warn("OBCQuantize: recalibrate_bn: no training batches; BatchNorm statistics left as they were")
+            return {}, []
+        forward_fn = self._forward_fn(trainer, pl_module, batches[0])
+        n = reestimate_batchnorm(pl_module, batches, forward_fn=forward_fn, reduce_fn=_all_reduce_fn(trainer))
+        line = f"BatchNorm statistics of {n} layer(s) re-estimated over {len(batches)} training batches"
+        return {"obc/bn_recalibrated": float(n)}, [line]
 
     # ------------------------------------------------------------------ calibration
     def _calibration_set(self, trainer: Trainer, pl_module: LightningModule) -> list:

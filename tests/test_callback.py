@@ -16,6 +16,7 @@ from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 from torchmetrics.classification import MulticlassAccuracy
 
+from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationWarning
 from obc_lightning.callback import OBCQuantize
 
@@ -249,6 +250,8 @@ def test_checkpoint_round_trip(tmp_path):
         ({"sequential": 1}, "sequential"),
         ({"sample_fraction": 0}, "sample_fraction"),
         ({"sample_fraction": 2.0}, "sample_fraction"),
+        ({"recalibrate_bn": -1}, "recalibrate_bn"),
+        ({"recalibrate_bn": True}, "recalibrate_bn"),
     ],
 )
 def test_constructor_rejects_bad_arguments(kwargs, match):
@@ -455,3 +458,30 @@ def test_obcprune_export_is_the_sparse_float_file(tmp_path, kwargs):
     load_quantized(path, fresh)  # float16 values: the pruned weights rounded to fp16, zeros exact
     torch.testing.assert_close(fresh.head.weight, model.head.weight.half().float(), rtol=0, atol=0)
     assert torch.equal(fresh.head.weight == 0, model.head.weight == 0)
+
+
+class BNNet(Net):
+    """Net with a BatchNorm after the conv."""
+
+    def __init__(self):
+        super().__init__()
+        self.bn = nn.BatchNorm2d(4)
+
+    def forward(self, x, y=None):
+        return self.head(self.bn(self.conv(x)).relu().flatten(1))
+
+
+@pytest.mark.parametrize("finetune", [None, "ste"])
+def test_recalibrate_bn_uses_the_first_training_batches_with_the_final_weights(tmp_path, finetune):
+    train = DataLoader(data(), batch_size=8)  # unshuffled: its first batches are known
+    kw = dict(finetune=finetune, finetune_epochs=1) if finetune else {}
+    stats = {}
+    for n in (0, 3):
+        model = BNNet()
+        cb = OBCQuantize(bits=2, recalibrate_bn=n, calibration_batches=2, plot=False, verbose=False, **kw)
+        trainer(tmp_path, cb, max_epochs=2).fit(model, train, DataLoader(data(16), batch_size=8))
+        stats[n] = model.bn.running_mean.clone(), model.bn.running_var.clone()
+    assert cb.metrics["obc/bn_recalibrated"] == 1 and "obc/val_acc_after" in cb.metrics
+    reestimate_batchnorm(model, [b for _, b in zip(range(3), train)])  # the same batches and weights
+    torch.testing.assert_close(stats[3], (model.bn.running_mean, model.bn.running_var))
+    assert not torch.allclose(stats[0][0], stats[3][0])  # without it: the statistics of training
