@@ -298,16 +298,23 @@ def compare_bits(
     seed: int = 0,
     log=print,
     sample_fraction: float = 1.0,
+    recalibrate_bn: int = 0,
 ) -> dict:
     """Quantize copies of the trained ``lit`` at each bit width with each method; accuracies and timings.
 
     ``methods``: ``"rtn"`` (round-to-nearest), or a ``compress_model`` solver name (``"obc"``, ``"auto"``,
-    ``"gptq"``). Every run starts from the same fp32 weights (a fresh deep copy).
+    ``"gptq"``). Every run starts from the same fp32 weights (a fresh deep copy). ``recalibrate_bn``: then
+    re-estimate the BatchNorm statistics over that many augmented training batches (the same for every run).
     """
+    from obc_lightning import reestimate_batchnorm
     from obc_lightning.compress import compress_model as _compress
 
     val, calib, results = _comparison_setup(lit, dm, calibration_images, seed, log)
     fp32 = results["fp32_acc"]
+    device = next(lit.parameters()).device
+    torch.manual_seed(seed)  # the shuffle and the augmentation of the batches below
+    bn_batches = [x.to(device) for _, (x, _) in zip(range(recalibrate_bn), dm.train_dataloader())]
+    results["recalibrate_bn"] = len(bn_batches)
     for bits in bits_list:
         for method in methods:
             model = copy.deepcopy(lit)
@@ -318,6 +325,8 @@ def compare_bits(
             else:
                 report = _compress(model, calib, bits, solver=method, sample_fraction=sample_fraction)
                 extra = {"compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits}
+            if bn_batches:
+                reestimate_batchnorm(model, bn_batches)
             seconds = time.perf_counter() - t0
             acc = evaluate(model, val)
             results["runs"].append({"bits": bits, "method": method, "acc": acc, "seconds": seconds, **extra})
@@ -447,6 +456,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         max_drop=args.max_drop,
         noise_penalty=args.noise_penalty,
         noise_bits_lr=args.noise_bits_lr or None,
+        recalibrate_bn=args.recalibrate_bn,
         plot=False,
         verbose=not args.quiet,
     )
@@ -546,6 +556,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=1.0,
         help="fraction of the conv positions each calibration batch gives each Hessian (1: all)",
     )
+    p.add_argument(
+        "--recalibrate-bn",
+        type=int,
+        default=0,
+        help="re-estimate BatchNorm statistics over this many augmented training batches once the weights are final",
+    )
     p.add_argument("--limit-train", type=int, default=None, help="use only the first N training images")
     p.add_argument("--limit-test", type=int, default=None, help="use only the first N test images")
     p.add_argument("--save-fp32", type=Path, default=None, help="write the trained fp32 state_dict here")
@@ -603,7 +619,8 @@ def run(args: argparse.Namespace) -> dict:
         n_batches = max(1, math.ceil(args.calibration_images / args.batch_size))
         solver = args.solvers[0] if args.solvers else "auto"
         quantizer = OBCQuantize(
-            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False
+            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False,
+            recalibrate_bn=args.recalibrate_bn,
         )
         callbacks.append(quantizer)
     trainer = L.Trainer(
@@ -667,7 +684,8 @@ def run(args: argparse.Namespace) -> dict:
         methods = (("rtn",) if args.rtn else ()) + solvers
         results.update(
             compare_bits(
-                lit, dm, args.bits, methods, args.calibration_images, args.seed, sample_fraction=args.sample_fraction
+                lit, dm, args.bits, methods, args.calibration_images, args.seed,
+                sample_fraction=args.sample_fraction, recalibrate_bn=args.recalibrate_bn,
             )
         )
         print(results_table(results))

@@ -5,6 +5,7 @@ Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``
 grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
 """
 
+from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
 from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
@@ -72,6 +73,7 @@ __all__ = [
     "prepare_for_load",
     "product_quantize",
     "quantize_weight",
+    "reestimate_batchnorm",
     "save_quantized",
     "select_modules",
     "to_semi_structured",

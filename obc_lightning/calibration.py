@@ -234,6 +234,7 @@ class _Accumulator:
     samples are pending, then multiplied in one product: the float64 update of S touches all d^2
     entries whatever the number of samples, so folding it per batch would cost as much as the
     product itself at 1/128 of the samples. ``buffer=False`` (offloaded sums) folds every batch.
+    Only the block-lower triangle of S is summed; :meth:`symmetric_sum` mirrors it at the end.
     """
 
     def __init__(self, name: str, module: nn.Module, device: torch.device, sample_fraction: float = 1.0, seed=0,
@@ -430,8 +431,9 @@ def collect_hessians(
         modules: ``{name: module}`` of ``nn.Linear`` / ``nn.Conv1d`` / ``nn.Conv2d`` submodules.
         forward_fn: ``forward_fn(model, batch)`` replaces the default calling convention.
         offload: keep the float64 sums on the CPU instead of the module's device.
-        max_memory: byte budget for the sums (per device); above it a ``MemoryError`` is raised before
-            anything is allocated.
+        max_memory: byte budget for the float64 sums, and without ``offload`` for the buffered samples
+            too (1.5 x the sums; see :func:`check_memory`), per device; above it a ``MemoryError`` is
+            raised before anything is allocated.
         reduce_fn: called on every sum before H is formed, e.g. ``torch.distributed.all_reduce`` under
             DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
         sample_fraction: in (0, 1]; below 1, each batch contributes this fraction of its samples to
