@@ -10,6 +10,7 @@ import os
 import lightning.pytorch as pl
 import pytest
 import torch
+from classifier_steps import ClassifierSteps
 from quiet_trainer import quiet_trainer
 from safetensors_edit import rewrite
 from torch import nn
@@ -403,21 +404,13 @@ def test_save_from_packed_model_equals_save_from_results(tmp_path):
 
 
 # ------------------------------------------------------------------ Lightning
-class LitTiny(pl.LightningModule):
+class LitTiny(ClassifierSteps, pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.net = Tiny()
 
     def forward(self, x):
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        self.log("val_loss", nn.functional.cross_entropy(self(x), y))
 
     def configure_optimizers(self):
         return torch.optim.SGD(self.parameters(), lr=0.05)

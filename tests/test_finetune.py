@@ -5,6 +5,7 @@ import csv
 import lightning.pytorch as pl
 import pytest
 import torch
+from classifier_steps import ClassifierSteps
 from torch import nn
 from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
@@ -270,7 +271,7 @@ def mlp_data(n=64):
     return TensorDataset(x, y)
 
 
-class MLP(pl.LightningModule):
+class MLP(ClassifierSteps, pl.LightningModule):
     """2-layer MLP; records the optimizer's lrs and the momentum buffer at the start of every epoch."""
 
     def __init__(self, scheduler=True):
@@ -283,16 +284,6 @@ class MLP(pl.LightningModule):
 
     def forward(self, x):
         return self.fc2(self.fc1(x).relu())
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def on_train_epoch_start(self):
         opt = self.trainer.optimizers[0]

@@ -5,6 +5,7 @@ import math
 import lightning.pytorch as pl
 import pytest
 import torch
+from classifier_steps import ClassifierSteps
 from lightning.pytorch.loggers import CSVLogger
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
@@ -167,23 +168,13 @@ def test_centroid_quantizer_eval_rounds_codebook_and_finalize_keeps_parameter():
 
 
 # -------------------------------------------------------------------------------------------- callback
-class LitNet(pl.LightningModule):
+class LitNet(ClassifierSteps, pl.LightningModule):
     def __init__(self):
         super().__init__()
         self.net = ConvNet()
 
     def forward(self, x):
         return self.net(x)
-
-    def training_step(self, batch, batch_idx):
-        x, y = batch
-        return nn.functional.cross_entropy(self(x), y)
-
-    def validation_step(self, batch, batch_idx):
-        x, y = batch
-        logits = self(x)
-        self.log("val_loss", nn.functional.cross_entropy(logits, y))
-        self.log("val_acc", (logits.argmax(1) == y).float().mean())
 
     def configure_optimizers(self):
         opt = torch.optim.SGD(self.parameters(), lr=0.05, momentum=0.9, weight_decay=1e-4)
