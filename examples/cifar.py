@@ -457,6 +457,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         noise_penalty=args.noise_penalty,
         noise_bits_lr=args.noise_bits_lr or None,
         recalibrate_bn=args.recalibrate_bn,
+        export_path=args.export,
         plot=False,
         verbose=not args.quiet,
     )
@@ -489,6 +490,8 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         compression_ratio=m.get("obc/compression_ratio"),
         finetune_seconds=time.perf_counter() - t0,
     )
+    if args.export is not None:
+        results["file_bytes"] = args.export.stat().st_size
     if args.finetune == "pq":
         results["pq"] = f"{args.method} b={args.block_size} K={args.n_centroids} noise rate {args.pq_noise_rate:g}"
     if args.finetune == "noise":
@@ -587,6 +590,10 @@ def build_parser() -> argparse.ArgumentParser:
         "--exclude", nargs="*", default=None, help="modules left in fp32 (default with --method pq: net.conv1 net.fc)"
     )
     p.add_argument("--out", type=Path, default=None, help="write the results as JSON here")
+    p.add_argument(
+        "--export", type=Path, default=None,
+        help="write the packed model here (.safetensors; the callback and --finetune paths)",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress bar / model summary (for tests and logs)")
     return p
 
@@ -620,7 +627,7 @@ def run(args: argparse.Namespace) -> dict:
         solver = args.solvers[0] if args.solvers else "auto"
         quantizer = OBCQuantize(
             bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False,
-            recalibrate_bn=args.recalibrate_bn,
+            recalibrate_bn=args.recalibrate_bn, export_path=args.export,
         )
         callbacks.append(quantizer)
     trainer = L.Trainer(
@@ -659,6 +666,8 @@ def run(args: argparse.Namespace) -> dict:
             compression_ratio=quantizer.report.compression_ratio,
             avg_bits=quantizer.report.avg_bits,
         )
+        if args.export is not None:
+            results["file_bytes"] = args.export.stat().st_size
         print(quantizer.report.table())
         print(
             f"val_acc fp32 {100 * before:.2f}% -> {args.bits[0]}-bit {100 * after:.2f}% ({100 * (after - before):+.2f})"

@@ -163,7 +163,10 @@ class OBCQuantize(Callback):
             kept weights and their positions, :func:`~obc_lightning.export.save_quantized`). A pruned
             float model (``bits=None``, :class:`OBCPrune`) is stored in the "sparse" scheme: the kept
             weights in float16 and, with ``n_m``, their positions in ceil(log2 M) bits each, else a
-            bitmask.
+            bitmask. After ``finetune="ternary"`` each ternary module is stored as 2-bit codes and its
+            codebook {0, +w_p, −w_n} (scheme "pq" with ``block_size=1``), after ``finetune="noise"`` as
+            DiffQ's codes at each group's bit width with the row ranges (scheme "mixed",
+            :mod:`obc_lightning.packed`); modules left in full precision keep their float weights.
         sparsity, n_m: prune with OBS before quantizing (the pruned weights stay exactly 0), see
             :func:`~obc_lightning.compress.compress_model`; ``bits=None`` prunes only (:class:`OBCPrune`).
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
@@ -463,10 +466,10 @@ class OBCQuantize(Callback):
             )
         if not number(penalty) or penalty < 0:
             raise ValueError(f"OBCQuantize: noise_penalty must be a finite number >= 0, got {penalty!r}")
-        if export_path is not None and finetune in ("ternary", "noise"):
+        if export_path is not None and finetune == "noise" and round(max_bits) > 8:
             raise ValueError(
-                f"OBCQuantize: export_path writes the OBC grid format; finetune={finetune!r} produces another "
-                "format (use finetune='ste' or save the model's state dict)"
+                f"OBCQuantize: export_path packs DiffQ codes at 8 bits at most; noise_max_bits={max_bits!r} rounds "
+                "above 8"
             )
 
     # ------------------------------------------------------------------ configuration and state
@@ -702,20 +705,24 @@ class OBCQuantize(Callback):
             lines.append(f"{name}: {before[name]:.5g} -> {after.get(name, float('nan')):.5g}")
         self._publish(trainer, metrics, lines, report)
 
-    def _export(self, trainer: Trainer, pl_module: LightningModule, report: CompressionReport, metrics: dict) -> None:
-        """Write the packed model (rank zero, with ``export_path``); size metrics become the file's."""
+    def _export(
+        self, trainer: Trainer, pl_module: LightningModule, results: CompressionReport | Mapping, metrics: dict
+    ) -> None:
+        """Write the packed model (rank zero, with ``export_path``); size metrics become the file's.
+        ``results``: the compression report (its codes are released afterwards) or name -> result list."""
         if self.export_path is not None and trainer.is_global_zero:
             from obc_lightning.export import save_quantized
 
             os.makedirs(os.path.dirname(os.path.abspath(self.export_path)), exist_ok=True)
-            file_mb = save_quantized(pl_module, self.export_path, report, n_m=self.n_m) / 2**20
+            file_mb = save_quantized(pl_module, self.export_path, results, n_m=self.n_m) / 2**20
             sd = pl_module.state_dict()
             dense_bytes = sum(t.numel() * t.element_size() for t in sd.values() if isinstance(t, Tensor))
             metrics["obc/file_mb"] = metrics["obc/size_mb_after"] = file_mb
             metrics["obc/size_mb_before"] = dense_bytes / 2**20
             metrics["obc/compression_ratio"] = dense_bytes / 2**20 / file_mb
             rank_zero_info(f"OBCQuantize: packed model written to {self.export_path} ({file_mb:.3f} MB)")
-        report.results = None  # exported (or not needed): do not hold a second copy of the codes
+        if isinstance(results, CompressionReport):
+            results.results = None  # exported (or not needed): do not hold a second copy of the codes
 
     def _publish(self, trainer: Trainer, metrics: dict, lines: list[str], report: CompressionReport | None) -> None:
         """Metrics to every logger, the summary through rank_zero_info, the error chart."""
@@ -823,15 +830,14 @@ class OBCQuantize(Callback):
         self._start_epoch = self._compress_epoch(trainer) if may_finetune else trainer.current_epoch
         if within or not may_finetune:
             self._latent = {}
-            if self._quantizers:
-                ft.finalize_all(pl_module, self._quantizers)
+            finalized = self._finalize_quantizers(pl_module)
             if within and may_finetune:
                 trainer.should_stop = True  # the model is quantized: the remaining epochs are skipped
                 lines.append(f"stopping fit: the remaining {self.finetune_epochs} epoch(s) are not needed")
             metrics["obc/finetune_epochs"] = 0.0
             self._phase = "done"
-            if report is not None:
-                self._export(trainer, pl_module, report, metrics)
+            if report is not None or finalized:
+                self._export(trainer, pl_module, report if report is not None else finalized, metrics)
             self._publish(trainer, metrics, lines, report)
             return
 
@@ -867,7 +873,7 @@ class OBCQuantize(Callback):
         metrics = dict(self.metrics)
         if self.finetune == "noise":
             metrics.update(self._quantizer_metrics(pl_module))  # the bit widths were trained
-        ft.finalize_all(pl_module, self._quantizers)
+        finalized = self._finalize_quantizers(pl_module)
         self._bits_optimizer = None
         if self._added_group and trainer.optimizers:
             opt = trainer.optimizers[0]
@@ -899,7 +905,20 @@ class OBCQuantize(Callback):
                 report.results = {n: _recode(pl_module.get_submodule(n).weight, r) for n, r in report.results.items()}
                 self._export(trainer, pl_module, report, metrics)
             report.results = None
+        elif finalized:
+            self._export(trainer, pl_module, finalized, metrics)
         self._publish(trainer, metrics, lines, None)
+
+    def _finalize_quantizers(self, pl_module: LightningModule) -> dict[str, list]:
+        """Remove the fine-tuning parametrizations (weights truly quantized). With ``export_path``, the
+        ternary / DiffQ codes of the final weights are taken first and returned (name -> [result])."""
+        results = {}
+        if self.export_path is not None and self.finetune in ("ternary", "noise"):
+            for name, q in self._quantizers.items():
+                results[name] = [q.result(pl_module.get_submodule(name).parametrizations.weight.original)]
+        if self._quantizers:
+            ft.finalize_all(pl_module, self._quantizers)
+        return results
 
     def _quantizer_metrics(self, pl_module: LightningModule) -> dict[str, float]:
         """Sizes and bits of the ternary / noise-quantized model (targets not quantized count at fp32)."""

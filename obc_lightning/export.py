@@ -17,6 +17,10 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   bit-packed at bits = ceil(log2 n_centroids); at most 256 centroids) and ``m.weight_codebook``
   ((n_centroids, block_size), float16 by default: ``scale_dtype`` names its dtype too); the weight is
   ``codebook[codes]`` reshaped to the weight's shape;
+- per DiffQ module ``m`` (scheme "mixed", :class:`obc_lightning.finetune.MixedResult`): ``m.weight_codes``
+  (the codes of each bit width in turn, bit-packed at that width), ``m.weight_bits`` (every group's
+  width, bit-packed), ``m.weight_range`` ((out, 2) row minima and maxima, float16 by default); a
+  ternary module (TTQ) is a "pq" module with ``block_size`` 1 and the codebook {0, +w_p, -w_n};
 - per pruned float module ``m`` (scheme "sparse": a prune-only ``compress_model(..., bits=None)`` report,
   or ``save_quantized(..., sparse=...)``), the kept weights in ``value_dtype`` (float16 by default):
   with ``n_m=(N, M)`` ``m.weight_values`` (exactly N values per group of M inputs -- the non-zeros,
@@ -29,7 +33,9 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}`` for scalar
   modules (plus ``n_m: [N, M]`` for N:M-sparse storage; absent: dense), ``{name: {kind, scheme: "pq",
   bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for product-quantized ones, ``{name: {kind,
-  scheme: "sparse", shape, value_dtype, dtype, n_m: [N, M] | nnz}}`` for sparse ones.
+  scheme: "sparse", shape, value_dtype, dtype, n_m: [N, M] | nnz}}`` for sparse ones, ``{name: {kind,
+  scheme: "mixed", shape, group_size, min_bits, max_bits, bit_counts, scale_dtype, dtype}}`` for DiffQ
+  ones (sizes and layouts of every scheme in :mod:`obc_lightning.packed`).
 
 Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1) (N:M:
 ceil(bits * numel * N / M / 8) + ceil(ceil(log2 M) * numel * N / M / 8) + the same scales / zeros), over
@@ -68,7 +74,6 @@ yourself before ``model.load_state_dict``.
 from __future__ import annotations
 
 import json
-import math
 import os
 import tempfile
 from collections.abc import Callable, Iterable, Mapping
@@ -81,9 +86,11 @@ from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from obc_lightning.compress import _matches
+from obc_lightning.finetune import MixedResult
 from obc_lightning.packed import (
     ALL_BUFFERS,
     MAX_PQ_CENTROIDS,
+    MIXED_SCHEME,
     PACKED_CLASSES,
     PACKED_FORMAT,
     PQ_SCHEME,
@@ -97,13 +104,13 @@ from obc_lightning.packed import (
     dense_codes,
     dequantize_packed,
     dtype_name,
-    is_nm,
+    is_mixed,
     is_pq,
     is_sparse,
     kind_of,
+    mixed_pack,
     n_groups_of,
     nm_pack,
-    nm_position_bits,
     pack_bits,
     payload_nbytes,
     pq_code_bits,
@@ -157,6 +164,8 @@ def _packed_from_results(name: str, m: nn.Module, results: list, scale_dtype: st
         raise ValueError(f"module '{name}' is a {type(m).__name__}; only Linear / Conv1d / Conv2d are exported")
     if any(isinstance(r, PQResult) for r in results):
         return _pq_from_result(name, m, kind, results, scale_dtype)
+    if any(isinstance(r, MixedResult) for r in results):
+        return _mixed_from_result(name, m, kind, results, scale_dtype)
     groups = getattr(m, "groups", 1)
     if len(results) != groups:
         raise ValueError(f"module '{name}' has {groups} conv group(s) but {len(results)} result(s)")
@@ -216,13 +225,7 @@ def _pq_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dty
     """(config, {weight_codes, weight_codebook}) of module ``m`` from its PQResult, checked against its weight."""
     if len(results) != 1:
         raise ValueError(f"module '{name}': a product-quantized module takes one PQResult, got {len(results)} results")
-    groups = getattr(m, "groups", 1)
-    if groups != 1:
-        raise ValueError(
-            f"module '{name}' is a grouped convolution (groups={groups}); product-quantized export supports "
-            "ungrouped modules only"
-        )
-    res = results[0]
+    res = results[0]  # a grouped conv's weight (out, in / g, kh, kw) is g stacked row blocks, as for scalars
     W = m.weight.detach().cpu()
     rows, cols = W.shape[0], W[0].numel()
     b, K = res.block_size, res.n_centroids
@@ -280,6 +283,59 @@ def _pq_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dty
     }
     tensors = {"weight_codes": pack_bits(codes.to(torch.int32), bits), "weight_codebook": stored.contiguous()}
     return config, tensors
+
+
+def _mixed_from_result(name: str, m: nn.Module, kind: str, results: list, scale_dtype: str):
+    """(config, {weight_codes, weight_bits, weight_range}) of module ``m`` from its MixedResult (DiffQ),
+    checked against its weight."""
+    if len(results) != 1:
+        raise ValueError(f"module '{name}': a mixed-precision module takes one MixedResult, got {len(results)} results")
+    res = results[0]
+    grid = res.grid
+    W = m.weight.detach().cpu()
+    rows, cols = W.shape[0], W[0].numel()
+    codes, bits = res.codes.detach().cpu(), grid.bits.detach().cpu()
+    ng = n_groups_of(cols, grid.group_size)
+    if tuple(codes.shape) != (rows, cols) or tuple(bits.shape) != (rows, ng) or grid.cols != cols:
+        raise ValueError(
+            f"module '{name}': a MixedResult with codes of shape {tuple(codes.shape)} and bit widths of shape "
+            f"{tuple(bits.shape)} does not fit its weight of shape {tuple(W.shape)} ({rows} x {cols}, {ng} groups "
+            "per row)"
+        )
+    if not torch.equal(bits, bits.round()) or bits.min() < res.min_bits or bits.max() > res.max_bits:
+        raise ValueError(f"module '{name}': bit widths must be integers in [{res.min_bits}, {res.max_bits}]")
+    if not 1 <= res.min_bits < res.max_bits <= 8:
+        raise ValueError(
+            f"module '{name}': mixed-precision codes are packed at 1 ... 8 bits; its widths range over "
+            f"[{res.min_bits}, {res.max_bits}] (use max_bits <= 8)"
+        )
+    if not torch.equal(grid.to("cpu").dequantize(codes).to(W.dtype), W.reshape(rows, cols)):
+        raise ValueError(
+            f"module '{name}': its weight is not the dequantized MixedResult (was the model changed after "
+            "fine-tuning?)"
+        )
+    rng = torch.cat([grid.lo, grid.hi], dim=1).detach().cpu()
+    stored = rng.to(SCALE_DTYPES[scale_dtype])
+    if not torch.equal(stored.to(rng.dtype), rng):
+        raise ValueError(
+            f"module '{name}': scale_dtype={scale_dtype} cannot represent its ranges exactly (they were rounded to "
+            f"{dtype_name(res.range_dtype)}); pass scale_dtype=torch.{dtype_name(res.range_dtype)}"
+        )
+    lo = res.min_bits
+    entry = bits.long()[:, torch.arange(cols) // grid.group_size]
+    counts = torch.bincount(entry.reshape(-1) - lo, minlength=res.max_bits - lo + 1).tolist()
+    config = {
+        "kind": kind,
+        "scheme": MIXED_SCHEME,
+        "shape": list(W.shape),
+        "group_size": grid.group_size,
+        "min_bits": lo,
+        "max_bits": res.max_bits,
+        "bit_counts": counts,
+        "scale_dtype": scale_dtype,
+        "dtype": dtype_name(W.dtype),
+    }
+    return config, {**mixed_pack(config, codes, bits.long()), "weight_range": stored.contiguous()}
 
 
 def _sparse_from_weight(name: str, m: nn.Module, value_dtype: str, n_m: tuple[int, int] | None):
@@ -352,7 +408,7 @@ def _to_nm(name: str, config: dict, tensors: Mapping[str, Tensor], n_m: tuple[in
     """(config, tensors) of a scalar or sparse module stored N:M-sparse (unchanged if it already is, at this
     N:M, or is product-quantized); ValueError naming the module and its worst group if the weight violates
     it."""
-    if is_pq(config) or config.get("n_m") == list(n_m):
+    if is_pq(config) or is_mixed(config) or config.get("n_m") == list(n_m):
         return config, tensors
     where = f"module '{name}'"
     if is_sparse(config):  # from the bitmask layout (or another N:M): the same values, exactly
@@ -458,13 +514,15 @@ def save_quantized(
             or pruned float weights), or after :func:`pack_model` (packed modules are written as they are).
         report_or_results: the :class:`~obc_lightning.reporting.CompressionReport` of
             ``compress_model(..., keep_results=True)``, or a mapping module name -> QuantResult list (one
-            per conv group) or ``[PQResult]`` (product quantization, ungrouped modules); ``None`` if every
-            quantized module is already packed. The report of a prune-only run (``bits=None``; no
+            per conv group), ``[PQResult]`` (product quantization over ``weight.reshape(out, -1)``; a
+            ternary module's :meth:`~obc_lightning.finetune.TernaryQuantizer.result`) or
+            ``[MixedResult]`` (DiffQ, :meth:`~obc_lightning.finetune.NoiseQuantizer.result`); ``None``
+            if every quantized module is already packed. The report of a prune-only run (``bits=None``; no
             ``keep_results`` needed), or an empty result list, names float modules: they are written in
             the "sparse" scheme.
-        scale_dtype: storage of the scales (and of the PQ codebooks) of dense modules: float16 (default),
-            bfloat16, float32 (bit-exact round trip of scales), float64. A PQ codebook must be exactly
-            representable in it. Packed modules keep theirs.
+        scale_dtype: storage of the scales (and of the PQ codebooks, the DiffQ ranges) of dense modules:
+            float16 (default), bfloat16, float32 (bit-exact round trip of scales), float64. A PQ codebook
+            and DiffQ ranges must be exactly representable in it. Packed modules keep theirs.
         n_m: ``(N, M)``: store every scalar-quantized module N:M-sparse (the codes of N entries per group
             of M inputs and their positions, see :mod:`obc_lightning.packed`; conv groups run along the
             input channels at each kernel position, as ``compress_model(..., n_m=...)`` prunes them), and
@@ -738,14 +796,10 @@ def _placeholder(m: nn.Module, cfg: dict) -> nn.Module:
     """A packed module of the right layout (any scheme) whose buffers ``load_state_dict`` will fill."""
     dev = m.weight.device
     tensors = {k: torch.zeros(shape, dtype=dtype, device=dev) for k, (dtype, shape) in buffer_specs(cfg).items()}
-    numel = cfg["shape"][0] * math.prod(cfg["shape"][1:])
-    if is_nm(cfg):  # valid positions (0 ... N-1 in every group), overwritten by load_state_dict
-        N, M = cfg["n_m"]
-        pos = torch.arange(N, dtype=torch.int32).repeat(numel // M)
-        tensors["weight_positions"] = pack_bits(pos, nm_position_bits(M)).to(dev)
-    elif is_sparse(cfg):  # a valid bitmask (nnz bits set), overwritten by load_state_dict
-        tensors["weight_mask"] = pack_bits((torch.arange(numel) < cfg["nnz"]).to(torch.int32), 1).to(dev)
-    return PACKED_CLASSES[cfg["kind"]].from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), tensors)
+    # zero buffers of the right sizes; their values (N:M positions, a bitmask's nnz, mixed widths that
+    # match bit_counts) need not be valid: load_state_dict overwrites them before any use
+    cls = PACKED_CLASSES[cfg["kind"]]
+    return cls.from_dense(m, dict(cfg, dtype=dtype_name(m.weight.dtype)), tensors, check=False)
 
 
 def prepare_for_load(model: nn.Module, checkpoint_or_state_dict) -> list[str]:

@@ -23,13 +23,15 @@ from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from obc_lightning.grids import round_to_grid
+from obc_lightning.grids import MixedGrid, round_to_grid
+from obc_lightning.solvers.pq import PQResult
 
 if TYPE_CHECKING:
     from obc_lightning.solvers.common import QuantResult
@@ -159,6 +161,11 @@ class TernaryQuantizer(nn.Module):
         ∂L/∂w̃  = w_p·g on I_p,  1·g on I_z,  w_n·g on I_n     (scaled straight-through estimator)
     Initialisation: w_p (w_n) = mean |w̃| over I_p (I_n) of the initial weights.
 
+    Storage: 2-bit codes (0 → 0, 1 → +w_p, 2 → −w_n) and the two scales in ``scale_dtype`` (float16 by
+    default). In eval mode the scales are rounded to it, so the finalized weights are exactly those a
+    file stores (:meth:`result`: a 3-entry scalar codebook, exported as product quantization with
+    ``block_size=1``).
+
     Gradient scale of the two scalars (LSQ, Esser et al. 2020): the optimizer sees
         ∂L/∂w_p · 1/√|I_p|   and   ∂L/∂w_n · 1/√|I_n|
     (the value is unchanged). Without it a sum over thousands of weights, stepped at the latent weights'
@@ -167,11 +174,12 @@ class TernaryQuantizer(nn.Module):
     (the paper's optimizer) is invariant to this scale; SGD is not.
     """
 
-    def __init__(self, weight: Tensor, threshold: float = 0.05) -> None:
+    def __init__(self, weight: Tensor, threshold: float = 0.05, scale_dtype: torch.dtype = torch.float16) -> None:
         super().__init__()
         if not 0 <= threshold < 1:
             raise ValueError(f"TernaryQuantizer: threshold must be in [0, 1), got {threshold!r}")
         self.threshold = float(threshold)
+        self.scale_dtype = scale_dtype
         w = weight.detach()
         pos, neg = self.masks(w)
         fallback = w.abs().mean().clamp_min(torch.finfo(w.dtype).tiny)  # a side with no weight beyond Δ
@@ -186,18 +194,35 @@ class TernaryQuantizer(nn.Module):
         delta = self.threshold * w.abs().max()
         return w > delta, w < -delta
 
+    def stored_scales(self) -> tuple[Tensor, Tensor]:
+        """(w_p, w_n) as a file stores them: rounded to ``scale_dtype``, no gradient."""
+        return tuple(s.detach().to(self.scale_dtype).to(s.dtype) for s in (self.w_p, self.w_n))
+
     def forward(self, w: Tensor) -> Tensor:
         pos, neg = self.masks(w)
+        if not self.training:
+            w_p, w_n = self.stored_scales()
+            return (w_p * pos - w_n * neg).to(w.dtype)
         # value w_p·1[I_p] − w_n·1[I_n]; ∂/∂w_p = Σ_{I_p} g / √|I_p| and ∂/∂w_n = −Σ_{I_n} g / √|I_n|
         wt = _grad_scaled(self.w_p, pos) * pos - _grad_scaled(self.w_n, neg) * neg
-        if not self.training:
-            return wt
         coef = torch.where(pos, self.w_p.detach(), torch.where(neg, self.w_n.detach(), torch.ones_like(w)))
         return wt + coef * (w - w.detach())  # latent gradient w_p·g | g | w_n·g, value unchanged
 
+    @torch.no_grad()
+    def result(self, w: Tensor) -> PQResult:
+        """The eval-mode weight of the latent ``w`` as a 3-entry scalar codebook: codes (rows, d) in
+        {0, 1, 2} for {0, +w_p, −w_n}, codebook (3, 1); ``loss`` is ½‖q − w‖² per row (no Hessian)."""
+        pos, neg = self.masks(w)
+        w_p, w_n = self.stored_scales()
+        codebook = torch.stack([torch.zeros_like(w_p), w_p, -w_n]).reshape(3, 1).to(w.dtype)
+        codes = (pos.to(torch.int64) + 2 * neg.to(torch.int64)).reshape(w.shape[0], -1)
+        q = codebook[codes].reshape(w.shape)
+        loss = 0.5 * (_rows(q) - _rows(w)).pow(2).sum(dim=1)
+        return PQResult(_rows(q), codes, codebook, loss, block_size=1, n_centroids=3, hessian_aware=False)
+
     def storage_bits(self, numel: int) -> int:
-        """2-bit codes + two fp32 scalars."""
-        return 2 * numel + 64
+        """2-bit codes + the 3-entry codebook {0, w_p, −w_n} in ``scale_dtype``."""
+        return 2 * numel + 3 * 8 * torch.empty(0, dtype=self.scale_dtype).element_size()
 
 
 # -------------------------------------------------------------------------------------------- noise
@@ -211,11 +236,13 @@ class NoiseQuantizer(nn.Module):
         b = min_bits + (max_bits − min_bits) · σ(logit)
         Δ = (max_r − min_r) / (2^b − 1)                       (the row's range, the group's bit width)
     train:  w + Δ · u,  u ~ U(−½, ½)  (fresh each forward)   →  |noise| ≤ Δ/2
-    eval:   b̂ = round(b); Δ̂ = (max_r − min_r) / (2^b̂ − 1); q = min_r + round((w − min_r) / Δ̂) · Δ̂
-            (every weight of the row lies in [min_r, max_r], so no clipping; codes 0 … 2^b̂ − 1)
+    eval:   b̂ = round(b); min_r, max_r rounded to ``range_dtype`` (float16: as a file stores them);
+            Δ̂ = (max_r − min_r) / (2^b̂ − 1); q = min_r + clamp(round((w − min_r) / Δ̂), 0, 2^b̂ − 1) · Δ̂
+            (:class:`~obc_lightning.grids.MixedGrid`; the clamp only acts on the range's rounding)
     Size (MB, differentiable): Σ_groups n_g · b / 8 / 2^20 (:meth:`size_mb`, the codes only); the
     training objective adds ``penalty · size_mb`` to the task loss. The stored size
-    (:meth:`storage_bits`) adds the per-row range and the per-group bit widths.
+    (:meth:`storage_bits`) adds the per-row range and the per-group bit widths; :meth:`result` gives
+    the codes and grid that export writes (scheme "mixed").
 
     min / max are *not* detached: as in the DiffQ reference code (``scale = p.max() - p.min()``, taken
     there over the whole tensor, here per row), the noise amplitude's gradient also reaches the row's
@@ -229,8 +256,10 @@ class NoiseQuantizer(nn.Module):
         min_bits: float = 2.0,
         max_bits: float = 8.0,
         init_bits: float = 4.0,
+        range_dtype: torch.dtype = torch.float16,
     ) -> None:
         super().__init__()
+        self.range_dtype = range_dtype
         if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
             raise ValueError(f"NoiseQuantizer: group_size must be a positive integer, got {group_size!r}")
         if not 1 <= min_bits < max_bits <= 16:
@@ -275,15 +304,25 @@ class NoiseQuantizer(nn.Module):
         delta = (hi - lo) / (2 ** self._per_entry(bits.to(w2.dtype)) - 1)
         return lo.expand_as(w2), delta
 
+    def grid(self, w: Tensor) -> MixedGrid:
+        """The evaluation grid of the latent ``w``: rounded bit widths, row ranges in ``range_dtype``."""
+        return MixedGrid.from_weight(_rows(w).detach(), self.rounded_bits(), self.group_size, self.range_dtype)
+
     def forward(self, w: Tensor) -> Tensor:
         w2 = _rows(w)
         if self.training:
             _, delta = self.step(w, self.bits())
             return (w2 + delta * (torch.rand_like(w2) - 0.5)).view_as(w)
-        lo, delta = self.step(w, self.rounded_bits())
-        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
-        q = lo + torch.round((w2 - lo) / safe) * delta
-        return torch.where(delta > 0, q, w2).view_as(w)  # a constant row is left as it is
+        grid = self.grid(w)
+        return grid.dequantize(grid.codes(w2)).view_as(w)
+
+    @torch.no_grad()
+    def result(self, w: Tensor) -> MixedResult:
+        """The eval-mode weight of the latent ``w`` with its grid and codes (what export writes)."""
+        grid = self.grid(w)
+        codes = grid.codes(_rows(w))
+        lo, hi = round(self.min_bits), round(self.max_bits)
+        return MixedResult(grid.dequantize(codes), codes, grid, self.range_dtype, lo, hi)
 
     def size_mb(self, exact: bool = False) -> Tensor:
         """Σ_groups n_g · b / 8 / 2^20: the codes' size in MB (``exact``: rounded bits, no gradient)."""
@@ -291,10 +330,25 @@ class NoiseQuantizer(nn.Module):
         return (b * self.group_numel.to(b.dtype)).sum() / 8 / 2**20
 
     def storage_bits(self, numel: int) -> int:
-        """round(b) bits per weight + per row an fp16 min and an fp16 max (32 bits) + per group its bit
+        """round(b) bits per weight + per row its min and max in ``range_dtype`` + per group its bit
         width in ``ceil(log2(round(max_bits) − round(min_bits) + 1))`` bits."""
         codes = int(float((self.rounded_bits() * self.group_numel).sum()))
-        return codes + 32 * self.rows + self.bit_width_bits * self.rows * self.n_groups
+        range_bits = 2 * 8 * torch.empty(0, dtype=self.range_dtype).element_size()
+        return codes + range_bits * self.rows + self.bit_width_bits * self.rows * self.n_groups
+
+
+@dataclass
+class MixedResult:
+    """A DiffQ-quantized matrix: ``quantized_matrix == grid.dequantize(codes)``, codes (rows, d) int32,
+    the grid's widths integers in [min_bits, max_bits]; ``range_dtype`` is the dtype its ranges were
+    rounded to (the one to store them in)."""
+
+    quantized_matrix: Tensor
+    codes: Tensor
+    grid: MixedGrid
+    range_dtype: torch.dtype
+    min_bits: int
+    max_bits: int
 
 
 # ------------------------------------------------------------------------------- product quantization

@@ -198,3 +198,55 @@ def fit_grid(
         cols,
         symmetric,
     )
+
+
+@dataclass
+class MixedGrid:
+    """DiffQ's evaluation grid: per row one range [lo, hi], per group of ``group_size`` consecutive
+    columns of the row its own bit width b (integer-valued; the last group may be shorter).
+
+        Δ = (hi − lo) / (2^b − 1),   k = clamp(round((w − lo) / Δ), 0, 2^b − 1),   q = lo + k · Δ
+
+    A row with hi == lo (Δ = 0) has every code 0 and every value lo. ``lo`` / ``hi`` are (rows, 1),
+    ``bits`` (rows, n_groups); all three in the weight's dtype.
+    """
+
+    lo: Tensor
+    hi: Tensor
+    bits: Tensor
+    group_size: int
+    cols: int
+
+    @classmethod
+    def from_weight(cls, w: Tensor, bits: Tensor, group_size: int, range_dtype: torch.dtype | None = None):
+        """The grid of the (rows, cols) matrix ``w``: its row minima and maxima, rounded to ``range_dtype``
+        (the dtype a file stores them in; None: kept as they are), and the given group bit widths."""
+        lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
+        if range_dtype is not None:
+            lo, hi = lo.to(range_dtype).to(w.dtype), hi.to(range_dtype).to(w.dtype)
+        return cls(lo, hi, bits.to(w.dtype), group_size, w.shape[1])
+
+    def per_column_bits(self) -> Tensor:
+        """(rows, cols): the bit width of every entry's group."""
+        g = torch.arange(self.cols, device=self.bits.device) // self.group_size
+        return self.bits[:, g]
+
+    def _step(self) -> tuple[Tensor, Tensor]:
+        """(Δ, 2^b − 1) of every entry, each (rows, cols)."""
+        maxq = 2 ** self.per_column_bits() - 1
+        return (self.hi - self.lo) / maxq, maxq
+
+    def codes(self, w: Tensor) -> Tensor:
+        """int32 codes (rows, cols); entries outside [lo, hi] (a range rounded to its storage dtype) clamp."""
+        delta, maxq = self._step()
+        safe = torch.where(delta > 0, delta, torch.ones_like(delta))
+        k = torch.clamp(torch.round((w - self.lo) / safe), torch.zeros_like(maxq), maxq)
+        return torch.where(delta > 0, k, torch.zeros_like(k)).to(torch.int32)
+
+    def dequantize(self, codes: Tensor) -> Tensor:
+        delta, _ = self._step()
+        return self.lo + codes.to(delta.dtype) * delta
+
+    def to(self, device=None, dtype=None) -> MixedGrid:
+        lo, hi, bits = (t.to(device=device, dtype=dtype) for t in (self.lo, self.hi, self.bits))
+        return MixedGrid(lo, hi, bits, self.group_size, self.cols)

@@ -79,6 +79,23 @@ never changes it); an unstored weight is exactly 0. Two layouts:
   Dequantization: ``W.reshape(-1)[mask] = values``, every other weight 0. Size: ``ceil(rows * d / 8) +
   nnz * (value bytes)``.
 
+Mixed precision ("mixed": DiffQ's evaluation grid, :class:`~obc_lightning.grids.MixedGrid`): per row r a
+range [lo_r, hi_r], per group of ``group_size`` consecutive columns of the row (the last one may be
+shorter) its own bit width b in [min_bits, max_bits] (config keys; 1 <= min_bits < max_bits <= 8), and
+``bit_counts`` (config key, max_bits - min_bits + 1 integers: how many weights have width min_bits,
+min_bits + 1, ...). Three buffers:
+
+- ``weight_range``: (rows, 2) in ``scale_dtype`` (float16 by default): lo_r, hi_r;
+- ``weight_bits``: uint8, the rows * n_groups widths minus min_bits in row-major order, packed at
+  ``ceil(log2(max_bits - min_bits + 1))`` bits;
+- ``weight_codes``: uint8, one segment per width b = min_bits ... max_bits, in that order: the codes of
+  every weight whose group has width b, in row-major order over ``weight.reshape(out, -1)``, packed at b
+  bits (``ceil(bit_counts[b - min_bits] * b / 8)`` bytes; each segment starts on a byte).
+
+Dequantization (float32, float64 if the module is float64): Δ = (hi_r - lo_r) / (2^b - 1) and
+``W[r, c] = lo_r + code[r, c] * Δ``. Size: ``Σ_b ceil(n_b * b / 8) + ceil(width bits * rows * n_groups /
+8) + rows * 2 * (range bytes)``.
+
 The values are written into a zero weight of the module's dtype (exact when it holds ``value_dtype``).
 A writer (:func:`sparse_pack`) stores the non-zero weights of the weight rounded to ``value_dtype``, so
 a weight that rounds to 0 is not stored. A conv with g groups is g stacked row blocks, as for the
@@ -101,13 +118,15 @@ PACKED_FORMAT = "obc_lightning.packed"
 SCALAR_SCHEMES = ("affine", "symmetric")
 PQ_SCHEME = "pq"
 SPARSE_SCHEME = "sparse"
-SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME, SPARSE_SCHEME)
+MIXED_SCHEME = "mixed"
+SCHEMES = (*SCALAR_SCHEMES, PQ_SCHEME, SPARSE_SCHEME, MIXED_SCHEME)
 # the buffers a packed module of each scheme holds (and the tensors an export file holds per module)
 SCALAR_BUFFERS = ("weight_codes", "weight_scales", "weight_zeros")
 NM_BUFFERS = ("weight_codes", "weight_positions", "weight_scales", "weight_zeros")
 PQ_BUFFERS = ("weight_codes", "weight_codebook")
 SPARSE_NM_BUFFERS = ("weight_values", "weight_positions")
 SPARSE_MASK_BUFFERS = ("weight_mask", "weight_values")
+MIXED_BUFFERS = ("weight_codes", "weight_bits", "weight_range")
 ALL_BUFFERS = (
     "weight_codes",
     "weight_positions",
@@ -116,11 +135,14 @@ ALL_BUFFERS = (
     "weight_codebook",
     "weight_values",
     "weight_mask",
+    "weight_bits",
+    "weight_range",
 )
 # the keys of a module's description, per scheme ("sparse": plus n_m, or nnz for the bitmask layout)
 SCALAR_KEYS = ("kind", "bits", "group_size", "shape", "scheme", "scale_dtype", "dtype")
 PQ_KEYS = ("kind", "scheme", "bits", "block_size", "n_centroids", "shape", "scale_dtype", "dtype")
 SPARSE_KEYS = ("kind", "scheme", "shape", "value_dtype", "dtype")
+MIXED_KEYS = ("kind", "scheme", "shape", "group_size", "min_bits", "max_bits", "bit_counts", "scale_dtype", "dtype")
 MAX_PQ_CENTROIDS = 256  # codes are bit-packed at <= 8 bits
 MAX_NM_M = 256  # N:M positions are bit-packed at <= 8 bits
 SCALE_DTYPES = {
@@ -214,6 +236,16 @@ def is_sparse(config: Mapping) -> bool:
     return config.get("scheme") == SPARSE_SCHEME
 
 
+def is_mixed(config: Mapping) -> bool:
+    """Mixed precision (scheme "mixed": DiffQ), a bit width per group and a range per row."""
+    return config.get("scheme") == MIXED_SCHEME
+
+
+def mixed_width_bits(config: Mapping) -> int:
+    """Bits of one stored group width: ceil(log2(max_bits - min_bits + 1))."""
+    return (config["max_bits"] - config["min_bits"]).bit_length()
+
+
 def is_nm(config: Mapping) -> bool:
     """N:M storage (config key ``n_m``): of scalar codes, or of sparse float values."""
     return config.get("n_m") is not None
@@ -223,6 +255,8 @@ def buffer_names(config: Mapping) -> tuple[str, ...]:
     """The packed tensors of a module of this description, in their usual order."""
     if is_pq(config):
         return PQ_BUFFERS
+    if is_mixed(config):
+        return MIXED_BUFFERS
     if is_sparse(config):
         return SPARSE_NM_BUFFERS if is_nm(config) else SPARSE_MASK_BUFFERS
     return NM_BUFFERS if is_nm(config) else SCALAR_BUFFERS
@@ -313,8 +347,8 @@ def check_config(config: Any, where: str) -> dict:
     """
     if not isinstance(config, dict):
         raise ValueError(f"{where}: metadata must be a JSON object, got {type(config).__name__}")
-    pq, sparse = is_pq(config), is_sparse(config)
-    need = PQ_KEYS if pq else SPARSE_KEYS if sparse else SCALAR_KEYS
+    pq, sparse, mixed = is_pq(config), is_sparse(config), is_mixed(config)
+    need = PQ_KEYS if pq else SPARSE_KEYS if sparse else MIXED_KEYS if mixed else SCALAR_KEYS
     missing = [k for k in need if k not in config]
     if missing:
         raise ValueError(f"{where}: metadata lacks {missing}")
@@ -323,7 +357,7 @@ def check_config(config: Any, where: str) -> dict:
         raise ValueError(f"{where}: kind must be one of {KINDS}, got {kind!r}")
     if config["scheme"] not in SCHEMES:
         raise ValueError(f"{where}: scheme must be one of {SCHEMES}, got {config['scheme']!r}")
-    if not (pq or sparse) and (not _is_int(config["bits"]) or not 2 <= config["bits"] <= 8):
+    if not (pq or sparse or mixed) and (not _is_int(config["bits"]) or not 2 <= config["bits"] <= 8):
         raise ValueError(f"{where}: bits must be an integer in [2, 8], got {config['bits']!r}")
     if not isinstance(shape, (list, tuple)) or not all(_is_int(s) and s > 0 for s in shape):
         raise ValueError(f"{where}: shape must be a list of positive integers, got {shape!r}")
@@ -343,14 +377,32 @@ def check_config(config: Any, where: str) -> dict:
                 f"{where}: block_size must be an integer that divides the {cols} inputs per row of a weight of "
                 f"shape {list(shape)}, got {b!r}"
             )
+    elif mixed:
+        gs, lo, hi, counts = config["group_size"], config["min_bits"], config["max_bits"], config["bit_counts"]
+        if not _is_int(gs) or not 1 <= gs <= cols:
+            raise ValueError(f"{where}: group_size must be an integer in [1, {cols}], got {gs!r}")
+        if not (_is_int(lo) and _is_int(hi) and 1 <= lo < hi <= 8):
+            raise ValueError(f"{where}: need integers 1 <= min_bits < max_bits <= 8, got {lo!r}, {hi!r}")
+        if (
+            not isinstance(counts, (list, tuple))
+            or len(counts) != hi - lo + 1
+            or not all(_is_int(n) and n >= 0 for n in counts)
+            or sum(counts) != shape[0] * cols
+        ):
+            raise ValueError(
+                f"{where}: bit_counts must be {hi - lo + 1} non-negative integers (weights per width {lo} ... {hi}) "
+                f"summing to the {shape[0] * cols} weights, got {counts!r}"
+            )
     elif not sparse:
         gs = config["group_size"]
         if gs is not None and (not _is_int(gs) or not 1 <= gs <= cols):
             raise ValueError(f"{where}: group_size must be null or an integer in [1, {cols}], got {gs!r}")
     if "n_m" in config:
         nm = config["n_m"]
-        if pq:
-            raise ValueError(f"{where}: n_m applies to the scalar and sparse schemes only, not to scheme 'pq'")
+        if pq or mixed:
+            raise ValueError(
+                f"{where}: n_m applies to the scalar and sparse schemes only, not to scheme {config['scheme']!r}"
+            )
         if (
             not isinstance(nm, (list, tuple))
             or len(nm) != 2
@@ -378,7 +430,7 @@ def check_config(config: Any, where: str) -> dict:
     for key in ("value_dtype" if sparse else "scale_dtype", "dtype"):
         if config[key] not in SCALE_DTYPES:
             raise ValueError(f"{where}: {key} must be one of {list(SCALE_DTYPES)}, got {config[key]!r}")
-    return {k: (list(config[k]) if k in ("shape", "n_m") else config[k]) for k in need}
+    return {k: (list(config[k]) if k in ("shape", "n_m", "bit_counts") else config[k]) for k in need}
 
 
 def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...]]]:
@@ -397,6 +449,15 @@ def buffer_specs(config: Mapping) -> dict[str, tuple[torch.dtype, tuple[int, ...
             "weight_values": (values, (config["nnz"],)),
         }
     stored = SCALE_DTYPES[config["scale_dtype"]]
+    if is_mixed(config):
+        lo = config["min_bits"]
+        codes = sum(packed_nbytes(n, lo + i) for i, n in enumerate(config["bit_counts"]))
+        ng = n_groups_of(cols, config["group_size"])
+        return {
+            "weight_codes": (torch.uint8, (codes,)),
+            "weight_bits": (torch.uint8, (packed_nbytes(rows * ng, mixed_width_bits(config)),)),
+            "weight_range": (stored, (rows, 2)),
+        }
     if is_pq(config):
         b = config["block_size"]
         return {
@@ -427,6 +488,11 @@ def payload_nbytes(config: Mapping) -> int:
 
 
 def _layout(config: Mapping) -> str:
+    if is_mixed(config):
+        return (
+            f"a mixed-precision weight of shape {config['shape']} (group_size={config['group_size']}, "
+            f"{config['min_bits']} ... {config['max_bits']} bits, bit_counts={config['bit_counts']})"
+        )
     if is_pq(config):
         return (
             f"a product-quantized weight of shape {config['shape']} (block_size={config['block_size']}, "
@@ -470,6 +536,19 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
         if n_set != config["nnz"]:
             raise ValueError(f"{where}: weight_mask has {n_set} bits set, nnz={config['nnz']} values are stored")
         return
+    if is_mixed(config):
+        rng = tensors["weight_range"]
+        if not torch.isfinite(rng).all() or (rng[:, 0] > rng[:, 1]).any():
+            raise ValueError(f"{where}: weight_range must hold finite (lo, hi) with lo <= hi in every row")
+        counts = torch.bincount(mixed_entry_bits(config, tensors).reshape(-1).long(), minlength=config["max_bits"] + 1)
+        if counts[config["max_bits"] + 1 :].any() or counts[: config["min_bits"]].sum() != 0:
+            raise ValueError(f"{where}: weight_bits holds widths beyond max_bits={config['max_bits']}")
+        if counts[config["min_bits"] :].tolist() != list(config["bit_counts"]):
+            raise ValueError(
+                f"{where}: weight_bits gives {counts[config['min_bits'] :].tolist()} weights per width, the metadata "
+                f"says bit_counts={config['bit_counts']}"
+            )
+        return
     if is_pq(config):
         if not torch.isfinite(tensors["weight_codebook"]).all():
             raise ValueError(f"{where}: weight_codebook contains NaN or Inf")
@@ -498,6 +577,38 @@ def _column_zeros(config: Mapping, zeros: Tensor, cols: int) -> Tensor:
     if gs is None or zeros.shape[1] == 1:
         return zeros[:, :1].expand(-1, cols)
     return zeros[:, torch.arange(cols, device=zeros.device) // gs]
+
+
+def mixed_entry_bits(config: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
+    """(rows, d) uint8: the bit width of every weight of a mixed-precision description."""
+    rows, cols = config["shape"][0], math.prod(config["shape"][1:])
+    ng = n_groups_of(cols, config["group_size"])
+    widths = unpack_bits(tensors["weight_bits"], mixed_width_bits(config), rows * ng).view(rows, ng)
+    return (widths + config["min_bits"])[:, torch.arange(cols, device=widths.device) // config["group_size"]]
+
+
+def mixed_pack(config: Mapping, codes: Tensor, group_bits: Tensor) -> dict[str, Tensor]:
+    """{weight_codes, weight_bits} of a mixed-precision description from the (rows, d) codes and the
+    (rows, n_groups) integer widths (each in [min_bits, max_bits])."""
+    lo = config["min_bits"]
+    bits = {"weight_bits": pack_bits((group_bits - lo).reshape(-1).to(torch.int32), mixed_width_bits(config))}
+    entry = mixed_entry_bits(config, bits)
+    segments = [pack_bits(codes[entry == lo + i].to(torch.int32), lo + i) for i in range(len(config["bit_counts"]))]
+    return {"weight_codes": torch.cat(segments), **bits}
+
+
+def mixed_codes(config: Mapping, tensors: Mapping[str, Tensor]) -> tuple[Tensor, Tensor]:
+    """((rows, d) int32 codes, (rows, d) uint8 widths) of a mixed-precision description."""
+    entry = mixed_entry_bits(config, tensors)
+    codes = torch.zeros(entry.shape, dtype=torch.int32, device=entry.device)
+    data, start = tensors["weight_codes"], 0
+    for i, n in enumerate(config["bit_counts"]):
+        b = config["min_bits"] + i
+        end = start + packed_nbytes(n, b)
+        if n:
+            codes[entry == b] = unpack_bits(data[start:end], b, n).to(torch.int32)
+        start = end
+    return codes, entry
 
 
 def dense_codes(config: Mapping, tensors: Mapping[str, Tensor]) -> Tensor:
@@ -560,6 +671,14 @@ def dequantize_packed(config: dict, tensors: Mapping[str, Tensor], dtype=None) -
         else:
             w.view(-1)[unpack_bits(tensors["weight_mask"], 1, rows * cols).bool()] = values
         return w.view(config["shape"])
+    if is_mixed(config):
+        rng = tensors["weight_range"]
+        compute = torch.float64 if torch.float64 in (dtype, rng.dtype) else torch.float32
+        codes, entry = mixed_codes(config, tensors)
+        lo, hi = rng[:, :1].to(compute), rng[:, 1:].to(compute)
+        # the same expression, in the same order, as MixedGrid.dequantize: lo + k * (hi - lo) / (2^b - 1)
+        w = lo + codes.to(compute) * ((hi - lo) / (2 ** entry.to(compute) - 1))
+        return w.to(dtype).view(config["shape"])
     codes = tensors["weight_codes"]
     if is_pq(config):
         codebook = tensors["weight_codebook"]
@@ -583,9 +702,10 @@ class _QuantizedBase(nn.Module):
 
     _kind = ""
 
-    def _init_packed(self, config: dict, tensors: Mapping[str, Tensor], bias: Tensor | None):
+    def _init_packed(self, config: dict, tensors: Mapping[str, Tensor], bias: Tensor | None, check: bool = True):
         config = check_config(dict(config, kind=self._kind), type(self).__name__)
-        check_packed_tensors(config, tensors, type(self).__name__)
+        if check:
+            check_packed_tensors(config, tensors, type(self).__name__)
         self.config = config
         for name in buffer_names(config):  # the scheme's buffers (module docstring)
             self.register_buffer(name, tensors[name])
@@ -682,6 +802,11 @@ class _QuantizedBase(nn.Module):
             layout = f"scheme=sparse, value_dtype={c['value_dtype']}, " + (
                 f"n_m={tuple(c['n_m'])}" if is_nm(c) else f"nnz={c['nnz']}"
             )
+        elif is_mixed(c):
+            layout = (
+                f"scheme=mixed, bits={c['min_bits']}...{c['max_bits']}, group_size={c['group_size']}, "
+                f"range_dtype={c['scale_dtype']}"
+            )
         elif is_pq(c):
             layout = (
                 f"scheme=pq, bits={c['bits']}, block_size={c['block_size']}, n_centroids={c['n_centroids']}, "
@@ -702,15 +827,25 @@ class _QuantizedBase(nn.Module):
 class QuantizedLinear(_QuantizedBase):
     """``nn.Linear`` with a bit-packed weight (see the module docstring for the buffers).
 
-    ``tensors``: {buffer name: tensor} of the scheme of ``config`` (:func:`buffer_names`).
+    ``tensors``: {buffer name: tensor} of the scheme of ``config`` (:func:`buffer_names`), checked
+    against it unless ``check=False`` (only for placeholders that ``load_state_dict`` then fills).
     """
 
     _kind = "Linear"
 
-    def __init__(self, in_features: int, out_features: int, config: dict, tensors: Mapping[str, Tensor], bias=None):
+    def __init__(
+        self,
+        in_features: int,
+        out_features: int,
+        config: dict,
+        tensors: Mapping[str, Tensor],
+        bias=None,
+        *,
+        check: bool = True,
+    ):
         super().__init__()
         self.in_features, self.out_features = in_features, out_features
-        self._init_packed(dict(config, shape=[out_features, in_features]), tensors, bias)
+        self._init_packed(dict(config, shape=[out_features, in_features]), tensors, bias, check)
 
     def forward(self, input: Tensor) -> Tensor:
         return F.linear(input, self.weight, self.bias)
@@ -719,8 +854,10 @@ class QuantizedLinear(_QuantizedBase):
         return f"in_features={self.in_features}, out_features={self.out_features}"
 
     @classmethod
-    def from_dense(cls, m: nn.Linear, config: dict, tensors: Mapping[str, Tensor]) -> QuantizedLinear:
-        return cls(m.in_features, m.out_features, config, tensors, m.bias)
+    def from_dense(
+        cls, m: nn.Linear, config: dict, tensors: Mapping[str, Tensor], *, check: bool = True
+    ) -> QuantizedLinear:
+        return cls(m.in_features, m.out_features, config, tensors, m.bias, check=check)
 
     def to_dense(self) -> nn.Linear:
         w = self.weight
@@ -749,12 +886,12 @@ _CONV_ATTRS = (
 class _QuantizedConv(_QuantizedBase):
     _dense: type[nn.Module] = nn.Conv2d
 
-    def __init__(self, conv_args: dict, config: dict, tensors: Mapping[str, Tensor], bias=None):
+    def __init__(self, conv_args: dict, config: dict, tensors: Mapping[str, Tensor], bias=None, *, check: bool = True):
         super().__init__()
         for k in _CONV_ATTRS:
             setattr(self, k, conv_args[k])
         shape = [self.out_channels, self.in_channels // self.groups, *self.kernel_size]
-        self._init_packed(dict(config, shape=shape), tensors, bias)
+        self._init_packed(dict(config, shape=shape), tensors, bias, check)
 
     def forward(self, input: Tensor) -> Tensor:
         # padding modes, stride, dilation and groups exactly as the dense conv handles them
@@ -767,8 +904,8 @@ class _QuantizedConv(_QuantizedBase):
         )
 
     @classmethod
-    def from_dense(cls, m: nn.Module, config: dict, tensors: Mapping[str, Tensor]):
-        return cls({k: getattr(m, k) for k in _CONV_ATTRS}, config, tensors, m.bias)
+    def from_dense(cls, m: nn.Module, config: dict, tensors: Mapping[str, Tensor], *, check: bool = True):
+        return cls({k: getattr(m, k) for k in _CONV_ATTRS}, config, tensors, m.bias, check=check)
 
     def to_dense(self) -> nn.Module:
         w = self.weight

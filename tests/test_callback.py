@@ -273,7 +273,7 @@ def test_constructor_rejects_bad_arguments(kwargs, match):
         ({"finetune": "noise", "noise_group_size": 0}, "noise_group_size"),
         ({"finetune": "noise", "noise_min_bits": 8, "noise_max_bits": 4}, "noise_min_bits"),
         ({"finetune": "noise", "noise_penalty": -1}, "noise_penalty"),
-        ({"finetune": "ternary", "export_path": "m.safetensors"}, "export_path"),
+        ({"finetune": "noise", "noise_max_bits": 12, "export_path": "m.safetensors"}, "export_path packs DiffQ"),
     ],
 )
 def test_constructor_rejects_bad_finetune_arguments(kwargs, match):

@@ -15,6 +15,8 @@ import pytest
 import torch
 from torch import nn
 
+from obc_lightning.export import load_quantized
+
 REPO_ROOT = Path(__file__).resolve().parents[1]
 SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
 
@@ -134,9 +136,10 @@ def test_datamodule_batches():
 
 
 @needs_subset
-def test_cifar_callback_path():
-    res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq"])
+def test_cifar_callback_path(tmp_path):
+    res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq", "--export", str(tmp_path / "r20.safetensors")])
     assert res["method"] == "callback/gptq" and res["bits"] == 4
+    assert res["file_bytes"] == (tmp_path / "r20.safetensors").stat().st_size
     assert 0 <= res["acc"] <= 100 and 0 <= res["fp32_acc"] <= 100
     # 20 weighted layers of ResNet-20 at 4 bits + per-row fp16 scale / zero: close to 8x smaller
     assert 6 < res["compression_ratio"] < 8
@@ -182,15 +185,23 @@ def test_cifar_finetune_path(tmp_path, mode, capsys):
         tiny
         + ["--load-fp32", str(ckpt), "--bits", "4", "--solvers", "gptq", "--finetune", mode]
         + ["--finetune-epochs", "1", "--finetune-lr", "0.01", "--noise-penalty", "0"]
+        + ["--export", str(tmp_path / "m.safetensors")]
     )
     assert res["finetune"] == mode and res["finetune_epochs"] == 1
+    # the size reported is the file's; the file loads back into a fresh ResNet-20
+    assert res["size_mb"] * 2**20 == res["file_bytes"] == (tmp_path / "m.safetensors").stat().st_size
+    fresh = cifar.CifarClassifier("resnet20")
+    load_quantized(tmp_path / "m.safetensors", fresh, packed=True)
+    schemes = {m.scheme for m in fresh.modules() if hasattr(m, "scheme")}
+    assert schemes == ({"mixed"} if mode == "noise" else {"affine"})
     # compression at fit start sees the loaded weights: "before" is the loaded model's accuracy
     lit.eval()
     data = cifar.load_subset(SUBSET).limit(128, 64)
     assert res["fp32_acc"] == pytest.approx(cifar.evaluate(lit, cifar.CifarDataModule(data).val_dataloader()))
     for key in ("after_acc", "acc"):
         assert 0 <= res[key] <= 100
-    assert 4 < res["avg_bits"] < 4.5 and 0.1 < res["size_mb"] < 0.15  # ~270k weights at ~4 bits
+    # ~270k weights at ~4 bits (0.13 MB), plus BatchNorm and the rest in fp32 in the file
+    assert 4 < res["avg_bits"] < 4.5 and 0.13 < res["size_mb"] < 0.2
     out = capsys.readouterr().out
     assert "post-training" in out and "fine-tuned" in out
 

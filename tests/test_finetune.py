@@ -1,6 +1,7 @@
 """Quantization-aware fine-tuning: each mode against hand-derived values, then the callback end to end."""
 
 import csv
+import os
 
 import lightning.pytorch as pl
 import pytest
@@ -99,7 +100,10 @@ def test_ternary_eval_has_three_values():
     w = torch.randn(8, 16)
     q = TernaryQuantizer(w).eval()
     vals = set(q(w).unique().tolist())
-    assert vals <= {q.w_p.item(), 0.0, -q.w_n.item()} and len(vals) == 3
+    w_p, w_n = q.w_p.half().float().item(), q.w_n.half().float().item()  # as stored: float16
+    assert vals == {w_p, 0.0, -w_n}
+    full = TernaryQuantizer(w, scale_dtype=torch.float32).eval()
+    assert set(full(w).unique().tolist()) == {full.w_p.item(), 0.0, -full.w_n.item()}
 
 
 # ---------------------------------------------------------------------------------------------- noise
@@ -348,8 +352,11 @@ def test_ternary_loop_adds_scales_to_optimizer_and_keeps_lr_schedule(tmp_path):
         w = getattr(model, name).weight
         assert type(w) is nn.Parameter and len(w.unique()) <= 3
         q = cb._quantizers[name]
-        assert set(w.unique().tolist()) <= {q.w_p.item(), 0.0, -q.w_n.item()}
-    assert cb.metrics["obc/avg_bits"] == pytest.approx((2 * 8 * 16 + 64 + 2 * 16 * 3 + 64) / (8 * 16 + 16 * 3))
+        w_p, w_n = q.stored_scales()
+        assert set(w.unique().tolist()) <= {w_p.item(), 0.0, -w_n.item()}
+        assert w_p == q.w_p.half().float() and w_n == q.w_n.half().float()
+    # 2-bit codes + the codebook {0, w_p, -w_n} in float16 per layer
+    assert cb.metrics["obc/avg_bits"] == pytest.approx((2 * 8 * 16 + 48 + 2 * 16 * 3 + 48) / (8 * 16 + 16 * 3))
     assert "obc/val_acc_finetuned" in cb.metrics
 
 
@@ -404,6 +411,29 @@ def test_budget_met_stops_early_without_parametrization(tmp_path):
     assert cb._quantizers == {} and cb.metrics["obc/finetune_epochs"] == 0
     assert "obc/val_acc_after" in cb.metrics and "obc/val_acc_finetuned" not in cb.metrics
     assert len(t.optimizers[0].param_groups) == 1
+
+
+@pytest.mark.parametrize(
+    "mode,budget", [("ternary", None), ("noise", None), ("noise", 1.0)], ids=["ternary", "noise", "noise-within-budget"]
+)
+def test_ternary_and_noise_export_the_final_weights(tmp_path, mode, budget):
+    from obc_lightning.export import load_quantized, read_metadata
+
+    path = tmp_path / "out" / "m.safetensors"
+    cb = OBCQuantize(
+        finetune=mode, finetune_epochs=2, ternary_skip_first_last=False, noise_min_bits=2, noise_max_bits=6,
+        monitor="val_acc", max_drop=budget, export_path=path, plot=False,
+    )
+    t, model = fit(tmp_path, cb)
+    assert (t.current_epoch, cb.metrics["obc/finetune_epochs"]) == ((2, 0.0) if budget else (4, 2.0))
+    configs = read_metadata(path)
+    assert sorted(configs) == ["fc1", "fc2"]
+    assert {c["scheme"] for c in configs.values()} == {"pq" if mode == "ternary" else "mixed"}
+    other = MLP()
+    load_quantized(path, other)
+    for name in ("fc1", "fc2"):  # the file holds exactly the weights the fit ended with
+        assert torch.equal(getattr(other, name).weight, getattr(model, name).weight)
+    assert cb.metrics["obc/file_mb"] == cb.metrics["obc/size_mb_after"] == os.path.getsize(path) / 2**20
 
 
 def test_state_is_plain_and_mid_finetuning_resume_raises(tmp_path):
