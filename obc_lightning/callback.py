@@ -20,6 +20,7 @@ import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
 from lightning.pytorch.loggers import TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -111,6 +112,18 @@ def _all_reduce_fn(trainer: Trainer) -> Callable[[Tensor], None] | None:
             dist.all_reduce(t)
 
     return reduce_sum
+
+
+def _rewrap_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Wrap the parametrized module in a new ``DistributedDataParallel`` (Lightning's ``configure_ddp``:
+    the user's DDP arguments and communication hooks). Needed because ``register_parametrization`` calls
+    ``original.set_(original)``, which gives each weight a new gradient accumulator: the old wrapper's
+    hooks sit on the old ones, never fire, and its next forward fails. The new wrapper also holds the
+    quantizers' own parameters (TTQ scales, DiffQ bit logits) and averages their gradients over ranks."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        strategy.model = pl_module
+        strategy.configure_ddp()
 
 
 class OBCQuantize(Callback):
@@ -557,6 +570,12 @@ class OBCQuantize(Callback):
             )
             if self.finetune is not None:
                 self._check_schedule(trainer)
+                if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+                    raise ValueError(
+                        f"OBCQuantize: finetune={self.finetune!r} parametrizes the weights of the module itself; it "
+                        f"runs under single-device and DDP strategies, not {type(trainer.strategy).__name__} (which "
+                        "shards or flattens them)"
+                    )
                 if self.finetune == "ternary" and not self._ternary_targets(targets):
                     raise ValueError(
                         f"OBCQuantize: finetune='ternary' with ternary_skip_first_last=True leaves none of the "
@@ -610,15 +629,8 @@ class OBCQuantize(Callback):
         (loss / trainer.accumulate_grad_batches).backward()
 
     def on_before_optimizer_step(self, trainer: Trainer, pl_module: LightningModule, optimizer) -> None:
-        """Under DDP, average the gradients of the parameters added after wrapping (DDP does not see them);
-        then step DiffQ's own optimizer of the bit widths, if there is one."""
-        reduce = _all_reduce_fn(trainer) if self._added_group or self._bits_optimizer is not None else None
-        if reduce is not None:
-            for q in self._quantizers.values():
-                for p in q.parameters():
-                    if p.grad is not None:
-                        reduce(p.grad)
-                        p.grad.div_(trainer.world_size)
+        """Step DiffQ's own optimizer of the bit widths, if there is one (under DDP their gradients are
+        averaged by the wrapper, :func:`_rewrap_ddp`; the penalty's, added after, is the same on every rank)."""
         if self._bits_optimizer is not None and getattr(optimizer, "_optimizer", optimizer) is trainer.optimizers[0]:
             self._step_bits(trainer)
 
@@ -854,6 +866,7 @@ class OBCQuantize(Callback):
             self._quantizers = ft.attach_centroids(pl_module, report.results, self.pq_noise_rate)
         elif self.finetune == "masked":
             self._quantizers = ft.attach_masks(pl_module, masks)
+        _rewrap_ddp(trainer, pl_module)
         params = [p for q in self._quantizers.values() for p in q.parameters()]
         if params and self.finetune == "noise" and self.noise_bits_lr is not None:
             self._bits_optimizer = torch.optim.Adam(params, lr=self.noise_bits_lr, weight_decay=0.0)

@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+import types
 import warnings
 
 import lightning.pytorch as pl
@@ -377,6 +378,66 @@ def test_ddp_two_processes_identical_weights(tmp_path):
         assert torch.equal(p, r1["state_dict"][name]), name
     # evaluation metrics are reduced over ranks too
     assert r0["metrics"]["obc/val_loss_after"] == pytest.approx(r1["metrics"]["obc/val_loss_after"])
+
+
+def test_finetune_refuses_strategies_that_shard_the_weights():
+    class ShardingStrategy:  # stands in for FSDP / DeepSpeed, which need a GPU
+        pass
+
+    fake = types.SimpleNamespace(strategy=ShardingStrategy(), max_epochs=3, min_epochs=None)
+    with pytest.raises(ValueError, match="finetune='ste'.*single-device and DDP strategies, not ShardingStrategy"):
+        OBCQuantize(finetune="ste").setup(fake, Net(), "fit")
+
+
+DDP_FINETUNE_SCRIPT = textwrap.dedent(
+    """
+    import os, sys
+    import torch
+    import lightning.pytorch as pl
+    from torch.utils.data import DataLoader
+    sys.path.insert(0, {tests_dir!r})
+    from test_callback import Net, data
+    from obc_lightning.callback import OBCQuantize
+
+    out, mode = sys.argv[1], sys.argv[2]
+    cb = OBCQuantize(bits=3, calibration_batches=2, finetune=mode, finetune_epochs=1, ternary_skip_first_last=False,
+                     noise_penalty=1e5, noise_bits_lr=0.5, plot=False, verbose=False)
+    model = Net()
+    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                         callbacks=[cb],
+                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                         default_root_dir=out)
+    trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
+    torch.save({{"state_dict": model.state_dict(), "metrics": cb.metrics}},
+               os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
+    """
+)
+
+
+@pytest.mark.slow
+@pytest.mark.parametrize("mode", ["ste", "ternary", "noise"])
+def test_ddp_finetuning_ends_with_identical_weights(tmp_path, mode):
+    # each rank trains on its own shard: the quantizer parameters added after DDP wrapped the model (TTQ
+    # scales, DiffQ bit logits) only stay equal if the callback averages their gradients over the ranks
+    script = tmp_path / "ddp_finetune.py"
+    script.write_text(DDP_FINETUNE_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run(
+        [sys.executable, str(script), str(tmp_path), mode], env=env, cwd=tmp_path, capture_output=True, text=True,
+        timeout=240,
+    )
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    assert r0["metrics"]["obc/finetune_epochs"] == 1
+    for name, p in r0["state_dict"].items():
+        assert torch.equal(p, r1["state_dict"][name]), name
+    w = r0["state_dict"]["head.weight"]
+    if mode == "ste":  # 3 bits: at most 8 values per row (per-row grid)
+        assert all(len(row.unique()) <= 8 for row in w)
+    elif mode == "ternary":
+        assert len(w.unique()) <= 3
+    if mode == "noise":  # the bits moved (penalty) the same way on both ranks
+        assert r0["metrics"]["obc/noise_bits"] == r1["metrics"]["obc/noise_bits"] < 3
 
 
 def test_obcprune_n_m_end_to_end(tmp_path):
