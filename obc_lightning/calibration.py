@@ -179,11 +179,12 @@ def conv_patches(module: nn.Conv1d | nn.Conv2d, x: Tensor, rows: Tensor | None =
     lines = x[b.expand_as(in_rows), :, in_rows.clamp(0, H - 1)]  # (kh, n, C, W)
     if pt or pb:  # input rows outside the image are the conv's zero padding
         lines = lines * ((in_rows >= 0) & (in_rows < H))[:, :, None, None].to(lines.dtype)
-    lines = F.pad(lines, (pl, pr))
-    out = lines.new_empty(C, kh, kw, len(rows), Wo)
-    for j in range(kw):
-        out[:, :, j] = lines[..., j * dw : j * dw + sw * (Wo - 1) + 1 : sw].permute(2, 0, 1, 3)
-    return out.view(g, C // g * kh * kw, len(rows) * Wo)
+    lines = F.pad(lines, (pl, pr))  # (kh, n, C, Wp), contiguous
+    # patch entry (c, i, j) of output position (row m, column s) is lines[i, m, c, j * dw + s * sw]: one
+    # strided view in (c, i, j, m, s) order, copied once by the reshape
+    st = lines.stride()
+    view = lines.as_strided((C, kh, kw, len(rows), Wo), (st[2], st[0], dw * st[3], st[1], sw * st[3]))
+    return view.reshape(g, C // g * kh * kw, len(rows) * Wo)
 
 
 def layer_inputs(module: nn.Module, x: Tensor, units: Tensor | None = None) -> Tensor:
