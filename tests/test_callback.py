@@ -357,21 +357,23 @@ DDP_SCRIPT = textwrap.dedent(
 )
 
 
-@pytest.mark.slow
-def test_ddp_two_processes_identical_weights(tmp_path):
+def run_ddp(tmp_path, script_text, *args):
+    """Run ``script_text`` (a two-process DDP fit that saves rank{0,1}.pt in its first argument) and
+    return what the two ranks saved."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(DDP_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+    script.write_text(script_text.format(tests_dir=os.path.dirname(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path)],
-        env=env,
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
+        [sys.executable, str(script), str(tmp_path), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
         timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_identical_weights(tmp_path):
+    r0, r1 = run_ddp(tmp_path, DDP_SCRIPT)
     # each rank calibrated 2 batches of 4 of its own shard; the all-reduced sums cover both ranks
     assert r0["n"] == r1["n"] == 16
     for name, p in r0["state_dict"].items():
@@ -419,15 +421,7 @@ DDP_FINETUNE_SCRIPT = textwrap.dedent(
 def test_ddp_finetuning_ends_with_identical_weights(tmp_path, mode):
     # each rank trains on its own shard: the quantizer parameters added after DDP wrapped the model (TTQ
     # scales, DiffQ bit logits) only stay equal if the callback averages their gradients over the ranks
-    script = tmp_path / "ddp_finetune.py"
-    script.write_text(DDP_FINETUNE_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
-    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
-    proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), mode], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=240,
-    )
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    r0, r1 = (torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    r0, r1 = run_ddp(tmp_path, DDP_FINETUNE_SCRIPT, mode)
     assert r0["metrics"]["obc/finetune_epochs"] == 1
     for name, p in r0["state_dict"].items():
         assert torch.equal(p, r1["state_dict"][name]), name

@@ -10,6 +10,7 @@ import os
 
 import pytest
 import torch
+from model_state import assert_same_state
 from safetensors_edit import rewrite
 from torch import nn
 
@@ -73,13 +74,6 @@ def spread_widths(q: NoiseQuantizer, seed=0) -> NoiseQuantizer:
 def noise_net(**kw):
     return finetuned(lambda w: spread_widths(NoiseQuantizer(w, **kw)))
 
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k in sa:
-        if isinstance(sa[k], torch.Tensor):
-            assert torch.equal(sa[k], sb[k]), k
 
 
 # ------------------------------------------------------------------ the format, by hand

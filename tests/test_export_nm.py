@@ -7,6 +7,7 @@ import os
 
 import pytest
 import torch
+from model_state import assert_same_state
 from safetensors import safe_open
 from safetensors_edit import rewrite
 from torch import nn
@@ -106,12 +107,6 @@ def other_bytes(model):
         t.numel() * t.element_size() for k, t in model.state_dict().items() if k not in ("conv.weight", "fc.weight")
     )
 
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k, v in sa.items():
-        assert torch.equal(sb[k], v) if isinstance(v, torch.Tensor) else sb[k] == v, k
 
 
 # ------------------------------------------------------------------ layout

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from model_state import assert_same_state
 from safetensors_edit import rewrite
 from torch import nn
 
@@ -125,12 +126,6 @@ def header_bytes(path):
     with open(path, "rb") as f:
         return 8 + int.from_bytes(f.read(8), "little")
 
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k, v in sa.items():
-        assert torch.equal(sb[k], v) if isinstance(v, torch.Tensor) else sb[k] == v, k
 
 
 # ------------------------------------------------------------------ round trips

@@ -9,6 +9,7 @@ import os
 
 import pytest
 import torch
+from model_state import assert_same_state
 from safetensors import safe_open
 from safetensors_edit import rewrite
 from torch import nn
@@ -167,12 +168,6 @@ def pruned_net(n_m=(2, 4), seed=0):
             m.weight.copy_(prune(m.weight, n_m, seed))
     return model
 
-
-def assert_same_state(a, b):
-    sa, sb = a.state_dict(), b.state_dict()
-    assert sa.keys() == sb.keys()
-    for k, v in sa.items():
-        assert torch.equal(sb[k], v) if isinstance(v, torch.Tensor) else sb[k] == v, k
 
 
 # ------------------------------------------------------------------ layout
