@@ -318,8 +318,9 @@ def _mixed_from_result(name: str, m: nn.Module, kind: str, results: list, scale_
     stored = rng.to(SCALE_DTYPES[scale_dtype])
     if not torch.equal(stored.to(rng.dtype), rng):
         raise ValueError(
-            f"module '{name}': scale_dtype={scale_dtype} cannot represent its ranges exactly (they were rounded to "
-            f"{dtype_name(res.range_dtype)}); pass scale_dtype=torch.{dtype_name(res.range_dtype)}"
+            f"module '{name}': scale_dtype={scale_dtype} cannot represent its ranges exactly (rounded to "
+            f"{dtype_name(res.range_dtype)} where that dtype holds them, range [{float(rng.min()):.3g}, "
+            f"{float(rng.max()):.3g}]); pass scale_dtype=torch.float32"
         )
     lo = res.min_bits
     entry = bits.long()[:, torch.arange(cols) // grid.group_size]

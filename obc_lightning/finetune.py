@@ -30,7 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
-from obc_lightning.grids import MixedGrid, round_to_grid
+from obc_lightning.grids import MixedGrid, round_to_dtype, round_to_grid
 from obc_lightning.solvers.pq import PQResult
 
 if TYPE_CHECKING:
@@ -195,8 +195,9 @@ class TernaryQuantizer(nn.Module):
         return w > delta, w < -delta
 
     def stored_scales(self) -> tuple[Tensor, Tensor]:
-        """(w_p, w_n) as a file stores them: rounded to ``scale_dtype``, no gradient."""
-        return tuple(s.detach().to(self.scale_dtype).to(s.dtype) for s in (self.w_p, self.w_n))
+        """(w_p, w_n) as a file stores them: rounded to ``scale_dtype`` (kept if beyond its range; export
+        then asks for a wider dtype), no gradient."""
+        return tuple(round_to_dtype(s.detach(), self.scale_dtype) for s in (self.w_p, self.w_n))
 
     def forward(self, w: Tensor) -> Tensor:
         pos, neg = self.masks(w)

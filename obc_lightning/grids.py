@@ -200,6 +200,12 @@ def fit_grid(
     )
 
 
+def round_to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:
+    """``t`` rounded to values ``dtype`` holds (in t's dtype), where they are finite in it."""
+    r = t.to(dtype).to(t.dtype)
+    return torch.where(torch.isfinite(r), r, t)
+
+
 @dataclass
 class MixedGrid:
     """DiffQ's evaluation grid: per row one range [lo, hi], per group of ``group_size`` consecutive
@@ -220,10 +226,11 @@ class MixedGrid:
     @classmethod
     def from_weight(cls, w: Tensor, bits: Tensor, group_size: int, range_dtype: torch.dtype | None = None):
         """The grid of the (rows, cols) matrix ``w``: its row minima and maxima, rounded to ``range_dtype``
-        (the dtype a file stores them in; None: kept as they are), and the given group bit widths."""
+        (the dtype a file stores them in; None, or beyond that dtype's range: kept as they are), and the
+        given group bit widths."""
         lo, hi = w.amin(dim=1, keepdim=True), w.amax(dim=1, keepdim=True)
         if range_dtype is not None:
-            lo, hi = lo.to(range_dtype).to(w.dtype), hi.to(range_dtype).to(w.dtype)
+            lo, hi = (round_to_dtype(t, range_dtype) for t in (lo, hi))
         return cls(lo, hi, bits.to(w.dtype), group_size, w.shape[1])
 
     def per_column_bits(self) -> Tensor:

@@ -241,6 +241,24 @@ def test_widths_above_8_bits_are_refused(tmp_path):
     assert os.listdir(tmp_path) == []
 
 
+def test_ranges_beyond_float16_stay_exact_and_export_asks_for_a_wider_dtype(tmp_path):
+    model = nn.Sequential(nn.Linear(4, 2, bias=False))
+    with torch.no_grad():
+        model[0].weight.copy_(torch.tensor([[-1e5, 0.0, 3.0, 7e4], [0.5, 1.0, 1.5, 2.0]]))
+    q = attach(model[0], NoiseQuantizer(model[0].weight, group_size=2, init_bits=4))
+    results = {"0": [q.result(model[0].parametrizations.weight.original)]}
+    finalize_all(model, ["0"])
+    w = model[0].weight
+    assert torch.isfinite(w).all() and w[0, 0] == -1e5 and w[0, 3] == 7e4  # row 0's range kept in float32
+    assert w[1, 0] == 0.5 and w[1, 3] == 2.0  # row 1's range is exact in float16 anyway
+    with pytest.raises(ValueError, match=r"module '0': scale_dtype=float16 cannot represent its ranges"):
+        save_quantized(model, tmp_path / "m.safetensors", results)
+    save_quantized(model, tmp_path / "m.safetensors", results, scale_dtype=torch.float32)
+    other = nn.Sequential(nn.Linear(4, 2, bias=False))
+    load_quantized(tmp_path / "m.safetensors", other)
+    assert torch.equal(other[0].weight, w)
+
+
 def one_width_changed(path):
     def edit(t):
         bits = t["fc.weight_bits"].clone()
