@@ -353,6 +353,8 @@ DDP_SCRIPT = textwrap.dedent(
     rank = trainer.global_rank
     torch.save({{"state_dict": model.state_dict(), "n": cb.report["head"].n_samples, "metrics": cb.metrics}},
                os.path.join(out, f"rank{{rank}}.pt"))
+    # as torch asks of every DDP script: left to interpreter shutdown, gloo's threads can abort the process
+    torch.distributed.destroy_process_group()
     """
 )
 
@@ -412,6 +414,7 @@ DDP_FINETUNE_SCRIPT = textwrap.dedent(
     trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
     torch.save({{"state_dict": model.state_dict(), "metrics": cb.metrics}},
                os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
+    torch.distributed.destroy_process_group()  # see DDP_SCRIPT
     """
 )
 
