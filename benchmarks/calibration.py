@@ -6,11 +6,13 @@
 
 Both passes run the model in eval mode without gradients on the same batches; the calibration pass
 adds, per target layer, the hook that builds the layer's input samples (conv patches) and the batch's
-XᵀX. The table splits that extra time per layer kind and prints the arithmetic lower bound: per output
-position a conv costs c_out·d multiply-adds and XᵀX costs d² (d = c_in·k·k), so for a 3x3 conv with
-c_out = c_in the Hessian alone is 9x the conv's work — calibration of a CNN cannot be cheap next to its
-forward pass unless the samples are thinned. Images: the shared CIFAR-10 subset if present, else noise
-(timings do not depend on the pixel values).
+XᵀX. Per output position a conv costs c_out·d multiply-adds and XᵀX costs d² (d = c_in·k·k), so for a
+3x3 conv with c_out = c_in the Hessian alone is 9x the conv's work (the header prints the model's
+ratio): calibration of a CNN cannot be cheap next to its forward pass unless the samples are thinned
+(``sample_fraction``) or the products are cheaper per multiply-add (``product_dtype="bfloat16"``). The
+last column is the price in accuracy of H: ||Ĥ − H||_F / ||H||_F against the exact float32-product H,
+the median over the layers. Images: the shared CIFAR-10 subset if present, else noise (timings do not
+depend on the pixel values).
 """
 
 from __future__ import annotations
@@ -71,7 +73,10 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5, help="pairs (plain, calibration) timed per fraction")
     ap.add_argument("--fractions", type=float, nargs="+", default=[1.0, 1 / 8, 1 / 32, 1 / 64, 1 / 128],
                     help="sample_fraction values of collect_hessians to time")
+    ap.add_argument("--product-dtypes", nargs="+", default=["float32", "bfloat16"],
+                    choices=["float32", "bfloat16"], help="product_dtype values of collect_hessians to time")
     args = ap.parse_args()
+    torch.manual_seed(0)  # the random-init CNN weights: the H errors below repeat from run to run
 
     if args.minilm:
         import random
@@ -97,10 +102,20 @@ def main() -> None:
             for b in batches:
                 run(b)
 
-    def calibrate(fraction):
-        collect_hessians(model, batches, targets, sample_fraction=fraction)
+    def calibrate(fraction, dtype):
+        return collect_hessians(model, batches, targets, sample_fraction=fraction, product_dtype=dtype)
 
-    plain(), calibrate(1.0)  # warm-up: allocator, oneDNN kernels
+    plain()
+    exact = calibrate(1.0, "float32")  # warm-up (allocator, oneDNN kernels), and the reference H
+    configs = [(f, dt) for dt in args.product_dtypes for f in args.fractions]
+    errors = {}
+    for f, dt in configs:
+        # relative error of the estimated H: ||H^ - H||_F / ||H||_F, the median over the layers
+        est = calibrate(f, dt)
+        errors[f, dt] = statistics.median(
+            float((est[n].hessians - h.hessians).norm() / h.hessians.norm()) for n, h in exact.hessians.items()
+        )
+    del exact, est
     cpu = platform.processor() or platform.machine()
     print(f"{name}, {len(targets)} target layers; "
           f"{cpu}, {torch.get_num_threads()} threads, torch {torch.__version__}; "
@@ -111,29 +126,30 @@ def main() -> None:
     # printed beside it
     # CPU time (time.process_time, all threads) is printed too: time the process spends descheduled
     # (other tenants, steal) does not count in it, so it is the steadier measure on a shared machine
-    times = {f: [] for f in args.fractions}
-    cpu_times = {f: [] for f in args.fractions}
-    ratios = {f: [] for f in args.fractions}
+    times = {c: [] for c in configs}
+    cpu_times = {c: [] for c in configs}
+    ratios = {c: [] for c in configs}
     plains, cpu_plains = [], []
     for _ in range(args.repeats):
-        for f in args.fractions:
-            (tp, cp), (tc, cc) = _timed(plain), _timed(lambda f=f: calibrate(f))
+        for c in configs:
+            (tp, cp), (tc, cc) = _timed(plain), _timed(lambda c=c: calibrate(*c))
             plains.append(tp)
             cpu_plains.append(cp)
-            times[f].append(tc)
-            cpu_times[f].append(cc)
-            ratios[f].append(tc / tp)
+            times[c].append(tc)
+            cpu_times[c].append(cc)
+            ratios[c].append(tc / tp)
     best, cpu_best = min(plains), min(cpu_plains)
     print(f"{args.repeats} interleaved repeats")
     print("| pass | seconds (fastest / median) | vs plain forward (fastest / median of pairs) | extra time "
-          "| CPU seconds (least) | vs plain forward, CPU time |\n|---|---|---|---|---|---|")
-    print(f"| plain forward | {best:.3f} / {statistics.median(plains):.3f} | 1.00 | | {cpu_best:.3f} | 1.00 |")
-    for f in args.fractions:
-        r = min(times[f]) / best
-        seconds = f"{min(times[f]):.3f} / {statistics.median(times[f]):.3f}"
-        print(f"| collect_hessians, sample_fraction={f:.4g} | {seconds} | "
-              f"{r:.2f} / {statistics.median(ratios[f]):.2f} | {100 * (r - 1):+.0f} % | "
-              f"{min(cpu_times[f]):.3f} | {min(cpu_times[f]) / cpu_best:.2f} |", flush=True)
+          "| CPU seconds (least) | vs plain forward, CPU time | error of H (median layer) |"
+          "\n|---|---|---|---|---|---|---|")
+    print(f"| plain forward | {best:.3f} / {statistics.median(plains):.3f} | 1.00 | | {cpu_best:.3f} | 1.00 | |")
+    for c in configs:
+        r = min(times[c]) / best
+        seconds = f"{min(times[c]):.3f} / {statistics.median(times[c]):.3f}"
+        print(f"| collect_hessians, sample_fraction={c[0]:.4g}, product_dtype={c[1]} | {seconds} | "
+              f"{r:.2f} / {statistics.median(ratios[c]):.2f} | {100 * (r - 1):+.0f} % | "
+              f"{min(cpu_times[c]):.3f} | {min(cpu_times[c]) / cpu_best:.2f} | {errors[c]:.2e} |", flush=True)
 
 
 def _timed(fn) -> tuple[float, float]:

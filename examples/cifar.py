@@ -299,6 +299,7 @@ def compare_bits(
     log=print,
     sample_fraction: float = 1.0,
     recalibrate_bn: int = 0,
+    product_dtype: str | None = None,
 ) -> dict:
     """Quantize copies of the trained ``lit`` at each bit width with each method; accuracies and timings.
 
@@ -323,7 +324,9 @@ def compare_bits(
                 round_to_nearest_(model, bits)
                 extra = {}
             else:
-                report = _compress(model, calib, bits, solver=method, sample_fraction=sample_fraction)
+                report = _compress(
+                    model, calib, bits, solver=method, sample_fraction=sample_fraction, product_dtype=product_dtype
+                )
                 extra = {"compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits}
             if bn_batches:
                 reestimate_batchnorm(model, bn_batches)
@@ -457,6 +460,8 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         noise_penalty=args.noise_penalty,
         noise_bits_lr=args.noise_bits_lr or None,
         recalibrate_bn=args.recalibrate_bn,
+        sample_fraction=args.sample_fraction,
+        product_dtype=args.product_dtype,
         export_path=args.export,
         plot=False,
         verbose=not args.quiet,
@@ -560,6 +565,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="fraction of the conv positions each calibration batch gives each Hessian (1: all)",
     )
     p.add_argument(
+        "--product-dtype",
+        choices=["float32", "bfloat16"],
+        default=None,
+        help="precision of each calibration batch's X^T X (bfloat16: faster where the CPU/GPU has it)",
+    )
+    p.add_argument(
         "--recalibrate-bn",
         type=int,
         default=0,
@@ -628,6 +639,7 @@ def run(args: argparse.Namespace) -> dict:
         quantizer = OBCQuantize(
             bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False,
             recalibrate_bn=args.recalibrate_bn, export_path=args.export,
+            sample_fraction=args.sample_fraction, product_dtype=args.product_dtype,
         )
         callbacks.append(quantizer)
     trainer = L.Trainer(
@@ -695,6 +707,7 @@ def run(args: argparse.Namespace) -> dict:
             compare_bits(
                 lit, dm, args.bits, methods, args.calibration_images, args.seed,
                 sample_fraction=args.sample_fraction, recalibrate_bn=args.recalibrate_bn,
+                product_dtype=args.product_dtype,
             )
         )
         print(results_table(results))

@@ -29,7 +29,7 @@ from torch.nn.utils import parametrize
 
 from obc_lightning import finetune as ft
 from obc_lightning.batchnorm import reestimate_batchnorm
-from obc_lightning.calibration import call_model
+from obc_lightning.calibration import call_model, product_dtype_of
 from obc_lightning.compress import SOLVERS, _check_pq_args, _check_prune_args, compress_model, select_modules
 from obc_lightning.grids import check_bits
 from obc_lightning.reporting import CompressionReport, error_figure
@@ -185,6 +185,9 @@ class OBCQuantize(Callback):
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
             samples (tokens / conv positions), drawn at random; 1/32 cuts ResNet-20's calibration time
             7x at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
+        product_dtype: ``None`` (each batch's X^T X in the activations' precision) or ``"bfloat16"``
+            (2.5x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
+            the running sums are float64 either way.
         monitor: the validation metric (a name logged in ``validation_step``) that ``max_drop`` bounds.
         mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
         max_drop: accuracy budget in the monitored metric's own units (0.01 = one point for an accuracy
@@ -269,6 +272,7 @@ class OBCQuantize(Callback):
         verbose: bool = True,
         export_path: str | os.PathLike | None = None,
         sample_fraction: float = 1.0,
+        product_dtype: str | torch.dtype | None = None,
         sparsity: float | None = None,
         n_m: tuple[int, int] | None = None,
         monitor: str | None = None,
@@ -414,6 +418,8 @@ class OBCQuantize(Callback):
         self.evaluate, self.plot, self.verbose = evaluate, plot, verbose
         self.export_path = None if export_path is None else os.fspath(export_path)
         self.sample_fraction = float(sample_fraction)
+        dtype = product_dtype_of(product_dtype, "OBCQuantize")
+        self.product_dtype = None if dtype is None else str(dtype).removeprefix("torch.")
         self.sparsity, self.n_m = sparsity, None if n_m is None else tuple(n_m)
         self.method, self.block_size, self.n_centroids = method, block_size, n_centroids
         self.pq_noise_rate = float(pq_noise_rate)
@@ -501,6 +507,7 @@ class OBCQuantize(Callback):
             "offload": self.offload,
             "calibration_batches": self.calibration_batches,
             "sample_fraction": self.sample_fraction,
+            "product_dtype": self.product_dtype,
             "sparsity": self.sparsity,
             "n_m": None if self.n_m is None else list(self.n_m),
             "method": self.method,
@@ -679,6 +686,7 @@ class OBCQuantize(Callback):
             reduce_fn=_all_reduce_fn(trainer),
             keep_results=keep_results,
             sample_fraction=self.sample_fraction,
+            product_dtype=self.product_dtype,
             sparsity=self.sparsity,
             n_m=self.n_m,
             method=self.method,

@@ -24,6 +24,7 @@ from obc_lightning.calibration import (
     LayerHessian,
     call_model,
     collect_hessians,
+    product_dtype_of,
 )
 from obc_lightning.grids import check_bits, check_group_size
 from obc_lightning.reporting import (
@@ -406,6 +407,7 @@ def compress_model(
     sparsity: float | None = None,
     n_m: tuple[int, int] | None = None,
     sample_fraction: float = 1.0,
+    product_dtype: str | torch.dtype | None = None,
     method: str = "scalar",
     block_size: int | Mapping[str, int] = 8,
     n_centroids: int | Mapping[str, int] = 256,
@@ -433,9 +435,10 @@ def compress_model(
         solver, group_size, symmetric, mse, damp: passed to
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
-        offload, max_memory, reduce_fn, sample_fraction: see
+        offload, max_memory, reduce_fn, sample_fraction, product_dtype: see
             :func:`~obc_lightning.calibration.collect_hessians` (``sample_fraction < 1`` builds each
-            Hessian from a random fraction of the samples: calibration cost for CNNs, see the README).
+            Hessian from a random fraction of the samples, ``product_dtype="bfloat16"`` multiplies
+            X^T X in bfloat16: calibration cost for CNNs, see the README).
         scale_dtype: scales are rounded to values this dtype holds (default float16, what
             :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
             in-memory weights bit for bit; ``None`` keeps float32 scales.
@@ -462,6 +465,7 @@ def compress_model(
         fails after weights were written, every written weight is restored before the error propagates.
     """
     targets = select_modules(model, include, exclude)
+    product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
     pq = method != "scalar"
     _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
@@ -491,6 +495,7 @@ def compress_model(
         reduce_fn=reduce_fn,
         warn=False,
         sample_fraction=sample_fraction,
+        product_dtype=product_dtype,
     )
 
     def solve(name: str, lh: LayerHessian) -> None:

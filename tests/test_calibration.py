@@ -359,3 +359,71 @@ def test_sample_count_is_the_conv_output_positions(conv, shape):
     out = conv(x)
     positions = out.numel() // conv.out_channels
     assert sample_count(conv, x) == positions
+
+
+BF16_UNIT_ROUNDOFF = 2.0**-8  # bfloat16 keeps 8 significant bits: |fl(v) - v| <= 2^-8 |v|
+
+
+@pytest.mark.parametrize(
+    "module,shape",
+    [
+        (nn.Linear(40, 3), (6, 7, 40)),  # d = 40, every token
+        (nn.Conv2d(4, 6, (3, 2), stride=(2, 1), padding=(1, 2), dilation=(2, 1)), (3, 4, 9, 7)),
+        (nn.Conv2d(32, 4, 3, padding=1), (2, 32, 6, 6)),  # d = 288: two block rows of the product
+        (nn.Conv2d(4, 4, 3, padding=1, groups=2), (3, 4, 5, 5)),  # grouped: one batched product
+    ],
+    ids=["linear", "conv2d-strided", "conv2d-two-blocks", "conv2d-grouped"],
+)
+@pytest.mark.parametrize("sample_fraction", [1.0, 0.5])
+def test_bfloat16_products_are_within_the_rounding_bound_of_the_exact_hessian(module, shape, sample_fraction):
+    """product_dtype="bfloat16" rounds every sample entry (u = 2^-8) and every entry of each batch's
+    product once more: |H^ - H| <= (3u + O(u^2)) 2/N |X|^T|X| elementwise,
+    with H the float64 Hessian of the same samples (the same units are drawn: the generator is seeded
+    alike, and one batch's samples come from it whatever the dtype)."""
+    from obc_lightning.calibration import layer_inputs
+
+    xs = [3 * torch.randn(shape) + 1 for _ in range(3)]  # a mean: entries of both signs and sizes
+    kw = dict(sample_fraction=sample_fraction, seed=5)
+    fast = collect_hessians(module, xs, {"m": module}, product_dtype="bfloat16", **kw)["m"]
+    exact = collect_hessians(module.double(), [x.double() for x in xs], {"m": module}, **kw)["m"]
+    module.float()
+    assert fast.n_samples == exact.n_samples and fast.hessians.dtype == torch.float64
+    # |X|^T |X| over the same samples: the exact Hessian's absolute counterpart
+    absolute = collect_hessians(module.double(), [x.double().abs() for x in xs], {"m": module}, **kw)["m"]
+    module.float()
+    # (2u + u^2) from the rounded samples, u (1 + u)^2 from the rounded product, n 2^-24 from its
+    # float32 accumulation over at most n samples; the per-batch |X_b^T X_b| sum to |X|^T |X|
+    u, n = BF16_UNIT_ROUNDOFF, fast.n_samples
+    bound = (3 * u + 4 * u * u + n * 2.0**-24) * absolute.hessians
+    assert ((fast.hessians - exact.hessians).abs() <= bound).all()
+    # and it is a real rounding, not the float32 product: the error is of the order of u
+    rel = (fast.hessians - exact.hessians).norm() / exact.hessians.norm()
+    assert 1e-5 < rel < 4 * BF16_UNIT_ROUNDOFF
+    # the samples themselves are the float32 samples rounded once to bfloat16, in either sampling path
+    x = xs[0]
+    units = None if sample_fraction == 1 else torch.tensor([0, 2, 2, 1])
+    torch.testing.assert_close(
+        layer_inputs(module, x, units, torch.bfloat16),
+        layer_inputs(module, x, units).to(torch.bfloat16),
+        rtol=0,
+        atol=0,
+    )
+
+
+def test_product_dtype_default_keeps_the_activations_precision_and_bad_values_are_refused():
+    from obc_lightning.calibration import PRODUCT_DTYPES
+
+    lin = nn.Linear(4, 2).double()
+    xs = [torch.randn(50, 4, dtype=torch.float64)]
+    X = xs[0]
+    # float64 activations: float64 products by default, so the sum is exact to float64 rounding
+    torch.testing.assert_close(collect_hessians(lin, xs, {"l": lin})["l"].hessians[0], 2 / 50 * X.T @ X,
+                               rtol=1e-14, atol=0)
+    as_name = collect_hessians(lin, xs, {"l": lin}, product_dtype="float32")["l"].hessians
+    as_dtype = collect_hessians(lin, xs, {"l": lin}, product_dtype=torch.float32)["l"].hessians
+    torch.testing.assert_close(as_name, as_dtype, rtol=0, atol=0)
+    torch.testing.assert_close(as_name[0], 2 / 50 * X.T @ X, rtol=1e-6, atol=1e-6)
+    assert set(PRODUCT_DTYPES) == {"float32", "bfloat16", "float64"}
+    for bad in (torch.float16, "half", "int8", torch.int32, 3):
+        with pytest.raises(ValueError, match="collect_hessians: product_dtype must be None .*bfloat16"):
+            collect_hessians(lin, xs, {"l": lin}, product_dtype=bad)

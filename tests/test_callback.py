@@ -116,12 +116,20 @@ def test_end_to_end_metrics_in_csv(tmp_path):
         assert f.read(8) == b"\x89PNG\r\n\x1a\n"
 
 
-def test_sample_fraction_reaches_calibration(tmp_path):
+def test_sample_fraction_and_product_dtype_reach_calibration(tmp_path, monkeypatch):
+    import obc_lightning.calibration as calibration
+
+    seen = []
+    real = calibration.layer_inputs
+    monkeypatch.setattr(calibration, "layer_inputs", lambda *a: seen.append(a[3]) or real(*a))
     model = Net()
-    cb = OBCQuantize(bits=4, calibration_batches=3, sample_fraction=0.25, evaluate=False, plot=False)
+    cb = OBCQuantize(
+        bits=4, calibration_batches=3, sample_fraction=0.25, product_dtype=torch.bfloat16, evaluate=False, plot=False
+    )
     trainer(tmp_path, cb, logger=False).fit(model, DataLoader(data(), batch_size=8))
     assert cb.report["head"].n_samples == 6  # a quarter of 3 batches x 8 samples
-    assert cb.config["sample_fraction"] == 0.25
+    assert seen and set(seen) == {torch.bfloat16}
+    assert cb.config["sample_fraction"] == 0.25 and cb.config["product_dtype"] == "bfloat16"  # a plain value
     on_grid(cb.report, model)
 
 
@@ -251,6 +259,7 @@ def test_checkpoint_round_trip(tmp_path):
         ({"sequential": 1}, "sequential"),
         ({"sample_fraction": 0}, "sample_fraction"),
         ({"sample_fraction": 2.0}, "sample_fraction"),
+        ({"product_dtype": "fp16"}, "OBCQuantize: product_dtype must be"),
         ({"recalibrate_bn": -1}, "recalibrate_bn"),
         ({"recalibrate_bn": True}, "recalibrate_bn"),
     ],

@@ -169,6 +169,7 @@ def test_sequential_uses_inputs_of_quantized_earlier_modules():
         ({"include": "head", "exclude": "head"}, "leave no module"),
         ({"calibration_batches": []}, "empty"),
         ({"calibration_batches": torch.randn(2, 3, 6, 6)}, "single tensor"),
+        ({"product_dtype": torch.float16}, "compress_model: product_dtype must be"),
     ],
 )
 def test_bad_arguments_leave_model_intact(kwargs, match):
