@@ -35,13 +35,13 @@ SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SYMMETRIC_MIN_BLOCK, SYMMETRIC_MAX_BLOCKS = 128, 8
 
 # Reasons a target module gets no Hessian (reported, never silent).
-REASON_FUNCTIONAL = (
-    "not called as a module during calibration (used functionally: its parent MultiheadAttention "
-    "'{owner}' passes out_proj.weight to F.multi_head_attention_forward)"
+REASON_OWNER_NOT_RUN = (
+    "its MultiheadAttention '{owner}' (which uses out_proj.weight functionally, so out_proj is "
+    "calibrated through it) was not called during calibration"
 )
 REASON_NOT_RUN = (
     "not called as a module during calibration (not on the forward path of the calibration batches, "
-    "or used functionally, e.g. MultiheadAttention.out_proj)"
+    "or its weight used functionally, e.g. F.linear(x, module.weight))"
 )
 
 
@@ -395,8 +395,55 @@ def _functional_owner(model: nn.Module, name: str) -> str | None:
 def never_ran_reason(model: nn.Module, name: str) -> str:
     owner = _functional_owner(model, name)
     if owner is not None:
-        return REASON_FUNCTIONAL.format(owner=owner or "<model>")
+        return REASON_OWNER_NOT_RUN.format(owner=owner or "<model>")
     return REASON_NOT_RUN
+
+
+class _IdentityProjection(nn.Module):
+    """Stands in for a MultiheadAttention's out_proj: weight I, no bias, so the attention returns the
+    concatenated heads, the input out_proj.weight is applied to."""
+
+    def __init__(self, like: Tensor):
+        super().__init__()
+        self.weight = torch.eye(like.shape[1], dtype=like.dtype, device=like.device)
+        self.bias = None
+
+
+def out_proj_input(mha: nn.MultiheadAttention, args: tuple, kwargs: dict) -> Tensor:
+    """The input of ``mha.out_proj`` in the call ``mha(*args, **kwargs)`` that just ran.
+
+    ``nn.MultiheadAttention`` passes ``out_proj.weight`` to ``F.multi_head_attention_forward`` instead of
+    calling ``out_proj``, so no hook on out_proj ever fires. The attention's own ``forward`` is run again
+    on the same arguments with out_proj swapped for the identity (one more attention per call, during
+    calibration only): what comes out, (…, embed_dim), is exactly what out_proj.weight multiplied.
+    """
+    proj = mha.out_proj
+    mha.out_proj = _IdentityProjection(proj.weight)
+    try:
+        return mha.forward(*args, **kwargs)[0]  # forward, not __call__: no hook fires twice
+    finally:
+        mha.out_proj = proj
+
+
+def register_input_hook(model: nn.Module, name: str, module: nn.Module, fn: Callable[[Tensor], None]):
+    """Call ``fn(x)`` with the input of ``module``'s weight whenever the model uses it; returns the handle.
+
+    A forward pre-hook on the module itself; for a MultiheadAttention's out_proj (used functionally by
+    its parent) a forward hook on that attention that recomputes the input (:func:`out_proj_input`).
+    """
+    owner = _functional_owner(model, name)
+    if owner is None:
+
+        def pre_hook(m, args, kwargs):
+            fn(args[0] if args else next(iter(kwargs.values())))
+
+        return module.register_forward_pre_hook(pre_hook, with_kwargs=True)
+    mha = model.get_submodule(owner) if owner else model
+
+    def hook(m, args, kwargs, output):
+        fn(out_proj_input(m, args, kwargs))
+
+    return mha.register_forward_hook(hook, with_kwargs=True)
 
 
 def check_memory(
@@ -479,9 +526,10 @@ def collect_hessians(
             precision.
 
     Returns:
-        :class:`CalibrationResult`. A module that never ran as a module (e.g. ``MultiheadAttention``'s
-        ``out_proj``, whose weight its parent uses functionally) is in ``skipped`` with the reason and
-        a :class:`CalibrationWarning` is issued.
+        :class:`CalibrationResult`. A module whose weight was never used in a way hooks see (not on
+        the forward path, or used functionally as in ``F.linear(x, module.weight)``) is in ``skipped``
+        with the reason and a :class:`CalibrationWarning` is issued. ``MultiheadAttention.out_proj``,
+        used functionally by its parent, is calibrated through it (:func:`out_proj_input`).
 
     Raises:
         ValueError: no batches, an unsupported module, or NaN / Inf in a module's input (naming it).
@@ -512,17 +560,12 @@ def collect_hessians(
     modes = {m: m.training for m in model.modules()}
     handles = []
     # The fused MHA / TransformerEncoderLayer fast path bypasses the Linear submodules; the slow path
-    # calls them as modules (except MultiheadAttention.out_proj, which stays functional).
+    # calls them as modules (MultiheadAttention.out_proj excepted: see out_proj_input).
     fastpath = torch.backends.mha.get_fastpath_enabled()
     n_batches = 0
     try:
         for acc in accs.values():
-
-            def hook(module, args, kwargs, acc=acc):
-                x = args[0] if args else next(iter(kwargs.values()))
-                acc.add(x)
-
-            handles.append(acc.module.register_forward_pre_hook(hook, with_kwargs=True))
+            handles.append(register_input_hook(model, acc.name, acc.module, acc.add))
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
         for batch in batches:

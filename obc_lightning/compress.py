@@ -25,6 +25,7 @@ from obc_lightning.calibration import (
     call_model,
     collect_hessians,
     product_dtype_of,
+    register_input_hook,
 )
 from obc_lightning.grids import check_bits, check_group_size
 from obc_lightning.reporting import (
@@ -222,11 +223,11 @@ def _execution_order(model: nn.Module, batch, targets: Mapping[str, nn.Module], 
     try:
         for name, m in targets.items():
 
-            def hook(module, args, name=name):
+            def record(x, name=name):
                 if name not in seen:
                     seen.append(name)
 
-            handles.append(m.register_forward_pre_hook(hook))
+            handles.append(register_input_hook(model, name, m, record))
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)  # as in collect_hessians
         call_model(model, batch, forward_fn)
@@ -457,8 +458,9 @@ def compress_model(
         seed: k-means initialisation of product quantization (deterministic for a seed and a device).
 
     Returns:
-        :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (never called as
-        a module, e.g. ``MultiheadAttention.out_proj``) are left unchanged and listed in ``skipped``.
+        :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (not on the
+        forward path, or their weight used functionally, e.g. ``F.linear(x, m.weight)``) are left
+        unchanged and listed in ``skipped``.
 
     Raises:
         ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything

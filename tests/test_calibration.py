@@ -186,17 +186,68 @@ def test_never_ran_module_skipped_listed_warned():
             super().__init__()
             self.used, self.unused = nn.Linear(3, 3), nn.Linear(3, 3)
             self.attn = nn.MultiheadAttention(4, 2, batch_first=True)
+            self.idle_attn = nn.MultiheadAttention(4, 2, batch_first=True)
 
         def forward(self, x, s):
             return self.used(x), self.attn(s, s, s)[0]
 
     m = M()
-    targets = {"used": m.used, "unused": m.unused, "attn.out_proj": m.attn.out_proj}
+    targets = {"used": m.used, "unused": m.unused, "attn.out_proj": m.attn.out_proj,
+               "idle_attn.out_proj": m.idle_attn.out_proj}
     with pytest.warns(CalibrationWarning, match="unused"):
         res = collect_hessians(m, [(torch.randn(2, 3), torch.randn(2, 5, 4))], targets)
-    assert list(res.hessians) == ["used"]
+    assert list(res.hessians) == ["used", "attn.out_proj"]  # out_proj through its attention
+    assert set(res.skipped) == {"unused", "idle_attn.out_proj"}
     assert "not called as a module" in res.skipped["unused"]
-    assert "MultiheadAttention 'attn'" in res.skipped["attn.out_proj"]
+    assert "MultiheadAttention 'idle_attn'" in res.skipped["idle_attn.out_proj"]
+    assert "was not called" in res.skipped["idle_attn.out_proj"]
+
+
+def heads_before_out_proj(mha: nn.MultiheadAttention, q, k, v, key_padding_mask=None):
+    """The attention heads, concatenated, written out from the definition (the input of out_proj):
+    softmax(Q K^T / sqrt(d_h) + mask) V per head with [Q, K, V] = x W_in^T + b_in."""
+    if not mha.batch_first:
+        q, k, v = (t.transpose(0, 1) for t in (q, k, v))
+    E, h = mha.embed_dim, mha.num_heads
+    Wq, Wk, Wv = mha.in_proj_weight.chunk(3)
+    bq, bk, bv = mha.in_proj_bias.chunk(3)
+    B, L, S = q.shape[0], q.shape[1], k.shape[1]
+    Q = F.linear(q, Wq, bq).reshape(B, L, h, E // h).transpose(1, 2)
+    K = F.linear(k, Wk, bk).reshape(B, S, h, E // h).transpose(1, 2)
+    V = F.linear(v, Wv, bv).reshape(B, S, h, E // h).transpose(1, 2)
+    scores = Q @ K.transpose(-1, -2) / (E // h) ** 0.5
+    if key_padding_mask is not None:
+        scores = scores.masked_fill(key_padding_mask[:, None, None, :], float("-inf"))
+    heads = (scores.softmax(-1) @ V).transpose(1, 2).reshape(B, L, E)
+    return heads if mha.batch_first else heads.transpose(0, 1)
+
+
+@pytest.mark.parametrize("batch_first", [True, False])
+def test_out_proj_hessian_is_that_of_the_attention_heads(batch_first):
+    torch.manual_seed(1)
+    mha = nn.MultiheadAttention(8, 2, batch_first=batch_first).double()
+    shape = (3, 5, 8) if batch_first else (5, 3, 8)
+    calls = []
+    for i in range(3):
+        q, kv = torch.randn(shape, dtype=torch.float64), torch.randn(shape, dtype=torch.float64)
+        mask = torch.zeros(3, 5, dtype=torch.bool)
+        mask[0, -2:] = True  # padded keys in the first sequence
+        calls.append(((q, kv, kv), {"key_padding_mask": mask, "need_weights": bool(i % 2)}))
+    # the reference is the input of out_proj: out_proj of it is the attention's output
+    heads = [heads_before_out_proj(mha, *a, key_padding_mask=kw["key_padding_mask"]) for a, kw in calls]
+    for (a, kw), h in zip(calls, heads):
+        torch.testing.assert_close(mha.out_proj(h), mha(*a, **kw)[0], rtol=1e-12, atol=1e-12)
+    proj = mha.out_proj
+    outputs = []
+    res = collect_hessians(
+        mha, calls, {"out_proj": mha.out_proj}, forward_fn=lambda m, c: outputs.append(m(*c[0], **c[1])[0])
+    )
+    X = torch.cat([h.reshape(-1, 8) for h in heads])
+    assert res["out_proj"].n_samples == 45 and res["out_proj"].n_calls == 3
+    torch.testing.assert_close(res["out_proj"].hessians[0], 2 / 45 * X.T @ X, rtol=1e-12, atol=1e-12)
+    assert mha.out_proj is proj and not mha._forward_hooks  # swapped back, hook removed
+    for (a, kw), out in zip(calls, outputs):  # the model's own outputs untouched by the hook
+        torch.testing.assert_close(out, mha(*a, **kw)[0], rtol=0, atol=0)
 
 
 def test_memory_budget_refusal_before_allocation():
@@ -273,15 +324,15 @@ def test_reduce_fn_sums_counts_and_hessians():
     torch.testing.assert_close(lh.hessians[0], 2 / 4 * X.T @ X)  # same H: sums and N both doubled
 
 
-def test_transformer_encoder_slow_path_reaches_linears():
+def test_transformer_encoder_slow_path_reaches_every_linear():
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
     enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
     targets = {n: m for n, m in enc.named_modules() if isinstance(m, nn.Linear)}
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", CalibrationWarning)
         res = collect_hessians(enc, [torch.randn(2, 3, 8)], targets)
-    assert set(res.hessians) == {"layers.0.linear1", "layers.0.linear2"}
-    assert set(res.skipped) == {"layers.0.self_attn.out_proj"}
+    assert set(res.hessians) == {"layers.0.self_attn.out_proj", "layers.0.linear1", "layers.0.linear2"}
+    assert not res.skipped
 
 
 @pytest.mark.parametrize(

@@ -212,31 +212,35 @@ def test_nan_activations_leave_model_intact():
     assert_same(model, orig)
 
 
-def test_transformer_encoder_out_proj_reported_others_quantized():
+@pytest.mark.parametrize("sequential", [False, True])
+def test_transformer_encoder_every_linear_quantized_out_proj_through_its_attention(tmp_path, sequential):
+    from obc_lightning import load_quantized
+
     torch.manual_seed(0)
     layer = nn.TransformerEncoderLayer(8, 2, 16, batch_first=True, dropout=0.0)
     model = nn.Sequential(nn.TransformerEncoder(layer, 2, enable_nested_tensor=False), nn.Linear(8, 3))
     model.eval()  # eval + no_grad is where the fused fast path would bypass the Linear modules
+    fresh = copy.deepcopy(model)
     orig = weights(model)
     xs = [torch.randn(2, 4, 8) for _ in range(2)]
-    with pytest.warns(CalibrationWarning, match="out_proj"):
-        report = compress_model(model, xs, bits=4)
-    assert set(report.skipped) == {"0.layers.0.self_attn.out_proj", "0.layers.1.self_attn.out_proj"}
-    for reason in report.skipped.values():
-        assert reason.startswith("not called as a module during calibration (used functionally")
-    assert report.quantized == [
-        "0.layers.0.linear1",
-        "0.layers.0.linear2",
-        "0.layers.1.linear1",
-        "0.layers.1.linear2",
-        "1",
-    ]
-    assert torch.equal(
-        model[0].layers[0].self_attn.out_proj.weight, orig["0.layers.0.self_attn.out_proj.weight"]
-    )
-    assert not torch.equal(model[0].layers[0].linear1.weight, orig["0.layers.0.linear1.weight"])
-    assert "skipped 0.layers.0.self_attn.out_proj" in report.table()
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)  # nothing left out
+        report = compress_model(model, xs, bits=4, sequential=sequential, keep_results=True)
+    assert not report.skipped
+    per_layer = ["self_attn.out_proj", "linear1", "linear2"]  # the order the layer uses them
+    assert report.quantized == [f"0.layers.{i}.{n}" for i in range(2) for n in per_layer] + ["1"]
+    for name in report.quantized:
+        w = dict(model.named_parameters())[name + ".weight"]
+        assert not torch.equal(w, orig[name + ".weight"]), name
+        assert len(torch.unique(w[0])) <= 16, name  # 4 bits: at most 16 levels per row
+    assert report["0.layers.0.self_attn.out_proj"].rel_error < 0.05
     assert not model.training  # mode kept
+    # packed: out_proj becomes a QuantizedLinear that the attention reads .weight / .bias of
+    save_quantized(model, tmp_path / "m.safetensors", report)
+    load_quantized(tmp_path / "m.safetensors", fresh, packed=True)
+    assert type(fresh[0].layers[0].self_attn.out_proj).__name__ == "QuantizedLinear"
+    with torch.no_grad():
+        torch.testing.assert_close(fresh(xs[0]), model(xs[0]), rtol=0, atol=0)
 
 
 def test_float64_and_no_warning_when_all_calibrated():
