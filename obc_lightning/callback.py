@@ -186,7 +186,7 @@ class OBCQuantize(Callback):
             samples (tokens / conv positions), drawn at random; 1/32 cuts ResNet-20's calibration time
             7x at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
         product_dtype: ``None`` (each batch's X^T X in the activations' precision) or ``"bfloat16"``
-            (2.5x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
+            (2.6x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
             the running sums are float64 either way.
         monitor: the validation metric (a name logged in ``validation_step``) that ``max_drop`` bounds.
         mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
