@@ -1,6 +1,7 @@
 """OBCQuantize end to end: Trainer on CPU, loggers, calibration code paths, checkpoints, DDP."""
 
 import csv
+import json
 import os
 import subprocess
 import sys
@@ -343,7 +344,7 @@ def test_transformer_encoder_every_linear_quantized(tmp_path):
 
 DDP_SCRIPT = textwrap.dedent(
     """
-    import os, sys
+    import json, os, sys
     import torch
     import lightning.pytorch as pl
     from torch.utils.data import DataLoader
@@ -351,32 +352,32 @@ DDP_SCRIPT = textwrap.dedent(
     from test_callback import Net, data
     from obc_lightning.callback import OBCQuantize
 
-    out = sys.argv[1]
-    cb = OBCQuantize(bits=3, calibration_batches=2)
+    out, max_epochs, kwargs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
+    cb = OBCQuantize(bits=3, calibration_batches=2, **kwargs)
     model = Net()
-    trainer = pl.Trainer(max_epochs=1, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=2, strategy="ddp", logger=False,
                          callbacks=[cb],
                          enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
                          default_root_dir=out)
     trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
-    rank = trainer.global_rank
-    torch.save({{"state_dict": model.state_dict(), "n": cb.report["head"].n_samples, "metrics": cb.metrics}},
-               os.path.join(out, f"rank{{rank}}.pt"))
+    n = cb.report["head"].n_samples if cb.report is not None else -1
+    torch.save({{"state_dict": model.state_dict(), "n": n, "metrics": cb.metrics}},
+               os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
     # as torch asks of every DDP script: left to interpreter shutdown, gloo's threads can abort the process
     torch.distributed.destroy_process_group()
     """
 )
 
 
-def run_ddp(tmp_path, script_text, *args):
-    """Run ``script_text`` (a two-process DDP fit that saves rank{0,1}.pt in its first argument) and
-    return what the two ranks saved."""
+def run_ddp(tmp_path, max_epochs: int = 1, **kwargs):
+    """Fit ``Net`` with ``OBCQuantize(bits=3, calibration_batches=2, **kwargs)`` in two DDP processes
+    (gloo) for ``max_epochs``; return what the two ranks saved (state_dict, calibration samples, metrics)."""
     script = tmp_path / "ddp_run.py"
-    script.write_text(script_text.format(tests_dir=os.path.dirname(__file__)))
+    script.write_text(DDP_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), *args], env=env, cwd=tmp_path, capture_output=True, text=True,
-        timeout=240,
+        [sys.executable, str(script), str(tmp_path), str(max_epochs), json.dumps(kwargs)], env=env, cwd=tmp_path,
+        capture_output=True, text=True, timeout=240,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
@@ -384,7 +385,7 @@ def run_ddp(tmp_path, script_text, *args):
 
 @pytest.mark.slow
 def test_ddp_two_processes_identical_weights(tmp_path):
-    r0, r1 = run_ddp(tmp_path, DDP_SCRIPT)
+    r0, r1 = run_ddp(tmp_path)
     # each rank calibrated 2 batches of 4 of its own shard; the all-reduced sums cover both ranks
     assert r0["n"] == r1["n"] == 16
     for name, p in r0["state_dict"].items():
@@ -402,38 +403,15 @@ def test_finetune_refuses_strategies_that_shard_the_weights():
         OBCQuantize(finetune="ste").setup(fake, Net(), "fit")
 
 
-DDP_FINETUNE_SCRIPT = textwrap.dedent(
-    """
-    import os, sys
-    import torch
-    import lightning.pytorch as pl
-    from torch.utils.data import DataLoader
-    sys.path.insert(0, {tests_dir!r})
-    from test_callback import Net, data
-    from obc_lightning.callback import OBCQuantize
-
-    out, mode = sys.argv[1], sys.argv[2]
-    cb = OBCQuantize(bits=3, calibration_batches=2, finetune=mode, finetune_epochs=1, ternary_skip_first_last=False,
-                     noise_penalty=1e5, noise_bits_lr=0.5, plot=False, verbose=False)
-    model = Net()
-    trainer = pl.Trainer(max_epochs=2, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                         callbacks=[cb],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=out)
-    trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
-    torch.save({{"state_dict": model.state_dict(), "metrics": cb.metrics}},
-               os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
-    torch.distributed.destroy_process_group()  # see DDP_SCRIPT
-    """
-)
-
-
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ste", "ternary", "noise"])
 def test_ddp_finetuning_ends_with_identical_weights(tmp_path, mode):
     # each rank trains on its own shard: the quantizer parameters added after DDP wrapped the model (TTQ
     # scales, DiffQ bit logits) only stay equal if the callback averages their gradients over the ranks
-    r0, r1 = run_ddp(tmp_path, DDP_FINETUNE_SCRIPT, mode)
+    r0, r1 = run_ddp(
+        tmp_path, max_epochs=2, finetune=mode, finetune_epochs=1, ternary_skip_first_last=False, noise_penalty=1e5,
+        noise_bits_lr=0.5, plot=False, verbose=False,
+    )
     assert r0["metrics"]["obc/finetune_epochs"] == 1
     for name, p in r0["state_dict"].items():
         assert torch.equal(p, r1["state_dict"][name]), name
