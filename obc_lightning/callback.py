@@ -30,7 +30,14 @@ from torch.nn.utils import parametrize
 from obc_lightning import finetune as ft
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import call_model, product_dtype_of
-from obc_lightning.compress import SOLVERS, _check_pq_args, _check_prune_args, compress_model, select_modules
+from obc_lightning.compress import (
+    SOLVERS,
+    _check_pq_args,
+    _check_prune_args,
+    compress_model,
+    select_modules,
+    unquantized_projections,
+)
 from obc_lightning.grids import check_bits
 from obc_lightning.reporting import CompressionReport, error_figure
 
@@ -822,7 +829,13 @@ class OBCQuantize(Callback):
                     pl_module, targets, self.noise_group_size, self.noise_min_bits, self.noise_max_bits, self.bits
                 )
             self.quantized_modules = list(self._quantizers)
-            self.skipped_modules = {}
+            left = unquantized_projections(pl_module, self.include, self.exclude)
+            self.skipped_modules = {n: reason for n, (reason, _) in left.items()}
+            if left:
+                rank_zero_warn(
+                    f"OBCQuantize: {len(left)} layer weight(s) left in full precision:\n"
+                    + "\n".join(f"  {n}: {r}" for n, r in self.skipped_modules.items())
+                )
             metrics = self._quantizer_metrics(pl_module)
             header = f"OBCQuantize: {self.finetune} quantization of {len(self._quantizers)} modules"
         after = self._evaluate(trainer, pl_module) if self.evaluate else {}

@@ -60,34 +60,75 @@ def _matches(name: str, pattern: str) -> bool:
     return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
 
 
+REASON_ATTENTION_PROJECTION = (
+    "q, k, v input projections of nn.MultiheadAttention '{owner}': a bare Parameter it multiplies "
+    "functionally, not a Linear module (only Linear / Conv1d / Conv2d weights are quantized), so it "
+    "stays in full precision"
+)
+
+
+def attention_projections(model: nn.Module) -> dict[str, tuple[str, int]]:
+    """{name: (reason, fp32 bytes)} of the input-projection weights of every ``nn.MultiheadAttention``.
+
+    ``in_proj_weight`` (3·embed_dim x embed_dim), or ``q_proj_weight`` / ``k_proj_weight`` /
+    ``v_proj_weight`` when kdim / vdim differ from embed_dim; the bytes include the matching rows of
+    ``in_proj_bias``. They are weights of layers, but no module holds them: reported, never silent.
+    """
+    out: dict[str, tuple[str, int]] = {}
+    for owner, mha in model.named_modules():
+        if not isinstance(mha, nn.MultiheadAttention):
+            continue
+        prefix = f"{owner}." if owner else ""
+        bias = mha.in_proj_bias
+        reason = REASON_ATTENTION_PROJECTION.format(owner=owner or "<model>")
+        if mha.in_proj_weight is not None:
+            numel = mha.in_proj_weight.numel() + (bias.numel() if bias is not None else 0)
+            out[prefix + "in_proj_weight"] = (reason, numel * FP32_BYTES)
+            continue
+        for role in ("q", "k", "v"):
+            w = getattr(mha, f"{role}_proj_weight")
+            numel = w.numel() + (w.shape[0] if bias is not None else 0)
+            out[f"{prefix}{role}_proj_weight"] = (reason, numel * FP32_BYTES)
+    return out
+
+
+def _selected(name: str, inc: list[str], exc: list[str]) -> bool:
+    return (not inc or any(_matches(name, p) for p in inc)) and not any(_matches(name, p) for p in exc)
+
+
 def select_modules(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Module]:
     """The target modules of ``model``: every Linear / Conv1d / Conv2d, filtered by include / exclude.
 
     A pattern that selects no supported module is an error (a typo would otherwise quantize
-    everything, or nothing, silently).
+    everything, or nothing, silently); a pattern may also name an attention projection weight
+    (:func:`attention_projections`), e.g. to exclude it from the report of what stays unquantized.
     """
     inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
     candidates = {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
     if not candidates:
         raise ValueError("compress_model: the model has no nn.Linear, nn.Conv1d or nn.Conv2d module")
+    names = [*candidates, *attention_projections(model)]
     for kind, pats in (("include", inc), ("exclude", exc)):
         for p in pats:
-            if not any(_matches(n, p) for n in candidates):
+            if not any(_matches(n, p) for n in names):
                 shown = ", ".join(list(candidates)[:20]) + (", ..." if len(candidates) > 20 else "")
                 raise ValueError(
                     f"compress_model: {kind} pattern {p!r} matches no Linear/Conv1d/Conv2d module; "
                     f"available: {shown}"
                 )
-    targets = {
-        n: m
-        for n, m in candidates.items()
-        if (not inc or any(_matches(n, p) for p in inc)) and not any(_matches(n, p) for p in exc)
-    }
+    targets = {n: m for n, m in candidates.items() if _selected(n, inc, exc)}
     if not targets:
         raise ValueError(
             f"compress_model: include={include!r} / exclude={exclude!r} leave no module to quantize"
         )
     return targets
+
+
+def unquantized_projections(model: nn.Module, include=None, exclude=None) -> dict[str, tuple[str, int]]:
+    """:func:`attention_projections` that ``include`` / ``exclude`` select (a pattern naming the
+    attention or a parent selects them too): the weights of layers the report names as full precision."""
+    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
+    return {n: v for n, v in attention_projections(model).items() if _selected(n, inc, exc)}
 
 
 def _check_prune_args(bits, sparsity, n_m, targets) -> None:
@@ -460,7 +501,9 @@ def compress_model(
     Returns:
         :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (not on the
         forward path, or their weight used functionally, e.g. ``F.linear(x, m.weight)``) are left
-        unchanged and listed in ``skipped``.
+        unchanged and listed in ``skipped``, as are the q, k, v projection weights of
+        ``nn.MultiheadAttention`` (bare Parameters, not modules: :func:`attention_projections`), which
+        count at fp32 in the sizes.
 
     Raises:
         ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything
@@ -547,16 +590,25 @@ def compress_model(
                 targets[name].weight.copy_(w)
         raise
 
-    report.skipped = {n: skipped[n] for n in all_targets if n in skipped}  # in model order
+    projections = unquantized_projections(model, include, exclude)
+    skipped.update({n: reason for n, (reason, _) in projections.items()})
+    order = []  # model order: a module, then the attention projections it holds
+    for n, _ in model.named_modules():
+        order += [n] if n in all_targets else []
+        order += [p for p in projections if p.rpartition(".")[0] == n]
+    report.skipped = {n: skipped[n] for n in order if n in skipped}
     done = {rep.name: rep for rep in report.modules}
     for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
         report.bytes_before += done[name].bytes_before if name in done else _size(m)
         report.bytes_after += done[name].bytes_after if name in done else _size(m)
+    for _, size in projections.values():
+        report.bytes_before += size
+        report.bytes_after += size
     report.seconds = time.perf_counter() - t_start
     if report.skipped:
         lines = "\n".join(f"  {n}: {r}" for n, r in report.skipped.items())
         warnings.warn(
-            f"compress_model: {len(report.skipped)} module(s) left unquantized:\n{lines}",
+            f"compress_model: {len(report.skipped)} layer weight(s) left in full precision:\n{lines}",
             CalibrationWarning,
             stacklevel=2,
         )

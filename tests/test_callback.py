@@ -7,7 +7,6 @@ import subprocess
 import sys
 import textwrap
 import types
-import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -317,29 +316,36 @@ def test_include_typo_fails_before_training(tmp_path):
     assert torch.equal(model.head.weight, w0)
 
 
+class TinyTransformer(pl.LightningModule):
+    def __init__(self):
+        super().__init__()
+        layer = nn.TransformerEncoderLayer(4, 2, 8, batch_first=True)
+        self.enc = nn.TransformerEncoder(layer, 1, enable_nested_tensor=False)
+
+    def forward(self, x, y=None):
+        return self.enc(x.reshape(x.shape[0], 8, 4)).mean()
+
+    def training_step(self, batch, batch_idx):
+        return self(*batch)
+
+    def configure_optimizers(self):
+        return torch.optim.SGD(self.parameters(), lr=0.01)
+
+
 def test_transformer_encoder_every_linear_quantized(tmp_path):
-    class Tr(pl.LightningModule):
-        def __init__(self):
-            super().__init__()
-            self.enc = nn.TransformerEncoder(
-                nn.TransformerEncoderLayer(4, 2, 8, batch_first=True), 1, enable_nested_tensor=False
-            )
-
-        def forward(self, x, y=None):
-            return self.enc(x.reshape(x.shape[0], 8, 4)).mean()
-
-        def training_step(self, batch, batch_idx):
-            return self(*batch)
-
-        def configure_optimizers(self):
-            return torch.optim.SGD(self.parameters(), lr=0.01)
-
     cb = OBCQuantize(calibration_batches=1, evaluate=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore", CalibrationWarning)
-        trainer(tmp_path, cb).fit(Tr(), DataLoader(data(), batch_size=8))
+    with pytest.warns(CalibrationWarning, match="enc.layers.0.self_attn.in_proj_weight"):
+        trainer(tmp_path, cb).fit(TinyTransformer(), DataLoader(data(), batch_size=8))
     assert cb.quantized_modules == ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear1", "enc.layers.0.linear2"]
-    assert not cb.skipped_modules
+    assert list(cb.skipped_modules) == ["enc.layers.0.self_attn.in_proj_weight"]  # a bare Parameter, named
+
+
+def test_ternary_fine_tuning_names_attention_projections_it_leaves(tmp_path):
+    cb = OBCQuantize(finetune="ternary", finetune_epochs=1, ternary_skip_first_last=False, evaluate=False, plot=False)
+    with pytest.warns(UserWarning, match="1 layer weight.s. left in full precision:\n  enc.layers.0.self_attn.in_proj"):
+        trainer(tmp_path, cb, max_epochs=2).fit(TinyTransformer(), DataLoader(data(), batch_size=8))
+    assert cb.quantized_modules == ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear1", "enc.layers.0.linear2"]
+    assert list(cb.skipped_modules) == ["enc.layers.0.self_attn.in_proj_weight"]
 
 
 DDP_SCRIPT = textwrap.dedent(

@@ -213,7 +213,7 @@ def test_nan_activations_leave_model_intact():
 
 
 @pytest.mark.parametrize("sequential", [False, True])
-def test_transformer_encoder_every_linear_quantized_out_proj_through_its_attention(tmp_path, sequential):
+def test_transformer_encoder_every_linear_quantized_in_proj_named(tmp_path, sequential):
     from obc_lightning import load_quantized
 
     torch.manual_seed(0)
@@ -223,10 +223,20 @@ def test_transformer_encoder_every_linear_quantized_out_proj_through_its_attenti
     fresh = copy.deepcopy(model)
     orig = weights(model)
     xs = [torch.randn(2, 4, 8) for _ in range(2)]
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", CalibrationWarning)  # nothing left out
+    with pytest.warns(CalibrationWarning, match="2 layer weight.s. left in full precision") as caught:
         report = compress_model(model, xs, bits=4, sequential=sequential, keep_results=True)
-    assert not report.skipped
+    assert len(caught) == 1  # every Linear got its Hessian; only the q, k, v projections are named
+    in_proj = [f"0.layers.{i}.self_attn.in_proj_weight" for i in range(2)]
+    assert list(report.skipped) == in_proj
+    assert "nn.MultiheadAttention '0.layers.1.self_attn'" in report.skipped[in_proj[1]]
+    assert "in_proj_weight" in str(caught[0].message) and "full precision" in report.table()
+    # the sizes cover the projections at fp32 on both sides: every Linear and attention weight and bias
+    linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
+    attns = [m for m in model.modules() if isinstance(m, nn.MultiheadAttention)]
+    linear_bytes = 4 * sum(m.weight.numel() + m.bias.numel() for m in linears)
+    in_proj_bytes = 4 * sum(a.in_proj_weight.numel() + a.in_proj_bias.numel() for a in attns)
+    assert report.bytes_before == linear_bytes + in_proj_bytes
+    assert report.bytes_after == sum(r.bytes_after for r in report.modules) + in_proj_bytes
     per_layer = ["self_attn.out_proj", "linear1", "linear2"]  # the order the layer uses them
     assert report.quantized == [f"0.layers.{i}.{n}" for i in range(2) for n in per_layer] + ["1"]
     for name in report.quantized:
@@ -241,6 +251,44 @@ def test_transformer_encoder_every_linear_quantized_out_proj_through_its_attenti
     assert type(fresh[0].layers[0].self_attn.out_proj).__name__ == "QuantizedLinear"
     with torch.no_grad():
         torch.testing.assert_close(fresh(xs[0]), model(xs[0]), rtol=0, atol=0)
+
+
+def test_attention_projections_selected_like_modules():
+    """include / exclude select the q, k, v projection weights by name, attention or parent; the
+    separate q/k/v layout (kdim, vdim != embed_dim) is named weight by weight, with its bias rows."""
+    torch.manual_seed(0)
+
+    class TwoAttn(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.a = nn.MultiheadAttention(8, 2, batch_first=True)
+            self.b = nn.MultiheadAttention(8, 2, kdim=6, vdim=5, batch_first=True)
+            self.head = nn.Linear(8, 3)
+
+        def forward(self, x, kv):
+            x = self.a(x, x, x, need_weights=False)[0]
+            return self.head(self.b(x, kv[..., :6], kv[..., :5], need_weights=False)[0])
+
+    batches = [(torch.randn(2, 4, 8), torch.randn(2, 3, 6)) for _ in range(2)]
+    with pytest.warns(CalibrationWarning, match="4 layer weight"):
+        report = compress_model(TwoAttn(), batches, bits=4)
+    assert list(report.skipped) == ["a.in_proj_weight", "b.q_proj_weight", "b.k_proj_weight", "b.v_proj_weight"]
+    assert report.quantized == ["a.out_proj", "b.out_proj", "head"]
+    sizes = {"a.in_proj_weight": 24 * 8 + 24, "b.q_proj_weight": 8 * 8 + 8, "b.k_proj_weight": 8 * 6 + 8,
+             "b.v_proj_weight": 8 * 5 + 8}
+    fp32 = 4 * sum(sizes.values())
+    assert report.bytes_before - report.bytes_after == sum(r.bytes_before - r.bytes_after for r in report.modules)
+    assert report.bytes_before == fp32 + sum(r.bytes_before for r in report.modules)
+
+    with pytest.warns(CalibrationWarning, match="3 layer weight"):
+        report = compress_model(TwoAttn(), batches, bits=4, include="b")
+    assert list(report.skipped) == ["b.q_proj_weight", "b.k_proj_weight", "b.v_proj_weight"]
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        report = compress_model(TwoAttn(), batches, bits=4, exclude=["*_proj_weight"])
+    assert not report.skipped and report.quantized == ["a.out_proj", "b.out_proj", "head"]
+    with pytest.raises(ValueError, match="exclude pattern 'a.in_proj'"):
+        compress_model(TwoAttn(), batches, bits=4, exclude="a.in_proj")  # a typo still fails
 
 
 def test_float64_and_no_warning_when_all_calibrated():
