@@ -5,6 +5,7 @@ Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``
 grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
 """
 
+from obc_lightning.attention import ProjectedAttention, split_attention_projections
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
 from obc_lightning.compress import compress_model, select_modules
@@ -53,6 +54,7 @@ __all__ = [
     "OBCPrune",
     "OBCQuantize",
     "PQResult",
+    "ProjectedAttention",
     "PruneResult",
     "QuantResult",
     "QuantizedConv1d",
@@ -76,6 +78,7 @@ __all__ = [
     "reestimate_batchnorm",
     "save_quantized",
     "select_modules",
+    "split_attention_projections",
     "to_semi_structured",
     "unpack_model",
 ]

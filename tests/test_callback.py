@@ -7,6 +7,7 @@ import subprocess
 import sys
 import textwrap
 import types
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -338,6 +339,23 @@ def test_transformer_encoder_every_linear_quantized(tmp_path):
         trainer(tmp_path, cb).fit(TinyTransformer(), DataLoader(data(), batch_size=8))
     assert cb.quantized_modules == ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear1", "enc.layers.0.linear2"]
     assert list(cb.skipped_modules) == ["enc.layers.0.self_attn.in_proj_weight"]  # a bare Parameter, named
+
+
+def test_split_attention_every_projection_quantized_by_the_callback(tmp_path):
+    from obc_lightning import split_attention_projections
+
+    class Split(TinyTransformer):
+        def __init__(self):
+            super().__init__()
+            split_attention_projections(self)  # where the model is built, before the optimizer
+
+    cb = OBCQuantize(calibration_batches=1, evaluate=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", CalibrationWarning)
+        trainer(tmp_path, cb).fit(Split(), DataLoader(data(), batch_size=8))
+    attn = [f"enc.layers.0.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
+    assert cb.quantized_modules == [*attn, "enc.layers.0.linear1", "enc.layers.0.linear2"]
+    assert not cb.skipped_modules
 
 
 def test_ternary_fine_tuning_names_attention_projections_it_leaves(tmp_path):
