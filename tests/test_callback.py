@@ -358,6 +358,18 @@ def test_split_attention_every_projection_quantized_by_the_callback(tmp_path):
     assert not cb.skipped_modules
 
 
+def test_split_attention_projections_fine_tuned_ternary(tmp_path):
+    from obc_lightning import split_attention_projections
+
+    model = TinyTransformer()
+    split_attention_projections(model)
+    cb = OBCQuantize(finetune="ternary", finetune_epochs=1, ternary_skip_first_last=False, evaluate=False, plot=False)
+    trainer(tmp_path, cb, max_epochs=2).fit(model, DataLoader(data(), batch_size=8))
+    assert cb.quantized_modules[:3] == [f"enc.layers.0.self_attn.{p}_proj" for p in "qkv"] and not cb.skipped_modules
+    for p in "qkv":
+        assert len(model.enc.layers[0].self_attn.get_submodule(f"{p}_proj").weight.unique()) <= 3  # {-w_n, 0, w_p}
+
+
 def test_ternary_fine_tuning_names_attention_projections_it_leaves(tmp_path):
     cb = OBCQuantize(finetune="ternary", finetune_epochs=1, ternary_skip_first_last=False, evaluate=False, plot=False)
     with pytest.warns(UserWarning, match="1 layer weight.s. left in full precision:\n  enc.layers.0.self_attn.in_proj"):
