@@ -35,6 +35,7 @@ from obc_lightning.compress import (
     _check_pq_args,
     _check_prune_args,
     compress_model,
+    full_precision_message,
     select_modules,
     unquantized_projections,
 )
@@ -832,10 +833,7 @@ class OBCQuantize(Callback):
             left = unquantized_projections(pl_module, self.include, self.exclude)
             self.skipped_modules = {n: reason for n, (reason, _) in left.items()}
             if left:
-                rank_zero_warn(
-                    f"OBCQuantize: {len(left)} layer weight(s) left in full precision:\n"
-                    + "\n".join(f"  {n}: {r}" for n, r in self.skipped_modules.items())
-                )
+                rank_zero_warn(full_precision_message("OBCQuantize", self.skipped_modules))
             metrics = self._quantizer_metrics(pl_module)
             header = f"OBCQuantize: {self.finetune} quantization of {len(self._quantizers)} modules"
         after = self._evaluate(trainer, pl_module) if self.evaluate else {}
@@ -955,7 +953,8 @@ class OBCQuantize(Callback):
         return results
 
     def _quantizer_metrics(self, pl_module: LightningModule) -> dict[str, float]:
-        """Sizes and bits of the ternary / noise-quantized model (targets not quantized count at fp32)."""
+        """Sizes and bits of the ternary / noise-quantized model (targets not quantized and unsplit attention
+        projections count at fp32)."""
         before = after = qbits = qnumel = 0
         wbits = 0.0
         for name, m in select_modules(pl_module, self.include, self.exclude).items():
@@ -971,6 +970,8 @@ class OBCQuantize(Callback):
             qbits, qnumel = qbits + sb, qnumel + w.numel()
             if isinstance(q, ft.NoiseQuantizer):
                 wbits += float((q.rounded_bits() * q.group_numel).sum())
+        fp32 = sum(size for _, size in unquantized_projections(pl_module, self.include, self.exclude).values())
+        before, after = before + fp32, after + fp32  # attention q, k, v weights (see compress_model)
         out = {
             "obc/size_mb_before": before / 2**20,
             "obc/size_mb_after": after / 2**20,

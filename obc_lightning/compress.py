@@ -131,6 +131,12 @@ def unquantized_projections(model: nn.Module, include=None, exclude=None) -> dic
     return {n: v for n, v in attention_projections(model).items() if _selected(n, inc, exc)}
 
 
+def full_precision_message(who: str, skipped: Mapping[str, str]) -> str:
+    """The warning that names each layer weight left in full precision, with its reason."""
+    lines = "\n".join(f"  {n}: {r}" for n, r in skipped.items())
+    return f"{who}: {len(skipped)} layer weight(s) left in full precision:\n{lines}"
+
+
 def _check_prune_args(bits, sparsity, n_m, targets) -> None:
     """Pruning arguments, checked against every target before the model is touched."""
     if sparsity is not None and n_m is not None:
@@ -606,12 +612,7 @@ def compress_model(
         report.bytes_after += size
     report.seconds = time.perf_counter() - t_start
     if report.skipped:
-        lines = "\n".join(f"  {n}: {r}" for n, r in report.skipped.items())
-        warnings.warn(
-            f"compress_model: {len(report.skipped)} layer weight(s) left in full precision:\n{lines}",
-            CalibrationWarning,
-            stacklevel=2,
-        )
+        warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
     return report
 
 

@@ -372,8 +372,13 @@ def test_split_attention_projections_fine_tuned_ternary(tmp_path):
 
 def test_ternary_fine_tuning_names_attention_projections_it_leaves(tmp_path):
     cb = OBCQuantize(finetune="ternary", finetune_epochs=1, ternary_skip_first_last=False, evaluate=False, plot=False)
+    model = TinyTransformer()
     with pytest.warns(UserWarning, match="1 layer weight.s. left in full precision:\n  enc.layers.0.self_attn.in_proj"):
-        trainer(tmp_path, cb, max_epochs=2).fit(TinyTransformer(), DataLoader(data(), batch_size=8))
+        trainer(tmp_path, cb, max_epochs=2).fit(model, DataLoader(data(), batch_size=8))
+    attn = model.enc.layers[0].self_attn
+    in_proj = 4 * (attn.in_proj_weight.numel() + attn.in_proj_bias.numel())
+    linears = 4 * sum(m.weight.numel() + m.bias.numel() for m in model.modules() if isinstance(m, nn.Linear))
+    assert cb.metrics["obc/size_mb_before"] * 2**20 == pytest.approx(linears + in_proj)  # counted at fp32
     assert cb.quantized_modules == ["enc.layers.0.self_attn.out_proj", "enc.layers.0.linear1", "enc.layers.0.linear2"]
     assert list(cb.skipped_modules) == ["enc.layers.0.self_attn.in_proj_weight"]
 
