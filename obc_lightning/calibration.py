@@ -154,7 +154,11 @@ def _conv_geometry(module: nn.Conv1d | nn.Conv2d, x: Tensor):
 
 
 def conv_patches(
-    module: nn.Conv1d | nn.Conv2d, x: Tensor, rows: Tensor | None = None, dtype: torch.dtype | None = None
+    module: nn.Conv1d | nn.Conv2d,
+    x: Tensor,
+    rows: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """The receptive-field patches of ``x`` for ``module``, transposed: (groups, in/groups * prod(kernel), N).
 
@@ -165,14 +169,27 @@ def conv_patches(
     A row is read from the unpadded input as contiguous runs of W values (zero padding becomes a mask),
     ~4x cheaper per sample than gathering scattered positions. ``dtype``: the patches' dtype (the
     input is converted before the 9x larger patches are built from it); default ``x.dtype``.
+    ``workspace``: build all patches in its reused buffers instead of fresh tensors (the result is then
+    valid only until the workspace's next use).
     """
     x, (pt, pb, pl, pr), (kh, kw), (sh, sw), (dh, dw), (Ho, Wo) = _conv_geometry(module, x)
     B, C, H, W = x.shape
     g = module.groups
     if rows is None:
-        x = F.pad(x.to(dtype or x.dtype), (pl, pr, pt, pb))
+        dtype = dtype or x.dtype
+        if workspace is None:
+            x = F.pad(x.to(dtype), (pl, pr, pt, pb))
+            out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
+        else:
+            padded = workspace.take("padded", (B, C, H + pt + pb, W + pl + pr), dtype, x.device)
+            padded[:, :, :pt].zero_()  # only the border: the buffer holds whatever it held last
+            padded[:, :, pt + H :].zero_()
+            padded[:, :, pt : pt + H, :pl].zero_()
+            padded[:, :, pt : pt + H, pl + W :].zero_()
+            padded[:, :, pt : pt + H, pl : pl + W] = x
+            x = padded
+            out = workspace.take("patches", (g, C // g, kh * kw, B, Ho, Wo), dtype, x.device)
         # samples along the last axis: every kernel offset is a copy of contiguous image rows
-        out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
         for i in range(kh):
             for j in range(kw):
                 shift = x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
@@ -192,18 +209,45 @@ def conv_patches(
 
 
 def layer_inputs(
-    module: nn.Module, x: Tensor, units: Tensor | None = None, dtype: torch.dtype | None = None
+    module: nn.Module,
+    x: Tensor,
+    units: Tensor | None = None,
+    dtype: torch.dtype | None = None,
+    workspace: Workspace | None = None,
 ) -> Tensor:
     """The samples the module's weight sees, transposed: (groups, d, N), in ``dtype`` (default: x's).
 
     ``units`` (see :func:`sample_units`): only those tokens of a Linear, only those output rows of a conv.
+    ``workspace``: see :func:`conv_patches` (a Linear's tokens need no new buffer unless converted).
     """
     if isinstance(module, nn.Linear):
         tokens = x.reshape(-1, x.shape[-1])
         if units is not None:
             tokens = tokens[units]
         return tokens.to(dtype or tokens.dtype).T.unsqueeze(0)
-    return conv_patches(module, x, units, dtype)
+    if units is not None:  # the patches of a fraction of the rows: small, in fresh tensors
+        workspace = None
+    return conv_patches(module, x, units, dtype, workspace)
+
+
+class Workspace:
+    """Named buffers reused from call to call: every hook call of a conv builds patches ~k*k times the
+    size of its input (tens of MB), and on the CPU a fresh tensor that large is a fresh mmap from the
+    C allocator, whose page faults and zero-filling by the kernel cost a quarter of exact calibration
+    time on ResNet-20 (``benchmarks/calibration.py``). One buffer per role and dtype, grown to the
+    largest request; hooks run one at a time, and a result must be consumed before the next ``take``.
+    """
+
+    def __init__(self):
+        self.buffers: dict[tuple[str, torch.dtype, torch.device], Tensor] = {}
+
+    def take(self, role: str, shape: tuple[int, ...], dtype: torch.dtype, device: torch.device) -> Tensor:
+        """An uninitialised tensor of ``shape`` in the buffer of ``role``."""
+        key, numel = (role, dtype, torch.device(device)), math.prod(shape)
+        buf = self.buffers.get(key)
+        if buf is None or buf.numel() < numel:
+            buf = self.buffers[key] = torch.empty(numel, dtype=dtype, device=device)
+        return buf[:numel].view(shape)
 
 
 def sample_units(module: nn.Module, x: Tensor) -> tuple[int, int]:
@@ -245,8 +289,9 @@ class _Accumulator:
     """
 
     def __init__(self, name: str, module: nn.Module, device: torch.device, sample_fraction: float = 1.0, seed=0,
-                 buffer: bool = True, product_dtype: torch.dtype | None = None):
+                 buffer: bool = True, product_dtype: torch.dtype | None = None, workspace: Workspace | None = None):
         self.name = name
+        self.workspace = workspace
         self.product_dtype = product_dtype
         self.module = module
         # written by the first fold (a zero fill first would be one more pass over g * d^2 float64s)
@@ -270,18 +315,22 @@ class _Accumulator:
         self.calls += 1
         x = x.detach()
         units = None
+        total, per_unit = sample_units(self.module, x)
         if self.generator is not None:
             # m units (tokens, conv output rows) drawn uniformly with replacement (randint: ~100x cheaper
             # than a permutation of all units): the mean of x x^T over a drawn unit's samples has the
             # expectation of the mean over all samples (every unit has as many), so 2/n sum over the
             # drawn samples is an unbiased estimate of H at sample_fraction of the X^T X cost
-            total, _ = sample_units(self.module, x)
             m = max(1, math.ceil(self.sample_fraction * total))
             units = torch.randint(total, (m,), generator=self.generator, device=x.device)
+            total = m
         dtype = self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
-        Xt = layer_inputs(self.module, x, units, dtype)  # (g, d, N)
+        buffered = self.n_pending + total * per_unit < self.buffer_samples
+        # patches folded right away (nothing pending) can live in the reused workspace
+        workspace = None if buffered or self.pending else self.workspace
+        Xt = layer_inputs(self.module, x, units, dtype, workspace)  # (g, d, N)
         self.n += Xt.shape[2]
-        if self.n_pending + Xt.shape[2] < self.buffer_samples:
+        if buffered:
             # X is a part of x (plus zero padding): one reduction of x finds a NaN or Inf in this batch
             if not torch.isfinite(x.sum()):
                 self._raise_not_finite()
@@ -550,10 +599,11 @@ def collect_hessians(
     product_dtype = product_dtype_of(product_dtype, "collect_hessians")
     check_memory(modules, offload=offload, max_memory=max_memory)
 
+    workspace = Workspace()
     accs = {
         name: _Accumulator(
             name, m, torch.device("cpu") if offload else _module_device(m), sample_fraction, seed + i, not offload,
-            product_dtype,
+            product_dtype, workspace,
         )
         for i, (name, m) in enumerate(modules.items())
     }

@@ -84,6 +84,30 @@ def test_conv2d_stride_padding_dilation(padding_mode):
     quadratic_form_check(conv, lh, xs)
 
 
+def test_convs_sharing_the_reused_patch_buffers_get_their_own_exact_hessians():
+    # collect_hessians builds every conv's padded input and patches in one reused workspace: conv "b"
+    # (zero padding) reads a buffer that conv "a" (no padding, a larger input) has just filled, so its
+    # border must be zeroed again; "c" (reflect padding) reuses it once more, in another shape
+    model = nn.Sequential(
+        nn.Conv2d(8, 8, 5), nn.Conv2d(8, 6, 3, padding=1), nn.Conv2d(6, 4, 3, padding=1, padding_mode="reflect")
+    )
+    xs = [torch.randn(3, 8, 20, 20) for _ in range(2)]
+    inputs = {name: [] for name in "012"}
+    handles = [m.register_forward_pre_hook(lambda m, a, n=n: inputs[n].append(a[0])) for n, m in model.named_children()]
+    with torch.no_grad():
+        for x in xs:
+            model(x)
+    for h in handles:
+        h.remove()
+    res = collect_hessians(model, xs, dict(model.named_children()))
+    for name, k, pad in [("0", 5, 0), ("1", 3, 1)]:
+        P = torch.cat([direct_patches_2d(x, (k, k), (1, 1), (pad, pad), (1, 1)) for x in inputs[name]])
+        torch.testing.assert_close(res[name].hessians[0], 2 / P.shape[0] * P.T @ P, rtol=1e-5, atol=1e-5)
+    reflect = [F.pad(x, (1, 1, 1, 1), mode="reflect") for x in inputs["2"]]
+    P = torch.cat([direct_patches_2d(x, (3, 3), (1, 1), (0, 0), (1, 1)) for x in reflect])
+    torch.testing.assert_close(res["2"].hessians[0], 2 / P.shape[0] * P.T @ P, rtol=1e-5, atol=1e-5)
+
+
 def test_conv2d_same_padding():
     conv = nn.Conv2d(2, 3, 4, padding="same", dilation=1)  # even kernel: asymmetric padding
     xs = [torch.randn(2, 2, 6, 5)]

@@ -122,7 +122,7 @@ def test_sample_fraction_and_product_dtype_reach_calibration(tmp_path, monkeypat
 
     seen = []
     real = calibration.layer_inputs
-    monkeypatch.setattr(calibration, "layer_inputs", lambda *a: seen.append(a[3]) or real(*a))
+    monkeypatch.setattr(calibration, "layer_inputs", lambda *a, **k: seen.append(a[3]) or real(*a, **k))
     model = Net()
     cb = OBCQuantize(
         bits=4, calibration_batches=3, sample_fraction=0.25, product_dtype=torch.bfloat16, evaluate=False, plot=False
