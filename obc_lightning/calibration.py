@@ -23,6 +23,7 @@ import math
 import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -495,6 +496,31 @@ def register_input_hook(model: nn.Module, name: str, module: nn.Module, fn: Call
     return mha.register_forward_hook(hook, with_kwargs=True)
 
 
+@contextmanager
+def input_hooks(model: nn.Module, hooks: Mapping[str, tuple[nn.Module, Callable[[Tensor], None]]]):
+    """Within the block, ``fn(x)`` sees the input of every ``{name: (module, fn)}`` (see
+    :func:`register_input_hook`), with the model in eval mode and the fused attention fast path off: the
+    fused MHA / TransformerEncoderLayer path bypasses the Linear submodules, the slow path calls them as
+    modules (MultiheadAttention.out_proj excepted: see :func:`out_proj_input`). On exit, even by an
+    error, the hooks are removed, the fast path setting and every submodule's train / eval mode restored.
+    """
+    modes = {m: m.training for m in model.modules()}
+    fastpath = torch.backends.mha.get_fastpath_enabled()
+    handles = []
+    try:
+        for name, (module, fn) in hooks.items():
+            handles.append(register_input_hook(model, name, module, fn))
+        model.eval()
+        torch.backends.mha.set_fastpath_enabled(False)
+        yield
+    finally:
+        for h in handles:
+            h.remove()
+        torch.backends.mha.set_fastpath_enabled(fastpath)
+        for m, training in modes.items():
+            m.train(training)
+
+
 def check_memory(
     modules: Mapping[str, nn.Module], *, offload: bool, max_memory: int | Mapping[str, int] | None
 ) -> None:
@@ -607,17 +633,8 @@ def collect_hessians(
         )
         for i, (name, m) in enumerate(modules.items())
     }
-    modes = {m: m.training for m in model.modules()}
-    handles = []
-    # The fused MHA / TransformerEncoderLayer fast path bypasses the Linear submodules; the slow path
-    # calls them as modules (MultiheadAttention.out_proj excepted: see out_proj_input).
-    fastpath = torch.backends.mha.get_fastpath_enabled()
     n_batches = 0
-    try:
-        for acc in accs.values():
-            handles.append(register_input_hook(model, acc.name, acc.module, acc.add))
-        model.eval()
-        torch.backends.mha.set_fastpath_enabled(False)
+    with input_hooks(model, {acc.name: (acc.module, acc.add) for acc in accs.values()}):
         for batch in batches:
             for acc in accs.values():
                 acc.batch_index = n_batches
@@ -625,12 +642,6 @@ def collect_hessians(
             n_batches += 1
         for acc in accs.values():
             acc.flush()
-    finally:
-        for h in handles:
-            h.remove()
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, training in modes.items():
-            m.train(training)
     if n_batches == 0:
         raise ValueError("collect_hessians: no calibration batches (the iterable was empty)")
 

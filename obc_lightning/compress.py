@@ -24,8 +24,8 @@ from obc_lightning.calibration import (
     LayerHessian,
     call_model,
     collect_hessians,
+    input_hooks,
     product_dtype_of,
-    register_input_hook,
 )
 from obc_lightning.grids import check_bits, check_group_size
 from obc_lightning.reporting import (
@@ -264,26 +264,16 @@ def _materialize(batches) -> Iterable:
 def _execution_order(model: nn.Module, batch, targets: Mapping[str, nn.Module], forward_fn) -> list[str]:
     """Target names in the order of their first call on ``batch``; those never called go last."""
     seen: list[str] = []
-    handles = []
-    modes = {m: m.training for m in model.modules()}
-    fastpath = torch.backends.mha.get_fastpath_enabled()
-    try:
-        for name, m in targets.items():
 
-            def record(x, name=name):
-                if name not in seen:
-                    seen.append(name)
+    def recorder(name: str):
+        def record(x):
+            if name not in seen:
+                seen.append(name)
 
-            handles.append(register_input_hook(model, name, m, record))
-        model.eval()
-        torch.backends.mha.set_fastpath_enabled(False)  # as in collect_hessians
+        return record
+
+    with input_hooks(model, {name: (m, recorder(name)) for name, m in targets.items()}):
         call_model(model, batch, forward_fn)
-    finally:
-        for h in handles:
-            h.remove()
-        torch.backends.mha.set_fastpath_enabled(fastpath)
-        for m, training in modes.items():
-            m.train(training)
     return seen + [n for n in targets if n not in seen]
 
 
