@@ -234,7 +234,7 @@ def layer_inputs(
 class Workspace:
     """Named buffers reused from call to call: every hook call of a conv builds patches ~k*k times the
     size of its input (tens of MB), and on the CPU a fresh tensor that large is a fresh mmap from the
-    C allocator, whose page faults and zero-filling by the kernel cost a quarter of exact calibration
+    C allocator, whose page faults and zero-filling by the kernel cost about a fifth of exact calibration
     time on ResNet-20 (``benchmarks/calibration.py``). One buffer per role and dtype, grown to the
     largest request; hooks run one at a time, and a result must be consumed before the next ``take``.
     """
