@@ -30,6 +30,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from obc_lightning.checks import check_fraction
+
 SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # X^T X is multiplied in up to 8 block rows of at least 128 (from 2 blocks on only the block-lower
 # triangle is computed: (k + 1) / 2k of the arithmetic, 15-30 % less time on CPU; 8 bounds the launches)
@@ -616,12 +618,7 @@ def collect_hessians(
                 f"collect_hessians: module '{name}' is a {type(m).__name__}; supported: "
                 f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}"
             )
-    if (
-        isinstance(sample_fraction, bool)
-        or not isinstance(sample_fraction, (int, float))
-        or not 0 < sample_fraction <= 1
-    ):
-        raise ValueError(f"collect_hessians: sample_fraction must be in (0, 1], got {sample_fraction!r}")
+    check_fraction("collect_hessians", "sample_fraction", sample_fraction)
     product_dtype = product_dtype_of(product_dtype, "collect_hessians")
     check_memory(modules, offload=offload, max_memory=max_memory)
 

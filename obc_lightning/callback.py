@@ -30,6 +30,14 @@ from torch.nn.utils import parametrize
 from obc_lightning import finetune as ft
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import call_model, product_dtype_of
+from obc_lightning.checks import (
+    check_flags,
+    check_fraction,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    is_number,
+)
 from obc_lightning.compress import (
     SOLVERS,
     _check_pq_args,
@@ -310,12 +318,7 @@ class OBCQuantize(Callback):
                 )
         elif finetune == "pq":
             raise ValueError("OBCQuantize: finetune='pq' trains product-quantization codebooks: set method='pq'")
-        if (
-            isinstance(pq_noise_rate, bool)
-            or not isinstance(pq_noise_rate, (int, float))
-            or not 0 < pq_noise_rate <= 1
-        ):
-            raise ValueError(f"OBCQuantize: pq_noise_rate must be in (0, 1], got {pq_noise_rate!r}")
+        check_fraction("OBCQuantize", "pq_noise_rate", pq_noise_rate)
         if method == "scalar" and (bits is not None or (sparsity is None and n_m is None)):
             check_bits(bits)
         if method == "scalar":
@@ -335,48 +338,16 @@ class OBCQuantize(Callback):
             monitor, mode, max_drop, finetune, finetune_epochs, ternary_threshold, ternary_skip_first_last,
             noise_group_size, noise_min_bits, noise_max_bits, noise_penalty, evaluate, export_path,
         )
-        if noise_bits_lr is not None and (
-            isinstance(noise_bits_lr, bool)
-            or not isinstance(noise_bits_lr, (int, float))
-            or not math.isfinite(noise_bits_lr)
-            or noise_bits_lr <= 0
-        ):
-            raise ValueError(f"OBCQuantize: noise_bits_lr must be a positive number or None, got {noise_bits_lr!r}")
-        if group_size is not None and (
-            isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1
-        ):
-            raise ValueError(
-                f"OBCQuantize: group_size must be a positive integer or None, got {group_size!r}"
-            )
+        check_positive("OBCQuantize", "noise_bits_lr", noise_bits_lr, optional=True)
+        check_positive_int("OBCQuantize", "group_size", group_size, optional=True)
         if solver not in SOLVERS:
             raise ValueError(f"OBCQuantize: solver must be one of {SOLVERS}, got {solver!r}")
-        if (
-            isinstance(damp, bool)
-            or not isinstance(damp, (int, float))
-            or not math.isfinite(damp)
-            or damp < 0
-        ):
-            raise ValueError(f"OBCQuantize: damp must be a finite number >= 0, got {damp!r}")
-        for flag, value in (
-            ("symmetric", symmetric),
-            ("mse", mse),
-            ("sequential", sequential),
-            ("evaluate", evaluate),
-            ("offload", offload),
-            ("plot", plot),
-            ("verbose", verbose),
-        ):
-            if not isinstance(value, bool):
-                raise ValueError(f"OBCQuantize: {flag} must be a bool, got {value!r}")
-        if calibration_batches is not None and (
-            isinstance(calibration_batches, bool)
-            or not isinstance(calibration_batches, int)
-            or calibration_batches < 1
-        ):
-            raise ValueError(
-                f"OBCQuantize: calibration_batches must be a positive integer or None, got "
-                f"{calibration_batches!r}"
-            )
+        check_nonnegative("OBCQuantize", "damp", damp)
+        check_flags(
+            "OBCQuantize", symmetric=symmetric, mse=mse, sequential=sequential, evaluate=evaluate, offload=offload,
+            plot=plot, verbose=verbose,
+        )
+        check_positive_int("OBCQuantize", "calibration_batches", calibration_batches, optional=True)
         if calibration_dataloader is not None and (
             isinstance(calibration_dataloader, (Tensor, str))
             or not isinstance(calibration_dataloader, Iterable)
@@ -395,12 +366,7 @@ class OBCQuantize(Callback):
             or os.path.isdir(export_path)
         ):
             raise ValueError(f"OBCQuantize: export_path must be a file path or None, got {export_path!r}")
-        if (
-            isinstance(sample_fraction, bool)
-            or not isinstance(sample_fraction, (int, float))
-            or not 0 < sample_fraction <= 1
-        ):
-            raise ValueError(f"OBCQuantize: sample_fraction must be in (0, 1], got {sample_fraction!r}")
+        check_fraction("OBCQuantize", "sample_fraction", sample_fraction)
         for kind, pats in (("include", include), ("exclude", exclude)):
             if (
                 pats is not None
@@ -459,9 +425,6 @@ class OBCQuantize(Callback):
         monitor, mode, max_drop, finetune, finetune_epochs, threshold, skip, group_size, min_bits, max_bits,
         penalty, evaluate, export_path,
     ) -> None:
-        def number(x):
-            return not isinstance(x, bool) and isinstance(x, (int, float)) and math.isfinite(x)
-
         if finetune is not None and finetune not in ft.MODES:
             raise ValueError(f"OBCQuantize: finetune must be one of {ft.MODES} or None, got {finetune!r}")
         if mode not in ("max", "min"):
@@ -469,8 +432,7 @@ class OBCQuantize(Callback):
         if monitor is not None and (not isinstance(monitor, str) or not monitor):
             raise ValueError(f"OBCQuantize: monitor must be a metric name or None, got {monitor!r}")
         if max_drop is not None:
-            if not number(max_drop) or max_drop < 0:
-                raise ValueError(f"OBCQuantize: max_drop must be a finite number >= 0 or None, got {max_drop!r}")
+            check_nonnegative("OBCQuantize", "max_drop", max_drop, optional=True)
             if finetune is None:
                 raise ValueError(
                     "OBCQuantize: max_drop is a budget for fine-tuning; set finetune='ste'|'ternary'|'noise'"
@@ -479,20 +441,16 @@ class OBCQuantize(Callback):
                 raise ValueError("OBCQuantize: max_drop needs monitor=<validation metric name>")
             if not evaluate:
                 raise ValueError("OBCQuantize: max_drop needs evaluate=True (the drop is measured)")
-        if isinstance(finetune_epochs, bool) or not isinstance(finetune_epochs, int) or finetune_epochs < 1:
-            raise ValueError(f"OBCQuantize: finetune_epochs must be a positive integer, got {finetune_epochs!r}")
-        if not number(threshold) or not 0 <= threshold < 1:
+        check_positive_int("OBCQuantize", "finetune_epochs", finetune_epochs)
+        if not is_number(threshold) or not 0 <= threshold < 1:
             raise ValueError(f"OBCQuantize: ternary_threshold must be in [0, 1), got {threshold!r}")
-        if not isinstance(skip, bool):
-            raise ValueError(f"OBCQuantize: ternary_skip_first_last must be a bool, got {skip!r}")
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"OBCQuantize: noise_group_size must be a positive integer, got {group_size!r}")
-        if not (number(min_bits) and number(max_bits) and 1 <= min_bits < max_bits <= 16):
+        check_flags("OBCQuantize", ternary_skip_first_last=skip)
+        check_positive_int("OBCQuantize", "noise_group_size", group_size)
+        if not (is_number(min_bits) and is_number(max_bits) and 1 <= min_bits < max_bits <= 16):
             raise ValueError(
                 f"OBCQuantize: need 1 <= noise_min_bits < noise_max_bits <= 16, got {min_bits!r}, {max_bits!r}"
             )
-        if not number(penalty) or penalty < 0:
-            raise ValueError(f"OBCQuantize: noise_penalty must be a finite number >= 0, got {penalty!r}")
+        check_nonnegative("OBCQuantize", "noise_penalty", penalty)
         if export_path is not None and finetune == "noise" and round(max_bits) > 8:
             raise ValueError(
                 f"OBCQuantize: export_path packs DiffQ codes at 8 bits at most; noise_max_bits={max_bits!r} rounds "

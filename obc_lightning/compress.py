@@ -27,6 +27,7 @@ from obc_lightning.calibration import (
     input_hooks,
     product_dtype_of,
 )
+from obc_lightning.checks import check_flags, check_nonnegative
 from obc_lightning.grids import check_bits, check_group_size
 from obc_lightning.reporting import (
     FP32_BYTES,
@@ -221,16 +222,8 @@ def _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offl
         check_bits(bits)
     if solver not in SOLVERS:
         raise ValueError(f"compress_model: solver must be one of {SOLVERS}, got {solver!r}")
-    for flag, value in (
-        ("symmetric", symmetric),
-        ("mse", mse),
-        ("sequential", sequential),
-        ("offload", offload),
-    ):
-        if not isinstance(value, bool):
-            raise ValueError(f"compress_model: {flag} must be a bool, got {value!r}")
-    if isinstance(damp, bool) or not isinstance(damp, (int, float)) or not math.isfinite(damp) or damp < 0:
-        raise ValueError(f"compress_model: damp must be a finite number >= 0, got {damp!r}")
+    check_flags("compress_model", symmetric=symmetric, mse=mse, sequential=sequential, offload=offload)
+    check_nonnegative("compress_model", "damp", damp)
     try:
         check_group_size(group_size, 2**62)
     except ValueError as e:

@@ -30,6 +30,7 @@ import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
+from obc_lightning.checks import check_fraction, check_positive_int, is_number
 from obc_lightning.grids import MixedGrid, round_to_dtype, round_to_grid
 from obc_lightning.solvers.pq import PQResult
 
@@ -261,9 +262,8 @@ class NoiseQuantizer(nn.Module):
     ) -> None:
         super().__init__()
         self.range_dtype = range_dtype
-        if isinstance(group_size, bool) or not isinstance(group_size, int) or group_size < 1:
-            raise ValueError(f"NoiseQuantizer: group_size must be a positive integer, got {group_size!r}")
-        if not 1 <= min_bits < max_bits <= 16:
+        check_positive_int("NoiseQuantizer", "group_size", group_size)
+        if not (is_number(min_bits) and is_number(max_bits) and 1 <= min_bits < max_bits <= 16):
             raise ValueError(
                 f"NoiseQuantizer: need 1 <= min_bits < max_bits <= 16, got {min_bits!r}, {max_bits!r}"
             )
@@ -381,8 +381,7 @@ class CentroidQuantizer(nn.Module):
                 f"CentroidQuantizer: codebook must be (K, block_size) and codes (rows, n_blocks), got "
                 f"{tuple(codebook.shape)} and {tuple(codes.shape)}"
             )
-        if not 0 < noise_rate <= 1:
-            raise ValueError(f"CentroidQuantizer: noise_rate must be in (0, 1], got {noise_rate!r}")
+        check_fraction("CentroidQuantizer", "noise_rate", noise_rate)
         self.codebook = nn.Parameter(codebook.detach().clone().float())
         self.register_buffer("codes", codes.detach().clone().long())
         self.noise_rate = float(noise_rate)

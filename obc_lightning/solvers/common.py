@@ -2,13 +2,13 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from dataclasses import dataclass, field
 
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_nonnegative
 from obc_lightning.grids import Grid, check_bits, check_group_size
 
 
@@ -86,8 +86,7 @@ def prepare_hessian(hessian: Tensor, damp: float, *, fn: str, matrix_shape: tupl
     A dead input (zero diagonal: the input was always 0) gets H[p, p] = 1 and no coupling, so its
     weight is set to 0 at no cost and never moves another weight.
     """
-    if not (isinstance(damp, (int, float)) and math.isfinite(damp) and damp >= 0):
-        raise ValueError(f"{fn}: damp must be a finite number >= 0, got {damp!r}")
+    check_nonnegative(fn, "damp", damp)
     H = hessian.clone()
     diag = torch.diagonal(H)
     dead = diag == 0

@@ -16,6 +16,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import dequantize, fit_grid, quantize_codes
 from obc_lightning.solvers.common import (
     QuantResult,
@@ -112,8 +113,7 @@ def gptq(
         damp, symmetric, mse, group_size: as in :func:`exact_obc` (note the default damp here is 0.01).
     """
     check_problem("gptq", matrix, hessian, n_bits, group_size)
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"gptq: block_size must be a positive integer, got {block_size!r}")
+    check_positive_int("gptq", "block_size", block_size)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
     prep = prepare_hessian(hessian.detach().to(dt), damp, fn="gptq", matrix_shape=tuple(matrix.shape))

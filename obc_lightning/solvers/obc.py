@@ -25,6 +25,7 @@ import warnings
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
 from obc_lightning.solvers.common import (
     PreparedHessian,
@@ -351,12 +352,10 @@ def exact_obc(
             ``None``: about 2 sqrt(cols), which balances the per-step correction against the flushes.
     """
     check_problem("exact_obc", matrix, hessian, n_bits, group_size)
-    if batch_size is not None and (isinstance(batch_size, bool) or not isinstance(batch_size, int) or batch_size < 1):
-        raise ValueError(f"exact_obc: batch_size must be a positive integer or None, got {batch_size!r}")
+    check_positive_int("exact_obc", "batch_size", batch_size, optional=True)
     if method not in ("fast", "reference"):
         raise ValueError(f"exact_obc: method must be 'fast' or 'reference', got {method!r}")
-    if block_size is not None and (isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1):
-        raise ValueError(f"exact_obc: block_size must be a positive integer or None, got {block_size!r}")
+    check_positive_int("exact_obc", "block_size", block_size, optional=True)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
     prep = prepare_hessian(hessian.detach().to(dt), damp, fn="exact_obc", matrix_shape=tuple(matrix.shape))

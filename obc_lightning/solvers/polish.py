@@ -13,6 +13,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, quantize_codes
 from obc_lightning.solvers.common import QuantResult, compute_dtype, layer_objective
 
@@ -117,10 +118,8 @@ def polish(
         raise ValueError(f"polish: quantized has shape {tuple(quantized.shape)}, matrix {tuple(matrix.shape)}")
     if grid.rows != rows or grid.cols != cols:
         raise ValueError(f"polish: grid is for a ({grid.rows}, {grid.cols}) matrix, got {tuple(matrix.shape)}")
-    if isinstance(max_passes, bool) or not isinstance(max_passes, int) or max_passes < 1:
-        raise ValueError(f"polish: max_passes must be a positive integer, got {max_passes!r}")
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"polish: block_size must be a positive integer, got {block_size!r}")
+    check_positive_int("polish", "max_passes", max_passes)
+    check_positive_int("polish", "block_size", block_size)
     dt = compute_dtype(matrix)
     g = grid.to(device=matrix.device, dtype=dt)
     codes = quantized.to(dt) if not quantized.is_floating_point() else g.codes(quantized.to(dt)).to(dt)

@@ -35,6 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_positive_int
 from obc_lightning.solvers.common import compute_dtype, layer_objective, prepare_hessian
 from obc_lightning.solvers.gptq import upper_cholesky_of_inverse
 
@@ -84,8 +85,7 @@ def code_bits(n_centroids: int) -> int:
 
 def check_pq_args(fn: str, cols: int, rows: int, block_size, n_centroids, what: str = "matrix") -> None:
     """Clear errors for a block size or codebook size that cannot apply to a (rows x cols) weight."""
-    if isinstance(block_size, bool) or not isinstance(block_size, int) or block_size < 1:
-        raise ValueError(f"{fn}: block_size must be a positive integer, got {block_size!r}")
+    check_positive_int(fn, "block_size", block_size)
     if isinstance(n_centroids, bool) or not isinstance(n_centroids, int) or not 2 <= n_centroids <= 2**16:
         raise ValueError(f"{fn}: n_centroids must be an integer in [2, 65536], got {n_centroids!r}")
     if cols % block_size:

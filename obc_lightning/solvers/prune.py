@@ -24,6 +24,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_positive_int
 from obc_lightning.solvers.common import (
     PreparedHessian,
     check_problem,
@@ -283,9 +284,8 @@ def _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group
     d = matrix.shape[1]
     if (sparsity is None) == (n_m is None):
         raise ValueError(f"{fn}: give exactly one of sparsity=... or n_m=(N, M), got {sparsity=!r}, {n_m=!r}")
-    for name, v in (("block_size", block_size), ("batch_size", batch_size)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < 1:
-            raise ValueError(f"{fn}: {name} must be a positive integer, got {v!r}")
+    check_positive_int(fn, "block_size", block_size)
+    check_positive_int(fn, "batch_size", batch_size)
     if method not in ("fast", "reference"):
         raise ValueError(f"{fn}: method must be 'fast' or 'reference', got {method!r}")
     check_sparsity_pattern(fn, sparsity, n_m)
