@@ -254,20 +254,38 @@ def _materialize(batches) -> Iterable:
 
 
 @torch.no_grad()
-def _execution_order(model: nn.Module, batch, targets: Mapping[str, nn.Module], forward_fn) -> list[str]:
-    """Target names in the order of their first call on ``batch``; those never called go last."""
-    seen: list[str] = []
+def execution_groups(model: nn.Module, batch, targets: Mapping[str, nn.Module], forward_fn=None) -> list[list[str]]:
+    """Target names in the order of their first call on ``batch``, grouped for sequential calibration;
+    those never called come last, one per group.
+
+    A module joins the group before it when its first call receives the very tensor object that the
+    group's first module received, unmodified in between (same ``_version``), as q, k and v receive one
+    hidden state: that tensor existed before the group ran, so it cannot depend on any module of the
+    group, and one calibration pass serves them all, with the same Hessians as one pass each.
+    """
+    groups: list[list[str]] = []
+    seen: set[str] = set()
+    group_input: list = [None, -1]  # the group's input (held, so its address cannot be reused) and _version
 
     def recorder(name: str):
         def record(x):
-            if name not in seen:
-                seen.append(name)
+            if name in seen:
+                return
+            seen.add(name)
+            if groups and x is group_input[0] and x._version == group_input[1]:
+                groups[-1].append(name)
+            else:
+                groups.append([name])
+                group_input[:] = [x, x._version]
 
         return record
 
-    with input_hooks(model, {name: (m, recorder(name)) for name, m in targets.items()}):
-        call_model(model, batch, forward_fn)
-    return seen + [n for n in targets if n not in seen]
+    try:
+        with input_hooks(model, {name: (m, recorder(name)) for name, m in targets.items()}):
+            call_model(model, batch, forward_fn)
+    finally:
+        group_input[:] = [None, -1]
+    return groups + [[n] for n in targets if n not in seen]
 
 
 def _size(m: nn.Module) -> int:
@@ -462,7 +480,8 @@ def compress_model(
             pattern must match a supported module.
         sequential: ``False``: all Hessians from the original model in one pass. ``True``: module by
             module in execution order, each calibrated on the inputs produced by the already-quantized
-            earlier modules (one pass over the batches per module).
+            earlier modules: one pass over the batches per module, except that modules called in a row
+            on one and the same input tensor (q, k, v) share a pass (:func:`execution_groups`).
         solver, group_size, symmetric, mse, damp: passed to
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
@@ -559,6 +578,7 @@ def compress_model(
                 t0 = time.perf_counter()
                 calib = collect_hessians(model, batches, targets, **kw)
                 report.calibration_seconds = time.perf_counter() - t0
+                report.calibration_passes = 1
                 skipped.update(calib.skipped)
                 for name in list(calib.hessians):
                     solve(name, calib.hessians.pop(name))  # pop: free each H once used
@@ -566,13 +586,15 @@ def compress_model(
                 first = next(iter(batches), None)
                 if first is None:
                     raise ValueError("compress_model: calibration_batches is empty")
-                for name in _execution_order(model, first, targets, forward_fn):
+                for group in execution_groups(model, first, targets, forward_fn):
                     t0 = time.perf_counter()
-                    calib = collect_hessians(model, batches, {name: targets[name]}, **kw)
+                    calib = collect_hessians(model, batches, {name: targets[name] for name in group}, **kw)
                     report.calibration_seconds += time.perf_counter() - t0
+                    report.calibration_passes += 1
                     skipped.update(calib.skipped)
-                    if name in calib:
-                        solve(name, calib.hessians.pop(name))
+                    for name in group:
+                        if name in calib:
+                            solve(name, calib.hessians.pop(name))
     except BaseException:
         with torch.no_grad():
             for name, w in backups.items():

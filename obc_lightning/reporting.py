@@ -98,6 +98,7 @@ class CompressionReport:
     quantized_weight_bits: int = 0
     pruned_weights: int = 0
     calibration_seconds: float = 0.0
+    calibration_passes: int = 0  # passes over the calibration batches (sequential: one per group)
     seconds: float = 0.0
     results: dict | None = field(default=None, repr=False, compare=False)
 
@@ -182,7 +183,8 @@ class CompressionReport:
             f"{self.bytes_before / 2**20:.3f} MB -> {self.bytes_after / 2**20:.3f} MB "
             f"(x{self.compression_ratio:.2f}, {self.avg_bits:.2f} bits/weight"
             + (f", {self.sparsity:.1%} pruned" if self.pruned_weights else "") + ") | "
-            f"{self.seconds:.2f} s ({self.calibration_seconds:.2f} s calibration)"
+            f"{self.seconds:.2f} s ({self.calibration_seconds:.2f} s calibration"
+            + (f", {self.calibration_passes} passes" if self.calibration_passes > 1 else "") + ")"
         )
         return "\n".join(lines)
 

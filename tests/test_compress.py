@@ -156,6 +156,47 @@ def test_sequential_uses_inputs_of_quantized_earlier_modules():
         assert torch.equal(p, dict(seq_model.named_parameters())[n]), n
 
 
+class SharedInput(nn.Module):
+    """q, k, v on one hidden state (one calibration pass), then o on their result; with ``inplace`` the
+    hidden state is changed in place between k and v (v's input then depends on k: no shared pass)."""
+
+    def __init__(self, inplace=False):
+        super().__init__()
+        torch.manual_seed(0)
+        self.norm, self.inplace = nn.LayerNorm(12), inplace
+        self.q, self.k, self.v, self.o = (nn.Linear(12, 12) for _ in range(4))
+
+    def forward(self, x):
+        h = self.norm(x)
+        q, k = self.q(h), self.k(h)
+        if self.inplace:
+            h.add_(k)
+        v = self.v(h)
+        return self.o(torch.softmax(q @ k.transpose(1, 2), -1) @ v)
+
+
+def test_sequential_shares_a_pass_between_modules_on_the_same_input_and_matches_one_by_one():
+    from obc_lightning.compress import execution_groups
+
+    xs = [torch.randn(4, 6, 12) for _ in range(3)]
+    for inplace, groups in [(False, [["q", "k", "v"], ["o"]]), (True, [["q", "k"], ["v"], ["o"]])]:
+        model = SharedInput(inplace)
+        assert execution_groups(model, xs[0], select_modules(model)) == groups
+    # equal values in another tensor object are not the same input: no sharing
+    model = nn.Sequential(nn.Linear(5, 5), nn.Identity(), nn.Linear(5, 5))
+    model[1].forward = lambda x: x.clone()
+    assert execution_groups(model, torch.randn(2, 5), select_modules(model)) == [["0"], ["2"]]
+
+    for inplace in (False, True):
+        grouped, manual = SharedInput(inplace), SharedInput(inplace)
+        report = compress_model(grouped, xs, bits=3, sequential=True, solver="gptq")
+        assert report.calibration_passes == (3 if inplace else 2)
+        for name in ["q", "k", "v", "o"]:  # one module at a time, each on the already quantized ones
+            compress_model(manual, xs, bits=3, include=name, solver="gptq")
+        for n, p in manual.named_parameters():
+            assert torch.equal(p, dict(grouped.named_parameters())[n]), (inplace, n)
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
