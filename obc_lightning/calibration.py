@@ -180,18 +180,10 @@ def conv_patches(
     g = module.groups
     if rows is None:
         dtype = dtype or x.dtype
-        if workspace is None:
-            x = F.pad(x.to(dtype), (pl, pr, pt, pb))
-            out = x.new_empty(g, C // g, kh * kw, B, Ho, Wo)
-        else:
-            padded = workspace.take("padded", (B, C, H + pt + pb, W + pl + pr), dtype, x.device)
-            padded[:, :, :pt].zero_()  # only the border: the buffer holds whatever it held last
-            padded[:, :, pt + H :].zero_()
-            padded[:, :, pt : pt + H, :pl].zero_()
-            padded[:, :, pt : pt + H, pl + W :].zero_()
-            padded[:, :, pt : pt + H, pl : pl + W] = x
-            x = padded
-            out = workspace.take("patches", (g, C // g, kh * kw, B, Ho, Wo), dtype, x.device)
+        if pt or pb or pl or pr or x.dtype != dtype:
+            x = _padded(x, (pt, pb, pl, pr), dtype, workspace)
+        shape = (g, C // g, kh * kw, B, Ho, Wo)
+        out = x.new_empty(shape) if workspace is None else workspace.take("patches", shape, dtype, x.device)
         # samples along the last axis: every kernel offset is a copy of contiguous image rows
         for i in range(kh):
             for j in range(kw):
@@ -209,6 +201,21 @@ def conv_patches(
     st = lines.stride()
     view = lines.as_strided((C, kh, kw, len(rows), Wo), (st[2], st[0], dw * st[3], st[1], sw * st[3]))
     return view.reshape(g, C // g * kh * kw, len(rows) * Wo)
+
+
+def _padded(x: Tensor, pads: tuple[int, int, int, int], dtype: torch.dtype, workspace: Workspace | None) -> Tensor:
+    """``x`` (B, C, H, W) in ``dtype`` with (top, bottom, left, right) rows / columns of zeros around it."""
+    pt, pb, pl, pr = pads
+    if workspace is None:
+        return F.pad(x.to(dtype), (pl, pr, pt, pb))
+    B, C, H, W = x.shape
+    out = workspace.take("padded", (B, C, H + pt + pb, W + pl + pr), dtype, x.device)
+    out[:, :, :pt].zero_()  # only the border: the buffer holds whatever it held last
+    out[:, :, pt + H :].zero_()
+    out[:, :, pt : pt + H, :pl].zero_()
+    out[:, :, pt : pt + H, pl + W :].zero_()
+    out[:, :, pt : pt + H, pl : pl + W] = x
+    return out
 
 
 def layer_inputs(
@@ -318,17 +325,17 @@ class _Accumulator:
         self.calls += 1
         x = x.detach()
         units = None
-        total, per_unit = sample_units(self.module, x)
+        n_units, per_unit = sample_units(self.module, x)
         if self.generator is not None:
             # m units (tokens, conv output rows) drawn uniformly with replacement (randint: ~100x cheaper
             # than a permutation of all units): the mean of x x^T over a drawn unit's samples has the
             # expectation of the mean over all samples (every unit has as many), so 2/n sum over the
             # drawn samples is an unbiased estimate of H at sample_fraction of the X^T X cost
-            m = max(1, math.ceil(self.sample_fraction * total))
-            units = torch.randint(total, (m,), generator=self.generator, device=x.device)
-            total = m
+            m = max(1, math.ceil(self.sample_fraction * n_units))
+            units = torch.randint(n_units, (m,), generator=self.generator, device=x.device)
+            n_units = m
         dtype = self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
-        buffered = self.n_pending + total * per_unit < self.buffer_samples
+        buffered = self.n_pending + n_units * per_unit < self.buffer_samples
         # patches folded right away (nothing pending) can live in the reused workspace
         workspace = None if buffered or self.pending else self.workspace
         Xt = layer_inputs(self.module, x, units, dtype, workspace)  # (g, d, N)

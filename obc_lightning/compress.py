@@ -280,11 +280,8 @@ def execution_groups(model: nn.Module, batch, targets: Mapping[str, nn.Module], 
 
         return record
 
-    try:
-        with input_hooks(model, {name: (m, recorder(name)) for name, m in targets.items()}):
-            call_model(model, batch, forward_fn)
-    finally:
-        group_input[:] = [None, -1]
+    with input_hooks(model, {name: (m, recorder(name)) for name, m in targets.items()}):
+        call_model(model, batch, forward_fn)
     return groups + [[n] for n in targets if n not in seen]
 
 

@@ -106,6 +106,11 @@ def test_convs_sharing_the_reused_patch_buffers_get_their_own_exact_hessians():
     reflect = [F.pad(x, (1, 1, 1, 1), mode="reflect") for x in inputs["2"]]
     P = torch.cat([direct_patches_2d(x, (3, 3), (1, 1), (0, 0), (1, 1)) for x in reflect])
     torch.testing.assert_close(res["2"].hessians[0], 2 / P.shape[0] * P.T @ P, rtol=1e-5, atol=1e-5)
+    # channels_last activations (strided, read in place by the unpadded conv "0") give the same Hessians
+    model = model.to(memory_format=torch.channels_last)
+    last = collect_hessians(model, [x.to(memory_format=torch.channels_last) for x in xs], dict(model.named_children()))
+    for name in "012":
+        torch.testing.assert_close(last[name].hessians, res[name].hessians, rtol=1e-5, atol=1e-5)
 
 
 def test_conv2d_same_padding():
