@@ -285,6 +285,29 @@ def execution_groups(model: nn.Module, batch, targets: Mapping[str, nn.Module], 
     return groups + [[n] for n in targets if n not in seen]
 
 
+def _check_same_groups(groups: list[list[str]], targets: Mapping[str, nn.Module], reduce_fn) -> None:
+    """Under DDP every rank must run the same sequence of calibration passes (each pass all-reduces its
+    modules' sums): refuse, on every rank alike, when the ranks found different sequences on their first
+    batches (modules called depending on the data). Each target's group and place in it are summed over
+    the ranks with their squares: the ranks agree iff ranks * sum(c^2) == sum(c)^2 for every code c, a
+    test on reduced values only, so that every rank reaches the same verdict (exact in float64 for
+    codes below 2^20, i.e. up to a million targets)."""
+    where = {name: (g, i) for g, group in enumerate(groups) for i, name in enumerate(group)}
+    codes = torch.tensor([where[n] for n in targets], dtype=torch.float64).flatten()
+    stats = torch.cat([codes, codes.square(), torch.ones(1, dtype=torch.float64)])
+    stats = stats.to(next(iter(targets.values())).weight.device)  # where reduce_fn gets the Hessian sums
+    out = reduce_fn(stats)
+    stats = (stats if out is None else out).cpu()
+    n = len(codes)
+    summed, squares, ranks = stats[:n], stats[n : 2 * n], stats[2 * n]
+    if not torch.equal(ranks * squares, summed.square()):
+        raise ValueError(
+            "compress_model: sequential calibration needs the same order of modules on every rank, but the "
+            "ranks' first calibration batches called the target modules in different orders (modules called "
+            "depending on the data); use sequential=False, or calibrate on the same batches on every rank"
+        )
+
+
 def _size(m: nn.Module) -> int:
     """fp32 bytes of the module's weight and bias."""
     return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
@@ -583,7 +606,10 @@ def compress_model(
                 first = next(iter(batches), None)
                 if first is None:
                     raise ValueError("compress_model: calibration_batches is empty")
-                for group in execution_groups(model, first, targets, forward_fn):
+                groups = execution_groups(model, first, targets, forward_fn)
+                if reduce_fn is not None:
+                    _check_same_groups(groups, targets, reduce_fn)
+                for group in groups:
                     t0 = time.perf_counter()
                     calib = collect_hessians(model, batches, {name: targets[name] for name in group}, **kw)
                     report.calibration_seconds += time.perf_counter() - t0

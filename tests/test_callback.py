@@ -435,6 +435,14 @@ def test_ddp_two_processes_identical_weights(tmp_path):
     assert r0["metrics"]["obc/val_loss_after"] == pytest.approx(r1["metrics"]["obc/val_loss_after"])
 
 
+@pytest.mark.slow
+def test_ddp_sequential_calibration_ends_with_identical_weights(tmp_path):
+    r0, r1 = run_ddp(tmp_path, sequential=True, plot=False, verbose=False)
+    assert r0["n"] == r1["n"] == 16
+    for name, p in r0["state_dict"].items():
+        assert torch.equal(p, r1["state_dict"][name]), name
+
+
 def test_finetune_refuses_strategies_that_shard_the_weights():
     class ShardingStrategy:  # stands in for FSDP / DeepSpeed, which need a GPU
         pass

@@ -197,6 +197,32 @@ def test_sequential_shares_a_pass_between_modules_on_the_same_input_and_matches_
             assert torch.equal(p, dict(grouped.named_parameters())[n]), (inplace, n)
 
 
+def test_sequential_under_ddp_refuses_ranks_that_found_different_orders():
+    from obc_lightning.compress import _check_same_groups
+
+    targets = {n: nn.Linear(2, 2) for n in "abcd"}
+
+    def ranks(*others):  # reduce_fn of a run whose other ranks found these groups: the sums over all
+        def reduce_fn(t):
+            for groups in others:
+                where = {n: (g, i) for g, grp in enumerate(groups) for i, n in enumerate(grp)}
+                codes = torch.tensor([where[n] for n in targets], dtype=torch.float64).flatten()
+                t += torch.cat([codes, codes.square(), torch.ones(1, dtype=torch.float64)])
+
+        return reduce_fn
+
+    mine = [["a", "b"], ["c"], ["d"]]
+    _check_same_groups(mine, targets, ranks(mine, mine))  # three ranks agree
+    for others in ([[["a"], ["b"], ["c"], ["d"]]], [[["b", "a"], ["c"], ["d"]]], [mine, [["a", "b"], ["d"], ["c"]]]):
+        with pytest.raises(ValueError, match="same order of modules on every rank"):
+            _check_same_groups(mine, targets, ranks(*others))
+    # three ranks whose codes sum to three times the first rank's (d is in group 1, 2, 0 and at place 1,
+    # 0, 2): a test on the sums alone would pass them, the squares tell them apart
+    first, second, third = [["a", "b"], ["c", "d"]], [["a", "b"], ["c"], ["d"]], [["a", "b", "d"], ["c"]]
+    with pytest.raises(ValueError, match="same order"):
+        _check_same_groups(first, targets, ranks(second, third))
+
+
 @pytest.mark.parametrize(
     "kwargs,match",
     [
