@@ -28,6 +28,7 @@ from torch import Tensor
 from torch.nn.utils import parametrize
 
 from obc_lightning import finetune as ft
+from obc_lightning.attention import split_attention_projections
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import call_model, product_dtype_of
 from obc_lightning.checks import (
@@ -200,10 +201,18 @@ class OBCQuantize(Callback):
             :func:`~obc_lightning.compress.compress_model`; ``bits=None`` prunes only (:class:`OBCPrune`).
         sample_fraction: in (0, 1]: each calibration batch gives each Hessian this fraction of its
             samples (tokens / conv positions), drawn at random; 1/32 cuts ResNet-20's calibration time
-            7x at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
+            6x at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
         product_dtype: ``None`` (each batch's X^T X in the activations' precision) or ``"bfloat16"``
-            (2.6x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
+            (2.3x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
             the running sums are float64 either way.
+        split_attention: in ``setup`` (every stage, before the optimizer is created), replace each
+            ``nn.MultiheadAttention`` of the module by a :class:`~obc_lightning.attention.ProjectedAttention`
+            computing the same function with Linear q / k / v projections
+            (:func:`~obc_lightning.attention.split_attention_projections`), so that they are quantized
+            too; otherwise their packed ``in_proj_weight`` (3/4 of the attention's weights) stays in full
+            precision, named in the report. It changes the state_dict keys: a checkpoint of the split
+            model loads into a model split the same way (this callback in the Trainer does it). Attention
+            modules built later, in ``configure_model``, are not split.
         monitor: the validation metric (a name logged in ``validation_step``) that ``max_drop`` bounds.
         mode: ``"max"`` (higher is better, e.g. accuracy) or ``"min"`` (e.g. a loss).
         max_drop: accuracy budget in the monitored metric's own units (0.01 = one point for an accuracy
@@ -284,6 +293,7 @@ class OBCQuantize(Callback):
         calibration_step: Callable[[LightningModule, Any], Any] | None = None,
         evaluate: bool = True,
         offload: bool = False,
+        split_attention: bool = False,
         plot: bool = True,
         verbose: bool = True,
         export_path: str | os.PathLike | None = None,
@@ -345,7 +355,7 @@ class OBCQuantize(Callback):
         check_nonnegative("OBCQuantize", "damp", damp)
         check_flags(
             "OBCQuantize", symmetric=symmetric, mse=mse, sequential=sequential, evaluate=evaluate, offload=offload,
-            plot=plot, verbose=verbose,
+            split_attention=split_attention, plot=plot, verbose=verbose,
         )
         check_positive_int("OBCQuantize", "calibration_batches", calibration_batches, optional=True)
         if calibration_dataloader is not None and (
@@ -385,6 +395,7 @@ class OBCQuantize(Callback):
             damp,
         )
         self.solver, self.sequential, self.offload = solver, sequential, offload
+        self.split_attention = split_attention
         self.calibration_batches = calibration_batches
         self.calibration_dataloader = calibration_dataloader
         self.include, self.exclude = include, exclude
@@ -471,6 +482,7 @@ class OBCQuantize(Callback):
             "solver": self.solver,
             "sequential": self.sequential,
             "offload": self.offload,
+            "split_attention": self.split_attention,
             "calibration_batches": self.calibration_batches,
             "sample_fraction": self.sample_fraction,
             "product_dtype": self.product_dtype,
@@ -530,6 +542,11 @@ class OBCQuantize(Callback):
 
     # ------------------------------------------------------------------ hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self.split_attention:  # before configure_optimizers and the checkpoint restore, in every stage
+            split = split_attention_projections(pl_module)
+            if split:
+                rank_zero_info(f"OBCQuantize: split the q, k, v projections of {len(split)} MultiheadAttention "
+                               f"module(s) into Linears: {', '.join(split)}")
         if stage == "fit":
             # a typo in include / exclude surfaces before training, not after it
             targets = select_modules(pl_module, self.include, self.exclude)

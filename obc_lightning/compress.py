@@ -64,7 +64,8 @@ def _matches(name: str, pattern: str) -> bool:
 REASON_ATTENTION_PROJECTION = (
     "q, k, v input projections of nn.MultiheadAttention '{owner}': a bare Parameter it multiplies "
     "functionally, not a Linear module (only Linear / Conv1d / Conv2d weights are quantized), so it "
-    "stays in full precision; obc_lightning.split_attention_projections(model) makes them Linears"
+    "stays in full precision; obc_lightning.split_attention_projections(model), or "
+    "OBCQuantize(split_attention=True), makes them Linears"
 )
 
 

@@ -258,6 +258,7 @@ def test_checkpoint_round_trip(tmp_path):
         ({"calibration_step": "fn"}, "calibration_step"),
         ({"include": 3}, "include"),
         ({"sequential": 1}, "sequential"),
+        ({"split_attention": "yes"}, "split_attention must be a bool"),
         ({"sample_fraction": 0}, "sample_fraction"),
         ({"sample_fraction": 2.0}, "sample_fraction"),
         ({"product_dtype": "fp16"}, "OBCQuantize: product_dtype must be"),
@@ -356,6 +357,45 @@ def test_split_attention_every_projection_quantized_by_the_callback(tmp_path):
     attn = [f"enc.layers.0.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
     assert cb.quantized_modules == [*attn, "enc.layers.0.linear1", "enc.layers.0.linear2"]
     assert not cb.skipped_modules
+
+
+def test_split_attention_option_quantizes_q_k_v_and_its_checkpoint_loads_back(tmp_path):
+    from obc_lightning import ProjectedAttention
+
+    class Evaluated(TinyTransformer):
+        def validation_step(self, batch, batch_idx):
+            self.log("out", self(*batch))
+
+    model = Evaluated()
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        before = model(x)
+    cb = OBCQuantize(calibration_batches=1, evaluate=False, split_attention=True)
+    t = trainer(tmp_path, cb)
+    t.fit(model, DataLoader(data(), batch_size=8))
+    assert isinstance(model.enc.layers[0].self_attn, ProjectedAttention)
+    attn = [f"enc.layers.0.self_attn.{p}_proj" for p in ("q", "k", "v", "out")]
+    assert cb.quantized_modules == [*attn, "enc.layers.0.linear1", "enc.layers.0.linear2"]
+    assert not cb.skipped_modules and cb.config["split_attention"] is True
+    on_grid(cb.report, model)
+    path = tmp_path / "split.ckpt"
+    t.save_checkpoint(path)
+
+    # a fresh, unsplit model: the callback splits it in setup, so the checkpoint loads into it
+    fresh = Evaluated()
+    t2 = trainer(tmp_path, OBCQuantize(calibration_batches=1, evaluate=False, split_attention=True))
+    t2.validate(fresh, DataLoader(data(8), batch_size=8), ckpt_path=path, verbose=False)
+    assert fresh.state_dict().keys() == model.state_dict().keys()
+    for name, p in model.state_dict().items():
+        assert torch.equal(fresh.state_dict()[name], p), name
+    # the split itself changed nothing: before training, split and unsplit models compute the same
+    unsplit, split = Evaluated(), Evaluated()
+    loader = DataLoader(data(8), batch_size=8)
+    trainer(tmp_path, OBCQuantize(split_attention=True)).validate(split, loader, verbose=False)
+    assert isinstance(split.enc.layers[0].self_attn, ProjectedAttention)
+    with torch.no_grad():
+        torch.testing.assert_close(split(x), unsplit(x))
+        torch.testing.assert_close(unsplit(x), before)
 
 
 def test_split_attention_projections_fine_tuned_ternary(tmp_path):
