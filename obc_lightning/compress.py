@@ -291,8 +291,8 @@ def _check_same_groups(groups: list[list[str]], targets: Mapping[str, nn.Module]
     modules' sums): refuse, on every rank alike, when the ranks found different sequences on their first
     batches (modules called depending on the data). Each target's group and place in it are summed over
     the ranks with their squares: the ranks agree iff ranks * sum(c^2) == sum(c)^2 for every code c, a
-    test on reduced values only, so that every rank reaches the same verdict (exact in float64 for
-    codes below 2^20, i.e. up to a million targets)."""
+    test on reduced values only, so that every rank reaches the same verdict (exact in float64 while
+    ranks * the largest code stays below 2^26: 64 ranks and a million targets)."""
     where = {name: (g, i) for g, group in enumerate(groups) for i, name in enumerate(group)}
     codes = torch.tensor([where[n] for n in targets], dtype=torch.float64).flatten()
     stats = torch.cat([codes, codes.square(), torch.ones(1, dtype=torch.float64)])
