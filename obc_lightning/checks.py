@@ -34,6 +34,14 @@ def check_positive_int(who: str, name: str, value, *, optional: bool = False) ->
         raise ValueError(f"{who}: {name} must be a positive integer{_or_none(optional)}, got {value!r}")
 
 
+def check_int(who: str, name: str, value, minimum: int, *, optional: bool = False) -> None:
+    """An int >= ``minimum`` (or None when ``optional``)."""
+    if optional and value is None:
+        return
+    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
+        raise ValueError(f"{who}: {name} must be an integer >= {minimum}{_or_none(optional)}, got {value!r}")
+
+
 def check_nonnegative(who: str, name: str, value, *, optional: bool = False) -> None:
     """A finite number >= 0 (or None when ``optional``)."""
     if optional and value is None:

@@ -10,6 +10,7 @@ from obc_lightning import exact_obc
 from obc_lightning.checks import (
     check_flags,
     check_fraction,
+    check_int,
     check_nonnegative,
     check_positive,
     check_positive_int,
@@ -39,6 +40,14 @@ def test_value_checks(check, good, bad, message):
     for value in bad:
         with pytest.raises(ValueError, match=rf"^who: arg must be {message}.*, got {re.escape(repr(value))}$"):
             check("who", "arg", value)
+
+
+def test_int_with_a_minimum():
+    check_int("who", "seed", 0, 0)
+    check_int("who", "n", None, 1, optional=True)
+    for bad in (-1, 0.0, True, "0"):
+        with pytest.raises(ValueError, match=rf"^who: seed must be an integer >= 0, got {re.escape(repr(bad))}$"):
+            check_int("who", "seed", bad, 0)
 
 
 @pytest.mark.parametrize("check", [check_positive_int, check_nonnegative, check_positive])

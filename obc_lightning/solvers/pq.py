@@ -35,7 +35,7 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor
 
-from obc_lightning.checks import check_positive_int
+from obc_lightning.checks import check_int, check_positive_int
 from obc_lightning.solvers.common import compute_dtype, layer_objective, prepare_hessian
 from obc_lightning.solvers.gptq import upper_cholesky_of_inverse
 
@@ -327,9 +327,8 @@ def _check(fn: str, matrix, hessian, block_size, n_centroids, n_iter, seed) -> N
             raise ValueError(f"{fn}: matrix is on {matrix.device} but hessian on {hessian.device}")
         if not torch.isfinite(hessian).all():
             raise ValueError(f"{fn}: hessian of shape {tuple(hessian.shape)} contains NaN or Inf")
-    for name, v, lo in (("n_iter", n_iter, 0), ("seed", seed, 0)):
-        if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-            raise ValueError(f"{fn}: {name} must be an integer >= {lo}, got {v!r}")
+    check_int(fn, "n_iter", n_iter, 0)
+    check_int(fn, "seed", seed, 0)
     check_pq_args(fn, cols, rows, block_size, n_centroids)
 
 
@@ -369,8 +368,7 @@ def product_quantize(
     """
     fn = "product_quantize"
     _check(fn, matrix, hessian, block_size, n_centroids, n_iter, seed)
-    if isinstance(n_rounds, bool) or not isinstance(n_rounds, int) or n_rounds < 1:
-        raise ValueError(f"{fn}: n_rounds must be an integer >= 1, got {n_rounds!r}")
+    check_int(fn, "n_rounds", n_rounds, 1)
     dt = compute_dtype(matrix)
     W = matrix.to(dt)
     rows, d = W.shape

@@ -11,6 +11,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
+from obc_lightning.checks import check_int
 from obc_lightning.grids import fit_grid
 from obc_lightning.solvers.common import (
     QuantResult,
@@ -24,14 +25,6 @@ from obc_lightning.solvers.obc import solve_obc_rows
 from obc_lightning.solvers.polish import polish_codes
 
 SOLVERS = ("auto", "obc", "gptq")
-
-
-def _check_int(name: str, value, minimum: int, allow_none: bool = False) -> None:
-    if allow_none and value is None:
-        return
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ValueError(f"quantize_weight: {name} must be an integer >= {minimum}"
-                         f"{' or None' if allow_none else ''}, got {value!r}")
 
 
 @torch.no_grad()
@@ -84,9 +77,9 @@ def quantize_weight(
         raise ValueError(f"quantize_weight: solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(polish, bool) or not isinstance(act_order, bool):
         raise ValueError(f"quantize_weight: polish and act_order must be bools, got {polish!r}, {act_order!r}")
-    _check_int("max_passes", max_passes, 1)
-    _check_int("block_size", block_size, 1)
-    _check_int("batch_size", batch_size, 1, allow_none=True)
+    check_int("quantize_weight", "max_passes", max_passes, 1)
+    check_int("quantize_weight", "block_size", block_size, 1)
+    check_int("quantize_weight", "batch_size", batch_size, 1, optional=True)
     dt = compute_dtype(matrix)
     W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
     H0 = hessian.detach().to(dt)  # the caller's undamped H
