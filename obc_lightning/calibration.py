@@ -36,6 +36,8 @@ SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # X^T X is multiplied in up to 8 block rows of at least 128 (from 2 blocks on only the block-lower
 # triangle is computed: (k + 1) / 2k of the arithmetic, 15-30 % less time on CPU; 8 bounds the launches)
 SYMMETRIC_MIN_BLOCK, SYMMETRIC_MAX_BLOCKS = 128, 8
+# samples a module may buffer beyond d (see _Accumulator), in bytes of float32 samples
+PENDING_BYTES = 2 * 2**20
 
 # Reasons a target module gets no Hessian (reported, never silent).
 REASON_OWNER_NOT_RUN = (
@@ -190,17 +192,24 @@ def conv_patches(
                 shift = x[:, :, i * dh : i * dh + sh * (Ho - 1) + 1 : sh, j * dw : j * dw + sw * (Wo - 1) + 1 : sw]
                 out[:, :, i * kw + j] = shift.view(B, g, C // g, Ho, Wo).permute(1, 2, 0, 3, 4)
         return out.view(g, C // g * kh * kw, B * Ho * Wo)
-    b, r = rows.div(Ho, rounding_mode="floor"), rows.remainder(Ho) * sh - pt  # r: unpadded input row
-    in_rows = r + (torch.arange(kh, device=rows.device) * dh)[:, None]  # (kh, n) input row of kernel row i
-    lines = x[b.expand_as(in_rows), :, in_rows.clamp(0, H - 1)].to(dtype or x.dtype)  # (kh, n, C, W)
-    if pt or pb:  # input rows outside the image are the conv's zero padding
-        lines = lines * ((in_rows >= 0) & (in_rows < H))[:, :, None, None].to(lines.dtype)
-    lines = F.pad(lines, (pl, pr))  # (kh, n, C, Wp), contiguous
+    n = len(rows)
+    b = rows.div(Ho, rounding_mode="floor")
+    # input row of kernel row i for drawn output row r: r * sh - pt + i * dh, (kh, n)
+    in_rows = torch.add(torch.arange(-pt, kh * dh - pt, dh, device=rows.device)[:, None], rows.remainder(Ho), alpha=sh)
+    inside = in_rows.clamp(0, H - 1)
+    # rows (kh, n, C, W) written straight into their zero-padded, converted place (kh, n, C, Wp): one
+    # pass; input rows outside the image are the conv's zero padding (masked after a clamped read)
+    lines = x.new_zeros((kh, n, C, W + pl + pr), dtype=dtype or x.dtype)
+    gathered = x[b[None], :, inside]
+    if pt or pb:
+        torch.mul(gathered, (inside == in_rows)[:, :, None, None], out=lines[..., pl : pl + W])
+    else:
+        lines[..., pl : pl + W] = gathered
     # patch entry (c, i, j) of output position (row m, column s) is lines[i, m, c, j * dw + s * sw]: one
     # strided view in (c, i, j, m, s) order, copied once by the reshape
     st = lines.stride()
-    view = lines.as_strided((C, kh, kw, len(rows), Wo), (st[2], st[0], dw * st[3], st[1], sw * st[3]))
-    return view.reshape(g, C // g * kh * kw, len(rows) * Wo)
+    view = lines.as_strided((C, kh, kw, n, Wo), (st[2], st[0], dw * st[3], st[1], sw * st[3]))
+    return view.reshape(g, C // g * kh * kw, n * Wo)
 
 
 def _padded(x: Tensor, pads: tuple[int, int, int, int], dtype: torch.dtype, workspace: Workspace | None) -> Tensor:
@@ -291,10 +300,11 @@ def sample_count(module: nn.Module, x: Tensor) -> int:
 class _Accumulator:
     """Running float64 sums S = sum X^T X (groups, d, d) and N for one module.
 
-    Batches that give fewer than d samples (thinned calibration, few tokens) are buffered until d
-    samples are pending, then multiplied in one product: the float64 update of S touches all d^2
-    entries whatever the number of samples, so folding it per batch would cost as much as the
-    product itself at 1/128 of the samples. ``buffer=False`` (offloaded sums) folds every batch.
+    Batches that give few samples (thinned calibration, few tokens) are buffered until max(d, 2 MiB
+    of float32 samples) are pending, then multiplied in one product: the float64 update of S touches
+    all d^2 entries whatever the number of samples, so folding it per batch would cost as much as the
+    product itself at 1/128 of the samples, and every fold is some twenty small ops besides.
+    ``buffer=False`` (offloaded sums) folds every batch.
     Only the block-lower triangle of S is summed; :meth:`symmetric_sum` mirrors it at the end.
     """
 
@@ -315,7 +325,7 @@ class _Accumulator:
         if sample_fraction < 1:
             self.generator = torch.Generator(device=_module_device(module)).manual_seed(seed)
         d = self.sum.shape[1]
-        self.buffer_samples = d if buffer else 0
+        self.buffer_samples = max(d, PENDING_BYTES // (4 * self.sum.shape[0] * d)) if buffer else 0
         self.block = -(-d // max(1, min(SYMMETRIC_MAX_BLOCKS, d // SYMMETRIC_MIN_BLOCK)))
         self.pending: list[Tensor] = []
         self.n_pending = 0
@@ -336,25 +346,26 @@ class _Accumulator:
             n_units = m
         dtype = self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
         buffered = self.n_pending + n_units * per_unit < self.buffer_samples
+        # X is a part of x (plus zero padding): unless all of X is folded at once, whose diagonal
+        # x_i^2 holds every entry (see _fold), x itself is checked for NaN / Inf (one reduction)
+        if (buffered or units is not None) and not all_finite(x):
+            self._raise_not_finite()
         # patches folded right away (nothing pending) can live in the reused workspace
         workspace = None if buffered or self.pending else self.workspace
         Xt = layer_inputs(self.module, x, units, dtype, workspace)  # (g, d, N)
         self.n += Xt.shape[2]
         if buffered:
-            # X is a part of x (plus zero padding): one reduction of x finds a NaN or Inf in this batch
-            if not torch.isfinite(x.sum()):
-                self._raise_not_finite()
             if Xt.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
                 Xt = Xt.clone()  # a view of x (a Linear's tokens), which the model may change in place
             self.pending.append(Xt)
             self.n_pending += Xt.shape[2]
             return
-        self._fold(Xt, check_x=x if units is not None else None)
+        self._fold(Xt)
 
     def flush(self) -> None:
         """Fold the buffered samples into the sum (zeros if nothing ran: DDP reduces every rank's sum)."""
         if self.pending:
-            self._fold(None, check_x=None)
+            self._fold(None)
         if not self.folded:
             self.sum.zero_()
             self.folded = True
@@ -370,7 +381,7 @@ class _Accumulator:
             total[:, :r0, r0:r1].copy_(total[:, r0:r1, :r0].transpose(1, 2))
         return total
 
-    def _fold(self, Xt: Tensor | None, check_x: Tensor | None) -> None:
+    def _fold(self, Xt: Tensor | None) -> None:
         if self.pending:
             Xt = torch.cat(self.pending + ([Xt] if Xt is not None else []), dim=2)
             self.pending, self.n_pending = [], 0
@@ -387,16 +398,12 @@ class _Accumulator:
                 part = Xt[:, r0:r1] @ Xt[:, :r1].transpose(1, 2)  # (g, r1 - r0, r1)
             diagonal.append(part[:, :, r0:r1].diagonal(dim1=1, dim2=2))
             if self.folded:
-                self.sum[:, r0:r1, :r1] += part.to(device=self.sum.device, dtype=torch.float64)
+                self.sum[:, r0:r1, :r1].add_(part.to(self.sum.device))  # converted to float64 by add_
             else:
                 self.sum[:, r0:r1, :r1].copy_(part)
         self.folded = True
-        # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d (when
-        # sampling, the unsampled activations are checked directly: one read of x)
-        finite = torch.isfinite(torch.cat(diagonal, dim=1)).all()
-        if check_x is not None:  # one reduction: a NaN or Inf anywhere in x makes the sum non-finite
-            finite = finite & torch.isfinite(check_x.sum())
-        if not finite:
+        # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d
+        if not all_finite(torch.cat(diagonal, dim=1)):
             self._raise_not_finite()
 
     def _raise_not_finite(self):
@@ -405,6 +412,13 @@ class _Accumulator:
             f"contains NaN or Inf at calibration batch {self.batch_index}; check the model and the "
             f"calibration data (no Hessian can be built from non-finite activations)"
         )
+
+
+def all_finite(x: Tensor) -> bool:
+    """Whether ``x`` holds no NaN or Inf. One float32 reduction: a NaN or Inf anywhere makes the sum
+    non-finite; only then, since large finite values can also overflow it (a float16 sum of a few
+    thousand activations of ~100 does), are the entries checked one by one."""
+    return math.isfinite(x.sum(dtype=torch.float32).item()) or bool(torch.isfinite(x).all())
 
 
 PRODUCT_DTYPES = {"float32": torch.float32, "bfloat16": torch.bfloat16, "float64": torch.float64}
@@ -535,8 +549,8 @@ def check_memory(
 ) -> None:
     """Refuse before allocating when the Hessian sums would not fit the budget of their device.
 
-    Without ``offload`` a module also holds up to d buffered float32 samples per group (see
-    ``_Accumulator``): half its float64 sum again.
+    Without ``offload`` a module also holds buffered float32 samples: up to d per group, or 2 MiB
+    in all if more (see ``_Accumulator``): half its float64 sum again, or 2 MiB.
 
     ``max_memory``: bytes for every device, or a mapping ``{"cpu": ..., "cuda:0": ...}``; ``None``: see
     :func:`default_max_memory`.
@@ -545,7 +559,7 @@ def check_memory(
     sizes: dict[torch.device, list[tuple[int, str]]] = {}
     for name, m in modules.items():
         dev = torch.device("cpu") if offload else _module_device(m)
-        nbytes = hessian_bytes(m) if offload else hessian_bytes(m) * 3 // 2
+        nbytes = hessian_bytes(m) if offload else hessian_bytes(m) + max(hessian_bytes(m) // 2, PENDING_BYTES)
         need[dev] = need.get(dev, 0) + nbytes
         sizes.setdefault(dev, []).append((nbytes, name))
     for dev, nbytes in need.items():
@@ -591,8 +605,8 @@ def collect_hessians(
         forward_fn: ``forward_fn(model, batch)`` replaces the default calling convention.
         offload: keep the float64 sums on the CPU instead of the module's device.
         max_memory: byte budget for the float64 sums, and without ``offload`` for the buffered samples
-            too (1.5 x the sums; see :func:`check_memory`), per device; above it a ``MemoryError`` is
-            raised before anything is allocated.
+            too (the sums + max(half of them, 2 MiB): see :func:`check_memory`), per device; above it a
+            ``MemoryError`` is raised before anything is allocated.
         reduce_fn: called on every sum before H is formed, e.g. ``torch.distributed.all_reduce`` under
             DDP, so that every rank ends with the same H (in place, or returning the reduced tensor).
         sample_fraction: in (0, 1]; below 1, each batch contributes this fraction of its samples to

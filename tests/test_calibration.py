@@ -282,9 +282,13 @@ def test_out_proj_hessian_is_that_of_the_attention_heads(batch_first):
 def test_memory_budget_refusal_before_allocation():
     lin = nn.Linear(512, 2)
     assert hessian_bytes(lin) == 512 * 512 * 8
-    # the float64 sum (2 MiB) and up to d buffered float32 samples (1 MiB); offloaded: the sum alone
-    with pytest.raises(MemoryError, match=r"3\.0 MiB on cpu.*budget of 2\.5 MiB.*'big'"):
+    # the float64 sum (2 MiB) and up to 2 MiB of buffered float32 samples (1024 > d samples); offloaded:
+    # the sum alone
+    with pytest.raises(MemoryError, match=r"4\.0 MiB on cpu.*budget of 2\.5 MiB.*'big'"):
         collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=5 << 19)
+    wide = nn.Linear(1024, 2)  # sum 8 MiB; d buffered samples (4 MiB) are more than 2 MiB
+    with pytest.raises(MemoryError, match=r"12\.0 MiB on cpu.*budget of 11\.0 MiB.*'wide'"):
+        collect_hessians(wide, [torch.randn(1, 1024)], {"wide": wide}, max_memory=11 << 20)
     res = collect_hessians(lin, [torch.randn(1, 512)], {"big": lin}, max_memory=5 << 19, offload=True)
     assert res["big"].n_samples == 1
     with pytest.raises(MemoryError, match=r"2\.0 MiB on cpu.*budget of 1\.0 MiB.*'big'"):
@@ -411,6 +415,22 @@ def test_sample_fraction_counts_samples_is_deterministic_and_unbiased():
     assert (draws.mean(0) - exact.hessians).norm() < 0.35 * one
 
 
+@pytest.mark.parametrize("sample_fraction", [1.0, 0.25])
+def test_half_activations_whose_sum_overflows_are_not_taken_for_nan(sample_fraction):
+    # 4096 x 64 float16 activations of ~2 sum to ~5e5, past float16's 65504: finite all the same
+    lin = nn.Linear(64, 8).half()
+    x = (2 + torch.rand(4096, 64)).half()
+    assert not torch.isfinite(x.sum())
+    res = collect_hessians(lin, [x], {"l": lin}, sample_fraction=sample_fraction)["l"]
+    assert torch.isfinite(res.hessians).all()
+    if sample_fraction == 1.0:
+        X = x.double()
+        torch.testing.assert_close(res.hessians[0], 2 / 4096 * X.T @ X, rtol=1e-6, atol=0)
+    x[4000, 3] = float("inf")
+    with pytest.raises(ValueError, match="'l'.*NaN or Inf"):
+        collect_hessians(lin, [x], {"l": lin}, sample_fraction=sample_fraction)
+
+
 def test_sample_fraction_still_catches_nan_and_rejects_bad_fraction():
     lin = nn.Linear(4, 2)
     x = torch.randn(100, 4)
@@ -496,9 +516,11 @@ def test_product_dtype_default_keeps_the_activations_precision_and_bad_values_ar
     lin = nn.Linear(4, 2).double()
     xs = [torch.randn(50, 4, dtype=torch.float64)]
     X = xs[0]
-    # float64 activations: float64 products by default, so the sum is exact to float64 rounding
-    torch.testing.assert_close(collect_hessians(lin, xs, {"l": lin})["l"].hessians[0], 2 / 50 * X.T @ X,
-                               rtol=1e-14, atol=0)
+    # float64 activations: float64 products by default, so the sum is exact to float64 rounding (of
+    # entries the size of H's largest: the summation order is the BLAS kernel's)
+    H = 2 / 50 * X.T @ X
+    torch.testing.assert_close(collect_hessians(lin, xs, {"l": lin})["l"].hessians[0], H,
+                               rtol=1e-14, atol=1e-14 * float(H.abs().max()))
     as_name = collect_hessians(lin, xs, {"l": lin}, product_dtype="float32")["l"].hessians
     as_dtype = collect_hessians(lin, xs, {"l": lin}, product_dtype=torch.float32)["l"].hessians
     torch.testing.assert_close(as_name, as_dtype, rtol=0, atol=0)
