@@ -203,7 +203,7 @@ class OBCQuantize(Callback):
             samples (tokens / conv positions), drawn at random; 1/32 cuts ResNet-20's calibration time
             6x at no measured accuracy cost (README), see :func:`~obc_lightning.calibration.collect_hessians`.
         product_dtype: ``None`` (each batch's X^T X in the activations' precision) or ``"bfloat16"``
-            (2.3x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
+            (2.5x faster exact calibration of ResNet-20 on a CPU with AVX512-BF16, same accuracy: README);
             the running sums are float64 either way.
         split_attention: in ``setup`` (every stage, before the optimizer is created), replace each
             ``nn.MultiheadAttention`` of the module by a :class:`~obc_lightning.attention.ProjectedAttention`
