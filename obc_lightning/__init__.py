@@ -1,19 +1,30 @@
 """obc_lightning: second-order post-training compression for PyTorch Lightning.
 
-Flow: calibration (``collect_hessians``) -> solvers (``exact_obc``, ``gptq``, ``quantize_weight``, ``obs_prune``,
-``product_quantize``) on
-grids (``fit_grid``) -> ``compress_model`` (no Lightning needed) -> the ``OBCQuantize`` callback.
+Flow: configuration (``CompressionConfig``) -> calibration (``collect_hessians``) -> solvers (``exact_obc``,
+``gptq``, ``quantize_weight``, ``obs_prune``, ``product_quantize``) on grids (``fit_grid``) -> ``compress_model``
+-> fine-tuning (``FinetuneSession``) -> export (``save_quantized``), tied together without Lightning in
+:mod:`obc_lightning.pipeline` -> the ``OBCQuantize`` callback.
 """
 
 from obc_lightning.attention import ProjectedAttention, split_attention_projections
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationResult, CalibrationWarning, LayerHessian, collect_hessians
-from obc_lightning.compress import compress_model, select_modules
+from obc_lightning.compress import compress_model
+from obc_lightning.config import (
+    CalibrationConfig,
+    CompressionConfig,
+    ExportConfig,
+    FinetuneConfig,
+    QuantizationConfig,
+    ReportingConfig,
+)
 from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
-from obc_lightning.finetune import CentroidQuantizer, NoiseQuantizer, STEQuantizer, TernaryQuantizer
+from obc_lightning.finetune import CentroidQuantizer, FinetuneSession, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
-from obc_lightning.reporting import CompressionReport, ModuleReport
+from obc_lightning.pipeline import ModelSnapshot, compress_stage, export_stage, restored_on_failure, start_finetuning
+from obc_lightning.reporting import CompressionReport, ModuleReport, Progress, TqdmProgress
+from obc_lightning.selection import select_modules
 from obc_lightning.semi_structured import to_semi_structured
 from obc_lightning.solvers import (
     HessianDampingWarning,
@@ -42,6 +53,20 @@ def __getattr__(name):
 
 
 __all__ = [
+    "CalibrationConfig",
+    "CompressionConfig",
+    "ExportConfig",
+    "FinetuneConfig",
+    "QuantizationConfig",
+    "ReportingConfig",
+    "FinetuneSession",
+    "ModelSnapshot",
+    "compress_stage",
+    "export_stage",
+    "restored_on_failure",
+    "start_finetuning",
+    "Progress",
+    "TqdmProgress",
     "CalibrationResult",
     "CalibrationWarning",
     "CentroidQuantizer",

@@ -9,129 +9,52 @@ layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
 
 from __future__ import annotations
 
-import fnmatch
 import math
 import time
 import warnings
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from dataclasses import fields, replace
 
 import torch
 from torch import Tensor, nn
 
 from obc_lightning.calibration import (
-    SUPPORTED_MODULES,
     CalibrationWarning,
     LayerHessian,
     call_model,
     collect_hessians,
     input_hooks,
-    product_dtype_of,
 )
-from obc_lightning.checks import check_flags, check_nonnegative
-from obc_lightning.grids import check_bits, check_group_size
+from obc_lightning.checks import check_flags
+from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
 from obc_lightning.reporting import (
     FP32_BYTES,
     SCALE_BYTES,
     ZERO_BYTES,
     CompressionReport,
     ModuleReport,
+    Progress,
     packed_weight_bytes,
+    progress_of,
     sparse_weight_bytes,
 )
-
-SOLVERS = ("auto", "obc", "gptq")
-# "scalar": a uniform grid per row / group (the solvers above); "pq": Hessian-aware product quantization;
-# "pq-kmeans": plain k-means product quantization (fairseq's iPQ), for comparison
-METHODS = ("scalar", "pq", "pq-kmeans")
-DEFAULT_BITS = 4
-
-
-def _as_patterns(arg, what: str) -> list[str]:
-    if arg is None:
-        return []
-    if isinstance(arg, str):
-        return [arg]
-    if isinstance(arg, Sequence) and all(isinstance(p, str) for p in arg):
-        return list(arg)
-    raise ValueError(f"{what} must be a module name, an fnmatch pattern or a list of them, got {arg!r}")
-
-
-def _matches(name: str, pattern: str) -> bool:
-    """Exact name, fnmatch pattern ("blocks.*.fc1"), or a parent module ("encoder" selects encoder.*)."""
-    return name == pattern or name.startswith(pattern + ".") or fnmatch.fnmatchcase(name, pattern)
-
-
-REASON_ATTENTION_PROJECTION = (
-    "q, k, v input projections of nn.MultiheadAttention '{owner}': a bare Parameter it multiplies "
-    "functionally, not a Linear module (only Linear / Conv1d / Conv2d weights are quantized), so it "
-    "stays in full precision; obc_lightning.split_attention_projections(model), or "
-    "OBCQuantize(split_attention=True), makes them Linears"
+from obc_lightning.selection import (
+    REASON_ATTENTION_PROJECTION,
+    attention_projections,
+    check_patterns_match,
+    per_module,
+    select_modules,
+    unquantized_projections,
 )
+from obc_lightning.solvers.common import layer_objective
+from obc_lightning.solvers.pq import check_pq_args, product_quantize
+from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune
+from obc_lightning.solvers.quantize import quantize_weight
 
-
-def attention_projections(model: nn.Module) -> dict[str, tuple[str, int]]:
-    """{name: (reason, fp32 bytes)} of the input-projection weights of every ``nn.MultiheadAttention``.
-
-    ``in_proj_weight`` (3·embed_dim x embed_dim), or ``q_proj_weight`` / ``k_proj_weight`` /
-    ``v_proj_weight`` when kdim / vdim differ from embed_dim; the bytes include the matching rows of
-    ``in_proj_bias``. They are weights of layers, but no module holds them: reported, never silent.
-    """
-    out: dict[str, tuple[str, int]] = {}
-    for owner, mha in model.named_modules():
-        if not isinstance(mha, nn.MultiheadAttention):
-            continue
-        prefix = f"{owner}." if owner else ""
-        bias = mha.in_proj_bias
-        reason = REASON_ATTENTION_PROJECTION.format(owner=owner or "<model>")
-        if mha.in_proj_weight is not None:
-            numel = mha.in_proj_weight.numel() + (bias.numel() if bias is not None else 0)
-            out[prefix + "in_proj_weight"] = (reason, numel * FP32_BYTES)
-            continue
-        for role in ("q", "k", "v"):
-            w = getattr(mha, f"{role}_proj_weight")
-            numel = w.numel() + (w.shape[0] if bias is not None else 0)
-            out[f"{prefix}{role}_proj_weight"] = (reason, numel * FP32_BYTES)
-    return out
-
-
-def _selected(name: str, inc: list[str], exc: list[str]) -> bool:
-    return (not inc or any(_matches(name, p) for p in inc)) and not any(_matches(name, p) for p in exc)
-
-
-def select_modules(model: nn.Module, include=None, exclude=None) -> dict[str, nn.Module]:
-    """The target modules of ``model``: every Linear / Conv1d / Conv2d, filtered by include / exclude.
-
-    A pattern that selects no supported module is an error (a typo would otherwise quantize
-    everything, or nothing, silently); a pattern may also name an attention projection weight
-    (:func:`attention_projections`), e.g. to exclude it from the report of what stays unquantized.
-    """
-    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    candidates = {n: m for n, m in model.named_modules() if isinstance(m, SUPPORTED_MODULES)}
-    if not candidates:
-        raise ValueError("compress_model: the model has no nn.Linear, nn.Conv1d or nn.Conv2d module")
-    names = [*candidates, *attention_projections(model)]
-    for kind, pats in (("include", inc), ("exclude", exc)):
-        for p in pats:
-            if not any(_matches(n, p) for n in names):
-                shown = ", ".join(list(candidates)[:20]) + (", ..." if len(candidates) > 20 else "")
-                raise ValueError(
-                    f"compress_model: {kind} pattern {p!r} matches no Linear/Conv1d/Conv2d module; "
-                    f"available: {shown}"
-                )
-    targets = {n: m for n, m in candidates.items() if _selected(n, inc, exc)}
-    if not targets:
-        raise ValueError(
-            f"compress_model: include={include!r} / exclude={exclude!r} leave no module to quantize"
-        )
-    return targets
-
-
-def unquantized_projections(model: nn.Module, include=None, exclude=None) -> dict[str, tuple[str, int]]:
-    """:func:`attention_projections` that ``include`` / ``exclude`` select (a pattern naming the
-    attention or a parent selects them too): the weights of layers the report names as full precision."""
-    inc, exc = _as_patterns(include, "include"), _as_patterns(exclude, "exclude")
-    return {n: v for n, v in attention_projections(model).items() if _selected(n, inc, exc)}
-
+__all__ = [  # re-exported: module selection lives in obc_lightning.selection
+    "DEFAULT_BITS", "METHODS", "REASON_ATTENTION_PROJECTION", "SOLVERS", "attention_projections",
+    "compress_model", "execution_groups", "per_module", "select_modules", "unquantized_projections",
+]
 
 def full_precision_message(who: str, skipped: Mapping[str, str]) -> str:
     """The warning that names each layer weight left in full precision, with its reason."""
@@ -139,101 +62,48 @@ def full_precision_message(who: str, skipped: Mapping[str, str]) -> str:
     return f"{who}: {len(skipped)} layer weight(s) left in full precision:\n{lines}"
 
 
-def _check_prune_args(bits, sparsity, n_m, targets) -> None:
-    """Pruning arguments, checked against every target before the model is touched."""
-    if sparsity is not None and n_m is not None:
-        raise ValueError(f"compress_model: give at most one of sparsity and n_m, got {sparsity=!r}, {n_m=!r}")
-    if bits is None and sparsity is None and n_m is None:
-        raise ValueError("compress_model: bits=None (no quantization) needs sparsity=... or n_m=(N, M)")
-    from obc_lightning.solvers.prune import check_sparsity_pattern
-
-    check_sparsity_pattern("compress_model", sparsity, n_m)
-    if n_m is None:
-        return
+def check_against_model(
+    config: CompressionConfig, targets: Mapping[str, nn.Module], who: str = "compress_model"
+) -> None:
+    """The checks of ``config`` that need the target modules, before any of them is touched: N:M groups
+    that divide each module's inputs, product-quantization layouts that fit, floating-point weights."""
+    q = config.quantization
     for name, m in targets.items():
-        d = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
-        if d % n_m[1]:
-            raise ValueError(
-                f"compress_model: N:M pruning needs M={n_m[1]} to divide the input channels (per group) of "
-                f"'{name}' ({d}); exclude it"
-            )
-
-
-def per_module(value, name: str, what: str):
-    """``value`` itself, or for a mapping {name or fnmatch pattern: value} the first entry matching ``name``."""
-    if not isinstance(value, Mapping):
-        return value
-    for pattern, v in value.items():
-        if _matches(name, pattern):
-            return v
-    raise ValueError(
-        f"compress_model: {what}={dict(value)!r} gives no value for module '{name}'; add a '*' entry as the default"
-    )
-
-
-def _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets) -> None:
-    """Product-quantization arguments, checked against every target before the model is touched."""
-    if method not in METHODS:
-        raise ValueError(f"compress_model: method must be one of {METHODS}, got {method!r}")
-    if method == "scalar":
+        if not m.weight.is_floating_point():
+            raise ValueError(f"{who}: module '{name}' has a {m.weight.dtype} weight; expected floating point")
+        if q.n_m is not None and q.method == "scalar":
+            d = m.in_features if isinstance(m, nn.Linear) else m.in_channels // m.groups
+            if d % q.n_m[1]:
+                raise ValueError(
+                    f"{who}: N:M pruning needs M={q.n_m[1]} to divide the input channels (per group) of "
+                    f"'{name}' ({d}); exclude it"
+                )
+    if q.method == "scalar":
         return
-    if bits not in (None, DEFAULT_BITS):
-        raise ValueError(
-            f"compress_model: bits={bits!r} does not apply to method={method!r}: its size is "
-            "log2(n_centroids) / block_size bits per weight plus the codebook"
-        )
-    for arg, value in (("sparsity", sparsity), ("n_m", n_m), ("group_size", group_size)):
-        if value is not None:
-            raise ValueError(f"compress_model: {arg} does not apply to method={method!r}")
-    if symmetric:
-        raise ValueError(f"compress_model: symmetric does not apply to method={method!r}")
-    from obc_lightning.solvers.pq import check_pq_args
-
-    for what, value in (("block_size", block_size), ("n_centroids", n_centroids)):
-        if isinstance(value, Mapping):  # (no targets: the callback's early check of the values alone)
-            for pattern in value:
-                if not isinstance(pattern, str) or (targets and not any(_matches(n, pattern) for n in targets)):
-                    raise ValueError(
-                        f"compress_model: {what} pattern {pattern!r} matches no target module; targets: "
-                        + ", ".join(list(targets)[:20])
-                    )
-        lo = 1 if what == "block_size" else 2
-        for v in value.values() if isinstance(value, Mapping) else [value]:
-            if isinstance(v, bool) or not isinstance(v, int) or v < lo:
-                raise ValueError(f"compress_model: {what} must be an integer >= {lo} (or a mapping of them), got {v!r}")
+    check_patterns_match(q.block_size, "block_size", targets, who)
+    check_patterns_match(q.n_centroids, "n_centroids", targets, who)
     for name, m in targets.items():
         if getattr(m, "groups", 1) != 1:
             raise ValueError(
-                f"compress_model: module '{name}' is a grouped convolution (groups={m.groups}); product "
-                "quantization keeps one codebook per layer over ungrouped weights: exclude it"
+                f"{who}: module '{name}' is a grouped convolution (groups={m.groups}); product quantization keeps "
+                "one codebook per layer over ungrouped weights: exclude it"
             )
         rows, cols = m.weight.shape[0], m.weight[0].numel()
         check_pq_args(
-            "compress_model",
-            cols,
-            rows,
-            per_module(block_size, name, "block_size"),
-            per_module(n_centroids, name, "n_centroids"),
-            what=f"weight of '{name}'",
+            who, cols, rows, per_module(q.block_size, name, "block_size", who),
+            per_module(q.n_centroids, name, "n_centroids", who), what=f"weight of '{name}'",
         )
 
 
-def _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets) -> None:
-    if bits is not None:
-        check_bits(bits)
-    if solver not in SOLVERS:
-        raise ValueError(f"compress_model: solver must be one of {SOLVERS}, got {solver!r}")
-    check_flags("compress_model", symmetric=symmetric, mse=mse, sequential=sequential, offload=offload)
-    check_nonnegative("compress_model", "damp", damp)
-    try:
-        check_group_size(group_size, 2**62)
-    except ValueError as e:
-        raise ValueError(f"compress_model: {e}") from None
-    for name, m in targets.items():
-        if not m.weight.is_floating_point():
-            raise ValueError(
-                f"compress_model: module '{name}' has a {m.weight.dtype} weight; expected floating point"
-            )
+def config_of(who: str, config: CompressionConfig | None, options: Mapping, sections=None) -> CompressionConfig:
+    """``config`` itself, or the configuration of the flat keywords ``options`` (not both)."""
+    if config is None:
+        return CompressionConfig.from_flat(who, sections=sections, **options)
+    if options:
+        raise ValueError(f"{who}: give config=... or flat keywords ({', '.join(options)}), not both")
+    if not isinstance(config, CompressionConfig):
+        raise ValueError(f"{who}: config must be a CompressionConfig, got {type(config).__name__}")
+    return config
 
 
 def _materialize(batches) -> Iterable:
@@ -323,8 +193,6 @@ def _nm_group_index(m: nn.Module, n_m):
     """Conv weights prune N:M along input channels at each kernel position; Linear along its inputs."""
     if n_m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
         return None
-    from obc_lightning.solvers.prune import conv_nm_group_index
-
     return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
 
 
@@ -333,10 +201,6 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
     weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
     results, the number of scales and the number of pruned weights."""
-    from obc_lightning.solvers.common import layer_objective
-    from obc_lightning.solvers.prune import obs_prune
-    from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
-
     t0 = time.perf_counter()
     W = m.weight.detach()
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
@@ -410,9 +274,6 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
 
 def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
     """Product-quantize one (ungrouped) module; returns Q, the report and the result."""
-    from obc_lightning.solvers.common import layer_objective
-    from obc_lightning.solvers.pq import product_quantize
-
     t0 = time.perf_counter()
     W = m.weight.detach()
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -455,77 +316,62 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
     return Q.reshape(W.shape), rep, res
 
 
+_UNSET = object()
+
+
 def compress_model(
     model: nn.Module,
     calibration_batches: Iterable,
-    bits: int | None = DEFAULT_BITS,
+    bits: int | None = _UNSET,
     *,
-    include: str | Sequence[str] | None = None,
-    exclude: str | Sequence[str] | None = None,
+    config: CompressionConfig | None = None,
     forward_fn: Callable | None = None,
-    sequential: bool = False,
-    solver: str = "auto",
-    group_size: int | None = None,
-    symmetric: bool = False,
-    mse: bool = True,
-    damp: float = 0.01,
-    offload: bool = False,
-    max_memory: int | None = None,
     reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
     keep_results: bool = False,
     scale_dtype: torch.dtype | None = torch.float16,
-    sparsity: float | None = None,
-    n_m: tuple[int, int] | None = None,
-    sample_fraction: float = 1.0,
-    product_dtype: str | torch.dtype | None = None,
-    method: str = "scalar",
-    block_size: int | Mapping[str, int] = 8,
-    n_centroids: int | Mapping[str, int] = 256,
-    seed: int = 0,
+    progress: Progress | bool | None = None,
+    **options,
 ) -> CompressionReport:
-    """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
+    """Quantize (or prune) the Linear / Conv1d / Conv2d weights of ``model`` in place.
+
+    ``compress_model(model, batches, bits=4, group_size=128)`` takes the fields of
+    :class:`~obc_lightning.config.QuantizationConfig` and :class:`~obc_lightning.config.CalibrationConfig`
+    as keywords (``bits``, ``method``, ``solver``, ``group_size``, ``symmetric``, ``mse``, ``damp``,
+    ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``, ``include``, ``exclude``, ``seed``,
+    ``sequential``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``; their meaning is
+    documented there); ``compress_model(model, batches, config=CompressionConfig(...))`` takes them whole
+    (its ``quantization`` and ``calibration`` parts). Per module the solver minimises the layer objective
+    1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
+    :func:`~obc_lightning.calibration.collect_hessians`.
+
+    What the options do, in short: ``bits`` 2 ... 8 (``None`` with ``sparsity`` / ``n_m``: prune only);
+    ``sparsity`` / ``n_m`` prune with OBS first (:func:`~obc_lightning.solvers.prune.obs_prune`;
+    unstructured with the global selection over the module's rows, or at most N non-zeros in every M
+    inputs, convs along input channels at each kernel position), then the kept weights are quantized
+    and pruned ones stay exactly 0; ``sequential=False`` takes all Hessians from the original model in
+    one pass, ``True`` calibrates module by module on the inputs of the already-compressed earlier
+    modules (modules called in a row on one and the same input tensor, as q, k, v, share a pass:
+    :func:`execution_groups`); ``method="pq"`` is Hessian-aware product quantization
+    (:func:`~obc_lightning.solvers.pq.product_quantize`: sub-vectors of ``block_size`` inputs replaced by
+    entries of one codebook of ``n_centroids`` per module), ``"pq-kmeans"`` plain k-means PQ.
 
     Args:
         model: any ``nn.Module``; weights keep their dtype, device and ``Parameter`` identity.
         calibration_batches: iterable of batches on the model's device; called as ``model(batch)`` (a
             tensor or object), ``model(*batch)`` (tuple / list), ``model(**batch)`` (dict), or
             ``forward_fn(model, batch)``. A one-shot iterator is materialised (sequential mode reruns it).
-        bits: 2 ... 8; ``None`` with ``sparsity`` / ``n_m``: prune only (weights stay float).
-        sparsity / n_m: prune every module first with OBS (:func:`~obc_lightning.solvers.prune.obs_prune`,
-            on the module's Hessian, with ``damp``): ``sparsity`` unstructured (the global selection over
-            the module's rows), ``n_m=(N, M)`` at most N non-zeros in every M consecutive inputs (convs:
-            input channels at each kernel position). The kept weights are then quantized; pruned ones stay
-            exactly 0. ``loss`` / ``rel_error`` compare the final weights with the original ones;
-            ``report[name].sparsity`` and ``report.sparsity`` give the fraction pruned.
-        include / exclude: module names, parents ("encoder"), or fnmatch patterns ("*.fc?"); every
-            pattern must match a supported module.
-        sequential: ``False``: all Hessians from the original model in one pass. ``True``: module by
-            module in execution order, each calibrated on the inputs produced by the already-quantized
-            earlier modules: one pass over the batches per module, except that modules called in a row
-            on one and the same input tensor (q, k, v) share a pass (:func:`execution_groups`).
-        solver, group_size, symmetric, mse, damp: passed to
-            :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
-            ExactOBC and GPTQ, polished).
-        offload, max_memory, reduce_fn, sample_fraction, product_dtype: see
-            :func:`~obc_lightning.calibration.collect_hessians` (``sample_fraction < 1`` builds each
-            Hessian from a random fraction of the samples, ``product_dtype="bfloat16"`` multiplies
-            X^T X in bfloat16: calibration cost for CNNs, see the README).
-        scale_dtype: scales are rounded to values this dtype holds (default float16, what
-            :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
-            in-memory weights bit for bit; ``None`` keeps float32 scales.
+        config: the whole configuration instead of flat keywords.
+        forward_fn: ``fn(model, batch)`` running a batch (for batches the calling convention cannot take).
+        reduce_fn: sums a tensor over processes in place (DDP): every rank then holds the same Hessians.
         keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
-            per conv group, on the CPU) in ``report.results`` (codes, scales, zeros for export; with
-            product quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`).
-        method: ``"scalar"`` (default): a uniform ``bits``-bit grid per row or group. ``"pq"``: product
-            quantization (:func:`~obc_lightning.solvers.pq.product_quantize`), Hessian-aware: sub-vectors of
-            ``block_size`` consecutive inputs replaced by entries of one codebook of ``n_centroids`` per
-            module, minimising the layer objective; ``"pq-kmeans"``: the same layout with plain k-means
-            (fairseq's iPQ, minimising ||W - Q||^2). ``bits``, ``sparsity``, ``n_m``, ``group_size`` and
-            ``symmetric`` do not apply; the codebook is rounded to ``scale_dtype``. Size per module:
-            ceil(log2 n_centroids) bits per sub-vector plus the codebook (``report[name].bits_per_weight``).
-        block_size, n_centroids: an int for every module, or a mapping {name or fnmatch pattern: int}
-            (first match wins; e.g. ``{"*conv*": 9, "*": 4}``: whole 3x3 kernels in convs, 4 elsewhere).
-        seed: k-means initialisation of product quantization (deterministic for a seed and a device).
+            per conv group, on the CPU) in ``report.results`` (codes, scales, zeros; with product
+            quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`).
+        scale_dtype: scales (and PQ codebooks) are rounded to values this dtype holds (default float16,
+            what :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
+            in-memory weights bit for bit; ``None`` keeps float32 scales.
+        progress: ``True``: a progress bar (tqdm) over calibration batches and solved modules; or an
+            object with ``start(stage, total)``, ``advance(item)`` and ``close()``
+            (:class:`~obc_lightning.reporting.Progress`); ``None``: silent.
 
     Returns:
         :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (not on the
@@ -538,16 +384,25 @@ def compress_model(
         ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything
         fails after weights were written, every written weight is restored before the error propagates.
     """
-    targets = select_modules(model, include, exclude)
-    product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
-    _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    if bits is not _UNSET:
+        options = {"bits": bits, **options}
+    cfg = config_of("compress_model", config, options, sections=("quantization", "calibration"))
+    q, c = cfg.quantization, cfg.calibration
+    targets = select_modules(model, q.include, q.exclude)
+    check_against_model(cfg, targets)
+    bits, method, solver, group_size, symmetric, mse, damp = (
+        q.bits, q.method, q.solver, q.group_size, q.symmetric, q.mse, q.damp
+    )
+    sparsity, n_m, block_size, n_centroids, seed, include, exclude = (
+        q.sparsity, q.n_m, q.block_size, q.n_centroids, q.seed, q.include, q.exclude
+    )
+    sequential, offload, max_memory, sample_fraction, product_dtype = (
+        c.sequential, c.offload, c.max_memory, c.sample_fraction, c.product_dtype
+    )
+    check_flags("compress_model", keep_results=keep_results)
     pq = method != "scalar"
-    _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
-    if pq:
-        bits = None
-    else:
-        _check_prune_args(bits, sparsity, n_m, targets)
     batches = _materialize(calibration_batches)
+    progress = progress_of(progress)
 
     t_start = time.perf_counter()
     report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method)
@@ -597,11 +452,13 @@ def compress_model(
         with torch.no_grad():
             if not sequential:
                 t0 = time.perf_counter()
-                calib = collect_hessians(model, batches, targets, **kw)
+                calib = collect_hessians(model, _Stepped(batches, progress, "calibration"), targets, **kw)
                 report.calibration_seconds = time.perf_counter() - t0
                 report.calibration_passes = 1
                 skipped.update(calib.skipped)
+                progress.start("solving", len(calib.hessians))
                 for name in list(calib.hessians):
+                    progress.step(name)
                     solve(name, calib.hessians.pop(name))  # pop: free each H once used
             else:
                 first = next(iter(batches), None)
@@ -610,7 +467,9 @@ def compress_model(
                 groups = execution_groups(model, first, targets, forward_fn)
                 if reduce_fn is not None:
                     _check_same_groups(groups, targets, reduce_fn)
+                progress.start("sequential", len(groups))
                 for group in groups:
+                    progress.step(", ".join(group))
                     t0 = time.perf_counter()
                     calib = collect_hessians(model, batches, {name: targets[name] for name in group}, **kw)
                     report.calibration_seconds += time.perf_counter() - t0
@@ -624,6 +483,8 @@ def compress_model(
             for name, w in backups.items():
                 targets[name].weight.copy_(w)
         raise
+    finally:
+        progress.close()
 
     projections = unquantized_projections(model, include, exclude)
     skipped.update({n: reason for n, (reason, _) in projections.items()})
@@ -645,10 +506,21 @@ def compress_model(
     return report
 
 
+class _Stepped:
+    """The batches, re-iterable, with a progress step per batch of every pass."""
+
+    def __init__(self, batches: Iterable, progress: Progress, stage: str) -> None:
+        self.batches, self.progress, self.stage = batches, progress, stage
+
+    def __iter__(self):
+        self.progress.start(self.stage, len(self.batches) if isinstance(self.batches, Sized) else None)
+        for i, batch in enumerate(self.batches):
+            self.progress.step(f"batch {i + 1}")
+            yield batch
+
+
 def _to_cpu(res):
     """A solver result (QuantResult or PQResult) with every tensor field, and the grid, on the CPU."""
-    from dataclasses import fields, replace
-
     moved = {f.name: getattr(res, f.name).cpu() for f in fields(res) if isinstance(getattr(res, f.name), Tensor)}
     if hasattr(res, "grid"):
         moved["grid"] = res.grid.to("cpu")

@@ -85,7 +85,6 @@ from safetensors import SafetensorError, safe_open
 from safetensors.torch import save_file
 from torch import Tensor, nn
 
-from obc_lightning.compress import _matches
 from obc_lightning.finetune import MixedResult
 from obc_lightning.packed import (
     ALL_BUFFERS,
@@ -116,6 +115,7 @@ from obc_lightning.packed import (
     pq_code_bits,
     sparse_pack,
 )
+from obc_lightning.selection import matches
 from obc_lightning.solvers.pq import PQResult
 
 FILE_FORMAT = "obc_lightning"
@@ -383,13 +383,13 @@ def _sparse_names(model: nn.Module, sparse, quantized: set[str]) -> list[str]:
     if patterns is None or not all(isinstance(p, str) for p in patterns):
         raise ValueError(f"sparse must be True, a module name / fnmatch pattern or a list of them, got {sparse!r}")
     for p in patterns:
-        if not any(_matches(n, p) for n in floats):
+        if not any(matches(n, p) for n in floats):
             shown = ", ".join(floats[:20]) + (", ..." if len(floats) > 20 else "")
             raise ValueError(
                 f"sparse: {p!r} matches no float Linear / Conv1d / Conv2d module (quantized and packed modules "
                 f"excluded); available: {shown or 'none'}"
             )
-    return [n for n in floats if any(_matches(n, p) for p in patterns)]
+    return [n for n in floats if any(matches(n, p) for p in patterns)]
 
 
 def _check_n_m(fn: str, n_m) -> tuple[int, int] | None:

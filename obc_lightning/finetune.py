@@ -32,12 +32,20 @@ from torch.nn.utils import parametrize
 
 from obc_lightning.checks import check_fraction, check_positive_int, is_number
 from obc_lightning.grids import MixedGrid, round_to_dtype, round_to_grid
-from obc_lightning.solvers.pq import PQResult
+from obc_lightning.solvers.pq import PQResult, code_bits
 
 if TYPE_CHECKING:
     from obc_lightning.solvers.common import QuantResult
 
 MODES = ("ste", "ternary", "noise", "masked", "pq")
+
+
+def _dtype_name(dtype: torch.dtype | None) -> str | None:
+    return None if dtype is None else str(dtype).removeprefix("torch.")
+
+
+def _dtype(name: str | None) -> torch.dtype | None:
+    return None if name is None else getattr(torch, name)
 
 
 def _rows(w: Tensor) -> Tensor:
@@ -55,7 +63,9 @@ class STEQuantizer(nn.Module):
                            = 0  otherwise                              (clipped weights get no gradient)
     """
 
-    def __init__(self, scales: Tensor, zeros: Tensor, n_bits: int, group_size: int | None, cols: int) -> None:
+    def __init__(
+        self, scales: Tensor, zeros: Tensor, n_bits: int, group_size: int | None, cols: int, symmetric: bool = False
+    ) -> None:
         super().__init__()
         if scales.shape != zeros.shape or scales.dim() != 2:
             raise ValueError(
@@ -64,7 +74,7 @@ class STEQuantizer(nn.Module):
             )
         self.register_buffer("scales", scales.detach().clone())  # (rows, n_groups)
         self.register_buffer("zeros", zeros.detach().clone())
-        self.n_bits, self.group_size, self.cols = int(n_bits), group_size, int(cols)
+        self.n_bits, self.group_size, self.cols, self.symmetric = int(n_bits), group_size, int(cols), bool(symmetric)
 
     @classmethod
     def from_results(cls, results: Sequence[QuantResult]) -> STEQuantizer:
@@ -78,6 +88,7 @@ class STEQuantizer(nn.Module):
             g0.n_bits,
             g0.group_size,
             g0.cols,
+            g0.symmetric,
         )
 
     @property
@@ -106,6 +117,33 @@ class STEQuantizer(nn.Module):
         """Bits of the packed weight: ``n_bits`` per weight + fp16 scale and uint8 zero per row / group."""
         return self.n_bits * numel + 24 * self.scales.numel()
 
+    def config(self) -> dict:
+        return {"n_bits": self.n_bits, "group_size": self.group_size, "cols": self.cols, "symmetric": self.symmetric}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: Mapping[str, Tensor], weight: Tensor) -> STEQuantizer:
+        q = cls(tensors["scales"], tensors["zeros"], **config)
+        if "mask" in tensors:
+            q.register_buffer("mask", tensors["mask"].clone().bool())
+        return q
+
+    @torch.no_grad()
+    def result(self, w: Tensor, n_blocks: int = 1) -> list[QuantResult]:
+        """The codes of the (finalized, on-grid) weight ``w`` on this grid, as ``n_blocks`` QuantResults
+        (one per conv group, rows in the weight's order): what export writes. Pruned entries are exactly
+        0, which the grid codes as its zero point."""
+        from obc_lightning.grids import Grid
+        from obc_lightning.solvers.common import QuantResult
+
+        out = []
+        rows = _rows(w.detach())
+        for wb, sc, zc in zip(rows.chunk(n_blocks), self.scales.chunk(n_blocks), self.zeros.chunk(n_blocks)):
+            grid = Grid(sc.clone(), zc.clone(), self.n_bits, self.group_size, self.cols, self.symmetric)
+            codes = grid.codes(wb.to(sc.dtype))
+            q = grid.dequantize(codes)
+            out.append(QuantResult(q, grid.scales, grid.zeros, codes, 0.5 * (q - wb).pow(2).sum(dim=1), grid))
+        return out
+
 
 def _masked(q: nn.Module, w: Tensor) -> Tensor:
     """``w`` with the pruned entries (``q.mask`` False) held at exactly 0 and given no gradient."""
@@ -128,6 +166,17 @@ class MaskedWeight(nn.Module):
     def storage_bits(self, numel: int) -> int:
         """Dense float32 storage (no sparse format is modelled)."""
         return 32 * numel
+
+    def config(self) -> dict:
+        return {}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: Mapping[str, Tensor], weight: Tensor) -> MaskedWeight:
+        return cls(tensors["mask"])
+
+    def result(self, w: Tensor, n_blocks: int = 1) -> list:
+        """Nothing beyond the weight: export stores a pruned float module from its weights."""
+        return []
 
 
 def keep_masks(model: nn.Module, names: Iterable[str]) -> dict[str, Tensor]:
@@ -225,6 +274,15 @@ class TernaryQuantizer(nn.Module):
     def storage_bits(self, numel: int) -> int:
         """2-bit codes + the 3-entry codebook {0, w_p, −w_n} in ``scale_dtype``."""
         return 2 * numel + 3 * 8 * torch.empty(0, dtype=self.scale_dtype).element_size()
+
+    def config(self) -> dict:
+        return {"threshold": self.threshold, "scale_dtype": _dtype_name(self.scale_dtype)}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: Mapping[str, Tensor], weight: Tensor) -> TernaryQuantizer:
+        q = cls(weight, config["threshold"], _dtype(config["scale_dtype"]))
+        q.load_state_dict(tensors)
+        return q
 
 
 # -------------------------------------------------------------------------------------------- noise
@@ -337,6 +395,19 @@ class NoiseQuantizer(nn.Module):
         range_bits = 2 * 8 * torch.empty(0, dtype=self.range_dtype).element_size()
         return codes + range_bits * self.rows + self.bit_width_bits * self.rows * self.n_groups
 
+    def config(self) -> dict:
+        return {
+            "group_size": self.group_size, "min_bits": self.min_bits, "max_bits": self.max_bits,
+            "range_dtype": _dtype_name(self.range_dtype),
+        }
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: Mapping[str, Tensor], weight: Tensor) -> NoiseQuantizer:
+        q = cls(weight, config["group_size"], config["min_bits"], config["max_bits"],
+                range_dtype=_dtype(config["range_dtype"]))
+        q.load_state_dict(tensors)
+        return q
+
 
 @dataclass
 class MixedResult:
@@ -413,9 +484,23 @@ class CentroidQuantizer(nn.Module):
 
     def storage_bits(self, numel: int) -> int:
         """ceil(log2 K) bits per sub-vector + the codebook at 16 bits per entry."""
-        from obc_lightning.solvers.pq import code_bits
-
         return self.codes.numel() * code_bits(self.codebook.shape[0]) + 16 * self.codebook.numel()
+
+    def config(self) -> dict:
+        return {"noise_rate": self.noise_rate, "codebook_dtype": _dtype_name(self.codebook_dtype)}
+
+    @classmethod
+    def from_state(cls, config: dict, tensors: Mapping[str, Tensor], weight: Tensor) -> CentroidQuantizer:
+        return cls(tensors["codebook"], tensors["codes"], config["noise_rate"], _dtype(config["codebook_dtype"]))
+
+    @torch.no_grad()
+    def result(self, w: Tensor, n_blocks: int = 1) -> list[PQResult]:
+        """The finalized weight ``w`` as a PQResult with the trained codebook, as export stores it."""
+        codebook = self.stored_codebook().cpu()
+        q = codebook[self.codes.cpu()].reshape(self.codes.shape[0], -1).to(w.dtype)
+        loss = 0.5 * (q - _rows(w.detach()).cpu()).pow(2).sum(dim=1)
+        return [PQResult(q, self.codes.cpu(), codebook, loss, block_size=self.block_size,
+                         n_centroids=self.codebook.shape[0], hessian_aware=True)]
 
 
 # --------------------------------------------------------------------------------- model-level glue
@@ -580,3 +665,280 @@ def remove_last_param_group(optimizer: torch.optim.Optimizer, schedulers: Sequen
             lst = getattr(s, attr, None)
             if isinstance(lst, list) and len(lst) == n:
                 lst.pop()
+
+
+# ------------------------------------------------------------------------------------ the session
+QUANTIZER_KINDS: dict[str, type] = {
+    "ste": STEQuantizer,
+    "masked": MaskedWeight,
+    "ternary": TernaryQuantizer,
+    "noise": NoiseQuantizer,
+    "pq": CentroidQuantizer,
+}
+
+
+def quantizer_state(q: nn.Module) -> dict:
+    """A quantizer as plain data (its kind, constructor values and tensors on the CPU): checkpointable."""
+    kind = next(k for k, cls in QUANTIZER_KINDS.items() if type(q) is cls)
+    return {"kind": kind, "config": q.config(), "tensors": {k: v.detach().cpu() for k, v in q.state_dict().items()}}
+
+
+def quantizer_from_state(state: Mapping, weight: Tensor) -> nn.Module:
+    """The quantizer of :func:`quantizer_state` for the latent ``weight``, on its device."""
+    cls = QUANTIZER_KINDS[state["kind"]]
+    return cls.from_state(state["config"], state["tensors"], weight.detach()).to(weight.device)
+
+
+class FinetuneSession:
+    """Quantization-aware fine-tuning, driven by any training loop.
+
+    ``FinetuneSession.begin(model, mode, ...)`` parametrizes the weights (the latent weights stay the same
+    ``nn.Parameter`` objects, so an optimizer that holds them keeps its state) and adds the quantizers' own
+    parameters to the optimizer (or to DiffQ's own Adam for the bit widths). Then, in a plain PyTorch loop::
+
+        loss.backward()
+        session.after_backward()          # DiffQ: the gradient of the model-size penalty
+        session.before_optimizer_step()   # DiffQ: step the bit widths' own Adam
+        optimizer.step()
+        ...
+        results = session.finish()        # weights truly quantized, parametrizations gone; export results
+
+    ``state_dict()`` / ``resume(...)`` carry a session across a checkpoint, ``plain_state_dict(sd)`` turns a
+    parametrized model's state dict into one the unparametrized module loads (the quantized weights), and
+    ``abort()`` removes the parametrizations leaving the latent weights, for recovery from a failure.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        mode: str,
+        quantizers: dict[str, nn.Module],
+        *,
+        bits_lr: float | None = None,
+        noise_penalty: float = 0.0,
+    ) -> None:
+        if mode not in MODES:
+            raise ValueError(f"FinetuneSession: mode must be one of {MODES}, got {mode!r}")
+        self.model, self.mode, self.quantizers = model, mode, quantizers
+        self.noise_penalty, self.bits_lr = float(noise_penalty), bits_lr
+        self.optimizer: torch.optim.Optimizer | None = None
+        self.schedulers: list = []
+        self.bits_optimizer: torch.optim.Optimizer | None = None
+        self.added_group = False
+        self.trains_parameters = not any(True for q in quantizers.values() for _ in q.parameters())
+
+    def train_with(self, optimizer: torch.optim.Optimizer | None, schedulers: Sequence = ()) -> bool:
+        """Let the quantizers' own parameters (TTQ scales, DiffQ bit logits, PQ codebooks) train: DiffQ's
+        bit widths in their own Adam (``bits_lr``), the others as a new group of ``optimizer`` with group
+        0's settings and no weight decay (``schedulers``' per-group lists extended). False when they
+        have parameters but nothing trains them (no optimizer)."""
+        params = [p for q in self.quantizers.values() for p in q.parameters()]
+        self.optimizer, self.schedulers = optimizer, list(schedulers)
+        if params and self.mode == "noise" and self.bits_lr is not None:
+            self.bits_optimizer = torch.optim.Adam(params, lr=self.bits_lr, weight_decay=0.0)
+        elif params and optimizer is not None:
+            self.added_group = add_param_group(optimizer, params, self.schedulers)
+        self.trains_parameters = not params or self.bits_optimizer is not None or optimizer is not None
+        return self.trains_parameters
+
+    @classmethod
+    def begin(
+        cls,
+        model: nn.Module,
+        mode: str,
+        *,
+        results: Mapping[str, Sequence] | None = None,
+        names: Iterable[str] = (),
+        masks: Mapping[str, Tensor] | None = None,
+        latent: Mapping[str, Tensor] | None = None,
+        optimizer: torch.optim.Optimizer | None = None,
+        schedulers: Sequence = (),
+        ternary_threshold: float = 0.05,
+        noise_group_size: int = 16,
+        noise_min_bits: float = 2.0,
+        noise_max_bits: float = 8.0,
+        noise_init_bits: float = 4.0,
+        noise_penalty: float = 0.0,
+        bits_lr: float | None = None,
+        pq_noise_rate: float = 1.0,
+    ) -> FinetuneSession:
+        """Attach the quantizers of ``mode`` and return the session.
+
+        ``"ste"`` / ``"pq"``: one per module of ``results`` (``compress_model(..., keep_results=True)``'s
+        ``report.results``), ``masks`` keeping a pruning pattern (``"ste"``); ``"masked"``: one per module
+        of ``masks``; ``"ternary"`` / ``"noise"``: one per module of ``names``, from its current weights.
+        ``latent`` (``"pq"`` with ``pq_noise_rate < 1``): the weights the latent weights start from.
+        """
+        if mode == "ste":
+            quantizers = attach_ste(model, results or {}, masks)
+        elif mode == "pq":
+            if latent:
+                with torch.no_grad():
+                    for name, w in latent.items():
+                        if name in (results or {}):
+                            model.get_submodule(name).weight.copy_(w)
+            quantizers = attach_centroids(model, results or {}, pq_noise_rate)
+        elif mode == "masked":
+            quantizers = attach_masks(model, masks or {})
+        elif mode == "ternary":
+            quantizers = attach_ternary(model, names, ternary_threshold)
+        elif mode == "noise":
+            quantizers = attach_noise(model, names, noise_group_size, noise_min_bits, noise_max_bits, noise_init_bits)
+        else:
+            raise ValueError(f"FinetuneSession: mode must be one of {MODES}, got {mode!r}")
+        session = cls(model, mode, quantizers, bits_lr=bits_lr, noise_penalty=noise_penalty)
+        session.train_with(optimizer, schedulers)
+        return session
+
+    # ------------------------------------------------------------------ training steps
+    def penalty(self) -> Tensor | None:
+        """DiffQ's ``noise_penalty · size_mb`` (``None`` in other modes or without a penalty)."""
+        if self.mode != "noise" or self.noise_penalty == 0:
+            return None
+        return noise_penalty(self.quantizers.values(), self.noise_penalty)
+
+    def after_backward(self, loss_scale: float = 1.0, accumulation: int = 1) -> None:
+        """Add the penalty's gradient (the training step returned the task loss only), scaled like the task
+        loss was (``loss_scale``: an AMP scaler's scale; ``accumulation``: gradient accumulation)."""
+        loss = self.penalty()
+        if loss is not None:
+            (loss * loss_scale / accumulation).backward()
+
+    def before_optimizer_step(self, grad_scale: float = 1.0) -> None:
+        """Step the bit widths' own Adam, if there is one: gradients divided by ``grad_scale`` (an AMP
+        scale), and a step with non-finite gradients skipped, as the scaler skips the model's."""
+        if self.bits_optimizer is None:
+            return
+        params = [p for g in self.bits_optimizer.param_groups for p in g["params"] if p.grad is not None]
+        if grad_scale != 1.0:
+            for p in params:
+                p.grad.mul_(1.0 / grad_scale)
+        if all(bool(torch.isfinite(p.grad).all()) for p in params):
+            self.bits_optimizer.step()
+        self.bits_optimizer.zero_grad(set_to_none=True)
+
+    # ------------------------------------------------------------------ checkpoints
+    def quantized_weights(self) -> dict[str, Tensor]:
+        """Each module's weight as evaluation (and :meth:`finish`) gives it: the quantizer in eval mode."""
+        out = {}
+        with torch.no_grad():
+            for name, q in self.quantizers.items():
+                latent = self.model.get_submodule(name).parametrizations.weight.original
+                training = q.training
+                q.eval()
+                out[name] = q(latent).detach()
+                q.train(training)
+        return out
+
+    def plain_state_dict(self, state_dict: dict[str, Tensor], prefix: str = "") -> dict[str, Tensor]:
+        """``state_dict`` (of the parametrized model, keys under ``prefix``) with each parametrized weight
+        replaced by its plain ``<module>.weight``: the quantized weight, so that the module as the user
+        defined it loads it (and is the quantized model)."""
+        out = dict(state_dict)
+        for name, w in self.quantized_weights().items():
+            base = f"{prefix}{name}." if name else prefix
+            for key in [k for k in out if k.startswith(f"{base}parametrizations.weight.")]:
+                del out[key]
+            out[f"{base}weight"] = w.to(state_dict.get(f"{base}parametrizations.weight.original", w).dtype)
+        return out
+
+    def state_dict(self) -> dict:
+        """Plain data to resume from: the mode, each quantizer, the latent weights, the bits optimizer."""
+        latent = {
+            name: self.model.get_submodule(name).parametrizations.weight.original.detach().cpu().clone()
+            for name in self.quantizers
+        }
+        return {
+            "mode": self.mode,
+            "quantizers": {name: quantizer_state(q) for name, q in self.quantizers.items()},
+            "latent": latent,
+            "noise_penalty": self.noise_penalty,
+            "bits_optimizer": None if self.bits_optimizer is None else self.bits_optimizer.state_dict(),
+            "bits_lr": self.bits_lr,
+        }
+
+    @classmethod
+    def resume(
+        cls, model: nn.Module, state: Mapping, *, optimizer: torch.optim.Optimizer | None = None,
+        schedulers: Sequence = (),
+    ) -> FinetuneSession:
+        """The session of :meth:`state_dict` on ``model`` (its weights: the plain quantized ones a checkpoint
+        holds): latent weights back into the same Parameters, quantizers re-attached, the quantizers'
+        parameters added to ``optimizer`` as before (so that its saved state loads next)."""
+        quantizers = {}
+        with torch.no_grad():
+            for name, qstate in state["quantizers"].items():
+                m = model.get_submodule(name)
+                m.weight.copy_(state["latent"][name].to(m.weight.device, m.weight.dtype))
+                quantizers[name] = attach(m, quantizer_from_state(qstate, m.weight))
+        session = cls(model, state["mode"], quantizers, bits_lr=state.get("bits_lr"),
+                      noise_penalty=state.get("noise_penalty", 0.0))
+        session.train_with(optimizer, schedulers)
+        if session.bits_optimizer is not None and state.get("bits_optimizer") is not None:
+            session.bits_optimizer.load_state_dict(state["bits_optimizer"])
+        return session
+
+    # ------------------------------------------------------------------ the end
+    def _release_optimizer(self) -> None:
+        if self.added_group and self.optimizer is not None:
+            remove_last_param_group(self.optimizer, self.schedulers)
+        self.added_group = False
+        self.bits_optimizer = None
+
+    def finish(self, export: bool = True) -> dict[str, list]:
+        """Remove the parametrizations in eval semantics (the weights are truly quantized, the same
+        Parameters) and the optimizer group; returns {module: results for
+        :func:`~obc_lightning.export.save_quantized`} of the final weights (``export=False``: {})."""
+        results = {}
+        if export:  # ternary / DiffQ codes and ranges come from the latent weights
+            for name, q in self.quantizers.items():
+                if isinstance(q, (TernaryQuantizer, NoiseQuantizer)):
+                    results[name] = [q.result(self.model.get_submodule(name).parametrizations.weight.original)]
+        for name in self.quantizers:
+            finalize(self.model.get_submodule(name))
+        if export:
+            for name, q in self.quantizers.items():
+                if name not in results:
+                    m = self.model.get_submodule(name)
+                    results[name] = q.result(m.weight, getattr(m, "groups", 1))
+        self._release_optimizer()
+        return {name: results[name] for name in self.quantizers if name in results}
+
+    def abort(self) -> None:
+        """Remove the parametrizations leaving the latent weights (no rounding) and the optimizer group."""
+        for name in self.quantizers:
+            m = self.model.get_submodule(name)
+            if parametrize.is_parametrized(m, "weight"):
+                parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+        self._release_optimizer()
+
+    # ------------------------------------------------------------------ what it weighs
+    def size_metrics(self, targets: Mapping[str, nn.Module], fp32_extra: int = 0) -> dict[str, float]:
+        """Sizes and bits of the ternary / noise-quantized model over ``targets`` (those without a quantizer,
+        and ``fp32_extra`` bytes of weights no module holds, count at fp32)."""
+        before = after = qbits = qnumel = 0
+        wbits = 0.0
+        for name, m in targets.items():
+            w = m.parametrizations.weight.original if parametrize.is_parametrized(m, "weight") else m.weight
+            bias = 0 if m.bias is None else m.bias.numel() * 4
+            before += w.numel() * 4 + bias
+            q = self.quantizers.get(name)
+            if q is None:
+                after += w.numel() * 4 + bias
+                continue
+            sb = q.storage_bits(w.numel())
+            after += sb / 8 + bias
+            qbits, qnumel = qbits + sb, qnumel + w.numel()
+            if isinstance(q, NoiseQuantizer):
+                wbits += float((q.rounded_bits() * q.group_numel).sum())
+        before, after = before + fp32_extra, after + fp32_extra
+        out = {
+            "obc/size_mb_before": before / 2**20,
+            "obc/size_mb_after": after / 2**20,
+            "obc/compression_ratio": before / after if after else float("nan"),
+            "obc/avg_bits": qbits / qnumel if qnumel else float("nan"),
+            "obc/modules_quantized": float(len(self.quantizers)),
+        }
+        if self.mode == "noise" and qnumel:
+            out["obc/noise_bits"] = wbits / qnumel  # mean rounded bit width, without scales
+        return out

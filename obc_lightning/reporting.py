@@ -193,16 +193,18 @@ class CompressionReport:
 
 
 def error_figure(report: CompressionReport):
-    """Bar chart (a matplotlib Figure) of the per-module relative error; ``None`` without matplotlib."""
+    """Bar chart (a ``matplotlib.figure.Figure``) of the per-module relative error; ``None`` without
+    matplotlib. Built on a ``Figure`` object with its own Agg canvas: pyplot and the process's backend
+    are left alone."""
     try:
-        import matplotlib
-
-        matplotlib.use("Agg")
-        import matplotlib.pyplot as plt
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
     except ImportError:
         return None
     names = [m.name for m in report.modules]
-    fig, ax = plt.subplots(figsize=(max(4.0, 0.35 * len(names) + 2), 3.5))
+    fig = Figure(figsize=(max(4.0, 0.35 * len(names) + 2), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
     ax.bar(range(len(names)), [m.rel_error for m in report.modules])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("||(W-Q)X||^2 / ||WX||^2")
@@ -217,8 +219,69 @@ def plot_errors(report: CompressionReport, path) -> str | None:
     fig = error_figure(report)
     if fig is None:
         return None
-    import matplotlib.pyplot as plt
-
     fig.savefig(path)
-    plt.close(fig)
     return str(path)
+
+
+class Progress:
+    """What :func:`~obc_lightning.compress.compress_model` reports while it works: a stage starts
+    (``"calibration"`` over batches, ``"solving"`` over modules, ``"sequential"`` over groups of
+    modules), then ``step(item)`` before each unit (the module about to be solved), ``close()`` at the
+    end. This base class is silent; :class:`TqdmProgress` draws a bar, the callback follows the
+    Trainer's progress bar."""
+
+    def start(self, stage: str, total: int | None) -> None:
+        pass
+
+    def step(self, item: str = "") -> None:
+        pass
+
+    def close(self) -> None:
+        pass
+
+
+class TqdmProgress(Progress):
+    """A tqdm bar per stage (``bar_factory(desc=..., total=...)``, tqdm's own by default), the unit being
+    worked on as its postfix."""
+
+    def __init__(self, bar_factory=None, prefix: str = "") -> None:
+        if bar_factory is None:
+            from tqdm.auto import tqdm as bar_factory
+        self.bar_factory, self.prefix = bar_factory, prefix
+        self.bar = None
+        self.steps = 0
+
+    def start(self, stage: str, total: int | None) -> None:
+        self.close()
+        self.bar = self.bar_factory(desc=f"{self.prefix}{stage}", total=total, leave=False)
+        self.steps = 0
+
+    def step(self, item: str = "") -> None:
+        if self.bar is None:
+            return
+        if self.steps:
+            self.bar.update(1)
+        self.steps += 1
+        if item:
+            self.bar.set_postfix_str(item, refresh=True)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            if self.steps:
+                self.bar.update(1)
+            self.bar.close()
+            self.bar = None
+
+
+def progress_of(value) -> Progress:
+    """``compress_model``'s ``progress`` argument as a :class:`Progress`."""
+    if value is None or value is False:
+        return Progress()
+    if value is True:
+        return TqdmProgress()
+    if all(callable(getattr(value, k, None)) for k in ("start", "step", "close")):
+        return value
+    raise ValueError(
+        f"compress_model: progress must be None, a bool or an object with start(stage, total), step(item) and "
+        f"close(), got {value!r}"
+    )

@@ -24,7 +24,7 @@ from torch.sparse import (
     SparseSemiStructuredTensorCUTLASS,
 )
 
-from obc_lightning.compress import select_modules
+from obc_lightning.selection import select_modules
 
 BACKENDS = {"cusparselt": SparseSemiStructuredTensorCUSPARSELT, "cutlass": SparseSemiStructuredTensorCUTLASS}
 MIN_CAPABILITY = (8, 0)  # sparse tensor cores: Ampere and later

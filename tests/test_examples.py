@@ -35,6 +35,8 @@ needs_subset = pytest.mark.skipif(
     not SUBSET.is_file(), reason=f"CIFAR-10 subset not found at {SUBSET} (see shared/data/README.md)"
 )
 QUICK = [
+    "--log-dir",
+    "none",
     "--subset",
     str(SUBSET),
     "--epochs",
@@ -137,8 +139,13 @@ def test_datamodule_batches():
 
 @needs_subset
 def test_cifar_callback_path(tmp_path):
-    res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq", "--export", str(tmp_path / "r20.safetensors")])
+    logs = tmp_path / "logs"
+    res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq", "--export", str(tmp_path / "r20.safetensors")]
+                     + ["--log-dir", str(logs)])
     assert res["method"] == "callback/gptq" and res["bits"] == 4
+    # the example logs by default (TensorBoard here: tensorboardX is a dev dependency), the chart included
+    assert list(logs.glob("train/version_0/events.out.tfevents.*"))
+    assert (logs / "train" / "version_0" / "obc_rel_error.png").exists()
     assert res["file_bytes"] == (tmp_path / "r20.safetensors").stat().st_size
     assert 0 <= res["acc"] <= 100 and 0 <= res["fp32_acc"] <= 100
     # 20 weighted layers of ResNet-20 at 4 bits + per-row fp16 scale / zero: close to 8x smaller

@@ -12,6 +12,7 @@ from torch.nn.utils import parametrize
 from torch.utils.data import DataLoader, TensorDataset
 
 from obc_lightning.finetune import (
+    FinetuneSession,
     NoiseQuantizer,
     STEQuantizer,
     TernaryQuantizer,
@@ -330,7 +331,7 @@ def test_ste_loop_reports_finetuned_and_keeps_optimizer_state(tmp_path):
     assert not parametrize.is_parametrized(model.fc1) and model.fc1.weight is fc1_weight
     for name in ("fc1", "fc2"):
         w = getattr(model, name).weight.detach()
-        assert torch.equal(cb._quantizers[name].eval()(w), w)
+        assert torch.equal(cb.quantizers[name].eval()(w), w)
     # K = 4 - 2 - 1 = 1: compression after epoch 1; the latent Parameter's momentum buffer carries on
     assert model.buffers[2] is model.buffers[1] is not None
     opt = t.optimizers[0]
@@ -351,7 +352,7 @@ def test_ternary_loop_adds_scales_to_optimizer_and_keeps_lr_schedule(tmp_path):
     for name in ("fc1", "fc2"):
         w = getattr(model, name).weight
         assert type(w) is nn.Parameter and len(w.unique()) <= 3
-        q = cb._quantizers[name]
+        q = cb.quantizers[name]
         w_p, w_n = q.stored_scales()
         assert set(w.unique().tolist()) <= {w_p.item(), 0.0, -w_n.item()}
         assert w_p == q.w_p.half().float() and w_n == q.w_n.half().float()
@@ -370,7 +371,7 @@ def test_noise_loop_penalty_lowers_bits(tmp_path, bits_lr, penalty):
     )
     t, model = fit(tmp_path, cb, MLP(scheduler=False))
     assert cb.metrics["obc/noise_bits"] < 3  # from 6 bits: the size penalty's gradient was applied
-    q = cb._quantizers["fc1"]
+    q = cb.quantizers["fc1"]
     w = model.fc1.weight.detach()
     assert not parametrize.is_parametrized(model.fc1)
     assert torch.equal(q.eval()(w), w)  # on each group's uniform grid already
@@ -384,10 +385,10 @@ def test_noise_bits_have_their_own_adam_by_default(tmp_path):
     class Spy(OBCQuantize):
         def on_train_epoch_end(self, trainer, pl_module):
             super().on_train_epoch_end(trainer, pl_module)
-            if self._phase == "finetuning" and "groups" not in seen:
+            if self.phase == "finetuning" and "groups" not in seen:
                 seen["groups"] = len(trainer.optimizers[0].param_groups)
-                seen["logits"] = self._quantizers["fc1"].logits.detach().clone()
-                seen["adam"] = self._bits_optimizer
+                seen["logits"] = self.quantizers["fc1"].logits.detach().clone()
+                seen["adam"] = self.session.bits_optimizer
 
     cb = Spy(bits=4, finetune="noise", finetune_epochs=2, noise_penalty=0.0, monitor="val_acc", plot=False)
     t, model = fit(tmp_path, cb, MLP(scheduler=False))
@@ -395,7 +396,7 @@ def test_noise_bits_have_their_own_adam_by_default(tmp_path):
     assert isinstance(seen["adam"], torch.optim.Adam) and seen["adam"].defaults["lr"] == 1e-3
     assert seen["adam"].defaults["weight_decay"] == 0
     assert seen["adam"].state  # it stepped
-    assert cb._bits_optimizer is None  # released after fine-tuning
+    assert cb.session is None  # released after fine-tuning
     with pytest.raises(ValueError, match="noise_bits_lr"):
         OBCQuantize(finetune="noise", noise_bits_lr=0)
 
@@ -408,7 +409,7 @@ def test_budget_met_stops_early_without_parametrization(tmp_path):
     t, model = fit(tmp_path, cb)
     assert t.current_epoch == 2 and len(model.lrs) == 2  # epochs 2 and 3 were skipped
     assert not parametrize.is_parametrized(model.fc1) and not parametrize.is_parametrized(model.fc2)
-    assert cb._quantizers == {} and cb.metrics["obc/finetune_epochs"] == 0
+    assert cb.quantizers == {} and cb.metrics["obc/finetune_epochs"] == 0
     assert "obc/val_acc_after" in cb.metrics and "obc/val_acc_finetuned" not in cb.metrics
     assert len(t.optimizers[0].param_groups) == 1
 
@@ -436,13 +437,13 @@ def test_ternary_and_noise_export_the_final_weights(tmp_path, mode, budget):
     assert cb.metrics["obc/file_mb"] == cb.metrics["obc/size_mb_after"] == os.path.getsize(path) / 2**20
 
 
-def test_state_is_plain_and_mid_finetuning_resume_raises(tmp_path):
+def test_state_is_plain_and_a_fine_tuning_state_without_session_is_refused(tmp_path):
     cb = OBCQuantize(finetune="ste", finetune_epochs=1, monitor="val_acc", max_drop=0.5, plot=False)
     state = cb.state_dict()
     torch.save(state, tmp_path / "s.pt")
-    assert torch.load(tmp_path / "s.pt", weights_only=True)["finetune"]["phase"] == "idle"
-    state["finetune"]["phase"] = "finetuning"
-    with pytest.raises(RuntimeError, match="mid-fine-tuning"):
+    assert torch.load(tmp_path / "s.pt", weights_only=True)["phase"] == "idle"
+    state["phase"] = "finetuning"  # what an older version wrote: no session to resume
+    with pytest.raises(RuntimeError, match="holds no fine-tuning session"):
         OBCQuantize(finetune="ste").load_state_dict(state)
 
 
@@ -459,13 +460,13 @@ def test_finetune_epochs_equal_max_epochs_compresses_at_fit_start(tmp_path):
     w0 = model.fc1.weight.detach().clone()
     cb = OBCQuantize(bits=2, calibration_batches=2, finetune="ste", finetune_epochs=3, monitor="val_acc", plot=False)
     t, model = fit(tmp_path, cb, model, max_epochs=3)
-    assert cb._start_epoch == -1 and cb.metrics["obc/finetune_epochs"] == 3
+    assert cb.start_epoch == -1 and cb.metrics["obc/finetune_epochs"] == 3
     # "before" is the model as it arrived: evaluated before any optimizer step
     assert len(model.lrs) == 3 and "obc/val_acc_before" in cb.metrics and "obc/val_acc_finetuned" in cb.metrics
     assert not torch.equal(model.fc1.weight.detach(), w0)
     for name in ("fc1", "fc2"):
         w = getattr(model, name).weight.detach()
-        assert torch.equal(cb._quantizers[name].eval()(w), w)
+        assert torch.equal(cb.quantizers[name].eval()(w), w)
 
 
 def test_budget_met_at_fit_start_trains_nothing(tmp_path):
@@ -482,7 +483,7 @@ def test_fit_ending_before_compression_epoch_compresses_at_end(tmp_path):
     cb = OBCQuantize(bits=4, calibration_batches=2, finetune="ste", finetune_epochs=2, plot=False)
     with pytest.warns(UserWarning, match="without fine-tuning"):
         t, model = fit(tmp_path, cb, max_steps=3)
-    assert cb._phase == "done" and cb.metrics["obc/finetune_epochs"] == 0
+    assert cb.phase == "done" and cb.metrics["obc/finetune_epochs"] == 0
     assert not parametrize.is_parametrized(model.fc1) and cb.quantized_modules == ["fc1", "fc2"]
 
 
@@ -498,7 +499,7 @@ def test_noise_penalty_backward_scaled_by_amp_and_accumulation():
 
     q = NoiseQuantizer(torch.randn(2, 8), group_size=8, min_bits=2, max_bits=8, init_bits=4)
     cb = OBCQuantize(finetune="noise", noise_penalty=3.0)
-    cb._phase, cb._quantizers = "finetuning", {"layer": q}
+    cb.session = FinetuneSession(nn.Linear(8, 2), "noise", {"layer": q}, noise_penalty=3.0)
     trainer = SimpleNamespace(precision_plugin=SimpleNamespace(scaler=Scaler()), accumulate_grad_batches=2)
     cb.on_after_backward(trainer, None)
     s = torch.sigmoid(q.logits.detach())
@@ -540,7 +541,7 @@ def test_n_m_quantized_finetune_keeps_pattern_and_grid(tmp_path):
     W = model.fc1.weight.detach()
     assert not parametrize.is_parametrized(model.fc1)
     assert (W.view(W.shape[0], -1, 4) != 0).sum(dim=2).max() <= 2  # the 2:4 pattern survived training
-    assert torch.equal(cb._quantizers["fc1"].eval()(W), W)  # and the weights are on the grid
+    assert torch.equal(cb.quantizers["fc1"].eval()(W), W)  # and the weights are on the grid
     assert cb.metrics["obc/finetune_epochs"] == 2 and "obc/val_acc_finetuned" in cb.metrics
 
 
@@ -554,7 +555,7 @@ def test_obcprune_masked_finetune_trains_kept_weights_only(tmp_path):
 
     class Snapshot(pl.Callback):  # the weights right after pruning, before fine-tuning
         def on_train_epoch_start(self, trainer, pl_module):
-            if cb._phase == "finetuning" and "w" not in captured:
+            if cb.phase == "finetuning" and "w" not in captured:
                 captured["w"] = pl_module.fc1.parametrizations.weight.original.detach().clone()
 
     _, model = fit(tmp_path, None, model, callbacks=[cb, Snapshot()])

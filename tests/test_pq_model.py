@@ -216,7 +216,7 @@ def test_callback_pq_post_training_metrics(tmp_path):
         assert key in m
     w = model.net.conv2.weight.detach().reshape(16, -1, 4)
     assert w.reshape(-1, 4).unique(dim=0).shape[0] <= 16
-    assert cb.config["method"] == "pq" and cb.config["block_size"] == 4
+    assert cb.config.to_flat()["method"] == "pq" and cb.config.to_flat()["block_size"] == 4
 
 
 def test_callback_pq_finetune_trains_codebooks_with_fixed_codes(tmp_path):
@@ -232,9 +232,9 @@ def test_callback_pq_finetune_trains_codebooks_with_fixed_codes(tmp_path):
         def on_train_epoch_start(self, trainer, pl_module):
             opt = trainer.optimizers[0]
             seen.setdefault("groups", []).append(len(opt.param_groups))
-            if cb._quantizers:
-                seen["codebook0"] = {n: q.stored_codebook().clone() for n, q in cb._quantizers.items()}
-                seen["codes"] = {n: q.codes.clone() for n, q in cb._quantizers.items()}
+            if cb.quantizers:
+                seen["codebook0"] = {n: q.stored_codebook().clone() for n, q in cb.quantizers.items()}
+                seen["codes"] = {n: q.codes.clone() for n, q in cb.quantizers.items()}
 
     t = pl.Trainer(
         max_epochs=3, accelerator="cpu", devices=1, callbacks=[Spy(), cb], logger=CSVLogger(tmp_path),
@@ -245,7 +245,7 @@ def test_callback_pq_finetune_trains_codebooks_with_fixed_codes(tmp_path):
     # compressed after epoch 0; epochs 1 and 2 train with the codebooks as an extra parameter group
     assert seen["groups"] == [1, 2, 2]
     assert len(t.optimizers[0].param_groups) == 1  # the extra group is removed at the end
-    for name, q in cb._quantizers.items():
+    for name, q in cb.quantizers.items():
         w = model.get_submodule(name).weight.detach()
         cb_now = q.stored_codebook()
         assert torch.equal(w.reshape(w.shape[0], -1), cb_now[seen["codes"][name]].reshape(w.shape[0], -1))

@@ -1,0 +1,530 @@
+"""Configuration as data: what to compress, how to calibrate, how to fine-tune, where to export.
+
+Small frozen dataclasses, each validated once in ``__post_init__``, and :class:`CompressionConfig`, which
+holds them and checks what involves several of them. Every public entry point builds its configuration
+here: ``OBCQuantize(bits=4, finetune="ste")`` and ``compress_model(model, batches, bits=4)`` from flat
+keywords (:meth:`CompressionConfig.from_flat`), ``OBCQuantize(config=...)`` and
+``compress_model(model, batches, config=...)`` from the dataclasses themselves. A bad value is a
+``ValueError`` that names the entry point the user called and the argument as the user wrote it:
+``OBCQuantize: finetune_epochs must be a positive integer, got 0`` for the flat keyword,
+``FinetuneConfig: epochs must be ...`` for the dataclass field.
+
+Every field is plain data (numbers, strings, lists, mappings), so a configuration round-trips through a
+checkpoint (:meth:`CompressionConfig.to_flat` / :meth:`CompressionConfig.from_flat`) and through a
+LightningCLI YAML file. Checks that need the model (a pattern that matches no module, M not dividing a
+module's inputs) are :func:`obc_lightning.compress.check_against_model`'s.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from contextlib import contextmanager
+from contextvars import ContextVar
+from dataclasses import MISSING, asdict, dataclass, field, fields
+
+from obc_lightning.checks import (
+    check_flags,
+    check_fraction,
+    check_int,
+    check_nonnegative,
+    check_positive,
+    check_positive_int,
+    is_number,
+)
+from obc_lightning.grids import MAX_BITS, MIN_BITS
+
+SOLVERS = ("auto", "obc", "gptq")
+# "scalar": a uniform grid per row / group; "pq": Hessian-aware product quantization; "pq-kmeans": plain
+# k-means product quantization (fairseq's iPQ), for comparison
+METHODS = ("scalar", "pq", "pq-kmeans")
+FINETUNE_MODES = ("ste", "ternary", "noise", "masked", "pq")
+PRODUCT_DTYPE_NAMES = ("float32", "bfloat16", "float64")
+DEFAULT_BITS = 4
+
+# (entry point, True when the user gave flat keywords) while a configuration is being built
+_ENTRY: ContextVar[tuple[str, bool] | None] = ContextVar("obc_lightning_config_entry", default=None)
+
+
+@contextmanager
+def entry_point(who: str, flat: bool = True) -> Iterator[None]:
+    """Within the block, configuration errors name ``who`` and (``flat``) the flat keyword names."""
+    token = _ENTRY.set((who, flat))
+    try:
+        yield
+    finally:
+        _ENTRY.reset(token)
+
+
+def _flat(f) -> str:
+    return f.metadata.get("flat", f.name)
+
+
+class _Section:
+    """Shared by the configuration dataclasses: naming in errors, plain-data conversion."""
+
+    def _who(self) -> str:
+        entry = _ENTRY.get()
+        return entry[0] if entry else type(self).__name__
+
+    def _arg(self, name: str) -> str:
+        """The argument as the user wrote it: the flat keyword, or the dataclass field."""
+        entry = _ENTRY.get()
+        if entry is None or not entry[1]:
+            return name
+        return _flat(next(f for f in fields(self) if f.name == name))
+
+    def _fail(self, message: str) -> ValueError:
+        return ValueError(f"{self._who()}: {message}")
+
+    def to_dict(self) -> dict:
+        return _plain(asdict(self))
+
+
+def _plain(value):
+    """Tuples as lists, mappings as dicts: what YAML, JSON and ``torch.load(weights_only=True)`` take."""
+    if isinstance(value, Mapping):
+        return {k: _plain(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_plain(v) for v in value]
+    return value
+
+
+def _check_patterns(section: _Section, name: str, value) -> list[str] | str | None:
+    if value is None or isinstance(value, str):
+        return value
+    if isinstance(value, Sequence) and all(isinstance(p, str) for p in value):
+        return list(value)
+    raise section._fail(f"{section._arg(name)} must be a module name, a pattern or a list of them, got {value!r}")
+
+
+def _check_per_module(section: _Section, name: str, value, minimum: int, maximum: int | None = None):
+    """An int in [minimum, maximum], or a mapping {module name or pattern: such an int}."""
+    values = value.values() if isinstance(value, Mapping) else [value]
+    if isinstance(value, Mapping) and (not value or not all(isinstance(k, str) for k in value)):
+        raise section._fail(f"{section._arg(name)} must map module names or patterns to integers, got {value!r}")
+    for v in values:
+        if isinstance(v, bool) or not isinstance(v, int) or v < minimum or (maximum is not None and v > maximum):
+            upper = f" and <= {maximum}" if maximum is not None else ""
+            raise section._fail(
+                f"{section._arg(name)} must be an integer >= {minimum}{upper} (or a mapping of module patterns to "
+                f"them), got {v!r}"
+            )
+    return dict(value) if isinstance(value, Mapping) else value
+
+
+@dataclass(frozen=True)
+class QuantizationConfig(_Section):
+    """What every target module becomes, and which modules are targets.
+
+    Args:
+        bits: bits per weight of the uniform grid, 2 ... 8; ``None`` with ``sparsity`` / ``n_m``: prune
+            only (weights stay float). Not used by product quantization.
+        method: ``"scalar"`` (a ``bits``-bit grid per row or group), ``"pq"`` (Hessian-aware product
+            quantization) or ``"pq-kmeans"`` (plain k-means product quantization, fairseq's iPQ).
+        solver: ``"auto"`` (per row the best of ExactOBC and act-order GPTQ, both polished), ``"obc"``
+            or ``"gptq"``.
+        group_size: one scale and zero per this many input columns (``None``: per output channel).
+        symmetric: symmetric grid (zero point in the middle) instead of asymmetric.
+        mse: search each scale for the smallest rounding error instead of plain min-max.
+        damp: relative damping of the Hessian (a fraction of its mean diagonal).
+        sparsity: prune this fraction of every module's weights with OBS first (unstructured).
+        n_m: ``[N, M]``: prune to at most N non-zeros in every M consecutive inputs first.
+        block_size: product quantization: inputs per sub-vector; an int, or a mapping
+            ``{module name or pattern: int}`` (first match wins, e.g. ``{"*conv*": 9, "*": 4}``).
+        n_centroids: product quantization: codebook size per module; an int or such a mapping.
+        include: module names, parents or fnmatch patterns to compress (``None``: every Linear / Conv).
+        exclude: module names, parents or patterns to leave in full precision.
+        seed: k-means initialisation of product quantization.
+    """
+
+    bits: int | None = DEFAULT_BITS
+    method: str = "scalar"
+    solver: str = "auto"
+    group_size: int | None = None
+    symmetric: bool = False
+    mse: bool = True
+    damp: float = 0.01
+    sparsity: float | None = None
+    n_m: tuple[int, int] | None = None
+    block_size: int | dict[str, int] = 8
+    n_centroids: int | dict[str, int] = 256
+    include: str | list[str] | None = None
+    exclude: str | list[str] | None = None
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        set_ = object.__setattr__
+        if self.method not in METHODS:
+            raise self._fail(f"{self._arg('method')} must be one of {METHODS}, got {self.method!r}")
+        if self.solver not in SOLVERS:
+            raise self._fail(f"{self._arg('solver')} must be one of {SOLVERS}, got {self.solver!r}")
+        check_flags(self._who(), **{self._arg("symmetric"): self.symmetric, self._arg("mse"): self.mse})
+        check_nonnegative(self._who(), self._arg("damp"), self.damp)
+        check_positive_int(self._who(), self._arg("group_size"), self.group_size, optional=True)
+        check_int(self._who(), self._arg("seed"), self.seed, 0)
+        set_(self, "include", _check_patterns(self, "include", self.include))
+        set_(self, "exclude", _check_patterns(self, "exclude", self.exclude))
+        set_(self, "block_size", _check_per_module(self, "block_size", self.block_size, 1))
+        set_(self, "n_centroids", _check_per_module(self, "n_centroids", self.n_centroids, 2, 2**16))
+        if self.sparsity is not None and (not is_number(self.sparsity) or not 0 <= self.sparsity < 1):
+            raise self._fail(f"{self._arg('sparsity')} must be a number in [0, 1), got {self.sparsity!r}")
+        if self.n_m is not None:
+            n_m = self.n_m
+            if not (
+                isinstance(n_m, (tuple, list))
+                and len(n_m) == 2
+                and all(isinstance(x, int) and not isinstance(x, bool) for x in n_m)
+            ):
+                raise self._fail(f"{self._arg('n_m')} must be a pair of integers (N, M), got {n_m!r}")
+            if not 0 <= n_m[0] < n_m[1]:
+                raise self._fail(f"{self._arg('n_m')}=(N, M) needs 0 <= N < M, got {n_m!r}")
+            set_(self, "n_m", (int(n_m[0]), int(n_m[1])))
+        if self.method != "scalar":
+            if self.bits not in (None, DEFAULT_BITS):
+                raise self._fail(
+                    f"{self._arg('bits')}={self.bits!r} does not apply to {self._arg('method')}={self.method!r}: "
+                    "its size is log2(n_centroids) / block_size bits per weight plus the codebook"
+                )
+            set_(self, "bits", None)
+            for name in ("sparsity", "n_m", "group_size"):
+                if getattr(self, name) is not None:
+                    raise self._fail(f"{self._arg(name)} does not apply to {self._arg('method')}={self.method!r}")
+            if self.symmetric:
+                raise self._fail(f"{self._arg('symmetric')} does not apply to {self._arg('method')}={self.method!r}")
+            return
+        if self.bits is None:
+            if self.sparsity is None and self.n_m is None:
+                raise self._fail(
+                    f"{self._arg('bits')}=None (no quantization) needs {self._arg('sparsity')}=... or "
+                    f"{self._arg('n_m')}=(N, M)"
+                )
+        elif isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+            raise self._fail(f"{self._arg('bits')} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
+        if self.sparsity is not None and self.n_m is not None:
+            raise self._fail(
+                f"give at most one of {self._arg('sparsity')} and {self._arg('n_m')}, got "
+                f"{self.sparsity!r} and {self.n_m!r}"
+            )
+
+    @property
+    def pruning(self) -> bool:
+        return self.sparsity is not None or self.n_m is not None
+
+    def describe(self) -> str:
+        """One line: what the modules become."""
+        if self.method != "scalar":
+            return f"{self.method}, block_size={self.block_size}, n_centroids={self.n_centroids}"
+        parts = [] if self.bits is None else [f"{self.bits}-bit, solver={self.solver}"]
+        if self.sparsity is not None:
+            parts.insert(0, f"OBS {self.sparsity:.0%} unstructured")
+        if self.n_m is not None:
+            parts.insert(0, f"OBS {self.n_m[0]}:{self.n_m[1]}")
+        return " + ".join(parts)
+
+
+@dataclass(frozen=True)
+class CalibrationConfig(_Section):
+    """How the Hessians H = 2/N XᵀX are collected.
+
+    Args:
+        batches: calibration batches per rank (callback; ``None``: about 1024 samples over all ranks).
+        sequential: calibrate each module on the inputs of the already-compressed earlier modules (one
+            pass per group of modules) instead of all Hessians from the original model in one pass.
+        sample_fraction: in (0, 1]: each batch gives each Hessian this random fraction of its samples.
+        product_dtype: ``None`` (each batch's XᵀX in the activations' precision), ``"float32"``,
+            ``"bfloat16"`` or ``"float64"``; the running sums are float64 either way.
+        offload: keep the running sums on the CPU.
+        max_memory: bytes the Hessian sums may take on their device (``None``: an estimate of what is free).
+    """
+
+    batches: int | None = field(default=None, metadata={"flat": "calibration_batches"})
+    sequential: bool = False
+    sample_fraction: float = 1.0
+    product_dtype: str | None = None
+    offload: bool = False
+    max_memory: int | None = None
+
+    def __post_init__(self) -> None:
+        who = self._who()
+        check_positive_int(who, self._arg("batches"), self.batches, optional=True)
+        check_flags(who, **{self._arg("sequential"): self.sequential, self._arg("offload"): self.offload})
+        check_fraction(who, self._arg("sample_fraction"), self.sample_fraction)
+        object.__setattr__(self, "sample_fraction", float(self.sample_fraction))
+        check_positive_int(who, self._arg("max_memory"), self.max_memory, optional=True)
+        dtype = self.product_dtype
+        if dtype is not None and not isinstance(dtype, str):  # a torch.dtype: keep its name (plain data)
+            dtype = str(dtype).removeprefix("torch.")
+        if dtype is not None and dtype not in PRODUCT_DTYPE_NAMES:
+            raise self._fail(
+                f"{self._arg('product_dtype')} must be None (the activations' precision) or one of "
+                f"{', '.join(PRODUCT_DTYPE_NAMES)}, got {self.product_dtype!r}"
+            )
+        object.__setattr__(self, "product_dtype", dtype)
+
+
+@dataclass(frozen=True)
+class FinetuneConfig(_Section):
+    """Quantization-aware fine-tuning when post-training compression loses too much.
+
+    Args:
+        mode: ``"ste"`` (straight-through on the OBC grid), ``"ternary"`` (trained ternary quantization),
+            ``"noise"`` (DiffQ: noise and learned bit widths), ``"pq"`` (product-quantization codebooks
+            train), ``"masked"`` (a pruned float model's kept weights train).
+        epochs: the last N epochs of ``max_epochs`` fine-tune; compression happens at the end of epoch
+            ``max_epochs - N - 1`` (N = ``max_epochs``: at the start of fit).
+        monitor: the validation metric ``max_drop`` bounds (checked at the first validation).
+        monitor_mode: ``"max"`` (higher is better) or ``"min"``.
+        max_drop: the largest worsening of ``monitor`` after compression, in the metric's units, that
+            needs no fine-tuning (``None``: always fine-tune).
+        ternary_threshold: TTQ threshold t (Δ = t · max|w| per layer).
+        ternary_skip_first_last: keep the first and last target module in full precision (TTQ paper).
+        noise_group_size: DiffQ: consecutive weights of a row sharing one learned bit width.
+        noise_min_bits: DiffQ: smallest bit width.
+        noise_max_bits: DiffQ: largest bit width.
+        noise_penalty: DiffQ: weight of the model-size term (MB) added to the task loss.
+        noise_bits_lr: DiffQ: learning rate of the bit widths' own Adam (``None``: the user's optimizer).
+        pq_noise_rate: ``"pq"``: fraction of sub-vectors replaced by their centroid per step (Fan et al.).
+    """
+
+    mode: str = field(default="ste", metadata={"flat": "finetune"})
+    epochs: int = field(default=1, metadata={"flat": "finetune_epochs"})
+    monitor: str | None = None
+    monitor_mode: str = field(default="max", metadata={"flat": "mode"})
+    max_drop: float | None = None
+    ternary_threshold: float = 0.05
+    ternary_skip_first_last: bool = True
+    noise_group_size: int = 16
+    noise_min_bits: float = 2.0
+    noise_max_bits: float = 8.0
+    noise_penalty: float = 1.0
+    noise_bits_lr: float | None = 1e-3
+    pq_noise_rate: float = 1.0
+
+    def __post_init__(self) -> None:
+        who, arg = self._who(), self._arg
+        if self.mode not in FINETUNE_MODES:
+            raise self._fail(f"{arg('mode')} must be one of {FINETUNE_MODES} or None, got {self.mode!r}")
+        if self.monitor_mode not in ("max", "min"):
+            raise self._fail(f"{arg('monitor_mode')} must be 'max' or 'min', got {self.monitor_mode!r}")
+        if self.monitor is not None and (not isinstance(self.monitor, str) or not self.monitor):
+            raise self._fail(f"{arg('monitor')} must be a metric name or None, got {self.monitor!r}")
+        check_nonnegative(who, arg("max_drop"), self.max_drop, optional=True)
+        if self.max_drop is not None and self.monitor is None:
+            raise self._fail(f"{arg('max_drop')} needs {arg('monitor')}=<validation metric name>")
+        check_positive_int(who, arg("epochs"), self.epochs)
+        if not is_number(self.ternary_threshold) or not 0 <= self.ternary_threshold < 1:
+            raise self._fail(f"{arg('ternary_threshold')} must be in [0, 1), got {self.ternary_threshold!r}")
+        check_flags(who, **{arg("ternary_skip_first_last"): self.ternary_skip_first_last})
+        check_positive_int(who, arg("noise_group_size"), self.noise_group_size)
+        lo, hi = self.noise_min_bits, self.noise_max_bits
+        if not (is_number(lo) and is_number(hi) and 1 <= lo < hi <= 16):
+            raise self._fail(
+                f"need 1 <= {arg('noise_min_bits')} < {arg('noise_max_bits')} <= 16, got {lo!r}, {hi!r}"
+            )
+        check_nonnegative(who, arg("noise_penalty"), self.noise_penalty)
+        check_positive(who, arg("noise_bits_lr"), self.noise_bits_lr, optional=True)
+        check_fraction(who, arg("pq_noise_rate"), self.pq_noise_rate)
+        for name in ("ternary_threshold", "noise_min_bits", "noise_max_bits", "noise_penalty", "pq_noise_rate"):
+            object.__setattr__(self, name, float(getattr(self, name)))
+        if self.max_drop is not None:
+            object.__setattr__(self, "max_drop", float(self.max_drop))
+
+
+@dataclass(frozen=True)
+class ExportConfig(_Section):
+    """Where the packed model is written at the end.
+
+    Args:
+        path: a ``.safetensors`` file; its directory is created if missing.
+    """
+
+    path: str = field(default="model.safetensors", metadata={"flat": "export_path"})
+
+    def __post_init__(self) -> None:
+        path = self.path
+        if not isinstance(path, (str, os.PathLike)) or not os.fspath(path) or os.path.isdir(path):
+            raise self._fail(f"{self._arg('path')} must be a file path or None, got {path!r}")
+        object.__setattr__(self, "path", os.fspath(path))
+
+
+@dataclass(frozen=True)
+class ReportingConfig(_Section):
+    """What the callback measures and shows.
+
+    Args:
+        evaluate: measure the validation metrics before and after compression.
+        plot: send a per-module error chart to the loggers (and the log directory) with matplotlib.
+        verbose: print the summary table.
+    """
+
+    evaluate: bool = True
+    plot: bool = True
+    verbose: bool = True
+
+    def __post_init__(self) -> None:
+        check_flags(self._who(), **{self._arg(f.name): getattr(self, f.name) for f in fields(self)})
+
+
+@dataclass(frozen=True)
+class CompressionConfig(_Section):
+    """Everything the callback does, as data; ``compress_model`` uses ``quantization`` and ``calibration``.
+
+    Args:
+        quantization: what the modules become (:class:`QuantizationConfig`).
+        calibration: how the Hessians are collected (:class:`CalibrationConfig`).
+        finetune: quantization-aware fine-tuning (:class:`FinetuneConfig`), or ``None``.
+        export: the packed file written at the end (:class:`ExportConfig`), or ``None``.
+        reporting: evaluation, chart and summary (:class:`ReportingConfig`).
+        recalibrate_bn: re-estimate BatchNorm statistics of the final weights over this many training
+            batches (0: off).
+        split_attention: make the q, k, v projections of every ``nn.MultiheadAttention`` Linears in
+            ``setup``, so that they are quantized too.
+    """
+
+    quantization: QuantizationConfig = field(default_factory=QuantizationConfig)
+    calibration: CalibrationConfig = field(default_factory=CalibrationConfig)
+    finetune: FinetuneConfig | None = None
+    export: ExportConfig | None = None
+    reporting: ReportingConfig = field(default_factory=ReportingConfig)
+    recalibrate_bn: int = 0
+    split_attention: bool = False
+
+    def __post_init__(self) -> None:
+        who = self._who()
+        for name, kind in (("quantization", QuantizationConfig), ("calibration", CalibrationConfig),
+                           ("reporting", ReportingConfig)):
+            if not isinstance(getattr(self, name), kind):
+                raise self._fail(f"{name} must be a {kind.__name__}, got {getattr(self, name)!r}")
+        for name, kind in (("finetune", FinetuneConfig), ("export", ExportConfig)):
+            if getattr(self, name) is not None and not isinstance(getattr(self, name), kind):
+                raise self._fail(f"{name} must be a {kind.__name__} or None, got {getattr(self, name)!r}")
+        check_int(who, "recalibrate_bn", self.recalibrate_bn, 0)
+        check_flags(who, split_attention=self.split_attention)
+        q, ft = self.quantization, self.finetune
+        if ft is None:
+            return
+        name = _names(self)
+        if q.method != "scalar" and ft.mode != "pq":
+            raise self._fail(
+                f"{name('method')}={q.method!r} fine-tunes its codebooks with {name('mode')}='pq', got {ft.mode!r}"
+            )
+        if q.method == "scalar" and ft.mode == "pq":
+            raise self._fail(f"{name('mode')}='pq' trains product-quantization codebooks: set {name('method')}='pq'")
+        if q.pruning and ft.mode in ("ternary", "noise"):
+            raise self._fail(
+                f"{name('mode')}={ft.mode!r} starts from the fp32 weights and cannot keep a pruning mask; with "
+                f"{name('sparsity')} / {name('n_m')} use {name('mode')}='ste' (quantized) or "
+                "OBCPrune(finetune='masked')"
+            )
+        if q.method == "scalar" and (ft.mode == "masked") != (q.bits is None):
+            raise self._fail(
+                f"{name('mode')}='masked' (train the kept weights, mask fixed) is the fine-tuning of a pruned float "
+                f"model ({name('bits')}=None, OBCPrune); got {name('mode')}={ft.mode!r} with {name('bits')}={q.bits!r}"
+            )
+        if ft.max_drop is not None and not self.reporting.evaluate:
+            raise self._fail(f"{name('max_drop')} needs {name('evaluate')}=True (the drop is measured)")
+        if self.export is not None and ft.mode == "noise" and round(ft.noise_max_bits) > 8:
+            raise self._fail(
+                f"{name('path')} packs DiffQ codes at 8 bits at most; {name('noise_max_bits')}={ft.noise_max_bits!r} "
+                "rounds above 8"
+            )
+
+    # ------------------------------------------------------------------ flat keywords
+    @classmethod
+    def from_flat(cls, who: str, *, sections: Sequence[str] | None = None, **options) -> CompressionConfig:
+        """The configuration of flat keywords (``bits=4, finetune="ste", export_path=...``), checked with
+        errors that name ``who`` and the keywords. ``finetune=None`` / ``export_path=None`` (or absent):
+        that section is ``None``. ``sections`` limits the keywords to those sections (``compress_model``
+        takes ``quantization`` and ``calibration`` only)."""
+        known = flat_fields(sections)
+        unknown = [k for k in options if k not in known]
+        if unknown:
+            hint = difflib.get_close_matches(unknown[0], known, n=1)
+            raise TypeError(
+                f"{who}() got an unexpected keyword argument {unknown[0]!r}"
+                + (f"; did you mean {hint[0]!r}?" if hint else "")
+            )
+        grouped: dict[str, dict] = {}
+        for key, value in options.items():
+            section, name = known[key]
+            grouped.setdefault(section, {})[name] = value
+        top = grouped.pop("", {})
+        with entry_point(who):
+            built = {s: SECTIONS[s](**values) for s, values in grouped.items() if s not in ("finetune", "export")}
+            finetune = grouped.get("finetune", {})
+            if finetune.get("mode") is None:  # no fine-tuning: its other keywords are still checked
+                if finetune.get("max_drop") is not None:
+                    raise ValueError(
+                        f"{who}: max_drop is a budget for fine-tuning; set finetune='ste'|'ternary'|'noise'"
+                    )
+                FinetuneConfig(**{k: v for k, v in finetune.items() if k != "mode"})
+                built["finetune"] = None
+            else:
+                built["finetune"] = FinetuneConfig(**finetune)
+            path = grouped.get("export", {}).get("path")
+            built["export"] = None if path is None else ExportConfig(path)
+            return cls(**built, **top)
+
+    def to_flat(self) -> dict:
+        """The flat keywords that rebuild this configuration (plain data: a checkpoint records it)."""
+        out: dict = {}
+        for section, kind in SECTIONS.items():
+            value = self if section == "" else getattr(self, section)
+            if section in ("finetune", "export") and value is None:
+                out["finetune" if section == "finetune" else "export_path"] = None
+                continue
+            for f in fields(kind):
+                if section == "" and f.name in SECTIONS:
+                    continue
+                out[_flat(f)] = _plain(getattr(value, f.name))
+        return out
+
+
+SECTIONS: dict[str, type] = {
+    "quantization": QuantizationConfig,
+    "calibration": CalibrationConfig,
+    "finetune": FinetuneConfig,
+    "export": ExportConfig,
+    "reporting": ReportingConfig,
+    "": CompressionConfig,
+}
+
+
+def flat_fields(sections: Sequence[str] | None = None) -> dict[str, tuple[str, str]]:
+    """{flat keyword: (section, field)} of the given sections (all by default)."""
+    out = {}
+    for section, kind in SECTIONS.items():
+        if sections is not None and section not in sections:
+            continue
+        for f in fields(kind):
+            if section == "" and f.name in SECTIONS:
+                continue
+            out[_flat(f)] = (section, f.name)
+    return out
+
+
+def _flat_name(section: str, name: str) -> str:
+    return _flat(next(f for f in fields(SECTIONS[section]) if f.name == name))
+
+
+def _names(config: CompressionConfig):
+    """``name(field)``: the field of any section as the user wrote it (flat keyword or dotted path)."""
+    entry = _ENTRY.get()
+    flat = entry is not None and entry[1]
+    where = {f.name: s for s, kind in SECTIONS.items() if s for f in fields(kind)}
+    where.update(evaluate="reporting", path="export")
+
+    def name(field_name: str) -> str:
+        section = where[field_name]
+        if flat:
+            return _flat_name(section, field_name)
+        return f"{section}.{field_name}"
+
+    return name
+
+
+def field_default(kind: type, name: str):
+    f = next(f for f in fields(kind) if f.name == name)
+    return f.default if f.default is not MISSING else f.default_factory()

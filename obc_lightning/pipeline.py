@@ -1,0 +1,227 @@
+"""The callback's flow as library functions, without Lightning: compress → (BatchNorm) → evaluate →
+(fine-tune) → export, and the model put back as it was when any stage fails.
+
+A plain PyTorch script does what :class:`~obc_lightning.callback.OBCQuantize` does::
+
+    config = CompressionConfig.from_flat("my_script", bits=2, finetune="ste", monitor="acc", max_drop=0.01)
+    snapshot = ModelSnapshot(model)                      # the fp32 weights, on the CPU
+    with restored_on_failure(snapshot):
+        stage = compress_stage(model, batches, config, evaluate=lambda: {"acc": accuracy(model)})
+        if stage.needs_finetuning:
+            session = start_finetuning(model, config, stage, optimizer=opt)
+            for x, y in loader:                          # your loop
+                loss = criterion(model(x), y)
+                loss.backward()
+                session.after_backward()
+                session.before_optimizer_step()
+                opt.step(); opt.zero_grad()
+            results = session.finish()
+        else:
+            results = stage.results
+        export_stage(model, config, results)             # with config.export set
+
+Every stage is also usable alone: :func:`~obc_lightning.compress.compress_model`,
+:func:`~obc_lightning.batchnorm.reestimate_batchnorm`, :class:`~obc_lightning.finetune.FinetuneSession`,
+:func:`~obc_lightning.export.save_quantized`.
+"""
+
+from __future__ import annotations
+
+import os
+import warnings
+from collections.abc import Callable, Iterable, Mapping
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch import Tensor, nn
+
+from obc_lightning.batchnorm import reestimate_batchnorm
+from obc_lightning.calibration import CalibrationWarning
+from obc_lightning.compress import compress_model, full_precision_message
+from obc_lightning.config import CompressionConfig
+from obc_lightning.finetune import FinetuneSession, keep_masks
+from obc_lightning.reporting import CompressionReport, Progress
+from obc_lightning.selection import select_modules, unquantized_projections
+
+
+class ModelSnapshot:
+    """The model's parameters and buffers (its ``state_dict``), copied to the CPU: what
+    :meth:`restore` puts back, in place (the same ``Parameter`` objects; tied weights stay tied).
+
+    Costs one copy of the model in CPU memory (``nbytes``) for as long as it is held, and one
+    device-to-host copy to take it."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+        self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.nbytes = sum(t.numel() * t.element_size() for t in self.state.values() if isinstance(t, Tensor))
+
+    def restore(self) -> None:
+        """Every parameter and buffer as it was (the model must have the same structure: remove
+        fine-tuning parametrizations first, :meth:`FinetuneSession.abort`)."""
+        with torch.no_grad():
+            self.model.load_state_dict(self.state, strict=True)
+
+
+@contextmanager
+def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], FinetuneSession | None] = lambda: None):
+    """Within the block, any exception (KeyboardInterrupt included) first aborts the fine-tuning session
+    (if ``session()`` returns one) and restores the snapshot, then propagates."""
+    try:
+        yield
+    except BaseException:
+        running = session()
+        if running is not None:
+            running.abort()
+        snapshot.restore()
+        raise
+
+
+@dataclass
+class Stage:
+    """What :func:`compress_stage` did: the report (``None`` for ternary / DiffQ, which quantize by
+    training), the metrics before / after, the export results, and whether fine-tuning is needed."""
+
+    report: CompressionReport | None
+    before: dict[str, float]
+    after: dict[str, float]
+    metrics: dict[str, float]
+    lines: list[str]
+    results: dict[str, list] = field(default_factory=dict)
+    session: FinetuneSession | None = None  # ternary / DiffQ: the quantizers are attached already
+    needs_finetuning: bool = False
+    drop: float | None = None
+
+    def release_results(self) -> None:
+        """Drop the codes (exported or attached): the report keeps its numbers, not a second copy."""
+        self.results = {}
+        if self.report is not None:
+            self.report.results = None
+
+
+def budget_check(config: CompressionConfig, before: Mapping[str, float], after: Mapping[str, float],
+                 who: str) -> tuple[bool, float | None, str | None]:
+    """(within budget, drop, summary line) of ``max_drop`` on the monitored metric; without a budget the
+    model always fine-tunes (when fine-tuning is configured)."""
+    ft = config.finetune
+    if ft is None or ft.max_drop is None:
+        return False, None, None
+    if ft.monitor not in before or ft.monitor not in after:
+        raise ValueError(
+            f"{who}: monitor={ft.monitor!r} is not among the validation metrics {sorted(before)} (logged with "
+            "self.log in validation_step or on_validation_epoch_end)"
+        )
+    drop = before[ft.monitor] - after[ft.monitor]
+    drop = drop if ft.monitor_mode == "max" else -drop
+    within = drop <= ft.max_drop
+    line = f"{ft.monitor} worsened by {drop:.5g} ({'within' if within else 'over'} max_drop={ft.max_drop:g})"
+    return within, drop, line
+
+
+def ternary_targets(config: CompressionConfig, targets: Mapping[str, nn.Module]) -> list[str]:
+    names = list(targets)
+    return names[1:-1] if config.finetune.ternary_skip_first_last else names
+
+
+def compress_stage(
+    model: nn.Module,
+    batches: Iterable,
+    config: CompressionConfig,
+    *,
+    who: str = "compress_stage",
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    bn_batches: Iterable | None = None,
+    forward_fn: Callable | None = None,
+    reduce_fn: Callable[[Tensor], None] | None = None,
+    progress: Progress | bool | None = None,
+) -> Stage:
+    """Compress ``model`` in place as ``config`` says and measure it: ``evaluate()`` before and after (when
+    given), BatchNorm statistics re-estimated over ``bn_batches`` in between (``config.recalibrate_bn``),
+    the ``max_drop`` budget checked. With ``finetune`` ``"ternary"`` / ``"noise"`` nothing is solved: the
+    quantizers are attached (the model evaluates quantized) and kept in ``stage.session``."""
+    q, ft = config.quantization, config.finetune
+    before = evaluate() if evaluate is not None else {}
+    report, session = None, None
+    if ft is None or ft.mode in ("ste", "masked", "pq"):
+        keep = config.export is not None or ft is not None
+        report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
+                                keep_results=keep, progress=progress)
+        metrics = report.metrics()
+        lines = [f"{who}: {q.describe()}, {len(batches) if hasattr(batches, '__len__') else '?'} calibration "
+                 "batches", report.table()]
+        results = report.results or {}
+    else:
+        targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
+                   if isinstance(m.weight, nn.Parameter)}
+        names = ternary_targets(config, targets) if ft.mode == "ternary" else list(targets)
+        session = FinetuneSession.begin(
+            model, ft.mode, names=names, ternary_threshold=ft.ternary_threshold, noise_group_size=ft.noise_group_size,
+            noise_min_bits=ft.noise_min_bits, noise_max_bits=ft.noise_max_bits, noise_init_bits=q.bits or 4,
+            noise_penalty=ft.noise_penalty, bits_lr=ft.noise_bits_lr,
+        )
+        left = unquantized_projections(model, q.include, q.exclude)
+        fp32 = sum(size for _, size in left.values())
+        metrics = session.size_metrics(targets, fp32)
+        lines = [f"{who}: {ft.mode} quantization of {len(session.quantizers)} modules"]
+        if left:
+            warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}), CalibrationWarning,
+                          stacklevel=2)
+        results = {}
+    if config.recalibrate_bn and bn_batches is not None:
+        n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
+        metrics["obc/bn_recalibrated"] = float(n)
+        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over the training batches")
+    after = evaluate() if evaluate is not None else {}
+    for name, value in before.items():
+        metrics[f"obc/{name}_before"] = value
+    for name, value in after.items():
+        metrics[f"obc/{name}_after"] = value
+    lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
+    within, drop, line = budget_check(config, before, after, who)
+    if line:
+        lines.append(line)
+    return Stage(report, before, after, metrics, lines, results, session,
+                 needs_finetuning=ft is not None and not within, drop=drop)
+
+
+def start_finetuning(
+    model: nn.Module,
+    config: CompressionConfig,
+    stage: Stage,
+    *,
+    optimizer: torch.optim.Optimizer | None = None,
+    schedulers=(),
+    latent: Mapping[str, Tensor] | None = None,
+) -> FinetuneSession:
+    """The fine-tuning session after :func:`compress_stage`: ``"ste"`` / ``"pq"`` / ``"masked"`` attach
+    their quantizers on the compressed weights (a pruned model keeps its mask), ternary / DiffQ continue
+    the session the stage attached; the quantizers' parameters join ``optimizer``."""
+    ft = config.finetune
+    if stage.session is not None:
+        stage.session.train_with(optimizer, schedulers)
+        return stage.session
+    report = stage.report
+    masks = keep_masks(model, report.quantized) if config.quantization.pruning else None
+    return FinetuneSession.begin(
+        model, ft.mode, results=report.results, masks=masks, latent=latent, optimizer=optimizer,
+        schedulers=schedulers, pq_noise_rate=ft.pq_noise_rate,
+    )
+
+
+def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list]) -> dict[str, float]:
+    """Write the packed model to ``config.export.path`` (its directory created) and return the size
+    metrics of the file: ``obc/file_mb``, ``obc/size_mb_after`` (the file), ``obc/size_mb_before`` (the
+    model's full state dict at its precision), ``obc/compression_ratio``."""
+    from obc_lightning.export import save_quantized
+
+    path = config.export.path
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    file_mb = save_quantized(model, path, dict(results), n_m=config.quantization.n_m) / 2**20
+    dense = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
+    return {
+        "obc/file_mb": file_mb,
+        "obc/size_mb_after": file_mb,
+        "obc/size_mb_before": dense / 2**20,
+        "obc/compression_ratio": dense / 2**20 / file_mb,
+    }

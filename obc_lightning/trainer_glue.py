@@ -1,0 +1,475 @@
+"""What the callback needs from a running Trainer: the user's validation replayed, calibration batches
+through the user's code path, DDP sums, progress bars, loggers and checkpoints.
+
+Lightning glue only: the library functions (``compress_model``, ``FinetuneSession``, ``save_quantized``)
+know nothing of a Trainer; :mod:`obc_lightning.callback` maps Lightning's hooks onto them with these.
+"""
+
+from __future__ import annotations
+
+import inspect
+import math
+import os
+import sys
+import warnings
+from collections.abc import Callable, Iterable, Mapping, Sized
+from contextlib import contextmanager
+from typing import Any
+
+import torch
+from lightning.pytorch import LightningModule, Trainer
+from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
+from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
+from lightning.pytorch.utilities.data import extract_batch_size
+from lightning.pytorch.utilities.model_helpers import is_overridden
+from torch import Tensor
+
+from obc_lightning.calibration import call_model
+from obc_lightning.reporting import Progress, TqdmProgress
+
+CALIBRATION_SAMPLES = 1024  # default calibration set: about this many samples over all ranks
+UNKNOWN_BATCH_SIZE_BATCHES = 64  # batches taken when the batch size cannot be read from a batch
+
+
+# ---------------------------------------------------------------------------------- the user's code
+@contextmanager
+def logs_captured(module: LightningModule, sink: Callable[[str, Any, dict], None] | None = None):
+    """Replace ``module.log`` / ``module.log_dict`` by a sink (or a no-op) for the duration.
+
+    ``self.log`` is not allowed in ``on_train_end``, and calibration / evaluation steps must not leak
+    into the user's logged metrics.
+    """
+
+    def log(name, value, *args, **kwargs):
+        if sink is not None:
+            sink(name, value, kwargs)
+
+    def log_dict(dictionary, *args, **kwargs):
+        for k, v in dictionary.items():
+            log(k, v, **kwargs)
+
+    saved = {k: module.__dict__[k] for k in ("log", "log_dict") if k in module.__dict__}
+    module.log, module.log_dict = log, log_dict
+    try:
+        yield
+    finally:
+        for k in ("log", "log_dict"):
+            if k in saved:
+                module.__dict__[k] = saved[k]
+            else:
+                module.__dict__.pop(k, None)
+
+
+@contextmanager
+def eval_mode(module: torch.nn.Module):
+    modes = {m: m.training for m in module.modules()}
+    module.eval()
+    try:
+        yield
+    finally:
+        for m, training in modes.items():
+            m.train(training)
+
+
+def batch_size_of(batch) -> int | None:
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            return int(extract_batch_size(batch))
+    except Exception:  # custom batch objects: no tensor to read a size from
+        return None
+
+
+def first_loader(loaders):
+    """One iterable from what ``trainer.*_dataloader(s)`` returns (a loader, or a list / dict of them)."""
+    if isinstance(loaders, Mapping):
+        return next(iter(loaders.values()), None)
+    if isinstance(loaders, (list, tuple)):
+        return loaders[0] if loaders else None
+    return loaders
+
+
+def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None, who: str) -> list:
+    """The calibration batches on the module's device (a list: every pass sees the same batches); ``n``
+    ``None``: about 1024 samples over all ranks."""
+    if loader is None:
+        loader = first_loader(trainer.train_dataloader)
+    if loader is None:
+        return []
+    wanted = n
+    batches = []
+    for batch in loader:
+        if wanted is None:
+            bs = batch_size_of(batch)
+            wanted = math.ceil(CALIBRATION_SAMPLES / (bs * trainer.world_size)) if bs else UNKNOWN_BATCH_SIZE_BATCHES
+        batches.append(trainer.strategy.batch_to_device(batch))
+        if len(batches) >= wanted:
+            break
+    if isinstance(loader, Sized) and n and len(batches) < n:
+        rank_zero_info(f"{who}: the calibration data has only {len(batches)} batches")
+    return batches
+
+
+def _forward_binds(module: LightningModule, batch) -> str | None:
+    """Why ``forward`` cannot take ``batch`` by the calling convention of
+    :func:`~obc_lightning.calibration.call_model` (``None``: it can). Decided from the signature, so that a
+    TypeError raised *inside* a forward that takes the batch is the user's error, not a reason to switch."""
+    try:
+        sig = inspect.signature(module.forward)
+    except (TypeError, ValueError):  # no signature to read (builtins): assume it takes the batch
+        return None
+    if isinstance(batch, Mapping):
+        args, kwargs, how = (), dict(batch), "module(**batch)"
+    elif isinstance(batch, (tuple, list)):
+        args, kwargs, how = tuple(batch), {}, "module(*batch)"
+    else:
+        args, kwargs, how = (batch,), {}, "module(batch)"
+    try:
+        sig.bind(*args, **kwargs)
+    except TypeError as e:
+        return f"forward{sig} cannot be called as {how} with this {type(batch).__name__} batch: {e}"
+    return None
+
+
+def user_code_path(
+    trainer: Trainer, pl_module: LightningModule, probe, calibration_step: Callable | None, who: str
+) -> Callable:
+    """``fn(module, batch)`` that runs a batch through the user's own code: ``calibration_step`` if given,
+    else ``forward`` when its signature takes the batch, else ``validation_step`` / ``training_step``
+    with ``self.log`` muted (announced with the reason). Always in the precision context."""
+    precision = trainer.precision_plugin
+
+    def wrapped(run: Callable) -> Callable:
+        def forward_fn(module, batch):
+            with precision.val_step_context(), logs_captured(pl_module):
+                run(module, batch)
+
+        return forward_fn
+
+    if calibration_step is not None:
+        return wrapped(calibration_step)
+    why = "it defines no forward"
+    if is_overridden("forward", pl_module, parent=LightningModule):
+        why = _forward_binds(pl_module, probe)
+        if why is None:
+            return wrapped(call_model)
+    name = "validation_step" if is_overridden("validation_step", pl_module) else "training_step"
+    if not is_overridden(name, pl_module):
+        raise ValueError(
+            f"{who}: cannot run the calibration batches: the module has no usable forward ({why}) and no "
+            "validation_step / training_step; pass calibration_step=fn(module, batch)"
+        )
+    rank_zero_warn(f"{who}: calibrating through {name}, not forward: {why}")
+    step = getattr(pl_module, name)
+    counter = iter(range(1 << 62))
+    return wrapped(lambda module, batch: step(batch, next(counter)))
+
+
+# ------------------------------------------------------------------------------------ validation
+_REDUCTIONS = ("mean", "sum", "max", "min")
+
+
+def replay_validation(trainer: Trainer, pl_module: LightningModule, who: str) -> dict[str, float]:
+    """The validation metrics of the current weights, as Lightning's validation would compute them.
+
+    ``trainer.validate`` cannot run inside ``fit``, and the fit's own validation loop would also call the
+    other callbacks (checkpoints, early stopping) and the loggers; so the user's module hooks are replayed
+    in Lightning's order (``on_validation_epoch_start``; per batch ``on_validation_batch_start``,
+    ``validation_step``, ``on_validation_batch_end``; ``on_validation_epoch_end``) on the validation
+    dataloaders (``limit_val_batches`` honoured), in eval mode, without gradients, in the precision context,
+    with ``self.log`` / ``self.log_dict`` captured wherever they are called. Values logged in a step are
+    reduced over the epoch by their ``reduce_fx`` ("mean": weighted by ``batch_size``, as Lightning does)
+    and summed over ranks; values logged at epoch end are averaged over ranks; torchmetrics objects are
+    ``compute()``-d (they sync over ranks themselves) and every metric object is reset before and after.
+    With several dataloaders, step values get Lightning's ``/dataloader_idx_<i>`` suffix.
+    """
+    loaders = trainer.val_dataloaders
+    if loaders is None or not is_overridden("validation_step", pl_module):
+        return {}
+    loaders = (
+        list(loaders.values())
+        if isinstance(loaders, Mapping)
+        else (list(loaders) if isinstance(loaders, (list, tuple)) else [loaders])
+    )
+    limits = list(getattr(trainer, "num_val_batches", [])) or [float("inf")] * len(loaders)
+    from torchmetrics import Metric
+
+    metrics = [m for m in pl_module.modules() if isinstance(m, Metric)]
+    for m in metrics:  # leftovers of the last validation epoch
+        m.reset()
+    steps: dict[str, list] = {}  # name -> [reduce_fx, accumulated, weight]
+    epoch_values: dict[str, float] = {}
+    metric_objs: dict[str, Metric] = {}
+    current = {"bs": 1, "dl": 0, "phase": "step"}
+
+    def sink(name, value, kwargs):
+        if isinstance(value, Mapping):  # self.log accepts only scalars; be lenient
+            return
+        if current["phase"] == "step" and len(loaders) > 1 and kwargs.get("add_dataloader_idx", True):
+            name = f"{name}/dataloader_idx_{current['dl']}"
+        if isinstance(value, Metric):
+            metric_objs[name] = value
+            return
+        v = float(value.detach().float().mean()) if isinstance(value, Tensor) else float(value)
+        if current["phase"] == "epoch":
+            epoch_values[name] = v
+            steps.pop(name, None)
+            return
+        fx = kwargs.get("reduce_fx", "mean")
+        fx = fx if fx in _REDUCTIONS else getattr(fx, "__name__", "mean")
+        fx = fx if fx in _REDUCTIONS else "mean"
+        bs = kwargs.get("batch_size") or current["bs"]
+        entry = steps.setdefault(name, [fx, None, 0.0])
+        if fx == "mean":
+            entry[1] = (entry[1] or 0.0) + v * bs
+            entry[2] += bs
+        elif fx == "sum":
+            entry[1] = (entry[1] or 0.0) + v
+        else:
+            entry[1] = v if entry[1] is None else (max if fx == "max" else min)(entry[1], v)
+
+    def hook(name: str, *args) -> None:
+        if is_overridden(name, pl_module):
+            getattr(pl_module, name)(*args)
+
+    with (
+        torch.no_grad(),
+        eval_mode(pl_module),
+        trainer.precision_plugin.val_step_context(),
+        logs_captured(pl_module, sink),
+    ):
+        current["phase"] = "epoch"
+        hook("on_validation_epoch_start")
+        for dl_idx, loader in enumerate(loaders):
+            limit = limits[dl_idx] if dl_idx < len(limits) else float("inf")
+            current["dl"] = dl_idx
+            for i, batch in enumerate(loader):
+                if i >= limit:
+                    break
+                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
+                current.update(bs=batch_size_of(batch) or 1, phase="step")
+                extra = (dl_idx,) if len(loaders) > 1 else ()
+                hook("on_validation_batch_start", batch, i, *extra)
+                out = pl_module.validation_step(batch, i, *extra)
+                hook("on_validation_batch_end", out, batch, i, *extra)
+        current["phase"] = "epoch"
+        hook("on_validation_epoch_end")
+
+    reduce = all_reduce_fn(trainer)
+    out: dict[str, float] = {}
+    device = trainer.strategy.root_device
+    for name in sorted(steps):
+        fx, value, weight = steps[name]
+        if fx == "mean":
+            t = torch.tensor([value, weight], dtype=torch.float64, device=device)
+            if reduce is not None:
+                reduce(t)
+            out[name] = float(t[0] / t[1])
+        elif reduce is None:
+            out[name] = float(value)
+        elif fx == "sum":
+            t = torch.tensor([value], dtype=torch.float64, device=device)
+            reduce(t)
+            out[name] = float(t[0])
+        else:  # max / min over ranks: the sum of one-hot extremes is not available; gather instead
+            out[name] = _extreme_over_ranks(value, fx, device)
+    for name in sorted(epoch_values):
+        t = torch.tensor([epoch_values[name], 1.0], dtype=torch.float64, device=device)
+        if reduce is not None:
+            reduce(t)
+        out[name] = float(t[0] / t[1])
+    for name in sorted(metric_objs):
+        out[name] = float(metric_objs[name].compute())  # syncs over ranks itself
+    for m in metrics:
+        m.reset()
+    return out
+
+
+def _extreme_over_ranks(value: float, fx: str, device) -> float:
+    t = torch.tensor([value], dtype=torch.float64, device=device)
+    op = torch.distributed.ReduceOp.MAX if fx == "max" else torch.distributed.ReduceOp.MIN
+    torch.distributed.all_reduce(t, op=op)
+    return float(t[0])
+
+
+def check_monitor(trainer: Trainer, monitor: str, who: str) -> None:
+    """``monitor`` among the metrics of the validation that just ended (as EarlyStopping checks it)."""
+    if monitor not in trainer.callback_metrics:
+        available = ", ".join(sorted(trainer.callback_metrics)) or "none"
+        raise ValueError(
+            f"{who}: monitor={monitor!r} is not among the metrics logged in the first validation (available: "
+            f"{available}); log it with self.log in validation_step or on_validation_epoch_end, or fix the name"
+        )
+
+
+# ------------------------------------------------------------------------------------------ DDP
+def all_reduce_fn(trainer: Trainer) -> Callable[[Tensor], None] | None:
+    """Sum over ranks (``torch.distributed.all_reduce``) when more than one process is running."""
+    dist = torch.distributed
+    if trainer.world_size <= 1 or not (dist.is_available() and dist.is_initialized()):
+        return None
+    device = trainer.strategy.root_device
+    nccl = dist.get_backend() == "nccl"
+
+    def reduce_sum(t: Tensor) -> None:
+        if nccl and t.device.type == "cpu":  # NCCL reduces device tensors only (offloaded sums)
+            on_device = t.to(device)
+            dist.all_reduce(on_device)
+            t.copy_(on_device)
+        else:
+            dist.all_reduce(t)
+
+    return reduce_sum
+
+
+def rewrap_ddp(trainer: Trainer, pl_module: LightningModule) -> None:
+    """Wrap the (un)parametrized module in a new ``DistributedDataParallel`` (Lightning's
+    ``configure_ddp``: the user's DDP arguments and communication hooks). Needed because
+    ``register_parametrization`` calls ``original.set_(original)``, which gives each weight a new gradient
+    accumulator: the old wrapper's hooks sit on the old ones, never fire, and its next forward fails. The
+    new wrapper also holds the quantizers' own parameters and averages their gradients over ranks."""
+    strategy = trainer.strategy
+    if isinstance(strategy, DDPStrategy) and isinstance(strategy.model, torch.nn.parallel.DistributedDataParallel):
+        strategy.model = pl_module
+        strategy.configure_ddp()
+
+
+def optimizer_and_schedulers(trainer: Trainer) -> tuple[torch.optim.Optimizer | None, list]:
+    """The first optimizer and the schedulers that step it."""
+    if not trainer.optimizers:
+        return None, []
+    opt = trainer.optimizers[0]
+    return opt, [c.scheduler for c in trainer.lr_scheduler_configs if c.scheduler.optimizer is opt]
+
+
+def amp_scale(trainer: Trainer) -> float:
+    """The AMP gradient scaler's current scale (1 without one)."""
+    scaler = getattr(trainer.precision_plugin, "scaler", None)
+    return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+# ------------------------------------------------------------------------------------- progress
+class LinesProgress(Progress):
+    """No bar (the Trainer's is off, or not rank zero): one line per stage, through ``rank_zero_info``."""
+
+    def __init__(self, who: str, verbose: bool) -> None:
+        self.who, self.verbose = who, verbose
+
+    def start(self, stage: str, total: int | None) -> None:
+        if self.verbose:
+            unit = {"calibration": "batches", "solving": "modules"}.get(stage, "groups of modules")
+            rank_zero_info(f"{self.who}: {stage} ({total if total is not None else '?'} {unit})")
+
+
+class RichProgress(Progress):
+    """A task in a rich ``Progress`` (the RichProgressBar's own while it runs, else a new one)."""
+
+    def __init__(self, progress, prefix: str) -> None:
+        self.owned = progress is None
+        if self.owned:
+            from rich.progress import Progress as RichBar
+
+            progress = RichBar(transient=True)
+            progress.start()
+        self.progress, self.prefix, self.task, self.steps = progress, prefix, None, 0
+
+    def start(self, stage: str, total: int | None) -> None:
+        self._finish_task()
+        self.task = self.progress.add_task(f"{self.prefix}{stage}", total=total)
+        self.steps = 0
+
+    def step(self, item: str = "") -> None:
+        if self.task is None:
+            return
+        self.progress.update(self.task, advance=1 if self.steps else 0, description=f"{self.prefix}{item}")
+        self.steps += 1
+
+    def _finish_task(self) -> None:
+        if self.task is not None:
+            self.progress.remove_task(self.task)
+            self.task = None
+
+    def close(self) -> None:
+        self._finish_task()
+        if self.owned:
+            self.progress.stop()
+
+
+def trainer_progress(trainer: Trainer, who: str, verbose: bool) -> Progress:
+    """A progress indicator that follows the Trainer's progress bar: a tqdm bar under Lightning's
+    TQDMProgressBar, a rich task under its RichProgressBar, stage lines when the bar is off."""
+    bar = trainer.progress_bar_callback
+    if bar is None or not trainer.is_global_zero or not bar.is_enabled:
+        return LinesProgress(who, verbose)
+    if isinstance(bar, TQDMProgressBar):
+        from lightning.pytorch.callbacks.progress.tqdm_progress import Tqdm
+
+        def factory(desc, total, leave):
+            return Tqdm(desc=desc, total=total, leave=leave, position=2 * bar.process_position + 1,
+                        dynamic_ncols=True, file=sys.stdout)
+
+        return TqdmProgress(factory, prefix=f"{who} ")
+    if type(bar).__name__ == "RichProgressBar":
+        progress = getattr(bar, "progress", None)
+        live = progress is not None and not getattr(bar, "_progress_stopped", False)
+        return RichProgress(progress if live else None, prefix=f"{who} ")
+    return LinesProgress(who, verbose)
+
+
+# ------------------------------------------------------------------------------ loggers, charts
+def log_metrics(trainer: Trainer, metrics: Mapping[str, float]) -> None:
+    """Metrics to every logger (``self.log`` is not allowed in ``on_train_end``)."""
+    for lg in trainer.loggers:
+        lg.log_metrics(dict(metrics), step=trainer.global_step)
+        lg.save()
+
+
+def send_figure(trainer: Trainer, fig, key: str, filename: str) -> list[str]:
+    """The figure to every logger that takes images (TensorBoard, MLflow, Comet, W&B and any logger with a
+    ``log_image(key, images, step)`` method) and as a PNG in the log directory; returns where it went.
+    Call on every rank (``log_dir`` must be); only rank zero writes."""
+    log_dir = trainer.log_dir if trainer.loggers else None
+    if not trainer.is_global_zero:
+        return []
+    sent = []
+    path = os.path.join(log_dir or trainer.default_root_dir, filename)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    fig.savefig(path)
+    sent.append(path)
+    step = trainer.global_step
+    for lg in trainer.loggers:
+        name = type(lg).__name__
+        try:
+            if isinstance(lg, TensorBoardLogger):
+                lg.experiment.add_figure(key, fig, global_step=step, close=False)
+            elif isinstance(lg, MLFlowLogger):
+                lg.experiment.log_figure(lg.run_id, fig, filename)
+            elif name == "CometLogger":
+                lg.experiment.log_figure(figure_name=key, figure=fig, step=step)
+            elif callable(getattr(lg, "log_image", None)):  # WandbLogger and custom loggers
+                lg.log_image(key=key, images=[fig], step=step)
+            else:
+                continue
+            sent.append(name)
+        except Exception as e:  # a logger that fails on an image must not fail the run: say so
+            rank_zero_warn(f"could not send the chart {key!r} to {name}: {type(e).__name__}: {e}")
+    return sent
+
+
+# ----------------------------------------------------------------------------------- checkpoints
+def rewrite_last_checkpoints(trainer: Trainer) -> list[str]:
+    """Write the model as it is now to the ``last`` checkpoint of every ``ModelCheckpoint(save_last=...)``
+    that has one (``ModelCheckpoint`` wrote it during training, before compression). A ``last`` that is a
+    link (``save_last="link"``) is replaced by a file, not written through. Call on every rank."""
+    written = []
+    for cb in trainer.checkpoint_callbacks:
+        if not isinstance(cb, ModelCheckpoint) or not cb.save_last or not cb.last_model_path:
+            continue
+        path = cb.last_model_path
+        if trainer.is_global_zero and os.path.islink(path):
+            os.remove(path)
+        trainer.save_checkpoint(path, weights_only=cb.save_weights_only)
+        written.append(path)
+    return written

@@ -1,0 +1,121 @@
+"""The callback's flow without a Trainer: configuration, compress_stage, a FinetuneSession driven by a
+plain PyTorch loop, export; snapshots and session state."""
+
+import pytest
+import torch
+from torch import nn
+from torch.nn.utils import parametrize
+
+from obc_lightning import (
+    CompressionConfig,
+    FinetuneSession,
+    ModelSnapshot,
+    compress_stage,
+    export_stage,
+    load_quantized,
+    restored_on_failure,
+    start_finetuning,
+)
+
+
+def mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(8, 16), nn.ReLU(), nn.Linear(16, 3))
+
+
+def batches(n=4, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    xs = [torch.randn(16, 8, generator=g) for _ in range(n)]
+    return [(x, (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()) for x in xs]
+
+
+def accuracy(model):
+    with torch.no_grad():
+        return sum(float((model(x).argmax(1) == y).float().mean()) for x, y in batches(2, seed=1)) / 2
+
+
+@pytest.mark.parametrize("mode", ["ste", "ternary", "noise"])
+def test_a_plain_loop_does_what_the_callback_does(tmp_path, mode):
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9)
+    config = CompressionConfig.from_flat(
+        "test", bits=2, finetune=mode, monitor="acc", max_drop=0.0, ternary_skip_first_last=False,
+        export_path=str(tmp_path / "m.safetensors"),
+    )
+    snapshot = ModelSnapshot(model)
+    with restored_on_failure(snapshot):
+        stage = compress_stage(model, [x for x, _ in batches()], config, evaluate=lambda: {"acc": accuracy(model)})
+        assert "obc/acc_before" in stage.metrics and "obc/acc_after" in stage.metrics
+        session = start_finetuning(model, config, stage, optimizer=opt)
+        assert parametrize.is_parametrized(model[0])
+        for x, y in batches():
+            loss = nn.functional.cross_entropy(model(x), y)
+            loss.backward()
+            session.after_backward()
+            session.before_optimizer_step()
+            opt.step()
+            opt.zero_grad()
+        results = session.finish()
+        metrics = export_stage(model, config, results)
+    assert not parametrize.is_parametrized(model[0]) and len(opt.param_groups) == 1
+    assert metrics["obc/file_mb"] > 0
+    other = mlp()
+    load_quantized(tmp_path / "m.safetensors", other)
+    for key, value in model.state_dict().items():
+        assert torch.equal(other.state_dict()[key], value), key
+
+
+def test_snapshot_restores_tied_weights_and_buffers_in_place():
+    model = nn.Sequential(nn.Linear(4, 4), nn.BatchNorm1d(4), nn.Linear(4, 4))
+    model[2].weight = model[0].weight  # tied
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    param = model[0].weight
+    snapshot = ModelSnapshot(model)
+    with pytest.raises(RuntimeError, match="fails"), restored_on_failure(snapshot):
+        with torch.no_grad():
+            model[0].weight.mul_(3)
+            model[1].running_mean.add_(1)
+        model.train()(torch.randn(8, 4))
+        raise RuntimeError("the work fails")
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    assert model[0].weight is param and model[2].weight is param
+    assert snapshot.nbytes == sum(v.numel() * v.element_size() for v in before.values())
+
+
+@pytest.mark.parametrize("mode", ["ste", "ternary", "noise", "masked"])
+def test_session_state_round_trips_and_checkpoint_weights_are_plain(mode):
+    model = mlp()
+    config = CompressionConfig.from_flat(
+        "test", bits=None if mode == "masked" else 3, sparsity=0.5 if mode == "masked" else None, finetune=mode,
+        ternary_skip_first_last=False,
+    )
+    stage = compress_stage(model, [x for x, _ in batches()], config)
+    session = start_finetuning(model, config, stage)
+    with torch.no_grad():  # the latent weights move during training
+        model[0].parametrizations.weight.original.add_(0.01)
+    plain = session.plain_state_dict(model.state_dict())
+    assert not [k for k in plain if "parametrizations" in k]
+    fresh = mlp()
+    fresh.load_state_dict(plain)  # strict: the module as defined
+    state = session.state_dict()
+    expected = session.quantized_weights()
+    resumed = FinetuneSession.resume(fresh, state)
+    assert resumed.quantized_weights().keys() == expected.keys()
+    for name, w in expected.items():
+        assert torch.equal(resumed.quantized_weights()[name], w), name
+        assert torch.equal(fresh.get_submodule(name).parametrizations.weight.original,
+                           model.get_submodule(name).parametrizations.weight.original)
+
+
+def test_abort_leaves_the_latent_weights_and_the_optimizer_as_it_was():
+    model = mlp()
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    config = CompressionConfig.from_flat("test", finetune="ternary", ternary_skip_first_last=False)
+    stage = compress_stage(model, [], config)
+    session = start_finetuning(model, config, stage, optimizer=opt)
+    latent = model[0].parametrizations.weight.original.detach().clone()
+    assert len(opt.param_groups) == 2
+    session.abort()
+    assert not parametrize.is_parametrized(model[0]) and torch.equal(model[0].weight, latent)
+    assert len(opt.param_groups) == 1
