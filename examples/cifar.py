@@ -231,6 +231,22 @@ class CifarClassifier(L.LightningModule):
         return {"optimizer": opt, "lr_scheduler": {"scheduler": sched, "interval": "step"}}
 
 
+def make_logger(log_dir: str | None, name: str):
+    """TensorBoard when it is installed (tensorboard or tensorboardX), else CSV files, under ``log_dir``
+    (``None``: no logger). The compression metrics (``obc/...``) and the per-layer chart go there."""
+    if log_dir is None:
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    for module in ("tensorboard", "tensorboardX"):
+        try:
+            __import__(module)
+            return TensorBoardLogger(log_dir, name=name)
+        except ImportError:
+            continue
+    return CSVLogger(log_dir, name=name)
+
+
 class EpochPrinter(L.Callback):
     """One line per validation epoch (epoch, metrics, elapsed time): a log for runs without a progress bar."""
 
@@ -463,7 +479,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         sample_fraction=args.sample_fraction,
         product_dtype=args.product_dtype,
         export_path=args.export,
-        plot=False,
+        plot=args.log_dir is not None,
         verbose=not args.quiet,
     )
     trainer = L.Trainer(
@@ -471,7 +487,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         accelerator=args.accelerator,
         devices=devices,
         callbacks=([EpochPrinter()] if args.quiet else []) + [cb],
-        logger=False,
+        logger=make_logger(args.log_dir, "finetune"),
         enable_checkpointing=False,
         enable_progress_bar=not args.quiet,
         enable_model_summary=not args.quiet,
@@ -504,7 +520,7 @@ def run_finetune(args: argparse.Namespace, lit: CifarClassifier, dm: CifarDataMo
         results["noise_bits_lr"] = args.noise_bits_lr
         results["noise_bits"] = m.get("obc/noise_bits")
     per_layer = {}
-    for name, q in cb._quantizers.items():
+    for name, q in cb.quantizers.items():
         if args.finetune == "ternary":
             per_layer[name] = {"w_p": float(q.w_p), "w_n": float(q.w_n)}
         elif args.finetune == "noise":
@@ -605,6 +621,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--export", type=Path, default=None,
         help="write the packed model here (.safetensors; the callback and --finetune paths)",
     )
+    p.add_argument("--log-dir", default="runs/cifar",
+                   help="TensorBoard (when installed) or CSV logs, with the obc/ metrics; 'none': no logger")
     p.add_argument("--quiet", action="store_true", help="no progress bar / model summary (for tests and logs)")
     return p
 
@@ -637,7 +655,8 @@ def run(args: argparse.Namespace) -> dict:
         n_batches = max(1, math.ceil(args.calibration_images / args.batch_size))
         solver = args.solvers[0] if args.solvers else "auto"
         quantizer = OBCQuantize(
-            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet, plot=False,
+            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet,
+            plot=args.log_dir is not None,
             recalibrate_bn=args.recalibrate_bn, export_path=args.export,
             sample_fraction=args.sample_fraction, product_dtype=args.product_dtype,
         )
@@ -647,7 +666,7 @@ def run(args: argparse.Namespace) -> dict:
         accelerator=args.accelerator,
         devices=devices,
         callbacks=callbacks,
-        logger=False,
+        logger=make_logger(args.log_dir, "train"),
         enable_checkpointing=False,
         enable_progress_bar=not args.quiet,
         enable_model_summary=not args.quiet,
@@ -717,7 +736,10 @@ def run(args: argparse.Namespace) -> dict:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    return run(build_parser().parse_args(argv))
+    args = build_parser().parse_args(argv)
+    if args.log_dir == "none":
+        args.log_dir = None
+    return run(args)
 
 
 if __name__ == "__main__":
