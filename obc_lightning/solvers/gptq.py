@@ -18,6 +18,7 @@ from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import dequantize, fit_grid, quantize_codes
+from obc_lightning.kernels import use_triton
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
@@ -68,6 +69,11 @@ def gptq_codes(
     hp = hessian[perm][:, perm]
     U = upper_cholesky_of_inverse(torch.cholesky_inverse(torch.linalg.cholesky(hp)))  # (d, d)
     K = torch.empty_like(W)
+    if use_triton(W):  # the same loop, a block of columns per launch (obc_lightning.kernels)
+        from obc_lightning.kernels.fused import gptq_blocks
+
+        gptq_blocks(W, K, s, z, fz, U, maxq, block_size)
+        return K[:, torch.argsort(perm)]
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         W1 = W[:, i1:i2]  # view: the block, kept exactly up to date

@@ -27,6 +27,7 @@ from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
+from obc_lightning.kernels import use_triton
 from obc_lightning.solvers.common import (
     PreparedHessian,
     QuantResult,
@@ -314,6 +315,10 @@ def solve_obc_rows(
 
 def _greedy(method, w, src, row_src, scale, zero, maxq, block_size):
     if method == "fast":
+        if use_triton(w):  # the same steps, a block of them per launch (obc_lightning.kernels)
+            from obc_lightning.kernels.fused import greedy_fast_fused
+
+            return greedy_fast_fused(w, src, row_src, scale, zero, maxq, block_size)
         return greedy_fast(w, src, row_src, scale, zero, maxq, block_size)
     return greedy_reference(w, src[row_src], scale, zero, maxq)
 

@@ -15,6 +15,7 @@ from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, quantize_codes
+from obc_lightning.kernels import use_triton
 from obc_lightning.solvers.common import QuantResult, compute_dtype, layer_objective
 
 
@@ -40,6 +41,13 @@ def polish_codes(
     input codes. ``frozen`` (R, d) bool: weights never moved (pruned weights held at 0).
     """
     R, d = w.shape
+    if use_triton(w):  # the same passes, a block of columns per launch (obc_lightning.kernels)
+        from obc_lightning.kernels.fused import polish_fused
+
+        K, Q, passes_t, active = polish_fused(w, hessian, codes, scale, zero, maxq, max_passes, block_size, frozen)
+        worse = layer_objective(w, Q, hessian) > layer_objective(w, dequantize(codes, scale, zero), hessian)
+        K = torch.where(worse.unsqueeze(1), codes, K)
+        return K, int(passes_t), not bool(active.any())
     K = codes.clone()
     Q = dequantize(K, scale, zero)
     hd = torch.diagonal(hessian)
