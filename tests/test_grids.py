@@ -108,7 +108,8 @@ def _loop_search(w, n_bits, symmetric):
         s1, z1 = _range_params(p * xmin, p * xmax, maxq, symmetric)
         err = (round_to_grid(w, s1, z1, maxq) - w).abs().pow(MSE_NORM).sum(dim=1, keepdim=True)
         better = err < best
-        best, scale, zero = torch.where(better, err, best), torch.where(better, s1, scale), torch.where(better, z1, zero)
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s1, scale), torch.where(better, z1, zero)
     return scale, zero
 
 

@@ -34,7 +34,7 @@ def triton_available() -> bool:
     global _TRITON_OK
     if _TRITON_OK is None:
         try:
-            import triton  # noqa: F401
+            import triton
             import triton.language  # noqa: F401
         except Exception:  # ImportError, or a broken install (missing compiler libraries)
             _TRITON_OK = False

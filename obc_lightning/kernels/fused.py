@@ -15,8 +15,12 @@ from obc_lightning.kernels import LOG
 
 # ExactOBC: columns per chunk of a row inside the kernel (registers stay bounded for any width)
 OBC_CHUNK = 1024
-# GPTQ / polish: rows per program
+# GPTQ / polish: rows per program (compiled); the interpreter's cost is per operation, so it takes up to 64
 ROW_TILE = 16
+
+
+def _row_tile(like: Tensor, rows: int) -> int:
+    return ROW_TILE if like.device.type == "cuda" else min(_pow2(rows, 1), 64)
 
 
 def _pow2(n: int, lo: int = 16) -> int:
@@ -124,13 +128,14 @@ def gptq_blocks(W: Tensor, K: Tensor, s: Tensor, z: Tensor, fz: Tensor | None, U
     E = torch.empty(R, BB, dtype=W.dtype, device=W.device)
     s, z, U = s.contiguous(), z.contiguous(), U.contiguous()
     fz8 = fz.to(torch.int8).contiguous() if fz is not None else W
-    grid = (triton_cdiv(R, ROW_TILE),)
+    br = _row_tile(W, R)
+    grid = (triton_cdiv(R, br),)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         _launch(
             "gptq_block", W, grid,
             W, s, z, fz8, K, E, U, R, i1, i2 - i1, W.stride(0), U.stride(0), float(maxq),
-            HAS_FZ=fz is not None, BLOCK_R=ROW_TILE, BLOCK_B=BB,
+            HAS_FZ=fz is not None, BLOCK_R=br, BLOCK_B=BB,
         )
         if i2 < d:
             W[:, i2:].addmm_(E[:, : i2 - i1], U[i1:i2, i2:], alpha=-1)
@@ -159,7 +164,8 @@ def polish_fused(
     passes = torch.zeros((), dtype=torch.int64, device=w.device)
     BB = _pow2(min(block_size, d))
     D = torch.empty(R, BB, dtype=w.dtype, device=w.device)
-    grid = (triton_cdiv(R, ROW_TILE),)
+    br = _row_tile(w, R)
+    grid = (triton_cdiv(R, br),)
     for _ in range(max_passes):
         passes += active.amax().to(torch.int64)
         G = torch.mm(Q - w, H)  # gradient (q - w) H, exact at the start of each pass
@@ -170,7 +176,7 @@ def polish_fused(
                 "polish_block", w, grid,
                 G, Q, K, s, z, fr, active, moved, H, hd, inv_h, half_h, D,
                 R, i1, i2 - i1, G.stride(0), H.stride(0), float(maxq),
-                HAS_FROZEN=frozen is not None, BLOCK_R=ROW_TILE, BLOCK_B=BB,
+                HAS_FROZEN=frozen is not None, BLOCK_R=br, BLOCK_B=BB,
             )
             if i2 < d:
                 G[:, i2:].addmm_(D[:, : i2 - i1], H[i1:i2, i2:])  # deferred: g[:, i2:] += D H[block, i2:]
