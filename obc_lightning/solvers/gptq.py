@@ -19,6 +19,7 @@ from torch import Tensor
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import dequantize, fit_grid, quantize_codes
 from obc_lightning.kernels import use_triton
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
@@ -92,6 +93,7 @@ def gptq_codes(
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def gptq(
     matrix: Tensor,
     hessian: Tensor,

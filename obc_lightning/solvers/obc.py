@@ -28,6 +28,7 @@ from torch import Tensor
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
 from obc_lightning.kernels import use_triton
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     PreparedHessian,
     QuantResult,
@@ -324,6 +325,7 @@ def _greedy(method, w, src, row_src, scale, zero, maxq, block_size):
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def exact_obc(
     matrix: Tensor,
     hessian: Tensor,

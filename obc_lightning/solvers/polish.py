@@ -16,6 +16,7 @@ from torch import Tensor
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, quantize_codes
 from obc_lightning.kernels import use_triton
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import QuantResult, compute_dtype, layer_objective
 
 
@@ -100,6 +101,7 @@ def polish_codes(
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def polish(
     matrix: Tensor,
     hessian: Tensor,

@@ -13,6 +13,7 @@ from torch import Tensor
 
 from obc_lightning.checks import check_int
 from obc_lightning.grids import fit_grid
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
@@ -28,6 +29,7 @@ SOLVERS = ("auto", "obc", "gptq")
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def quantize_weight(
     matrix: Tensor,
     hessian: Tensor,
