@@ -328,8 +328,15 @@ def _nm_group_index(m: nn.Module, n_m):
     return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
 
 
+def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.device) -> int | None:
+    """The solvers' share of ``max_memory`` on ``device`` (an int, or the mapping's entry; None: default)."""
+    if isinstance(max_memory, Mapping):
+        return max_memory.get(str(device))
+    return max_memory
+
+
 def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None):
+                     sparsity=None, n_m=None, max_memory=None):
     """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
     weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
     results, the number of scales and the number of pruned weights."""
@@ -362,7 +369,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         else:  # quantize_weight keeps exact zeros at 0: the mask survives
             res = quantize_weight(
                 Pb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-                scale_dtype=scale_dtype,
+                scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, W.device),
             )
             Qb = res.quantized_matrix
             results.append(res)
@@ -509,7 +516,9 @@ def compress_model(
         offload, max_memory, reduce_fn, sample_fraction, product_dtype: see
             :func:`~obc_lightning.calibration.collect_hessians` (``sample_fraction < 1`` builds each
             Hessian from a random fraction of the samples, ``product_dtype="bfloat16"`` multiplies
-            X^T X in bfloat16: calibration cost for CNNs, see the README).
+            X^T X in bfloat16: calibration cost for CNNs, see the README). ``max_memory`` (bytes, or
+            ``{"cuda:0": bytes, ...}``) is one budget for calibration and solving: the solvers batch rows
+            to fit it (:func:`~obc_lightning.solvers.obc.exact_obc`).
         scale_dtype: scales are rounded to values this dtype holds (default float16, what
             :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
             in-memory weights bit for bit; ``None`` keeps float32 scales.
@@ -580,7 +589,8 @@ def compress_model(
             results, n_pruned = [res], 0
         else:
             Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
+                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
+                max_memory=max_memory,
             )
             rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
                 SCALE_BYTES + ZERO_BYTES) * n_scales

@@ -245,20 +245,25 @@ def greedy_fast(
     return rule.codes, loss
 
 
-def _row_bytes(d: int, dtype: torch.dtype, method: str) -> int:
-    """Working-set bytes per row: the d x d inverse (two copies while a flush gathers) plus vectors."""
+def _row_bytes(d: int, dtype: torch.dtype, method: str, masked: bool = False) -> int:
+    """Peak working-set bytes per row of a batch, counting every d x d copy the path makes.
+
+    fast: the flushed inverse H_f, plus at a shrink the gathered rows, their transposed copy and the
+    new H_f (1.25 d^2 at the first shrink), plus a per-row source when the rows have their own inverse
+    (zero-aware path: ``masked_inverses`` holds 3 copies while it factors: H repeated, L, the inverse);
+    reference: the gathered inverse and its working clone; vectors: U (<= 256 x d) and ~64 d more."""
     el = torch.finfo(dtype).bits // 8
-    copies = 2 if method == "fast" else 1
-    return el * (copies * d * d + 64 * d)
+    copies = (2.25 if method == "fast" else 2.0) + (1.0 if masked else 0.0)
+    return int(el * (copies * d * d + (256 + 64) * d))
 
 
 def obc_row_batch(rows: int, cols: int, dtype: torch.dtype, device: torch.device, method: str,
-                  batch_size: int | None, max_memory: int | None) -> int:
+                  batch_size: int | None, max_memory: int | None, masked: bool = False) -> int:
     """Rows solved together: ``batch_size`` if given, else as many as fit ``max_memory``."""
     if batch_size is not None:
         return max(1, min(batch_size, rows))
     budget = max_memory if max_memory is not None else default_memory_budget(device)
-    return max(1, min(rows, budget // _row_bytes(cols, dtype, method)))
+    return max(1, min(rows, budget // _row_bytes(cols, dtype, method, masked)))
 
 
 def solve_obc_rows(
@@ -282,7 +287,8 @@ def solve_obc_rows(
     loss = torch.empty(rows, dtype=W.dtype, device=W.device)
     pruned = (W == 0) & ~prep.dead.unsqueeze(0)  # dead inputs are already uncoupled in H
     has_pruned = pruned.any(dim=1)
-    R = obc_row_batch(rows, d, W.dtype, W.device, method, batch_size, max_memory)
+    masked = bool(has_pruned.any())
+    R = obc_row_batch(rows, d, W.dtype, W.device, method, batch_size, max_memory, masked)
     for i in range(0, rows, R):
         sl = slice(i, min(i + R, rows))
         n = sl.stop - sl.start
@@ -299,13 +305,20 @@ def solve_obc_rows(
         # float64 (H is well-defined: it was damped to positive definite before)
         idx = broken.nonzero().squeeze(1)
         H64 = prep.hessian.double()
-        if bool(has_pruned[idx].any()):
-            src, row_src = masked_inverses(H64, pruned[idx]), torch.arange(len(idx), device=W.device)
-        else:
-            src, row_src = torch.cholesky_inverse(torch.linalg.cholesky(H64)).unsqueeze(0), torch.zeros_like(idx)
-        c64, l64 = _greedy(method, W[idx].double(), src, row_src, scale_c[idx].double(), zero_c[idx].double(),
-                           grid.maxq, block_size)
-        codes[idx], loss[idx] = c64.to(W.dtype), l64.to(W.dtype)
+        shared64 = None
+        # row-batched like the float32 pass, sized for float64
+        R64 = obc_row_batch(len(idx), d, torch.float64, W.device, method, batch_size, max_memory, masked)
+        for i in range(0, len(idx), R64):
+            ib = idx[i : i + R64]
+            if bool(has_pruned[ib].any()):
+                src, row_src = masked_inverses(H64, pruned[ib]), torch.arange(len(ib), device=W.device)
+            else:
+                if shared64 is None:
+                    shared64 = torch.cholesky_inverse(torch.linalg.cholesky(H64)).unsqueeze(0)
+                src, row_src = shared64, torch.zeros_like(ib)
+            c64, l64 = _greedy(method, W[ib].double(), src, row_src, scale_c[ib].double(), zero_c[ib].double(),
+                               grid.maxq, block_size)
+            codes[ib], loss[ib] = c64.to(W.dtype), l64.to(W.dtype)
         warnings.warn(
             f"exact_obc: {len(idx)} of {rows} rows of the ({rows}, {d}) matrix broke down in {W.dtype} "
             f"(ill-conditioned Hessian; consider damp > 0) and were solved again in float64",
