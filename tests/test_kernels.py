@@ -169,3 +169,34 @@ def test_fused_launches_per_column_step(solver, bound, monkeypatch):
         exact_obc(W, H, 4, damp=0.01) if solver == "exact_obc" else quantize_weight(W, H, 4)
     assert c.triton > 0
     assert c.total / W.shape[1] <= bound, (c.aten, c.triton)
+
+
+F32 = {"obc_block": ("W DIAG DONE:i8 SCALE ZERO OUTL COLS:i64 CODES HF HF_ROW:i64 UT LOSS BROKEN:i8 FLOOR",
+                     "R n d nsteps stride_hm stride_hr stride_ut", dict(BLOCK_R=1, BLOCK=1024, BLOCK_T=8)),
+       "gptq_block": ("W S Z FZ:i8 K E U", "R i1 nb stride_w stride_u", dict(HAS_FZ=True, BLOCK_R=16, BLOCK_B=128)),
+       "polish_block": ("G Q K S Z FROZEN:i8 ACTIVE:i8 MOVED:i8 H HD INV_H HALF_H D", "R i1 nb stride_w stride_h",
+                        dict(HAS_FROZEN=True, BLOCK_R=16, BLOCK_B=128))}
+
+
+@pytest.mark.parametrize("name", sorted(F32))
+def test_kernels_compile_for_sm90(name):
+    # the interpreter accepts more than the compiler: compile for an H100/H200 (sm_90) with Triton's own
+    # ptxas, no GPU needed
+    import triton
+    from triton.backends.compiler import GPUTarget
+
+    from obc_lightning.kernels import triton_kernels as tk
+
+    ptrs, ints, consts = F32[name]
+    sig = {}
+    for p in ptrs.split():
+        arg, _, ty = p.partition(":")
+        sig[arg] = f"*{ty or 'fp32'}"
+    sig.update({i: "i32" for i in ints.split()})
+    sig["maxq"] = "fp32"
+    sig.update({c: "constexpr" for c in consts})
+    fn = tk.kernel(name, False)
+    src = triton.compiler.ASTSource(fn=fn, signature=sig,
+                                    constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
+    compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
+    assert "cubin" in compiled.asm
