@@ -173,8 +173,10 @@ def test_fused_launches_per_column_step(solver, bound, monkeypatch):
 
 F32 = {"obc_block": ("W DIAG DONE:i8 SCALE ZERO OUTL COLS:i64 CODES HF HF_ROW:i64 UT LOSS BROKEN:i8 FLOOR",
                      "R n d nsteps stride_hm stride_hr stride_ut", dict(BLOCK_R=1, BLOCK=1024, BLOCK_T=8)),
-       "gptq_block": ("W S Z FZ:i8 K E U", "R i1 nb stride_w stride_u", dict(HAS_FZ=True, BLOCK_R=16, BLOCK_B=128)),
-       "polish_block": ("G Q K S Z FROZEN:i8 ACTIVE:i8 MOVED:i8 H HD INV_H HALF_H D", "R i1 nb stride_w stride_h",
+       "gptq_block": ("W S Z FZ:i8 K E U U_ROW:i64", "R i1 nb stride_w stride_ul stride_u",
+                      dict(HAS_FZ=True, BLOCK_R=16, BLOCK_B=128)),
+       "polish_block": ("G Q K S Z FROZEN:i8 ACTIVE:i8 MOVED:i8 H HD INV_H HALF_H D H_ROW:i64",
+                        "R i1 nb stride_w stride_hl stride_h stride_dl",
                         dict(HAS_FROZEN=True, BLOCK_R=16, BLOCK_B=128))}
 
 

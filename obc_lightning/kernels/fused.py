@@ -119,67 +119,80 @@ def greedy_fast_fused(
     return codes, loss.masked_fill_(broken.bool(), float("nan"))
 
 
-def gptq_blocks(W: Tensor, K: Tensor, s: Tensor, z: Tensor, fz: Tensor | None, U: Tensor, maxq: int,
-                block_size: int) -> None:
+def gptq_blocks(W: Tensor, K: Tensor, s: Tensor, z: Tensor, fz: Tensor | None, U: Tensor, lid: Tensor | None,
+                counts: list[int], maxq: int, block_size: int) -> None:
     """GPTQ's column loop on W (R, d; visiting order, updated in place), codes into K (R, d): per block
-    one ``gptq_block`` launch and the deferred W[:, i2:] -= E U[block, i2:] as one matmul."""
+    one ``gptq_block`` launch and the deferred W[:, i2:] -= E U_l[block, i2:] as one matmul per layer.
+    U (L, d, d): the layers' factors; lid (R,): each row's layer (None: one layer); counts: rows per layer."""
+    from obc_lightning.solvers.gptq import _bounds
+
     R, d = W.shape
     BB = _pow2(min(block_size, d))
     E = torch.empty(R, BB, dtype=W.dtype, device=W.device)
     s, z, U = s.contiguous(), z.contiguous(), U.contiguous()
     fz8 = fz.to(torch.int8).contiguous() if fz is not None else W
+    lid = torch.zeros(R, dtype=torch.int64, device=W.device) if lid is None else lid.contiguous()
     br = _row_tile(W, R)
     grid = (triton_cdiv(R, br),)
+    bounds = _bounds(counts)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         _launch(
             "gptq_block", W, grid,
-            W, s, z, fz8, K, E, U, R, i1, i2 - i1, W.stride(0), U.stride(0), float(maxq),
+            W, s, z, fz8, K, E, U, lid, R, i1, i2 - i1, W.stride(0), U.stride(0), U.stride(1), float(maxq),
             HAS_FZ=fz is not None, BLOCK_R=br, BLOCK_B=BB,
         )
         if i2 < d:
-            W[:, i2:].addmm_(E[:, : i2 - i1], U[i1:i2, i2:], alpha=-1)
+            for li, (a, b) in enumerate(bounds):
+                W[a:b, i2:].addmm_(E[a:b, : i2 - i1], U[li, i1:i2, i2:], alpha=-1)
 
 
 def polish_fused(
-    w: Tensor, hessian: Tensor, codes: Tensor, scale: Tensor, zero: Tensor, maxq: int,
-    max_passes: int, block_size: int, frozen: Tensor | None,
+    w: Tensor, hessians: Tensor, lid: Tensor | None, counts: list[int], codes: Tensor, scale: Tensor, zero: Tensor,
+    maxq: int, max_passes: int, block_size: int, frozen: Tensor | None,
 ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
-    """The passes of :func:`~obc_lightning.solvers.polish.polish_codes` without host reads: every pass
-    runs over all rows with the converged ones masked (a row that moved nothing stays put, as in the
-    torch loop, which drops it). Returns (codes, Q, passes run (0-d tensor), active rows (R,))."""
+    """The passes of :func:`~obc_lightning.solvers.polish.polish_codes_layers` without host reads: every
+    pass runs over all rows with the converged ones masked (a row that moved nothing stays put, as in the
+    torch loop, which drops it). hessians (L, d, d), lid (R,) each row's layer (None: one layer), counts:
+    rows per layer (stacked in order). Returns (codes, Q, passes run (0-d tensor), active rows (R,))."""
     from obc_lightning.grids import dequantize
+    from obc_lightning.solvers.gptq import _bounds
 
     R, d = w.shape
     K = codes.clone().contiguous()
     s, z = scale.contiguous(), zero.contiguous()
     Q = dequantize(K, s, z).contiguous()
-    H = hessian.contiguous()
-    hd = torch.diagonal(H).contiguous()
+    H = hessians.contiguous()
+    hd = torch.diagonal(H, dim1=1, dim2=2).contiguous()  # (L, d)
     # 1 / H_jj and H_jj / 2 as the torch loop forms them (in double, then in the working dtype)
     inv_h = torch.where(hd > 0, 1.0 / hd.double(), torch.zeros((), dtype=torch.float64, device=hd.device))
     inv_h, half_h = inv_h.to(hd.dtype), (0.5 * hd.double()).to(hd.dtype)
+    lid = torch.zeros(R, dtype=torch.int64, device=w.device) if lid is None else lid.contiguous()
+    bounds = _bounds(counts)
     fr = frozen.to(torch.int8).contiguous() if frozen is not None else K
     active = torch.ones(R, dtype=torch.int8, device=w.device)
     passes = torch.zeros((), dtype=torch.int64, device=w.device)
     BB = _pow2(min(block_size, d))
     D = torch.empty(R, BB, dtype=w.dtype, device=w.device)
+    G = torch.empty_like(Q)
     br = _row_tile(w, R)
     grid = (triton_cdiv(R, br),)
     for _ in range(max_passes):
         passes += active.amax().to(torch.int64)
-        G = torch.mm(Q - w, H)  # gradient (q - w) H, exact at the start of each pass
+        for li, (a, b) in enumerate(bounds):  # gradient (q - w) H_l, exact at the start of each pass
+            torch.mm(Q[a:b] - w[a:b], H[li], out=G[a:b])
         moved = torch.zeros(R, dtype=torch.int8, device=w.device)
         for i1 in range(0, d, block_size):
             i2 = min(i1 + block_size, d)
             _launch(
                 "polish_block", w, grid,
-                G, Q, K, s, z, fr, active, moved, H, hd, inv_h, half_h, D,
-                R, i1, i2 - i1, G.stride(0), H.stride(0), float(maxq),
+                G, Q, K, s, z, fr, active, moved, H, hd, inv_h, half_h, D, lid,
+                R, i1, i2 - i1, G.stride(0), H.stride(0), H.stride(1), hd.stride(0), float(maxq),
                 HAS_FROZEN=frozen is not None, BLOCK_R=br, BLOCK_B=BB,
             )
             if i2 < d:
-                G[:, i2:].addmm_(D[:, : i2 - i1], H[i1:i2, i2:])  # deferred: g[:, i2:] += D H[block, i2:]
+                for li, (a, b) in enumerate(bounds):  # deferred: g[:, i2:] += D H_l[block, i2:]
+                    G[a:b, i2:].addmm_(D[a:b, : i2 - i1], H[li, i1:i2, i2:])
         active = active & moved
     return K, Q, passes, active
 

@@ -154,14 +154,15 @@ def obc_block(
 
 
 def gptq_block(
-    W, S, Z, FZ, K, E, U,
-    R, i1, nb, stride_w, stride_u, maxq,
+    W, S, Z, FZ, K, E, U, U_ROW,
+    R, i1, nb, stride_w, stride_ul, stride_u, maxq,
     HAS_FZ: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
     """GPTQ on columns i1 .. i1 + nb of a tile of rows, the block kept in registers.
 
     W, S, Z, FZ (frozen, int8), K: (R, d) in visiting order; E (R, BLOCK_B) receives the scaled errors;
-    U (d, d) upper Cholesky factor of H^-1. Per column c (as gptq_codes):
+    U (L, d, d) upper Cholesky factors of the layers' H^-1, row r's at U + U_ROW[r] * stride_ul. Per
+    column c (as gptq_codes_layers):
       k = clamp(rint(w_c / s) + z) (z where frozen), e = (w_c - s (k - z)) / U_cc,
       W[:, c:block end] -= e U[c, c:block end].
     """
@@ -172,6 +173,7 @@ def gptq_block(
     cm = cb < nb
     m2 = rm[:, None] & cm[None, :]
     wptr = W + rows[:, None] * stride_w + i1 + cb[None, :]
+    ubase = tl.load(U_ROW + rows, mask=rm, other=0) * stride_ul  # (BLOCK_R,) each row's layer factor
     tile = tl.load(wptr, mask=m2, other=0.0)
     etile = tile * 0.0
     for i in range(nb):
@@ -184,23 +186,24 @@ def gptq_block(
         if HAS_FZ:
             k = tl.where(tl.load(FZ + rows * stride_w + c, mask=rm, other=0) != 0, z, k)
         tl.store(K + rows * stride_w + c, k, mask=rm)
-        e = (wi - s * (k - z)) / tl.load(U + c * stride_u + c)
-        urow = tl.load(U + c * stride_u + i1 + cb, mask=cm & (cb >= i), other=0.0)
-        tile = tl.where(cb[None, :] >= i, tile - e[:, None] * urow[None, :], tile)
+        e = (wi - s * (k - z)) / tl.load(U + ubase + c * stride_u + c, mask=rm, other=1.0)
+        urow = tl.load(U + ubase[:, None] + c * stride_u + i1 + cb[None, :], mask=m2 & (cb >= i)[None, :], other=0.0)
+        tile = tl.where(cb[None, :] >= i, tile - e[:, None] * urow, tile)
         etile = tl.where(sel, e[:, None], etile)
     tl.store(wptr, tile, mask=m2)
     tl.store(E + rows[:, None] * BLOCK_B + cb[None, :], etile, mask=m2)
 
 
 def polish_block(
-    G, Q, K, S, Z, FROZEN, ACTIVE, MOVED, H, HD, INV_H, HALF_H, D,
-    R, i1, nb, stride_w, stride_h, maxq,
+    G, Q, K, S, Z, FROZEN, ACTIVE, MOVED, H, HD, INV_H, HALF_H, D, H_ROW,
+    R, i1, nb, stride_w, stride_hl, stride_h, stride_dl, maxq,
     HAS_FROZEN: tl.constexpr, BLOCK_R: tl.constexpr, BLOCK_B: tl.constexpr,
 ):
-    """One coordinate-descent sweep over columns i1 .. i1 + nb of a tile of rows (as polish_codes).
+    """One coordinate-descent sweep over columns i1 .. i1 + nb of a tile of rows (as polish_codes_layers).
 
-    G, Q, K, S, Z, FROZEN: (R, d); ACTIVE, MOVED: (R,) int8; H (d, d); HD, INV_H, HALF_H (d,): H_jj,
-    1 / H_jj (0 if H_jj <= 0), H_jj / 2; D (R, BLOCK_B) receives the moves. Per column j:
+    G, Q, K, S, Z, FROZEN: (R, d); ACTIVE, MOVED: (R,) int8; H (L, d, d), HD, INV_H, HALF_H (L, d): H_jj,
+    1 / H_jj (0 if H_jj <= 0), H_jj / 2 of every layer, row r's layer H_ROW[r]; D (R, BLOCK_B) receives
+    the moves. Per column j:
       k = nearest grid point to q_j - g_j / H_jj, delta = s (k - z) - q_j,
       move iff delta (g_j + delta H_jj / 2) < 0 (and the row is active, the weight free, H_jj > 0),
       g[:, j:block end] += delta H[j, j:block end].
@@ -212,6 +215,9 @@ def polish_block(
     cm = cb < nb
     m2 = rm[:, None] & cm[None, :]
     off = rows[:, None] * stride_w + i1 + cb[None, :]
+    layer = tl.load(H_ROW + rows, mask=rm, other=0)
+    hbase = layer * stride_hl  # (BLOCK_R,) each row's layer H
+    dbase = layer * stride_dl  # ... and its diagonal tables
     gt = tl.load(G + off, mask=m2, other=0.0)
     qt = tl.load(Q + off, mask=m2, other=0.0)
     kt = tl.load(K + off, mask=m2, other=0.0)
@@ -224,17 +230,17 @@ def polish_block(
         q = tl.reduce(tl.where(sel, qt, 0.0), 1, tl.standard._sum_combine)
         s = tl.load(S + rows * stride_w + j, mask=rm, other=1.0)
         z = tl.load(Z + rows * stride_w + j, mask=rm, other=0.0)
-        k = _clamp(_rint((q - g * tl.load(INV_H + j)) / s) + z, maxq)
+        k = _clamp(_rint((q - g * tl.load(INV_H + dbase + j, mask=rm, other=0.0)) / s) + z, maxq)
         delta = s * (k - z) - q
-        take = delta * (g + tl.load(HALF_H + j) * delta) < 0.0
+        take = delta * (g + tl.load(HALF_H + dbase + j, mask=rm, other=0.0) * delta) < 0.0
         take = take & act
-        take = take & (tl.load(HD + j + rows * 0) > 0.0)  # broadcast: a scalar bool mixes badly in the interpreter
+        take = take & (tl.load(HD + dbase + j, mask=rm, other=0.0) > 0.0)
         if HAS_FROZEN:
             take = take & (tl.load(FROZEN + rows * stride_w + j, mask=rm, other=1) == 0)
         delta = tl.where(take, delta, 0.0)
         kt = tl.where(sel & take[:, None], k[:, None], kt)
-        hrow = tl.load(H + j * stride_h + i1 + cb, mask=cm & (cb >= i), other=0.0)
-        gt = tl.where(cb[None, :] >= i, gt + delta[:, None] * hrow[None, :], gt)
+        hrow = tl.load(H + hbase[:, None] + j * stride_h + i1 + cb[None, :], mask=m2 & (cb >= i)[None, :], other=0.0)
+        gt = tl.where(cb[None, :] >= i, gt + delta[:, None] * hrow, gt)
         dt = tl.where(sel, delta[:, None], dt)
     moved = tl.reduce((dt != 0.0).to(tl.int8), 1, tl.standard._elementwise_max)
     tl.store(G + off, gt, mask=m2)
