@@ -31,6 +31,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from obc_lightning.checks import check_fraction
+from obc_lightning.precision import fp32_matmul
 
 SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 # X^T X is multiplied in up to 8 block rows of at least 128 (from 2 blocks on only the block-lower
@@ -381,6 +382,7 @@ class _Accumulator:
             total[:, :r0, r0:r1].copy_(total[:, r0:r1, :r0].transpose(1, 2))
         return total
 
+    @fp32_matmul  # the float32 products in IEEE float32 even under set_float32_matmul_precision("high")
     def _fold(self, Xt: Tensor | None) -> None:
         if self.pending:
             Xt = torch.cat(self.pending + ([Xt] if Xt is not None else []), dim=2)

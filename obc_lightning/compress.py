@@ -196,8 +196,15 @@ def _nm_group_index(m: nn.Module, n_m):
     return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
 
 
+def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.device) -> int | None:
+    """The solvers' share of ``max_memory`` on ``device`` (an int, or the mapping's entry; None: default)."""
+    if isinstance(max_memory, Mapping):
+        return max_memory.get(str(device))
+    return max_memory
+
+
 def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None):
+                     sparsity=None, n_m=None, max_memory=None):
     """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
     weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
     results, the number of scales and the number of pruned weights."""
@@ -226,7 +233,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         else:  # quantize_weight keeps exact zeros at 0: the mask survives
             res = quantize_weight(
                 Pb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-                scale_dtype=scale_dtype,
+                scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, W.device),
             )
             Qb = res.quantized_matrix
             results.append(res)
@@ -435,7 +442,8 @@ def compress_model(
             results, n_pruned = [res], 0
         else:
             Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
+                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
+                max_memory=max_memory,
             )
             rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
                 SCALE_BYTES + ZERO_BYTES) * n_scales

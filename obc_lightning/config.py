@@ -236,7 +236,9 @@ class CalibrationConfig(_Section):
         product_dtype: ``None`` (each batch's XᵀX in the activations' precision), ``"float32"``,
             ``"bfloat16"`` or ``"float64"``; the running sums are float64 either way.
         offload: keep the running sums on the CPU.
-        max_memory: bytes the Hessian sums may take on their device (``None``: an estimate of what is free).
+        max_memory: one memory budget for calibration and solving, in bytes, or ``{"cuda:0": bytes, ...}``
+            per device (``None``: half of what is free, cached-but-unused CUDA memory counted as free); the
+            Hessian sums must fit it and the solvers batch their rows to it.
     """
 
     batches: int | None = field(default=None, metadata={"flat": "calibration_batches"})
@@ -244,15 +246,20 @@ class CalibrationConfig(_Section):
     sample_fraction: float = 1.0
     product_dtype: str | None = None
     offload: bool = False
-    max_memory: int | None = None
+    max_memory: int | dict[str, int] | None = None
 
     def __post_init__(self) -> None:
         who = self._who()
+        if isinstance(self.max_memory, Mapping):
+            for device, budget in self.max_memory.items():
+                check_positive_int(who, f"{self._arg('max_memory')}[{device!r}]", budget)
+            object.__setattr__(self, "max_memory", dict(self.max_memory))
+        else:
+            check_positive_int(who, self._arg("max_memory"), self.max_memory, optional=True)
         check_positive_int(who, self._arg("batches"), self.batches, optional=True)
         check_flags(who, **{self._arg("sequential"): self.sequential, self._arg("offload"): self.offload})
         check_fraction(who, self._arg("sample_fraction"), self.sample_fraction)
         object.__setattr__(self, "sample_fraction", float(self.sample_fraction))
-        check_positive_int(who, self._arg("max_memory"), self.max_memory, optional=True)
         dtype = self.product_dtype
         if dtype is not None and not isinstance(dtype, str):  # a torch.dtype: keep its name (plain data)
             dtype = str(dtype).removeprefix("torch.")

@@ -136,6 +136,32 @@ def _range_params(xmin: Tensor, xmax: Tensor, maxq: int, symmetric: bool) -> tup
     return scale, zero
 
 
+# elements of one (candidates x rows x cols) block of the scale search: a few such temporaries at a time
+MSE_BLOCK_ELEMENTS = 1 << 23
+
+
+def _mse_search(w, xmin, xmax, scale, zero, maxq, symmetric):
+    """Per row of ``w``, the first shrink factor p (1 ... 0.2) of minimal sum |round(w) - w|^2.4.
+
+    Candidates are evaluated many at once, a (P, rows, cols) block per ~20 ops instead of ~20 ops per
+    candidate (on a GPU each op is a launch); each candidate's error is computed exactly as for one
+    candidate alone, and the first minimum wins, as in a loop with a strict ``<``.
+    """
+    ps = torch.linspace(1.0, MSE_MIN_RANGE, MSE_STEPS).tolist()
+    per = max(1, min(len(ps), MSE_BLOCK_ELEMENTS // max(1, w.numel())))
+    best = torch.full_like(scale, float("inf"))
+    for i in range(0, len(ps), per):
+        p = torch.tensor(ps[i : i + per], dtype=w.dtype, device=w.device).view(-1, 1, 1)  # (P, 1, 1)
+        s1, z1 = _range_params(p * xmin, p * xmax, maxq, symmetric)  # (P, rows, 1)
+        err = (round_to_grid(w, s1, z1, maxq) - w).abs_().pow_(MSE_NORM).sum(dim=2, keepdim=True)
+        e, k = err.min(dim=0)  # first index of the minimum (rows, 1)
+        better = e < best
+        best = torch.where(better, e, best)
+        scale = torch.where(better, s1.gather(0, k.unsqueeze(0)).squeeze(0), scale)
+        zero = torch.where(better, z1.gather(0, k.unsqueeze(0)).squeeze(0), zero)
+    return scale, zero
+
+
 @torch.no_grad()
 def fit_grid(
     matrix: Tensor,
@@ -177,14 +203,7 @@ def fit_grid(
     scale, zero = _range_params(xmin, xmax, maxq, symmetric)
 
     if mse:
-        best = torch.full_like(scale, float("inf"))
-        for p in torch.linspace(1.0, MSE_MIN_RANGE, MSE_STEPS).tolist():
-            s1, z1 = _range_params(p * xmin, p * xmax, maxq, symmetric)
-            err = (round_to_grid(w, s1, z1, maxq) - w).abs_().pow_(MSE_NORM).sum(dim=1, keepdim=True)
-            better = err < best
-            best = torch.where(better, err, best)
-            scale = torch.where(better, s1, scale)
-            zero = torch.where(better, z1, zero)
+        scale, zero = _mse_search(w, xmin, xmax, scale, zero, maxq, symmetric)
 
     if scale_dtype is not None:
         rounded = scale.to(scale_dtype).to(scale.dtype)

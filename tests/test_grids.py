@@ -94,3 +94,36 @@ def test_bad_bits(bits):
 def test_bad_group_size(gs):
     with pytest.raises(ValueError, match="group_size"):
         fit_grid(torch.randn(2, 4), 4, group_size=gs)
+
+
+def _loop_search(w, n_bits, symmetric):
+    """The scale search one candidate at a time (the oracle of the blocked search in fit_grid)."""
+    from obc_lightning.grids import MSE_MIN_RANGE, MSE_STEPS, _range_params, round_to_grid
+
+    maxq = 2**n_bits - 1
+    xmin, xmax = w.amin(dim=1, keepdim=True).clamp(max=0), w.amax(dim=1, keepdim=True).clamp(min=0)
+    scale, zero = _range_params(xmin, xmax, maxq, symmetric)
+    best = torch.full_like(scale, float("inf"))
+    for p in torch.linspace(1.0, MSE_MIN_RANGE, MSE_STEPS).tolist():
+        s1, z1 = _range_params(p * xmin, p * xmax, maxq, symmetric)
+        err = (round_to_grid(w, s1, z1, maxq) - w).abs().pow(MSE_NORM).sum(dim=1, keepdim=True)
+        better = err < best
+        best = torch.where(better, err, best)
+        scale, zero = torch.where(better, s1, scale), torch.where(better, z1, zero)
+    return scale, zero
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64])
+@pytest.mark.parametrize("block", [1, 1000, None])
+def test_blocked_scale_search_equals_the_candidate_loop(dtype, block, monkeypatch):
+    import obc_lightning.grids as grids
+
+    if block is not None:
+        monkeypatch.setattr(grids, "MSE_BLOCK_ELEMENTS", block)
+    g = torch.Generator().manual_seed(3)
+    w = torch.randn(24, 40, generator=g, dtype=dtype) * torch.exp(torch.randn(24, 1, generator=g, dtype=dtype))
+    w[0, :5] = 0
+    for bits, symmetric in [(2, False), (4, True), (8, False)]:
+        s, z = _loop_search(w, bits, symmetric)
+        grid = fit_grid(w, bits, symmetric=symmetric)
+        assert torch.equal(grid.scales, s) and torch.equal(grid.zeros, z)

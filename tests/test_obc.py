@@ -249,6 +249,7 @@ def test_bad_inputs(matrix, hessian, kwargs, match):
         exact_obc(matrix, hessian, **kwargs)
 
 
+@pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
 def test_cuda_matches_cpu():
     W, H = correlated_problem(40, 96, seed=9)

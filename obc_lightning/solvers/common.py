@@ -143,8 +143,16 @@ def layer_objective(matrix: Tensor, quantized: Tensor, hessian: Tensor) -> Tenso
 
 
 def default_memory_budget(device: torch.device) -> int:
-    """Bytes the solvers may use for their working set: half the free GPU memory, 1 GiB on CPU."""
+    """Bytes the solvers may use for their working set: half the free GPU memory, 1 GiB on CPU.
+
+    Free GPU memory counts what PyTorch's caching allocator holds but does not use (reserved minus
+    allocated): the solvers' tensors are served from that cache first."""
     if device.type == "cuda":
-        free, _ = torch.cuda.mem_get_info(device)
-        return int(free * 0.5)
+        return int(cuda_free_bytes(device) * 0.5)
     return 1 << 30
+
+
+def cuda_free_bytes(device: torch.device) -> int:
+    """Memory a new allocation on ``device`` can get: free on the device plus cached but unused."""
+    free, _ = torch.cuda.mem_get_info(device)
+    return int(free + torch.cuda.memory_reserved(device) - torch.cuda.memory_allocated(device))

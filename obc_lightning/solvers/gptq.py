@@ -18,6 +18,8 @@ from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import dequantize, fit_grid, quantize_codes
+from obc_lightning.kernels import use_triton
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
@@ -60,32 +62,94 @@ def gptq_codes(
     frozen: (R, d) bool, weights held at 0 (pruned): their target is 0 instead of the nearest grid point
     (0 is always on the grid) and their error is compensated like any other (SparseGPT's masked step).
     """
-    d = w.shape[1]
-    perm = gptq_order(hessian, act_order)
-    W = w[:, perm].clone()  # (R, d) in visiting order, updated in place
-    s, z = scale[:, perm], zero[:, perm]
-    fz = frozen[:, perm] if frozen is not None else None
-    hp = hessian[perm][:, perm]
-    U = upper_cholesky_of_inverse(torch.cholesky_inverse(torch.linalg.cholesky(hp)))  # (d, d)
+    return gptq_codes_layers(
+        w, hessian.unsqueeze(0), [w.shape[0]], scale, zero, maxq, act_order=act_order, block_size=block_size,
+        frozen=frozen,
+    )
+
+
+def layer_index(counts: list[int], device) -> Tensor:
+    """(sum counts,) the layer of every row, for rows stacked layer after layer (counts[l] rows each)."""
+    return torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
+
+
+def gptq_codes_layers(
+    w: Tensor,
+    hessians: Tensor,
+    counts: list[int],
+    scale: Tensor,
+    zero: Tensor,
+    maxq: int,
+    *,
+    act_order: bool = True,
+    block_size: int = 128,
+    frozen: Tensor | None = None,
+) -> Tensor:
+    """:func:`gptq_codes` for several layers of the same width in one column loop.
+
+    w (R, d) holds the rows of layer 0, then of layer 1, ... (``counts[l]`` rows each); hessians
+    (L, d, d). Each layer has its own column order (act-order on its own H) and its own factor U_l; step
+    c visits column c of every row's own order, so one loop over d serves all layers. Per row the
+    arithmetic is the single-layer loop's (the rows are independent), so each layer's codes are those of
+    :func:`gptq_codes` on that layer alone.
+    """
+    R, d = w.shape
+    L = hessians.shape[0]
+    lid = layer_index(counts, w.device) if L > 1 else None
+    perms = [gptq_order(hessians[i], act_order) for i in range(L)]
+    perm = torch.cat([p.expand(n, d) for p, n in zip(perms, counts)]) if L > 1 else perms[0]
+    # U_l upper with U_l^T U_l = H_l^-1 in layer l's order: (L, d, d)
+    U = torch.stack([
+        upper_cholesky_of_inverse(torch.cholesky_inverse(torch.linalg.cholesky(hessians[i][p][:, p])))
+        for i, p in enumerate(perms)
+    ])
+
+    def visit(x: Tensor) -> Tensor:  # (R, d) in every row's visiting order
+        return x.gather(1, perm) if L > 1 else x[:, perm]
+
+    W = visit(w).clone()  # updated in place
+    s, z = visit(scale), visit(zero)
+    fz = visit(frozen) if frozen is not None else None
     K = torch.empty_like(W)
-    for i1 in range(0, d, block_size):
-        i2 = min(i1 + block_size, d)
-        W1 = W[:, i1:i2]  # view: the block, kept exactly up to date
-        E1 = torch.empty_like(W1)  # (R, B) scaled errors e of the block
-        for i in range(i2 - i1):
-            c = i1 + i
-            k = quantize_codes(W1[:, i], s[:, c], z[:, c], maxq)
-            if fz is not None:
-                k = torch.where(fz[:, c], z[:, c], k)  # code z is the value 0
-            K[:, c] = k
-            e = (W1[:, i] - dequantize(k, s[:, c], z[:, c])) / U[c, c]  # e = (w_i - q_i) / U_ii
-            W1[:, i:].addr_(e, U[c, c:i2], alpha=-1)  # W[:, i:] -= e U[i, i:] within the block
-            E1[:, i] = e
-        W[:, i2:].addmm_(E1, U[i1:i2, i2:], alpha=-1)  # deferred: W[:, i2:] -= E U[block, i2:]
-    return K[:, torch.argsort(perm)]
+    if use_triton(W):  # the same loop, a block of columns per launch (obc_lightning.kernels)
+        from obc_lightning.kernels.fused import gptq_blocks
+
+        gptq_blocks(W, K, s, z, fz, U, lid, counts, maxq, block_size)
+    else:
+        bounds = _bounds(counts)
+        for i1 in range(0, d, block_size):
+            i2 = min(i1 + block_size, d)
+            W1 = W[:, i1:i2]  # view: the block, kept exactly up to date
+            E1 = torch.empty_like(W1)  # (R, B) scaled errors e of the block
+            for i in range(i2 - i1):
+                c = i1 + i
+                k = quantize_codes(W1[:, i], s[:, c], z[:, c], maxq)
+                if fz is not None:
+                    k = torch.where(fz[:, c], z[:, c], k)  # code z is the value 0
+                K[:, c] = k
+                # each row's U_cc and U[c, c:i2] (one layer: broadcast; several: gathered per row)
+                ucc, urow = (U[0, c, c], U[0, c, c:i2]) if lid is None else (U[lid, c, c], U[lid, c, c:i2])
+                e = (W1[:, i] - dequantize(k, s[:, c], z[:, c])) / ucc  # e = (w_i - q_i) / U_ii
+                W1[:, i:].addcmul_(e.unsqueeze(1), urow, value=-1)  # W[:, i:] -= e U[i, i:] within the block
+                E1[:, i] = e
+            if i2 < d:
+                for li, (a, b) in enumerate(bounds):  # deferred: W[:, i2:] -= E U_l[block, i2:], per layer
+                    W[a:b, i2:].addmm_(E1[a:b], U[li, i1:i2, i2:], alpha=-1)
+    out = torch.empty_like(K)
+    return out.scatter_(1, perm if L > 1 else perm.expand(R, d), K)  # back to the original column order
+
+
+def _bounds(counts: list[int]) -> list[tuple[int, int]]:
+    """Row ranges [a, b) of the layers stacked with ``counts`` rows each."""
+    out, a = [], 0
+    for n in counts:
+        out.append((a, a + n))
+        a += n
+    return out
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def gptq(
     matrix: Tensor,
     hessian: Tensor,

@@ -27,6 +27,8 @@ from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
+from obc_lightning.kernels import use_triton
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     PreparedHessian,
     QuantResult,
@@ -243,20 +245,25 @@ def greedy_fast(
     return rule.codes, loss
 
 
-def _row_bytes(d: int, dtype: torch.dtype, method: str) -> int:
-    """Working-set bytes per row: the d x d inverse (two copies while a flush gathers) plus vectors."""
+def _row_bytes(d: int, dtype: torch.dtype, method: str, masked: bool = False) -> int:
+    """Peak working-set bytes per row of a batch, counting every d x d copy the path makes.
+
+    fast: the flushed inverse H_f, plus at a shrink the gathered rows, their transposed copy and the
+    new H_f (1.25 d^2 at the first shrink), plus a per-row source when the rows have their own inverse
+    (zero-aware path: ``masked_inverses`` holds 3 copies while it factors: H repeated, L, the inverse);
+    reference: the gathered inverse and its working clone; vectors: U (<= 256 x d) and ~64 d more."""
     el = torch.finfo(dtype).bits // 8
-    copies = 2 if method == "fast" else 1
-    return el * (copies * d * d + 64 * d)
+    copies = (2.25 if method == "fast" else 2.0) + (1.0 if masked else 0.0)
+    return int(el * (copies * d * d + (256 + 64) * d))
 
 
 def obc_row_batch(rows: int, cols: int, dtype: torch.dtype, device: torch.device, method: str,
-                  batch_size: int | None, max_memory: int | None) -> int:
+                  batch_size: int | None, max_memory: int | None, masked: bool = False) -> int:
     """Rows solved together: ``batch_size`` if given, else as many as fit ``max_memory``."""
     if batch_size is not None:
         return max(1, min(batch_size, rows))
     budget = max_memory if max_memory is not None else default_memory_budget(device)
-    return max(1, min(rows, budget // _row_bytes(cols, dtype, method)))
+    return max(1, min(rows, budget // _row_bytes(cols, dtype, method, masked)))
 
 
 def solve_obc_rows(
@@ -274,51 +281,128 @@ def solve_obc_rows(
     Rows with weights that are exactly 0 keep them at 0 through a per-row masked inverse.
     Returns codes (rows, cols) as floats and the per-row loss.
     """
-    rows, d = W.shape
     scale_c, zero_c = grid.per_column()
+    return solve_obc_layers(
+        W, [W.shape[0]], [prep], scale_c, zero_c, grid.maxq,
+        method=method, batch_size=batch_size, block_size=block_size, max_memory=max_memory,
+    )
+
+
+def solve_obc_layers(
+    W: Tensor,
+    counts: list[int],
+    preps: list[PreparedHessian],
+    scale_c: Tensor,
+    zero_c: Tensor,
+    maxq: int,
+    *,
+    method: str = "fast",
+    batch_size: int | None = None,
+    block_size: int | None = None,
+    max_memory: int | None = None,
+) -> tuple[Tensor, Tensor]:
+    """:func:`solve_obc_rows` for the rows of several layers of the same width, stacked layer after layer
+    (``counts[l]`` rows with prepared Hessian ``preps[l]``); scale_c, zero_c (R, d) every entry's grid.
+
+    The engine's rows read their layer's H^-1 (``row_src``), so rows of different layers share row
+    batches, flushes and launches; a row with pruned weights (exactly 0 on a live input) reads its own
+    masked inverse instead. Each row takes the steps it takes in a call for its layer alone: the codes
+    do not depend on which rows are batched together. Returns codes (R, d) as floats and the loss (R,).
+    """
+    from obc_lightning.solvers.gptq import layer_index
+
+    rows, d = W.shape
+    L = len(preps)
+    lid = layer_index(counts, W.device)
     codes = torch.empty_like(W)
     loss = torch.empty(rows, dtype=W.dtype, device=W.device)
-    pruned = (W == 0) & ~prep.dead.unsqueeze(0)  # dead inputs are already uncoupled in H
+    dead = torch.stack([p.dead for p in preps])  # (L, d)
+    pruned = (W == 0) & ~dead[lid]  # dead inputs are already uncoupled in H
     has_pruned = pruned.any(dim=1)
-    R = obc_row_batch(rows, d, W.dtype, W.device, method, batch_size, max_memory)
+    masked = bool(has_pruned.any())
+    inverses = torch.stack([p.inverse for p in preps]) if L > 1 else preps[0].inverse.unsqueeze(0)  # (L, d, d)
+    budget = max_memory if max_memory is not None else default_memory_budget(W.device)
+    el = torch.finfo(W.dtype).bits // 8
+    # the stacked inverses come out of the budget (a batch with pruned rows copies the ones it uses)
+    R = obc_row_batch(rows, d, W.dtype, W.device, method, batch_size,
+                      max(0, budget - (L * d * d * el if L > 1 else 0)), masked)
+
+    def sources(idx: Tensor, inv: Tensor, slot: list[int], hessians: list) -> tuple[Tensor, Tensor]:
+        """(hinv_src, row_src) for rows ``idx``: their layer's inverse ``inv[slot[l]]``, or where a row has
+        pruned weights its own masked inverse (built a quarter of the batch at a time into one buffer)."""
+        slots = torch.tensor(slot, device=W.device)
+        if not bool(has_pruned[idx].any()):
+            return inv, slots[lid[idx]]
+        own = has_pruned[idx]
+        layers = lid[idx].tolist()
+        plain = sorted({layers[r] for r in (~own).nonzero().squeeze(1).tolist()})
+        where = {li: k for k, li in enumerate(plain)}
+        src = torch.empty(len(plain) + int(own.sum()), d, d, dtype=inv.dtype, device=W.device)
+        row_src = torch.empty(len(idx), dtype=torch.long, device=W.device)
+        for li in plain:
+            src[where[li]] = inv[slot[li]]
+        free_rows = (~own).nonzero().squeeze(1)
+        row_src[free_rows] = torch.tensor([where[layers[r]] for r in free_rows.tolist()], device=W.device,
+                                          dtype=torch.long)
+        k, chunk = len(plain), max(1, len(idx) // 4)
+        for li in sorted(set(layers)):
+            sel = (own & (lid[idx] == li)).nonzero().squeeze(1)
+            for c in range(0, len(sel), chunk):
+                part = sel[c : c + chunk]
+                src[k : k + len(part)] = masked_inverses(hessians[li], pruned[idx[part]])
+                row_src[part] = torch.arange(k, k + len(part), device=W.device)
+                k += len(part)
+        return src, row_src
+
+    hess = [p.hessian for p in preps]
     for i in range(0, rows, R):
-        sl = slice(i, min(i + R, rows))
-        n = sl.stop - sl.start
-        if bool(has_pruned[sl].any()):
-            src = masked_inverses(prep.hessian, pruned[sl])
-            row_src = torch.arange(n, device=W.device)
-        else:
-            src = prep.inverse.unsqueeze(0)
-            row_src = torch.zeros(n, dtype=torch.long, device=W.device)
-        codes[sl], loss[sl] = _greedy(method, W[sl], src, row_src, scale_c[sl], zero_c[sl], grid.maxq, block_size)
+        idx = torch.arange(i, min(i + R, rows), device=W.device)
+        src, row_src = sources(idx, inverses, list(range(L)), hess)
+        sl = slice(i, i + len(idx))
+        codes[sl], loss[sl] = _greedy(method, W[sl], src, row_src, scale_c[sl], zero_c[sl], maxq, block_size)
+    del inverses
     broken = ~torch.isfinite(loss)
     if W.dtype != torch.float64 and bool(broken.any()):
         # float32 could not carry this Hessian's conditioning through the row: re-solve those rows in
         # float64 (H is well-defined: it was damped to positive definite before)
         idx = broken.nonzero().squeeze(1)
-        H64 = prep.hessian.double()
-        if bool(has_pruned[idx].any()):
-            src, row_src = masked_inverses(H64, pruned[idx]), torch.arange(len(idx), device=W.device)
-        else:
-            src, row_src = torch.cholesky_inverse(torch.linalg.cholesky(H64)).unsqueeze(0), torch.zeros_like(idx)
-        c64, l64 = _greedy(method, W[idx].double(), src, row_src, scale_c[idx].double(), zero_c[idx].double(),
-                           grid.maxq, block_size)
-        codes[idx], loss[idx] = c64.to(W.dtype), l64.to(W.dtype)
-        warnings.warn(
-            f"exact_obc: {len(idx)} of {rows} rows of the ({rows}, {d}) matrix broke down in {W.dtype} "
-            f"(ill-conditioned Hessian; consider damp > 0) and were solved again in float64",
-            stacklevel=4,
-        )
+        n_broken = torch.bincount(lid[idx], minlength=L).tolist()
+        hit = [li for li in range(L) if n_broken[li]]
+        H64 = [p.hessian.double() if n_broken[li] else None for li, p in enumerate(preps)]
+        # the float64 inverse of each layer with a broken row that has no pruned weight
+        need = [li for li in hit if not bool(has_pruned[idx[lid[idx] == li]].all())]
+        slot = [need.index(li) if li in need else 0 for li in range(L)]
+        inv64 = torch.stack([torch.cholesky_inverse(torch.linalg.cholesky(H64[li])) for li in need]) if need else None
+        # row-batched like the float32 pass, sized for float64
+        R64 = obc_row_batch(len(idx), d, torch.float64, W.device, method, batch_size,
+                            max(0, budget - len(need) * d * d * 8), masked)
+        for i in range(0, len(idx), R64):
+            ib = idx[i : i + R64]
+            src, row_src = sources(ib, inv64, slot, H64)
+            c64, l64 = _greedy(method, W[ib].double(), src, row_src, scale_c[ib].double(), zero_c[ib].double(),
+                               maxq, block_size)
+            codes[ib], loss[ib] = c64.to(W.dtype), l64.to(W.dtype)
+        for li in hit:
+            warnings.warn(
+                f"exact_obc: {n_broken[li]} of {counts[li]} rows of the ({counts[li]}, {d}) matrix broke down in "
+                f"{W.dtype} (ill-conditioned Hessian; consider damp > 0) and were solved again in float64",
+                stacklevel=4,
+            )
     return codes, loss
 
 
 def _greedy(method, w, src, row_src, scale, zero, maxq, block_size):
     if method == "fast":
+        if use_triton(w):  # the same steps, a block of them per launch (obc_lightning.kernels)
+            from obc_lightning.kernels.fused import greedy_fast_fused
+
+            return greedy_fast_fused(w, src, row_src, scale, zero, maxq, block_size)
         return greedy_fast(w, src, row_src, scale, zero, maxq, block_size)
     return greedy_reference(w, src[row_src], scale, zero, maxq)
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def exact_obc(
     matrix: Tensor,
     hessian: Tensor,

@@ -36,6 +36,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int, check_positive_int
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import compute_dtype, layer_objective, prepare_hessian
 from obc_lightning.solvers.gptq import upper_cholesky_of_inverse
 
@@ -333,6 +334,7 @@ def _check(fn: str, matrix, hessian, block_size, n_centroids, n_iter, seed) -> N
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def product_quantize(
     matrix: Tensor,
     hessian: Tensor | None = None,

@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     PreparedHessian,
     check_problem,
@@ -310,6 +311,7 @@ def _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def obs_prune(
     matrix: Tensor,
     hessian: Tensor,

@@ -8,11 +8,14 @@ row the lower objective.
 
 from __future__ import annotations
 
+from collections.abc import Sequence
+
 import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int
 from obc_lightning.grids import fit_grid
+from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
@@ -20,14 +23,15 @@ from obc_lightning.solvers.common import (
     layer_objective,
     prepare_hessian,
 )
-from obc_lightning.solvers.gptq import gptq_codes
-from obc_lightning.solvers.obc import solve_obc_rows
-from obc_lightning.solvers.polish import polish_codes
+from obc_lightning.solvers.gptq import _bounds, gptq_codes_layers
+from obc_lightning.solvers.obc import solve_obc_layers
+from obc_lightning.solvers.polish import polish_codes_layers
 
 SOLVERS = ("auto", "obc", "gptq")
 
 
 @torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
 def quantize_weight(
     matrix: Tensor,
     hessian: Tensor,
@@ -72,67 +76,139 @@ def quantize_weight(
         (computed in float64 for float64 input, else float32); ``solver_rows`` counts the rows kept from
         each solver, e.g. ``{"obc": 10, "gptq": 54}``.
     """
-    check_problem("quantize_weight", matrix, hessian, n_bits, group_size)
+    return quantize_weights(
+        [(matrix, hessian)], n_bits, solver=solver, polish=polish, group_size=group_size, symmetric=symmetric,
+        mse=mse, damp=damp, act_order=act_order, max_passes=max_passes, batch_size=batch_size,
+        block_size=block_size, max_memory=max_memory, scale_dtype=scale_dtype, _fn="quantize_weight",
+    )[0]
+
+
+@torch.no_grad()
+@fp32_matmul  # IEEE float32 products whatever torch.set_float32_matmul_precision says
+def quantize_weights(
+    problems: Sequence[tuple[Tensor, Tensor]],
+    n_bits: int = 4,
+    *,
+    solver: str = "auto",
+    polish: bool = True,
+    group_size: int | None = None,
+    symmetric: bool = False,
+    mse: bool = True,
+    damp: float = 0.01,
+    act_order: bool = True,
+    max_passes: int = 3,
+    batch_size: int | None = None,
+    block_size: int = 128,
+    max_memory: int | None = None,
+    scale_dtype: torch.dtype | None = None,
+    _fn: str = "quantize_weights",
+) -> list[QuantResult]:
+    """:func:`quantize_weight` of several (matrix, hessian) pairs with the same number of columns, solved
+    together: one column loop of each solver for all their rows (rows of different matrices in the same
+    row batches, kernel launches and flushes), each row with its own matrix's H. Every result equals
+    :func:`quantize_weight` on its pair alone (the rows are independent and take the same steps), so this
+    only saves per-step overhead: on a GPU, launches; many small layers of one width fill it together.
+
+    Per pair, as :func:`quantize_weight`: its own damping (escalated alone, with its warning), grid and
+    pruned weights. ``max_memory`` bounds the row batches of all pairs together.
+    """
+    fn = _fn  # the entry point named in errors and warnings
+    if not isinstance(problems, Sequence) or not problems:
+        raise ValueError(f"{fn}: problems must be a non-empty list of (matrix, hessian) pairs")
+    for pair in problems:
+        if not isinstance(pair, (tuple, list)) or len(pair) != 2:
+            raise ValueError(f"{fn}: problems must be (matrix, hessian) pairs, got {type(pair).__name__}")
+        check_problem(fn, pair[0], pair[1], n_bits, group_size)
     if solver not in SOLVERS:
-        raise ValueError(f"quantize_weight: solver must be one of {SOLVERS}, got {solver!r}")
+        raise ValueError(f"{fn}: solver must be one of {SOLVERS}, got {solver!r}")
     if not isinstance(polish, bool) or not isinstance(act_order, bool):
-        raise ValueError(f"quantize_weight: polish and act_order must be bools, got {polish!r}, {act_order!r}")
-    check_int("quantize_weight", "max_passes", max_passes, 1)
-    check_int("quantize_weight", "block_size", block_size, 1)
-    check_int("quantize_weight", "batch_size", batch_size, 1, optional=True)
-    dt = compute_dtype(matrix)
-    W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
-    H0 = hessian.detach().to(dt)  # the caller's undamped H
-    prep = prepare_hessian(H0, damp, fn="quantize_weight", matrix_shape=tuple(matrix.shape))
-    W = W0.clone()
-    W[:, prep.dead] = 0
-    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
-    s, z = grid.per_column()
-    # weights that are exactly 0 on live inputs are pruned: every solver keeps them at 0
-    frozen = (W == 0) & ~prep.dead.unsqueeze(0)
+        raise ValueError(f"{fn}: polish and act_order must be bools, got {polish!r}, {act_order!r}")
+    check_int(fn, "max_passes", max_passes, 1)
+    check_int(fn, "block_size", block_size, 1)
+    check_int(fn, "batch_size", batch_size, 1, optional=True)
+    m0 = problems[0][0]
+    for m, _ in problems[1:]:
+        if m.shape[1] != m0.shape[1] or compute_dtype(m) != compute_dtype(m0) or m.device != m0.device:
+            raise ValueError(
+                f"{fn}: every matrix must have the same number of columns, compute dtype and device; got "
+                f"{tuple(m0.shape)} {m0.dtype} on {m0.device} and {tuple(m.shape)} {m.dtype} on {m.device}"
+            )
+    dt = compute_dtype(m0)
+    W0s, H0s, preps, grids, Ws, frozens = [], [], [], [], [], []
+    for matrix, hessian in problems:
+        W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
+        H0 = hessian.detach().to(dt)  # the caller's undamped H
+        prep = prepare_hessian(H0, damp, fn=fn, matrix_shape=tuple(matrix.shape))
+        W = W0.clone()
+        W[:, prep.dead] = 0
+        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
+        # weights that are exactly 0 on live inputs are pruned: every solver keeps them at 0
+        frozens.append((W == 0) & ~prep.dead.unsqueeze(0))
+        W0s.append(W0), H0s.append(H0), preps.append(prep), grids.append(grid), Ws.append(W)
+    counts = [w.shape[0] for w in Ws]
+    L = len(Ws)
+    cat = (lambda xs: torch.cat(xs)) if L > 1 else (lambda xs: xs[0])
+    W = cat(Ws)
+    per_col = [g.per_column() for g in grids]
+    s, z = cat([x[0] for x in per_col]), cat([x[1] for x in per_col])
+    frozen = cat(frozens)
     frozen = frozen if bool(frozen.any()) else None
+    maxq = grids[0].maxq
 
     names = ["obc", "gptq"] if solver == "auto" else [solver]
     solutions = []
     for name in names:
         if name == "obc":
-            codes, _ = solve_obc_rows(W, prep, grid, batch_size=batch_size, max_memory=max_memory)
+            codes, _ = solve_obc_layers(W, counts, preps, s, z, maxq, batch_size=batch_size, max_memory=max_memory)
         else:
-            codes = gptq_codes(
-                W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size, frozen=frozen
+            codes = gptq_codes_layers(
+                W, torch.stack([p.hessian for p in preps]), counts, s, z, maxq, act_order=act_order,
+                block_size=block_size, frozen=frozen,
             )
         solutions.append(codes)
+    n = len(solutions)
+    bounds = _bounds(counts)
     if polish:
-        # one coordinate-descent run over all solutions stacked by rows: the rows are independent, and
-        # the per-column loop (the cost on small layers) runs once instead of once per solver
-        n = len(solutions)
-        stacked, _, _ = polish_codes(
-            W0.repeat(n, 1), H0, torch.cat(solutions), s.repeat(n, 1), z.repeat(n, 1), grid.maxq,
-            max_passes=max_passes, block_size=block_size, frozen=None if frozen is None else frozen.repeat(n, 1),
-        )
-        solutions = list(stacked.chunk(n))
-    best_codes, best_loss, winner = None, None, None
-    for i, codes in enumerate(solutions):
-        loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
-        if best_codes is None:
-            best_codes, best_loss = codes, loss
-            winner = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
-        else:
-            better = loss < best_loss  # ties stay with the earlier solver
-            best_codes = torch.where(better.unsqueeze(1), codes, best_codes)
-            best_loss = torch.where(better, loss, best_loss)
-            winner = torch.where(better, torch.full_like(winner, i), winner)
+        # one coordinate-descent run over all solutions stacked by rows (per layer: its rows under each
+        # solver in turn): the rows are independent, and the per-column loop (the cost on small layers)
+        # runs once instead of once per solver and layer
+        def stack(xs: list[Tensor]) -> Tensor:
+            return torch.cat([x[a:b] for a, b in bounds for x in xs])
 
-    counts = torch.bincount(winner, minlength=len(names)).tolist()
-    Q = grid.dequantize(best_codes)
-    out = matrix.dtype
-    return QuantResult(
-        quantized_matrix=Q.to(out),
-        scales=grid.scales.to(out),
-        rounded_zeros=grid.zeros.to(out),
-        codes=best_codes.to(torch.int32),
-        loss=best_loss,
-        grid=grid,
-        damp=prep.damp,
-        solver_rows=dict(zip(names, counts)),
-    )
+        stacked, _, _ = polish_codes_layers(
+            stack([W0s[0] if L == 1 else torch.cat(W0s)] * n), torch.stack(H0s), [c * n for c in counts],
+            stack(solutions), stack([s] * n), stack([z] * n), maxq, max_passes=max_passes, block_size=block_size,
+            frozen=None if frozen is None else stack([frozen] * n),
+        )
+        # back to one (R, d) tensor per solver
+        solutions = [torch.cat([stacked[n * a + i * (b - a) : n * a + (i + 1) * (b - a)] for a, b in bounds])
+                     for i in range(n)]
+    out = []
+    for li, (a, b) in enumerate(bounds):
+        W0, H0, grid = W0s[li], H0s[li], grids[li]
+        best_codes, best_loss, winner = None, None, None
+        for i, codes in enumerate(solutions):
+            codes = codes[a:b]
+            loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
+            if best_codes is None:
+                best_codes, best_loss = codes, loss
+                winner = torch.zeros(W0.shape[0], dtype=torch.long, device=W0.device)
+            else:
+                better = loss < best_loss  # ties stay with the earlier solver
+                best_codes = torch.where(better.unsqueeze(1), codes, best_codes)
+                best_loss = torch.where(better, loss, best_loss)
+                winner = torch.where(better, torch.full_like(winner, i), winner)
+        counts_won = torch.bincount(winner, minlength=len(names)).tolist()
+        Q = grid.dequantize(best_codes)
+        dtype = problems[li][0].dtype
+        out.append(QuantResult(
+            quantized_matrix=Q.to(dtype),
+            scales=grid.scales.to(dtype),
+            rounded_zeros=grid.zeros.to(dtype),
+            codes=best_codes.to(torch.int32),
+            loss=best_loss,
+            grid=grid,
+            damp=preps[li].damp,
+            solver_rows=dict(zip(names, counts_won)),
+        ))
+    return out

@@ -1,0 +1,120 @@
+"""Layers of one width solved together (quantize_weights) give each layer exactly what it gets alone."""
+
+import warnings
+
+import pytest
+import torch
+
+import obc_lightning.solvers.obc as obc
+from obc_lightning.kernels import ENV
+from obc_lightning.solvers.common import prepare_hessian
+from obc_lightning.solvers.obc import _row_bytes, solve_obc_layers, solve_obc_rows
+from obc_lightning.solvers.quantize import quantize_weight, quantize_weights
+
+
+def layers(dtype, d=24, rows=(5, 9, 3, 12), seed=0):
+    """(W, H) pairs of one width: layer 1 has a dead input, layer 2 pruned (exactly 0) weights."""
+    g = torch.Generator().manual_seed(seed)
+    out = []
+    for i, r in enumerate(rows):
+        mix = torch.eye(d, dtype=torch.float64) + 0.3 * torch.randn(d, d, generator=g, dtype=torch.float64)
+        X = torch.randn(4 * d, d, generator=g, dtype=torch.float64) @ mix
+        if i == 1:
+            X[:, 3] = 0
+        W = torch.randn(r, d, generator=g, dtype=torch.float64)
+        if i == 2:
+            W[W.abs() < 0.5] = 0
+        out.append((W.to(dtype), (2 * X.T @ X / X.shape[0]).to(dtype)))
+    return out
+
+
+def assert_same(one, many):
+    assert len(one) == len(many)
+    for a, b in zip(one, many):
+        assert torch.equal(a.codes, b.codes)
+        assert torch.equal(a.loss, b.loss)
+        assert torch.equal(a.quantized_matrix, b.quantized_matrix)
+        assert torch.equal(a.scales, b.scales) and torch.equal(a.rounded_zeros, b.rounded_zeros)
+        assert a.solver_rows == b.solver_rows and a.damp == b.damp
+
+
+@pytest.mark.parametrize("dtype", [torch.float64, torch.float32])
+@pytest.mark.parametrize("solver", ["obc", "gptq", "auto"])
+@pytest.mark.parametrize("opts", [{}, dict(group_size=8, symmetric=True)])
+def test_batched_layers_equal_one_layer_at_a_time(dtype, solver, opts, monkeypatch):
+    monkeypatch.setenv(ENV, "torch")
+    pairs = layers(dtype)
+    one = [quantize_weight(W, H, 3, solver=solver, **opts) for W, H in pairs]
+    assert_same(one, quantize_weights(pairs, 3, solver=solver, **opts))
+    if solver == "auto":  # both solvers won rows somewhere: the per-row choice is exercised
+        assert sum(r.solver_rows["obc"] for r in one) and sum(r.solver_rows["gptq"] for r in one)
+
+
+def test_row_batches_span_layers_with_the_same_result(monkeypatch):
+    monkeypatch.setenv(ENV, "torch")
+    pairs = layers(torch.float32)
+    one = [quantize_weight(W, H, 4, solver="obc") for W, H in pairs]
+    sizes = []
+    real = obc._greedy
+
+    def spy(method, w, src, row_src, *args):
+        sizes.append((w.shape[0], src.shape[0]))
+        return real(method, w, src, row_src, *args)
+
+    monkeypatch.setattr(obc, "_greedy", spy)
+    # the 4 stacked inverses come out of the budget, then 7 rows per batch (zero-aware: own inverses)
+    budget = 4 * 24 * 24 * 4 + 7 * _row_bytes(24, torch.float32, "fast", masked=True)
+    many = quantize_weights(pairs, 4, solver="obc", max_memory=budget)
+    assert [n for n, _ in sizes] == [7, 7, 7, 7, 1]  # 29 rows of 4 layers
+    # a batch without pruned rows reads the stacked inverses; one with them, its layers' plus its own
+    assert sizes[0][1] == 4 and sizes[1][1] > 2
+    assert_same(one, many)
+
+
+def test_fused_kernels_batched_equal_one_layer_at_a_time(monkeypatch):
+    monkeypatch.setenv(ENV, "triton")  # interpreted on CPU tensors
+    pairs = layers(torch.float64, d=16, rows=(3, 5, 2))
+    one = [quantize_weight(W, H, 3) for W, H in pairs]
+    assert_same(one, quantize_weights(pairs, 3))
+    monkeypatch.setenv(ENV, "torch")  # and the same codes as the torch path (float64)
+    for a, b in zip(one, [quantize_weight(W, H, 3) for W, H in pairs]):
+        assert torch.equal(a.codes, b.codes)
+
+
+def test_float64_fallback_per_layer(monkeypatch):
+    # cond(H) ~ 1e6 at damp=0: some float32 rows break down and are solved again in float64, each layer's
+    # with its own inverse, and each layer warns as when solved alone
+    monkeypatch.setenv(ENV, "torch")
+    g = torch.Generator().manual_seed(0)
+    d = 576
+    W = torch.randn(32, d, generator=g)
+    X = torch.randn(2000, d, generator=g) @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g))
+    H = 2 * X.T @ X / X.shape[0]
+    # two layers of 3 rows, the second with H scaled (its own inverse) and a row with pruned weights
+    Ws = [W[:3], W[3:6].clone()]
+    Ws[1][0, ::3] = 0
+    preps = [prepare_hessian(h, 0.0, fn="test", matrix_shape=(3, d)) for h in (H, 2 * H)]
+    from obc_lightning.grids import fit_grid
+
+    grids = [fit_grid(W, 4) for W in Ws]
+    with warnings.catch_warnings(record=True) as alone:
+        warnings.simplefilter("always")
+        one = [solve_obc_rows(W, p, gr, block_size=64) for W, p, gr in zip(Ws, preps, grids)]
+    s = torch.cat([gr.per_column()[0] for gr in grids])
+    z = torch.cat([gr.per_column()[1] for gr in grids])
+    with warnings.catch_warnings(record=True) as together:
+        warnings.simplefilter("always")
+        codes, loss = solve_obc_layers(torch.cat(Ws), [3, 3], preps, s, z, 15, block_size=64)
+    assert len(alone) == 2 and sorted(str(w.message) for w in alone) == sorted(str(w.message) for w in together)
+    assert torch.equal(codes, torch.cat([c for c, _ in one])) and torch.equal(loss, torch.cat([lo for _, lo in one]))
+    assert torch.isfinite(loss).all()
+
+
+def test_quantize_weights_refuses_mixed_widths():
+    [(W1, H1)], [(W2, H2)] = layers(torch.float64, d=8, rows=(2,)), layers(torch.float64, d=12, rows=(2,))
+    with pytest.raises(ValueError, match="quantize_weights: every matrix must have the same number of columns"):
+        quantize_weights([(W1, H1), (W2, H2)])
+    with pytest.raises(ValueError, match="quantize_weights: problems must be a non-empty list"):
+        quantize_weights([])
+    with pytest.raises(ValueError, match=r"quantize_weights: hessian must be \(cols x cols\)"):
+        quantize_weights([(W1, H2)])
