@@ -418,15 +418,20 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wm = W.reshape(W.shape[0], -1).to(dt)
     H = lh.hessians[0].to(device=W.device, dtype=dt)
-    res = product_quantize(
-        Wm,
-        H if method == "pq" else None,
-        block_size=block_size,
-        n_centroids=n_centroids,
-        seed=seed,
-        damp=damp,
-        codebook_dtype=scale_dtype,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = product_quantize(
+            Wm,
+            H if method == "pq" else None,
+            block_size=block_size,
+            n_centroids=n_centroids,
+            seed=seed,
+            damp=damp,
+            codebook_dtype=scale_dtype,
+        )
+    for w in caught:  # the solver's warnings, said of this module and in compress_model's argument names
+        text = str(w.message).replace("product_quantize: ", "").replace("codebook_dtype=", "scale_dtype=")
+        warnings.warn(f"compress_model: module '{name}': {text}", w.category, stacklevel=4)
     Q = res.quantized_matrix
     loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
     signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())

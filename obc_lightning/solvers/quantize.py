@@ -12,13 +12,17 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int
-from obc_lightning.grids import fit_grid
+from obc_lightning.grids import fit_grid, round_scales
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
     compute_dtype,
-    layer_objective,
+    loss_in,
+    objective,
     prepare_hessian,
+    row_factors,
+    scaled_grid,
+    symmetric_hessian,
 )
 from obc_lightning.solvers.gptq import gptq_codes
 from obc_lightning.solvers.obc import solve_obc_rows
@@ -69,8 +73,10 @@ def quantize_weight(
     Returns:
         :class:`QuantResult`; ``loss`` is always the true objective per row,
         ``layer_objective(matrix, quantized_matrix, hessian)`` with the caller's undamped ``hessian``
-        (computed in float64 for float64 input, else float32); ``solver_rows`` counts the rows kept from
-        each solver, e.g. ``{"obc": 10, "gptq": 54}``.
+        (evaluated in float64, returned in float64 for float64 input, else float32; rows are compared
+        on the float64 values); ``solver_rows`` counts the rows kept from each solver, e.g.
+        ``{"obc": 10, "gptq": 54}``. Symmetry of ``hessian`` and rows of extreme magnitude: as in
+        :func:`~obc_lightning.solvers.obc.exact_obc`.
     """
     check_problem("quantize_weight", matrix, hessian, n_bits, group_size)
     if solver not in SOLVERS:
@@ -82,11 +88,18 @@ def quantize_weight(
     check_int("quantize_weight", "batch_size", batch_size, 1, optional=True)
     dt = compute_dtype(matrix)
     W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
-    H0 = hessian.detach().to(dt)  # the caller's undamped H
+    H0 = symmetric_hessian("quantize_weight", hessian, dt)  # the caller's undamped H
     prep = prepare_hessian(H0, damp, fn="quantize_weight", matrix_shape=tuple(matrix.shape))
     W = W0.clone()
     W[:, prep.dead] = 0
-    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
+    factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+    if factors is None:
+        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
+    else:
+        W, W0 = W / factors, W0 / factors
+        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+        if scale_dtype is not None:  # the stored scales are those of the unscaled rows
+            grid.scales = round_scales(grid.scales * factors, scale_dtype) / factors
     s, z = grid.per_column()
     # weights that are exactly 0 on live inputs are pruned: every solver keeps them at 0
     frozen = (W == 0) & ~prep.dead.unsqueeze(0)
@@ -111,9 +124,11 @@ def quantize_weight(
             max_passes=max_passes, block_size=block_size, frozen=None if frozen is None else frozen.repeat(n, 1),
         )
         solutions = list(stacked.chunk(n))
+    out = matrix.dtype
+    grid = scaled_grid(grid, factors)
     best_codes, best_loss, winner = None, None, None
     for i, codes in enumerate(solutions):
-        loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
+        loss = objective("quantize_weight", matrix, grid.dequantize(codes).to(out), H0, torch.float64)
         if best_codes is None:
             best_codes, best_loss = codes, loss
             winner = torch.zeros(W.shape[0], dtype=torch.long, device=W.device)
@@ -124,14 +139,13 @@ def quantize_weight(
             winner = torch.where(better, torch.full_like(winner, i), winner)
 
     counts = torch.bincount(winner, minlength=len(names)).tolist()
-    Q = grid.dequantize(best_codes)
-    out = matrix.dtype
+    Q = grid.dequantize(best_codes).to(out)
     return QuantResult(
-        quantized_matrix=Q.to(out),
+        quantized_matrix=Q,
         scales=grid.scales.to(out),
         rounded_zeros=grid.zeros.to(out),
         codes=best_codes.to(torch.int32),
-        loss=best_loss,
+        loss=loss_in("quantize_weight", best_loss, dt),
         grid=grid,
         damp=prep.damp,
         solver_rows=dict(zip(names, counts)),
