@@ -22,7 +22,8 @@ class QuantResult:
 
     ``quantized_matrix == scales * (codes - rounded_zeros)`` entry by entry, with ``scales`` and
     ``rounded_zeros`` of shape (rows, n_groups) expanded over each group of columns (n_groups == 1 for a
-    per-channel grid). ``loss`` is per row (see the solver for its exact meaning).
+    per-channel grid). ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the caller's matrix and undamped
+    Hessian, evaluated in float64 (:func:`objective`), the same in every solver.
     """
 
     quantized_matrix: Tensor

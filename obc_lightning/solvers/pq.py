@@ -61,8 +61,8 @@ class EmptyClusterError(ValueError):
 class PQResult:
     """A product-quantized matrix: ``quantized_matrix[r, j*b:(j+1)*b] == codebook[codes[r, j]]``.
 
-    ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the given Hessian (its sum is
-    1/2 trace((Q - W) H (Q - W)^T)), or 1/2 ||q - w||^2 without one.
+    ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the given (undamped) Hessian (its sum is
+    1/2 trace((Q - W) H (Q - W)^T)), or 1/2 ||q - w||^2 without one; evaluated in float64.
     """
 
     quantized_matrix: Tensor
