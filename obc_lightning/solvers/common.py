@@ -62,10 +62,11 @@ def check_problem(fn: str, matrix: Tensor, hessian: Tensor, n_bits: int, group_s
         raise ValueError(f"{fn}: hessian of shape {tuple(hessian.shape)} contains NaN or Inf")
 
 
-# A Hessian 2/N X^T X is symmetric; two summation orders of the same products differ by at most
-# ~ n * eps * max|H| (n terms), and in practice by ~ sqrt(n) * eps * max|H| (float32: below 1e-4 for a
-# million samples). Asymmetry beyond this fraction of max|H| (at least 4 eps of the given dtype, for
-# float16 / bfloat16 Hessians) is not rounding: the matrix is something else (X^T Y, a transposed factor).
+# A Hessian 2/N X^T X is symmetric; two summation orders of the same n products differ by at most
+# ~ n * eps * max|H|, typically ~ sqrt(n) * eps * max|H| (tests/test_numbers.py: float32 sums over 64
+# batches in opposite orders differ by < 1e-5 max|H|). Asymmetry beyond this fraction of max|H| (at least
+# 4 eps of the given dtype, for float16 / bfloat16 Hessians) is not rounding: the matrix is something else
+# (X^T Y, a transposed factor).
 HESSIAN_SYMMETRY_TOL = 1e-3
 
 
