@@ -37,7 +37,7 @@ from torch import Tensor
 
 from obc_lightning import trainer_glue as glue
 from obc_lightning.attention import split_attention_projections
-from obc_lightning.compress import check_against_model, config_of
+from obc_lightning.compress import check_against_model, config_of, tied_weights
 from obc_lightning.config import DEFAULT_BITS, CompressionConfig
 from obc_lightning.finetune import FinetuneSession
 from obc_lightning.pipeline import (
@@ -501,6 +501,13 @@ class OBCQuantize(Callback):
                 f"{who}: finetune={ft.mode!r} parametrizes the weights of the module itself; it runs under "
                 f"single-device and DDP strategies, not {type(trainer.strategy).__name__} (which shards or flattens "
                 "them)"
+            )
+        tied = tied_weights(trainer.lightning_module, targets)
+        if tied:
+            name, users = next(iter(tied.items()))
+            raise ValueError(
+                f"{who}: finetune={ft.mode!r} parametrizes each module's weight, and the weight of '{name}' is shared "
+                f"by {users}: fine-tuning would untie them; exclude all but one, or set finetune=None"
             )
         if ft.mode == "ternary" and not ternary_targets(self.config, targets):
             raise ValueError(

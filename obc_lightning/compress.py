@@ -23,6 +23,7 @@ from obc_lightning.calibration import (
     LayerHessian,
     call_model,
     collect_hessians,
+    hessian_shape,
     input_hooks,
 )
 from obc_lightning.checks import check_flags
@@ -286,15 +287,20 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wm = W.reshape(W.shape[0], -1).to(dt)
     H = lh.hessians[0].to(device=W.device, dtype=dt)
-    res = product_quantize(
-        Wm,
-        H if method == "pq" else None,
-        block_size=block_size,
-        n_centroids=n_centroids,
-        seed=seed,
-        damp=damp,
-        codebook_dtype=scale_dtype,
-    )
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = product_quantize(
+            Wm,
+            H if method == "pq" else None,
+            block_size=block_size,
+            n_centroids=n_centroids,
+            seed=seed,
+            damp=damp,
+            codebook_dtype=scale_dtype,
+        )
+    for w in caught:  # the solver's warnings, said of this module and in compress_model's argument names
+        text = str(w.message).replace("product_quantize: ", "").replace("codebook_dtype=", "scale_dtype=")
+        warnings.warn(f"compress_model: module '{name}': {text}", w.category, stacklevel=4)
     Q = res.quantized_matrix
     loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
     signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
@@ -321,6 +327,52 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
         weight_bits=weight_bits,
     )
     return Q.reshape(W.shape), rep, res
+
+
+def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
+    """{target: every name of the modules that use its weight Parameter, in model order} for the targets
+    whose weight has more than one name: other modules that share the Parameter (a tied weight), and
+    further names of the module itself (one module registered twice)."""
+    names: dict[int, list[str]] = {}  # id(weight) -> every module name using it
+    for n, m in model.named_modules(remove_duplicate=False):
+        w = getattr(m, "weight", None)
+        if isinstance(w, Tensor):
+            names.setdefault(id(w), []).append(n)
+    return {name: names[id(m.weight)] for name, m in targets.items() if len(names.get(id(m.weight), ())) > 1}
+
+
+def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mapping[str, list[str]], block_size,
+                n_centroids, pq: bool) -> None:
+    """A weight shared by several targets is solved once on the sum of their Hessians: they must split
+    it the same way (conv groups, PQ layout). Checked before the model is touched."""
+    for name, users in tied.items():
+        for other in users:
+            if other not in targets or other == name:
+                continue
+            if hessian_shape(targets[other]) != hessian_shape(targets[name]):
+                raise ValueError(
+                    f"compress_model: modules '{name}' and '{other}' share one weight but use it differently "
+                    f"({type(targets[name]).__name__} with groups={getattr(targets[name], 'groups', 1)}, "
+                    f"{type(targets[other]).__name__} with groups={getattr(targets[other], 'groups', 1)}); "
+                    "exclude one of them"
+                )
+            if pq and any(per_module(v, name, k) != per_module(v, other, k)
+                          for k, v in (("block_size", block_size), ("n_centroids", n_centroids))):
+                raise ValueError(
+                    f"compress_model: modules '{name}' and '{other}' share one weight: give them the same "
+                    "block_size and n_centroids"
+                )
+
+
+def _objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
+    """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64."""
+    loss = signal = 0.0
+    for i, (Wb, Qb) in enumerate(zip(lh.weight_blocks(W), lh.weight_blocks(Q))):
+        H = lh.hessians[i].to(device=W.device, dtype=torch.float64)
+        Wb = Wb.to(torch.float64)
+        loss += float(layer_objective(Wb, Qb.to(torch.float64), H).sum())
+        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+    return loss, signal
 
 
 _UNSET = object()
@@ -387,9 +439,18 @@ def compress_model(
         ``nn.MultiheadAttention`` (bare Parameters, not modules: :func:`attention_projections`), which
         count at fp32 in the sizes.
 
+        Tied weights: a weight Parameter shared by several target modules is quantized once, on the sum
+        of their Hessians (the objective of a shared weight is the sum of its users' objectives), when
+        the last user's Hessian is in (``sequential=True``: modules calibrated in between see it in full
+        precision); each user has its own entry (its own share of the objective, ``tied`` naming the
+        others), the weight counts once in the sizes. A module registered under several names has one
+        entry, found under each name. Users of a quantized shared weight that are not targets (a tied
+        ``nn.Embedding``) are named in a warning.
+
     Raises:
         ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything
-        fails after weights were written, every written weight is restored before the error propagates.
+        fails after weights were written, every written weight is restored before the error propagates
+        (a shared weight to its original value, once).
     """
     if bits is not _UNSET:
         options = {"bits": bits, **options}
@@ -423,7 +484,13 @@ def compress_model(
             )
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
-    backups: dict[str, Tensor] = {}
+    tied = tied_weights(model, targets)
+    _check_tied(model, targets, tied, block_size, n_centroids, pq)
+    # a shared weight is solved once, when the Hessians of all its target users are in: its objective is
+    # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
+    waiting: dict[str, LayerHessian] = {}
+    backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
+    uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
     kw = dict(
         forward_fn=forward_fn,
         offload=offload,
@@ -434,7 +501,22 @@ def compress_model(
         product_dtype=product_dtype,
     )
 
-    def solve(name: str, lh: LayerHessian) -> None:
+    def solve(name: str, lh: LayerHessian, force: bool = False) -> None:
+        users = [u for u in tied.get(name, [name]) if u in targets]  # target users of this weight
+        if len(users) > 1:
+            waiting[name] = lh
+            if not force and any(u not in waiting and u not in skipped for u in users):
+                return  # solved when the last user's Hessian comes in (or the others are skipped)
+            lhs = {u: waiting.pop(u) for u in users if u in waiting}
+            name = next(iter(lhs))
+            lh = LayerHessian(
+                name,
+                sum(h.hessians.to(lhs[name].hessians.device) for h in lhs.values()),
+                sum(h.n_samples for h in lhs.values()),
+                sum(h.n_calls for h in lhs.values()),
+            )
+        else:
+            lhs = {name: lh}
         m = targets[name]
         if pq:
             b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
@@ -447,14 +529,37 @@ def compress_model(
             )
             rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
                 SCALE_BYTES + ZERO_BYTES) * n_scales
-        backups[name] = m.weight.detach().to("cpu", copy=True)
-        m.weight.copy_(Q.to(m.weight.dtype))
-        report.modules.append(rep)
-        report.quantized_weights += m.weight.numel()
+        reps = [rep]
+        aliases: list[str] = []
+        if name in tied:  # the weight under each of its names, each target user with its own objective
+            W, reps = m.weight.detach(), []
+            for u in tied[name]:
+                mod = model.get_submodule(u)
+                if u in lhs:
+                    loss, signal = _objective(W, Q.reshape(W.shape), lhs[u])
+                    reps.append(replace(
+                        rep, name=u, kind=type(mod).__name__, n_samples=lhs[u].n_samples, loss=loss,
+                        rel_error=_relative_error(loss, signal), seconds=rep.seconds if u == name else 0.0,
+                        bytes_before=_size(mod), bytes_after=_size(mod) - _size(m) + rep.bytes_after,
+                    ))
+                elif mod is m:  # the same module under another name: one entry (one Hessian), both names
+                    aliases.append(u)
+                else:  # a user whose use of the weight no Hessian measured: not a target, or not called
+                    uncounted.append(f"'{u}' ({type(mod).__name__}, sharing the weight of '{name}')")
+                    skipped.pop(u, None)  # its weight is quantized: it is not left in full precision
+            for r in reps:
+                r.tied = tuple(x.name for x in reps if x is not r) + tuple(aliases)
+        weight = m.weight
+        if id(weight) not in backups:
+            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+        weight.copy_(Q.to(weight.dtype))
+        report.modules.extend(reps)
+        report.quantized_weights += weight.numel()
         report.pruned_weights += n_pruned
         report.quantized_weight_bits += rep.weight_bits
-        if keep_results:
-            report.results[name] = [_to_cpu(r) for r in results]
+        if keep_results:  # under every name the state_dict holds the weight under (export packs each)
+            for u in [r.name for r in reps] + aliases:
+                report.results[u] = [_to_cpu(x) for x in results]
 
     try:
         with torch.no_grad():
@@ -486,10 +591,13 @@ def compress_model(
                     for name in group:
                         if name in calib:
                             solve(name, calib.hessians.pop(name))
+            for name in list(waiting):  # users that never got a Hessian: solved with those that did
+                if name in waiting:
+                    solve(name, waiting.pop(name), force=True)
     except BaseException:
-        with torch.no_grad():
-            for name, w in backups.items():
-                targets[name].weight.copy_(w)
+        with torch.no_grad():  # one backup per Parameter: the original, however many modules share it
+            for weight, original in backups.values():
+                weight.copy_(original)
         raise
     finally:
         progress.close()
@@ -502,13 +610,26 @@ def compress_model(
         order += [p for p in projections if p.rpartition(".")[0] == n]
     report.skipped = {n: skipped[n] for n in order if n in skipped}
     done = {rep.name: rep for rep in report.modules}
+    counted: set[int] = set()  # a weight shared by several targets is stored once: counted once
     for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
-        report.bytes_before += done[name].bytes_before if name in done else _size(m)
-        report.bytes_after += done[name].bytes_after if name in done else _size(m)
+        before = done[name].bytes_before if name in done else _size(m)
+        after = done[name].bytes_after if name in done else _size(m)
+        if id(m.weight) in counted:
+            before = after = _size(m) - m.weight.numel() * FP32_BYTES  # its bias only
+        counted.add(id(m.weight))
+        report.bytes_before += before
+        report.bytes_after += after
     for _, size in projections.values():
         report.bytes_before += size
         report.bytes_after += size
     report.seconds = time.perf_counter() - t_start
+    if uncounted:
+        warnings.warn(
+            "compress_model: these modules use a quantized shared weight, but no Hessian measured their use of "
+            "it (not a target, or never called), so its objective leaves them out: " + ", ".join(uncounted),
+            CalibrationWarning,
+            stacklevel=2,
+        )
     if report.skipped:
         warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
     return report

@@ -29,13 +29,14 @@ File layout (safetensors; every key is the one the packed model's ``state_dict``
   ``m.weight_values`` (the non-zero weights, row-major);
 - every other entry of ``model.state_dict()`` (biases, unquantized weights, BatchNorm statistics) at
   its own dtype and full precision;
-- string metadata: ``format`` = "obc_lightning", ``format_version`` = "1", ``library_version``, and
-  ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme, scale_dtype, dtype}}`` for scalar
-  modules (plus ``n_m: [N, M]`` for N:M-sparse storage; absent: dense), ``{name: {kind, scheme: "pq",
-  bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for product-quantized ones, ``{name: {kind,
-  scheme: "sparse", shape, value_dtype, dtype, n_m: [N, M] | nnz}}`` for sparse ones, ``{name: {kind,
-  scheme: "mixed", shape, group_size, min_bits, max_bits, bit_counts, scale_dtype, dtype}}`` for DiffQ
-  ones (sizes and layouts of every scheme in :mod:`obc_lightning.packed`).
+- string metadata: ``format`` = "obc_lightning", ``format_version`` = "2", ``library_version``,
+  ``sha256`` (below), and ``modules``: JSON ``{name: {kind, bits, group_size, shape, scheme,
+  scale_dtype, dtype}}`` for scalar modules (plus ``n_m: [N, M]`` for N:M-sparse storage; absent:
+  dense), ``{name: {kind, scheme: "pq", bits, block_size, n_centroids, shape, scale_dtype, dtype}}`` for
+  product-quantized ones, ``{name: {kind, scheme: "sparse", shape, value_dtype, dtype, n_m: [N, M] |
+  nnz}}`` for sparse ones, ``{name: {kind, scheme: "mixed", shape, group_size, min_bits, max_bits,
+  bit_counts, scale_dtype, dtype}}`` for DiffQ ones (sizes and layouts of every scheme in
+  :mod:`obc_lightning.packed`).
 
 Size: sum over scalar modules of ceil(bits * numel / 8) + rows * n_groups * (scale bytes + 1) (N:M:
 ceil(bits * numel * N / M / 8) + ceil(ceil(log2 M) * numel * N / M / 8) + the same scales / zeros), over
@@ -55,6 +56,19 @@ module always round-trips bit-exactly. A sparse weight loads as its weight round
 file always gives the same bits, and ``QuantizedLinear`` / ``QuantizedConv2d`` compute exactly the
 weights that ``load_quantized`` writes into a dense model.
 
+Integrity: ``sha256`` is canonical JSON (sorted keys, no spaces) mapping every tensor's name to the
+SHA-256 of ``[dtype, shape]`` as canonical JSON (e.g. ``["F16",[8,1]]``) followed by its raw bytes
+(:func:`tensor_digest`), and ``"__metadata__"`` to the SHA-256 of the other metadata entries as canonical
+JSON (:func:`metadata_digest`). Every digest is verified on load before anything else is read from the
+file: a changed bit anywhere (a tensor, a shape, a name, the metadata, the checksums) is refused with a
+``ValueError`` naming the file and the tensor. Files of format_version "1" (no checksums; same layout
+otherwise) still load, with an :class:`UnverifiedFileWarning`. On load, and before any file is written,
+the packed tensors are checked: scales finite and > 0, codebooks and sparse values finite, DiffQ ranges
+finite with lo <= hi, codes within their ranges (:func:`obc_lightning.packed.check_packed_tensors`).
+
+Determinism: the same model and arguments give the same bytes (:func:`write_file`: canonical header,
+tensors in a fixed order, no timestamps).
+
 Safety: no pickle (safetensors only); every check on the file and on the model happens before the first
 weight is written, and each failure is a ``ValueError`` that names the file, the module or the tensor;
 writes go to a temporary file in the target directory, fsync-ed, then ``os.replace``-d into place.
@@ -73,16 +87,17 @@ yourself before ``model.load_state_dict``.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any
 
 import torch
 from safetensors import SafetensorError, safe_open
-from safetensors.torch import save_file
 from torch import Tensor, nn
 
 from obc_lightning.finetune import MixedResult
@@ -119,7 +134,13 @@ from obc_lightning.selection import matches
 from obc_lightning.solvers.pq import PQResult
 
 FILE_FORMAT = "obc_lightning"
-FORMAT_VERSION = "1"
+FORMAT_VERSION = "2"  # "1": the same layout without checksums (read, with a warning)
+CHECKSUM_KEY = "sha256"
+METADATA_DIGEST = "__metadata__"  # the checksums' entry for the metadata (safetensors reserves the name)
+
+
+class UnverifiedFileWarning(UserWarning):
+    """A file written before checksums (format_version "1") was loaded: its integrity cannot be verified."""
 
 
 # ------------------------------------------------------------------ from solver results to packed tensors
@@ -465,6 +486,125 @@ def _packed_entries(
     return entries
 
 
+# ------------------------------------------------------------------ bytes on disk
+# safetensors' names of the dtypes a state_dict may hold
+_ST_DTYPES = {
+    getattr(torch, name): code
+    for name, code in (
+        ("float64", "F64"), ("float32", "F32"), ("float16", "F16"), ("bfloat16", "BF16"), ("int64", "I64"),
+        ("int32", "I32"), ("int16", "I16"), ("int8", "I8"), ("uint8", "U8"), ("bool", "BOOL"),
+        ("uint16", "U16"), ("uint32", "U32"), ("uint64", "U64"), ("float8_e4m3fn", "F8_E4M3"),
+        ("float8_e5m2", "F8_E5M2"), ("complex64", "C64"),
+    )
+    if hasattr(torch, name)
+}
+
+
+def _raw(t: Tensor):
+    """The tensor's bytes as safetensors stores them (row-major, little-endian: torch's layout on every
+    little-endian machine), as a buffer."""
+    return t.detach().cpu().contiguous().reshape(-1).view(torch.uint8).numpy()
+
+
+def _st_dtype(key: str, t: Tensor) -> str:
+    if t.dtype not in _ST_DTYPES:
+        raise ValueError(f"save_quantized: tensor '{key}' has dtype {t.dtype}, which safetensors cannot store")
+    return _ST_DTYPES[t.dtype]
+
+
+def _canonical(obj) -> bytes:
+    """One JSON text per value: sorted keys, no spaces, ASCII."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":")).encode()
+
+
+def tensor_digest(key: str, t: Tensor) -> str:
+    """SHA-256 (hex) of ``[dtype, shape]`` as canonical JSON (e.g. ``["F16",[8,1]]``) followed by the
+    tensor's raw bytes: what a file's ``sha256`` metadata holds for each tensor."""
+    h = hashlib.sha256(_canonical([_st_dtype(key, t), list(t.shape)]))
+    h.update(_raw(t))
+    return h.hexdigest()
+
+
+def metadata_digest(metadata: Mapping[str, str]) -> str:
+    """SHA-256 (hex) of the canonical JSON of every metadata entry but the checksums themselves."""
+    return hashlib.sha256(_canonical({k: v for k, v in metadata.items() if k != CHECKSUM_KEY})).hexdigest()
+
+
+def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
+    """Write a safetensors file with a ``sha256`` metadata entry (checksums of every tensor and of the other
+    metadata), atomically (:func:`_atomic_write`).
+
+    Deterministic bytes: the header is canonical JSON (sorted keys, no spaces) padded with spaces to a
+    multiple of 8 bytes, as safetensors pads it; the tensors follow in decreasing element size, then by
+    name (each one aligned to its element size, as safetensors orders them); nothing depends on time
+    or on the process. The same tensors and metadata always give the same file.
+    """
+    meta = {k: v for k, v in metadata.items() if k != CHECKSUM_KEY}
+    sums = {key: tensor_digest(key, t) for key, t in tensors.items()}
+    sums[METADATA_DIGEST] = metadata_digest(meta)
+    meta[CHECKSUM_KEY] = _canonical(sums).decode()
+    order = sorted(tensors, key=lambda k: (-tensors[k].element_size(), k))
+    header: dict[str, Any] = {"__metadata__": meta}
+    offset = 0
+    for key in order:
+        t = tensors[key]
+        n = t.numel() * t.element_size()
+        header[key] = {"dtype": _st_dtype(key, t), "shape": list(t.shape), "data_offsets": [offset, offset + n]}
+        offset += n
+    head = _canonical(header)
+    head += b" " * (-len(head) % 8)
+
+    def write(tmp: str) -> None:
+        with open(tmp, "wb") as f:
+            _write_safetensors(f, head, [tensors[key] for key in order])
+
+    _atomic_write(path, write)
+
+
+def _write_safetensors(f, header: bytes, tensors: list[Tensor]) -> None:
+    """The file's bytes: the header's length (u64, little-endian), the header, the tensors' bytes."""
+    f.write(len(header).to_bytes(8, "little"))
+    f.write(header)
+    for t in tensors:
+        f.write(_raw(t).data)
+
+
+def _verify(path: str, meta: Mapping[str, str], tensors: Mapping[str, Tensor]) -> None:
+    """Every tensor and the metadata against the file's checksums; ValueError naming the first mismatch."""
+    try:
+        sums = json.loads(meta[CHECKSUM_KEY])
+    except (KeyError, json.JSONDecodeError):
+        raise ValueError(
+            f"{path}: format_version {FORMAT_VERSION} files hold a valid '{CHECKSUM_KEY}' metadata entry, this one "
+            "does not (the file is corrupted or was modified after saving)"
+        ) from None
+    if not isinstance(sums, dict) or not all(isinstance(v, str) for v in sums.values()):
+        raise ValueError(f"{path}: metadata '{CHECKSUM_KEY}' must map names to hex digests")
+    unlisted = sorted(set(tensors) - set(sums))
+    absent = sorted(set(sums) - set(tensors) - {METADATA_DIGEST})
+    if unlisted or absent or METADATA_DIGEST not in sums:
+        raise ValueError(
+            f"{path}: the file's tensors do not match its checksums (corrupted or modified after saving): "
+            + "; ".join(
+                f"{what} {keys[:10]}"
+                for what, keys in (
+                    ("tensors without a checksum:", unlisted),
+                    ("checksums of tensors the file lacks:", absent),
+                    ("no checksum of the metadata", [] if METADATA_DIGEST in sums else [""]),
+                )
+                if keys
+            )
+        )
+    if metadata_digest(meta) != sums[METADATA_DIGEST]:
+        raise ValueError(f"{path}: the metadata does not match its checksum (corrupted or modified after saving)")
+    for key in sorted(tensors):
+        if tensor_digest(key, tensors[key]) != sums[key]:
+            raise ValueError(
+                f"{path}: tensor '{key}' does not match its checksum (the file is corrupted or was modified "
+                "after saving)"
+            )
+
+
 # ------------------------------------------------------------------ writing
 def _atomic_write(path: str, write: Callable[[str], None]) -> None:
     """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
@@ -539,8 +679,12 @@ def save_quantized(
             are the weights rounded to float16), bfloat16, float32 (bit-exact round trip of an fp32, fp16
             or bf16 model), float64. Packed modules keep theirs.
 
+    The file holds a SHA-256 of every tensor and of the metadata (module docstring); the same model and
+    arguments always give the same bytes.
+
     Returns the size of the file in bytes. Raises ``ValueError`` (and writes nothing) if a result does
-    not fit its module, the module's weight is not on the result's grid (not ``codebook[codes]``), a
+    not fit its module, a packed tensor would be refused on load (e.g. a scale not finite and > 0),
+    the module's weight is not on the result's grid (not ``codebook[codes]``), a
     sparse weight is not finite in ``value_dtype``, or, with ``n_m``, a module's weight is not N:M sparse
     (naming the module and its worst group).
     """
@@ -550,6 +694,9 @@ def save_quantized(
             "save_quantized: nothing to export: pass the report of compress_model(..., keep_results=True), "
             "name the pruned float modules with sparse=..., or pack the model with pack_model first"
         )
+    for name, (config, packed, _) in entries.items():  # what load_quantized checks: no file it would refuse
+        where = f"save_quantized: module '{name}'"
+        check_packed_tensors(check_config(config, where), {k: t.detach().cpu() for k, t in packed.items()}, where)
     sd = model.state_dict()
     skip = set()
     tensors: dict[str, Tensor] = {}
@@ -590,7 +737,7 @@ def save_quantized(
         "modules": json.dumps({name: e[0] for name, e in entries.items()}, sort_keys=True),
     }
     path = os.fspath(path)
-    _atomic_write(path, lambda tmp: save_file(tensors, tmp, metadata=metadata))
+    write_file(path, tensors, metadata)
     return os.path.getsize(path)
 
 
@@ -621,10 +768,20 @@ def _read(path: str) -> tuple[dict[str, dict], dict[str, Tensor]]:
         raise ValueError(f"{path}: not a readable safetensors file (truncated or corrupted?): {e}") from None
     if not meta or meta.get("format") != FILE_FORMAT:
         raise ValueError(f"{path}: not an obc_lightning export (metadata 'format' is {(meta or {}).get('format')!r})")
-    if meta.get("format_version") != FORMAT_VERSION:
+    version = meta.get("format_version")
+    if version == FORMAT_VERSION:
+        _verify(path, meta, tensors)  # before anything else is read from the file
+    elif version == "1" and CHECKSUM_KEY not in meta:
+        warnings.warn(
+            f"{path}: written by obc_lightning {meta.get('library_version')!r} in format_version 1, without "
+            "checksums: its integrity cannot be verified (a changed bit loads silently); save it again to add them",
+            UnverifiedFileWarning,
+            stacklevel=3,
+        )
+    else:
         raise ValueError(
-            f"{path}: format_version {meta.get('format_version')!r} is not supported (this library reads "
-            f"{FORMAT_VERSION!r}; written by obc_lightning {meta.get('library_version')!r})"
+            f"{path}: format_version {version!r} is not supported (this library reads {FORMAT_VERSION!r} and "
+            f"'1' without checksums; written by obc_lightning {meta.get('library_version')!r})"
         )
     try:
         modules = json.loads(meta.get("modules", ""))
@@ -691,9 +848,11 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
     ``QuantizedConv2d`` holding the packed tensors (the memory saving at inference). Modules already
     packed in ``model`` receive the packed tensors either way.
 
-    Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; bad metadata;
-    tensor of the wrong size; module missing or of another shape; tensors missing or unexpected)
-    before anything in ``model`` is written.
+    Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; a tensor or the
+    metadata that does not match its checksum; bad metadata; tensor of the wrong size; scales not finite
+    and > 0; module missing or of another shape; tensors missing or unexpected) before anything in
+    ``model`` is written. A format_version "1" file (no checksums) loads with an
+    :class:`UnverifiedFileWarning`.
     """
     path = os.fspath(path)
     configs, tensors = _read(path)

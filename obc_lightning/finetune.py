@@ -769,6 +769,20 @@ class FinetuneSession:
         of ``masks``; ``"ternary"`` / ``"noise"``: one per module of ``names``, from its current weights.
         ``latent`` (``"pq"`` with ``pq_noise_rate < 1``): the weights the latent weights start from.
         """
+        names = list(names)
+        wanted = list(results or {}) + list(masks or {}) + names
+        users: dict[int, list[str]] = {}
+        for n, m in model.named_modules(remove_duplicate=False):
+            if isinstance(getattr(m, "weight", None), Tensor):
+                users.setdefault(id(m.weight), []).append(n)
+        for name in wanted:
+            shared = users.get(id(model.get_submodule(name).weight), [])
+            if len(shared) > 1:
+                raise ValueError(
+                    f"FinetuneSession: the weight of '{name}' is shared with {[u for u in shared if u != name]}; "
+                    "fine-tuning parametrizes one module's weight, which would untie them: exclude all but one "
+                    "of them, or compress without fine-tuning"
+                )
         if mode == "ste":
             quantizers = attach_ste(model, results or {}, masks)
         elif mode == "pq":

@@ -24,6 +24,26 @@ MSE_STEPS = 100
 MSE_MIN_RANGE = 0.2
 
 
+# Rows with max|w| in [2^-ROW_EXPONENT, 2^ROW_EXPONENT] are solved as given. Every solver step is
+# covariant under scaling a row by a power of two (codes unchanged, compensations and grid scaled by s,
+# objective by s^2) but squares the weights: a row far outside this range overflows or underflows float32
+# (|w| ~ 1e20: (q - w)^2 ~ 1e40). Such rows are solved divided by s_r = 2^e (exact), e the binary
+# exponent of max|w_r| (the row then has max|w| in [1/2, 1)), and scaled back.
+ROW_EXPONENT = 24
+
+
+def row_factors(W: Tensor) -> Tensor | None:
+    """(rows, 1) powers of two s_r for the rows of ``W`` with max|w| outside [2^-24, 2^24] (1 for the
+    others), or None when every row is inside: solve on W / s_r, scale the grid (and the result) by s_r."""
+    a = W.abs().amax(dim=1, keepdim=True)
+    far = (a > 2.0**ROW_EXPONENT) | ((a < 2.0**-ROW_EXPONENT) & (a > 0))
+    if not bool(far.any()):
+        return None
+    _, e = torch.frexp(a)
+    one = torch.ones_like(a)
+    return torch.where(far, torch.ldexp(one, e), one)
+
+
 def check_bits(n_bits: int) -> None:
     if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not MIN_BITS <= n_bits <= MAX_BITS:
         raise ValueError(f"n_bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {n_bits!r}")
@@ -178,7 +198,9 @@ def fit_grid(
     p = 1 ... 0.2 (100 steps) and, per row / group, the p minimising sum |round(w) - w|^2.4 is kept.
     ``scale_dtype`` (e.g. ``torch.float16``): round the chosen scales to values that dtype represents
     (kept in the matrix's dtype), so a file storing them in that dtype holds exactly this grid; a scale
-    the dtype cannot hold (underflow to 0, overflow) stays unrounded.
+    the dtype cannot hold (underflow to 0, overflow) stays unrounded. Rows with max|w| outside
+    [2^-24, 2^24] are fitted divided by a power of two (:func:`row_factors`) and their scales scaled
+    back: the grid of ``s * w`` is exactly ``s`` times the grid of ``w`` for any power of two s.
     """
     check_bits(n_bits)
     if matrix.dim() != 2:
@@ -186,7 +208,8 @@ def fit_grid(
     rows, cols = matrix.shape
     check_group_size(group_size, cols)
     maxq = 2**n_bits - 1
-    w = matrix
+    factors = row_factors(matrix)  # |w| ~ 1e20 would overflow the error search: fit rows scaled, exactly
+    w = matrix if factors is None else matrix / factors
     if group_size is not None:
         n_groups = -(-cols // group_size)
         pad = n_groups * group_size - cols
@@ -205,18 +228,27 @@ def fit_grid(
     if mse:
         scale, zero = _mse_search(w, xmin, xmax, scale, zero, maxq, symmetric)
 
+    scale = scale.reshape(rows, n_groups)
+    if factors is not None:
+        scale = scale * factors
     if scale_dtype is not None:
-        rounded = scale.to(scale_dtype).to(scale.dtype)
-        scale = torch.where(torch.isfinite(rounded) & (rounded > 0), rounded, scale)
+        scale = round_scales(scale, scale_dtype)
 
     return Grid(
-        scale.reshape(rows, n_groups),
+        scale,
         zero.reshape(rows, n_groups),
         n_bits,
         group_size,
         cols,
         symmetric,
     )
+
+
+def round_scales(scale: Tensor, scale_dtype: torch.dtype) -> Tensor:
+    """Scales rounded to values ``scale_dtype`` holds (kept in their dtype), where the rounded value is
+    finite and > 0; the others stay as they are (a file in that dtype cannot store them)."""
+    rounded = scale.to(scale_dtype).to(scale.dtype)
+    return torch.where(torch.isfinite(rounded) & (rounded > 0), rounded, scale)
 
 
 def round_to_dtype(t: Tensor, dtype: torch.dtype) -> Tensor:

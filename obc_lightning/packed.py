@@ -507,7 +507,8 @@ def _layout(config: Mapping) -> str:
 
 def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str) -> None:
     """The packed tensors {buffer name: tensor} agree with ``config``: names, dtypes, sizes, and values
-    (zero points on the code range, finite scales / codebook / sparse values, PQ codes below n_centroids,
+    (zero points on the code range, finite scales > 0, finite codebook / sparse values, finite DiffQ
+    ranges with lo <= hi, PQ codes below n_centroids,
     N:M positions below M and increasing in a group, nnz bits set in a sparse mask)."""
     specs = buffer_specs(config)
     missing = [k for k in specs if k not in tensors]
@@ -538,8 +539,13 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
         return
     if is_mixed(config):
         rng = tensors["weight_range"]
-        if not torch.isfinite(rng).all() or (rng[:, 0] > rng[:, 1]).any():
-            raise ValueError(f"{where}: weight_range must hold finite (lo, hi) with lo <= hi in every row")
+        bad = ~torch.isfinite(rng).all(dim=1) | (rng[:, 0] > rng[:, 1])
+        if bool(bad.any()):
+            r = int(bad.to(torch.uint8).argmax())
+            raise ValueError(
+                f"{where}: weight_range must hold finite (lo, hi) with lo <= hi in every row, got "
+                f"({float(rng[r, 0])!r}, {float(rng[r, 1])!r}) in row {r}"
+            )
         counts = torch.bincount(mixed_entry_bits(config, tensors).reshape(-1).long(), minlength=config["max_bits"] + 1)
         if counts[config["max_bits"] + 1 :].any() or counts[: config["min_bits"]].sum() != 0:
             raise ValueError(f"{where}: weight_bits holds widths beyond max_bits={config['max_bits']}")
@@ -565,8 +571,13 @@ def check_packed_tensors(config: dict, tensors: Mapping[str, Tensor], where: str
         raise ValueError(
             f"{where}: zero points exceed {2 ** config['bits'] - 1}, the largest {config['bits']}-bit code"
         )
-    if not torch.isfinite(scales).all():
-        raise ValueError(f"{where}: weight_scales contains NaN or Inf")
+    bad = ~torch.isfinite(scales) | (scales <= 0)
+    if bool(bad.any()):
+        r, g = divmod(int(bad.reshape(-1).to(torch.uint8).argmax()), scales.shape[1])
+        raise ValueError(
+            f"{where}: weight_scales must be finite and > 0 (the grid's step), got {float(scales[r, g])!r} in row {r}"
+            + (f", group {g}" if scales.shape[1] > 1 else "")
+        )
     if is_nm(config):
         _check_nm_positions(config, tensors["weight_positions"], where)
 

@@ -47,7 +47,10 @@ class ModuleReport:
     ``sparsity``: fraction of the weights pruned (OBS, before quantization); ``bits`` None: prune only
     (``method`` "scalar") or product quantization (``method`` "pq" / "pq-kmeans", with ``block_size``
     inputs per sub-vector and ``n_centroids`` codebook entries). ``weight_bits``: storage of the weight
-    (codes and scales / zeros, or codes and codebook).
+    (codes and scales / zeros, or codes and codebook). ``tied``: the other names of this module's weight:
+    other modules sharing the Parameter (each has its own entry: the weight was solved once on the sum of
+    their Hessians, and each entry's ``loss`` is that module's share), and other names of this very module
+    (registered twice: one entry, found under each name).
     """
 
     name: str
@@ -70,6 +73,7 @@ class ModuleReport:
     block_size: int | None = None
     n_centroids: int | None = None
     weight_bits: int = 0
+    tied: tuple[str, ...] = ()
 
     @property
     def bits_per_weight(self) -> float:
@@ -120,8 +124,12 @@ class CompressionReport:
         return self.quantized_weight_bits / self.quantized_weights if self.quantized_weights else float("nan")
 
     def __getitem__(self, name: str) -> ModuleReport:
+        """The module's entry; a module registered under several names is found under each of them."""
         for m in self.modules:
             if m.name == name:
+                return m
+        for m in self.modules:
+            if name in m.tied:
                 return m
         raise KeyError(name)
 

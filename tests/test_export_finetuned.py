@@ -14,7 +14,14 @@ from model_state import assert_load_refused, assert_same_state
 from safetensors_edit import rewrite
 from torch import nn
 
-from obc_lightning.export import load_quantized, pack_model, prepare_for_load, read_metadata, save_quantized
+from obc_lightning.export import (
+    load_quantized,
+    pack_model,
+    prepare_for_load,
+    read_metadata,
+    save_quantized,
+    theoretical_bytes,
+)
 from obc_lightning.finetune import (
     NoiseQuantizer,
     TernaryQuantizer,
@@ -143,7 +150,10 @@ def test_noise_round_trip_dense_and_packed(tmp_path):
         expected += math.ceil(3 * rows * q.n_groups / 8) + rows * 2 * 2
         assert payload_nbytes(cfg) == expected
         assert abs(expected * 8 - q.storage_bits(w.numel())) < 8 * 7  # the estimate, but for byte padding
-    assert size < sum(p.numel() * 4 for p in model.parameters())
+    # the payload is smaller than fp32 (this net is tiny: the header, with a SHA-256 per tensor, is not)
+    head = int.from_bytes(path.read_bytes()[:8], "little")
+    assert size == theoretical_bytes(path) + 8 + head
+    assert theoretical_bytes(path) < sum(p.numel() * 4 for p in model.parameters())
 
     x = batch()
     dense = fresh_net()

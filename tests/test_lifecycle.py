@@ -483,3 +483,19 @@ def test_lightning_cli_yaml_builds_the_configuration_and_every_field_has_help(tm
             "--config", str(yaml), "--trainer.callbacks.config.quantization.help",
             "obc_lightning.config.QuantizationConfig"])
     assert "bits per weight of the uniform grid" in capsys.readouterr().out
+
+
+def test_finetuning_tied_weights_is_refused_before_training(tmp_path):
+    class TiedNet(MetricsNet):
+        def __init__(self):
+            super().__init__()
+            self.fc3 = nn.Linear(16, 16)
+            self.fc4 = nn.Linear(16, 16)
+            self.fc4.weight = self.fc3.weight
+
+        def forward(self, x, y=None):
+            return self.fc2(self.fc4(self.fc3(self.fc1(x).relu())).relu())
+
+    cb = OBCQuantize(bits=4, finetune="ste", finetune_epochs=1)
+    with pytest.raises(ValueError, match="shared by .*fc3.*fc4.*untie"):
+        fit(tmp_path, [cb], TiedNet(), max_epochs=2)

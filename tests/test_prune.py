@@ -165,7 +165,7 @@ def test_conv_nm_groups_run_along_input_channels():
 # --- the objective, the trace, the global selection ------------------------------------------------
 
 
-def test_loss_is_objective_with_damped_hessian_and_dead_input():
+def test_loss_is_callers_objective_trace_the_damped_one_with_dead_input():
     W, H = correlated_problem(8, 12, seed=5)
     H[3, :] = 0
     H[:, 3] = 0  # a dead input
@@ -173,7 +173,12 @@ def test_loss_is_objective_with_damped_hessian_and_dead_input():
     live = torch.ones(12, dtype=F64)
     live[3] = 0
     Hd = H + 0.1 * H.diagonal()[live.bool()].mean() * torch.diag(live)
-    assert torch.allclose(res.loss, layer_objective(W, res.pruned_matrix, Hd), rtol=1e-9)
+    # loss: the objective with the caller's H, as every solver reports it (issue 23); the trace: the
+    # solver's step losses, with the damped H, at each row's level
+    assert torch.allclose(res.loss, layer_objective(W, res.pruned_matrix, H), rtol=1e-12, atol=0)
+    levels = (~res.mask).sum(dim=1)
+    traced = res.loss_trace.gather(1, (levels - 1).unsqueeze(1)).squeeze(1)
+    assert torch.allclose(traced, layer_objective(W, res.pruned_matrix, Hd), rtol=1e-9)
     # the dead input goes first, at no cost; its weight is pruned in every row
     assert (res.order[:, 0] == 3).all() and (res.loss_trace[:, 0] == 0).all() and not res.mask[:, 3].any()
 

@@ -9,7 +9,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_nonnegative
-from obc_lightning.grids import Grid, check_bits, check_group_size
+from obc_lightning.grids import ROW_EXPONENT, Grid, check_bits, check_group_size, row_factors  # noqa: F401
 
 
 class HessianDampingWarning(UserWarning):
@@ -22,7 +22,8 @@ class QuantResult:
 
     ``quantized_matrix == scales * (codes - rounded_zeros)`` entry by entry, with ``scales`` and
     ``rounded_zeros`` of shape (rows, n_groups) expanded over each group of columns (n_groups == 1 for a
-    per-channel grid). ``loss`` is per row (see the solver for its exact meaning).
+    per-channel grid). ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the caller's matrix and undamped
+    Hessian, evaluated in float64 (:func:`objective`), the same in every solver.
     """
 
     quantized_matrix: Tensor
@@ -59,6 +60,72 @@ def check_problem(fn: str, matrix: Tensor, hessian: Tensor, n_bits: int, group_s
         raise ValueError(f"{fn}: matrix of shape {tuple(matrix.shape)} contains NaN or Inf")
     if not torch.isfinite(hessian).all():
         raise ValueError(f"{fn}: hessian of shape {tuple(hessian.shape)} contains NaN or Inf")
+
+
+# A Hessian 2/N X^T X is symmetric; two summation orders of the same n products differ by at most
+# ~ n * eps * max|H|, typically ~ sqrt(n) * eps * max|H| (tests/test_numbers.py: float32 sums over 64
+# batches in opposite orders differ by < 1e-5 max|H|). Asymmetry beyond this fraction of max|H| (at least
+# 4 eps of the given dtype, for float16 / bfloat16 Hessians) is not rounding: the matrix is something else
+# (X^T Y, a transposed factor).
+HESSIAN_SYMMETRY_TOL = 1e-3
+
+
+def symmetric_hessian(fn: str, hessian: Tensor, dtype: torch.dtype) -> Tensor:
+    """``hessian`` in ``dtype``, exactly symmetric: (H + H^T) / 2.
+
+    The objective 1/2 (q - w) H (q - w)^T depends on the symmetric part of H only, so replacing H by
+    (H + H^T) / 2 changes no objective value; the solvers (Cholesky, OBS steps) read one triangle and
+    need it. A symmetric H is returned unchanged, bit for bit. ``ValueError`` naming ``fn`` when
+    max|H - H^T| > tol * max|H|, tol = max(HESSIAN_SYMMETRY_TOL, 4 eps(hessian.dtype)): that is not float
+    rounding of a symmetric X^T X.
+    """
+    H = hessian.detach().to(dtype)
+    asym = (H - H.mT).abs().amax() if H.numel() else torch.zeros((), dtype=dtype)
+    if not bool(asym > 0):
+        return H
+    scale = H.abs().amax()
+    tol = max(HESSIAN_SYMMETRY_TOL, 4 * torch.finfo(hessian.dtype).eps)
+    rel = float(asym / scale)
+    if rel > tol:
+        raise ValueError(
+            f"{fn}: hessian of shape {tuple(hessian.shape)} is not symmetric: max|H - H^T| = {float(asym):.3g} is "
+            f"{rel:.3g} of max|H| = {float(scale):.3g}, beyond the {tol:g} that float rounding of a symmetric "
+            "X^T X can explain; pass the Hessian 2/N X^T X of the layer's inputs"
+        )
+    return H * 0.5 + H.mT * 0.5  # elementwise a + b == b + a: exactly symmetric
+
+
+def scaled_grid(grid: Grid, factors: Tensor | None) -> Grid:
+    """The grid of the rows scaled back by :func:`row_factors` (scales times s_r; codes and zero points
+    are unchanged by the scaling)."""
+    if factors is None:
+        return grid
+    f = factors.to(grid.scales.dtype)
+    return Grid(grid.scales * f, grid.zeros, grid.n_bits, grid.group_size, grid.cols, grid.symmetric)
+
+
+def objective(fn: str, matrix: Tensor, quantized: Tensor, hessian: Tensor, dtype: torch.dtype) -> Tensor:
+    """The reported ``loss`` of every solver: per row 1/2 (q - w) H (q - w)^T with the caller's ``matrix``
+    w, the returned ``quantized`` q and the caller's (symmetrised, undamped) ``hessian``, evaluated in
+    float64 (a float32 product loses digits to cancellation when q - w is nearly in the null space of a
+    rank-deficient H, which is where the solvers push it) and rounded once to ``dtype``. Warns when a
+    row's value lies beyond ``dtype``'s range (inf, or a positive value that rounds to 0)."""
+    f = layer_objective(matrix.to(torch.float64), quantized.to(torch.float64), hessian.to(torch.float64))
+    return loss_in(fn, f, dtype)
+
+
+def loss_in(fn: str, f: Tensor, dtype: torch.dtype) -> Tensor:
+    """The float64 objective ``f`` rounded to ``dtype``, with the warning of :func:`objective`."""
+    out = f.to(dtype)
+    lost = (torch.isinf(out) & torch.isfinite(f)) | ((out == 0) & (f != 0))
+    if bool(lost.any()):
+        warnings.warn(
+            f"{fn}: the objective of {int(lost.sum())} of {f.shape[0]} rows (up to {float(f.abs().max()):.3g}) "
+            f"is beyond the range of {str(dtype).removeprefix('torch.')}, so their loss reads inf or 0 (the "
+            "result itself is not affected); pass a float64 matrix for finite losses",
+            stacklevel=4,
+        )
+    return out
 
 
 def compute_dtype(matrix: Tensor) -> torch.dtype:

@@ -24,8 +24,11 @@ from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
     compute_dtype,
-    layer_objective,
+    objective,
     prepare_hessian,
+    row_factors,
+    scaled_grid,
+    symmetric_hessian,
 )
 
 
@@ -165,11 +168,11 @@ def gptq(
     """Quantize ``matrix`` (rows x cols) to ``n_bits`` with GPTQ, given the layer Hessian (cols x cols).
 
     The grid is :func:`obc_lightning.grids.fit_grid` on ``matrix`` with its dead columns (H_pp == 0) set to
-    0, exactly as :func:`exact_obc` fits it. ``loss`` (per row) is 1/2 (q - w) H_s (q - w)^T, where w is
-    the row with dead columns zeroed and H_s is the Hessian the solver used: ``hessian`` with dead inputs
-    isolated (their rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I`` (``damp_used`` is
-    ``result.damp``, escalated from ``damp`` with a warning if H is not positive definite). For the
-    objective with the caller's undamped H use :func:`layer_objective` or :func:`quantize_weight`.
+    0, exactly as :func:`exact_obc` fits it. The solver uses ``hessian`` with dead inputs isolated (their
+    rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I`` (``damp_used`` is ``result.damp``,
+    escalated from ``damp`` with a warning if H is not positive definite). ``loss`` (per row) is the
+    objective 1/2 (q - w) H (q - w)^T with the caller's ``matrix`` and undamped ``hessian`` (as
+    :func:`exact_obc`, whose notes on symmetry and row magnitudes apply here too).
 
     Args:
         act_order: visit columns by decreasing H_ii (else in index order).
@@ -180,19 +183,24 @@ def gptq(
     check_positive_int("gptq", "block_size", block_size)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
-    prep = prepare_hessian(hessian.detach().to(dt), damp, fn="gptq", matrix_shape=tuple(matrix.shape))
+    H = symmetric_hessian("gptq", hessian, dt)
+    prep = prepare_hessian(H, damp, fn="gptq", matrix_shape=tuple(matrix.shape))
     W[:, prep.dead] = 0
+    factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+    if factors is not None:
+        W /= factors
     grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
     s, z = grid.per_column()
     codes = gptq_codes(W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
-    Q = grid.dequantize(codes)
+    grid = scaled_grid(grid, factors)
     out = matrix.dtype
+    Q = grid.dequantize(codes).to(out)
     return QuantResult(
-        quantized_matrix=Q.to(out),
+        quantized_matrix=Q,
         scales=grid.scales.to(out),
         rounded_zeros=grid.zeros.to(out),
         codes=codes.to(torch.int32),
-        loss=layer_objective(W, Q, prep.hessian),
+        loss=objective("gptq", matrix, Q, H, dt),
         grid=grid,
         damp=prep.damp,
         solver_rows={"gptq": matrix.shape[0]},

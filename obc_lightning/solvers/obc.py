@@ -36,7 +36,11 @@ from obc_lightning.solvers.common import (
     compute_dtype,
     default_memory_budget,
     masked_inverses,
+    objective,
     prepare_hessian,
+    row_factors,
+    scaled_grid,
+    symmetric_hessian,
 )
 
 
@@ -421,8 +425,15 @@ def exact_obc(
 
     A drop-in for the TinyVolt ``exact_obc``: same positional call; the result has ``quantized_matrix``
     (same shape, dtype and device as ``matrix``), ``scales``, ``rounded_zeros``, and also ``codes``
-    (int32, the matrix's shape) and ``loss`` (per row: the sum of the greedy step losses
-    1/2 (q - w_p)^2 / [H^-1]_pp, equal to 1/2 (q - w) H (q - w)^T with the damped H the solver used).
+    (int32, the matrix's shape) and ``loss`` (per row: the objective 1/2 (q - w) H (q - w)^T with the
+    caller's ``matrix``, the returned ``quantized_matrix`` and the caller's undamped ``hessian``,
+    evaluated in float64 and returned in float32, float64 for float64 input; the greedy step losses
+    1/2 (q - w_p)^2 / [H^-1]_pp sum to it only in exact arithmetic and with the damped H).
+
+    ``hessian`` must be symmetric up to float rounding (see
+    :func:`~obc_lightning.solvers.common.symmetric_hessian`); it is used as (H + H^T) / 2. Rows with
+    max|w| outside [2^-24, 2^24] are solved divided by a power of two and scaled back (the objective is
+    covariant: the result is the scaled result of the scaled row).
 
     Args:
         batch_size: rows solved together; a speed knob only (the result does not depend on it).
@@ -442,20 +453,26 @@ def exact_obc(
     check_positive_int("exact_obc", "block_size", block_size, optional=True)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
-    prep = prepare_hessian(hessian.detach().to(dt), damp, fn="exact_obc", matrix_shape=tuple(matrix.shape))
+    H = symmetric_hessian("exact_obc", hessian, dt)
+    prep = prepare_hessian(H, damp, fn="exact_obc", matrix_shape=tuple(matrix.shape))
     W[:, prep.dead] = 0
+    factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+    if factors is not None:
+        W /= factors
     grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
-    codes, loss = solve_obc_rows(
+    codes, _ = solve_obc_rows(
         W, prep, grid,
         method=method, batch_size=batch_size, block_size=block_size, max_memory=max_memory,
     )
+    grid = scaled_grid(grid, factors)
     out = matrix.dtype
+    Q = grid.dequantize(codes).to(out)
     return QuantResult(
-        quantized_matrix=grid.dequantize(codes).to(out),
+        quantized_matrix=Q,
         scales=grid.scales.to(out),
         rounded_zeros=grid.zeros.to(out),
         codes=codes.to(torch.int32),
-        loss=loss,
+        loss=objective("exact_obc", matrix, Q, H, dt),
         grid=grid,
         damp=prep.damp,
     )

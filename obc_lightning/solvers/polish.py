@@ -17,7 +17,14 @@ from obc_lightning.checks import check_positive_int
 from obc_lightning.grids import Grid, dequantize, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
-from obc_lightning.solvers.common import QuantResult, compute_dtype, layer_objective
+from obc_lightning.solvers.common import (
+    QuantResult,
+    compute_dtype,
+    layer_objective,
+    objective,
+    row_factors,
+    symmetric_hessian,
+)
 
 
 def polish_codes(
@@ -182,7 +189,8 @@ def polish(
     Hessian of the objective minimised, used as given (pass the damped one to polish a solver's damped
     objective, the caller's to polish the true one). Stops after a pass that moves nothing or after
     ``max_passes`` passes (:func:`polish_codes` also tells how many passes ran and whether it converged).
-    ``loss`` is 1/2 (q - w) H (q - w)^T per row with that ``hessian``.
+    ``loss`` is 1/2 (q - w) H (q - w)^T per row with that ``hessian`` (evaluated in float64, as for
+    every solver; ``hessian`` is used as (H + H^T) / 2 and refused if not symmetric up to float rounding).
     """
     rows, cols = matrix.shape if matrix.dim() == 2 else (None, None)
     if matrix.dim() != 2 or hessian.shape != (cols, cols):
@@ -194,22 +202,28 @@ def polish(
         raise ValueError(f"polish: grid is for a ({grid.rows}, {grid.cols}) matrix, got {tuple(matrix.shape)}")
     check_positive_int("polish", "max_passes", max_passes)
     check_positive_int("polish", "block_size", block_size)
+    for what, t in (("matrix", matrix), ("hessian", hessian)):
+        if not t.is_floating_point() or not bool(torch.isfinite(t).all()):
+            raise ValueError(f"polish: {what} must be floating point and finite")
     dt = compute_dtype(matrix)
     g = grid.to(device=matrix.device, dtype=dt)
     codes = quantized.to(dt) if not quantized.is_floating_point() else g.codes(quantized.to(dt)).to(dt)
     if codes.min() < 0 or codes.max() > grid.maxq:
         raise ValueError(f"polish: codes must lie in [0, {grid.maxq}]")
-    W, H = matrix.detach().to(dt), hessian.detach().to(dt)
+    W, H = matrix.detach().to(dt), symmetric_hessian("polish", hessian, dt)
     s, z = g.per_column()
+    factors = row_factors(W)  # rows far from |w| ~ 1 are polished scaled by a power of two (codes unchanged)
+    if factors is not None:
+        W, s = W / factors, s / factors
     K, _, _ = polish_codes(W, H, codes, s, z, g.maxq, max_passes=max_passes, block_size=block_size)
-    Q = g.dequantize(K)
     out = matrix.dtype
+    Q = g.dequantize(K).to(out)
     return QuantResult(
-        quantized_matrix=Q.to(out),
+        quantized_matrix=Q,
         scales=g.scales.to(out),
         rounded_zeros=g.zeros.to(out),
         codes=K.to(torch.int32),
-        loss=layer_objective(W, Q, H),
+        loss=objective("polish", matrix, Q, H, dt),
         grid=g,
         solver_rows={"polish": rows},
     )

@@ -30,6 +30,7 @@ chosen, so the exported file holds exactly the in-memory result.
 from __future__ import annotations
 
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -37,7 +38,15 @@ from torch import Tensor
 
 from obc_lightning.checks import check_int, check_positive_int
 from obc_lightning.precision import fp32_matmul
-from obc_lightning.solvers.common import compute_dtype, layer_objective, prepare_hessian
+from obc_lightning.solvers.common import (
+    compute_dtype,
+    layer_objective,
+    loss_in,
+    objective,
+    prepare_hessian,
+    row_factors,
+    symmetric_hessian,
+)
 from obc_lightning.solvers.gptq import upper_cholesky_of_inverse
 
 CHUNK_ELEMENTS = 1 << 24  # distance-matrix entries computed at a time (64 MiB in float32)
@@ -53,8 +62,8 @@ class EmptyClusterError(ValueError):
 class PQResult:
     """A product-quantized matrix: ``quantized_matrix[r, j*b:(j+1)*b] == codebook[codes[r, j]]``.
 
-    ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the given Hessian (its sum is
-    1/2 trace((Q - W) H (Q - W)^T)), or 1/2 ||q - w||^2 without one.
+    ``loss`` is per row: 1/2 (q - w) H (q - w)^T with the given (undamped) Hessian (its sum is
+    1/2 trace((Q - W) H (Q - W)^T)), or 1/2 ||q - w||^2 without one; evaluated in float64.
     """
 
     quantized_matrix: Tensor
@@ -226,8 +235,25 @@ def kmeans(
 
 
 # ------------------------------------------------------------------ Hessian-aware assignment and update
-def _round_to(codebook: Tensor, dtype: torch.dtype | None) -> Tensor:
-    return codebook if dtype is None else codebook.to(dtype).to(codebook.dtype)
+def _round_to(codebook: Tensor, dtype: torch.dtype | None, factor: Tensor | None = None) -> Tensor:
+    """The codebook rounded to values ``dtype`` holds, where it can hold the codebook: its largest entry
+    (times ``factor``, the scaling the matrix is solved under) finite and a normal number in ``dtype``,
+    so that every entry is stored to within dtype's relative precision of the largest one. Otherwise
+    (float16: beyond 65504, or all below 6.1e-5) it stays in the compute precision, as a grid keeps a
+    scale that its ``scale_dtype`` cannot hold (:func:`~obc_lightning.grids.round_scales`)."""
+    if dtype is None:
+        return codebook
+    true = codebook if factor is None else codebook * factor
+    if not storable(true, dtype):
+        return codebook
+    r = true.to(dtype).to(codebook.dtype)
+    return r if factor is None else r / factor
+
+
+def storable(codebook: Tensor, dtype: torch.dtype) -> bool:
+    """Whether ``dtype`` holds the codebook (see :func:`_round_to`)."""
+    top = float(codebook.abs().amax()) if codebook.numel() else 0.0
+    return top == 0.0 or (math.isfinite(float(torch.tensor(top).to(dtype))) and top >= torch.finfo(dtype).tiny)
 
 
 def block_order(hessian: Tensor, block_size: int, act_order: bool) -> Tensor:
@@ -363,7 +389,14 @@ def product_quantize(
         act_order: visit blocks by decreasing Hessian trace (Hessian-aware only).
         n_rounds: alternations of compensated assignment and codebook update (Hessian-aware only).
         codebook_dtype: the codebook is rounded to values this dtype holds (float16: what export
-            stores); ``None`` keeps the compute precision.
+            stores); ``None`` keeps the compute precision. A codebook the dtype cannot hold (float16: an
+            entry beyond 65504, or every entry below 6.1e-5, where float16 keeps too few bits) is kept in
+            the compute precision, with a warning (export it with ``scale_dtype=torch.float32``).
+
+    ``loss`` is the objective of every solver (see :class:`PQResult`), evaluated in float64. ``hessian``
+    is used as (H + H^T) / 2 and refused if not symmetric up to float rounding; a matrix with max|w|
+    outside [2^-24, 2^24] is solved divided by a power of two (one for all rows: the codebook is
+    shared) and scaled back.
 
     Returns a :class:`PQResult`; ``quantized_matrix`` has the input's shape and dtype. The caller's
     tensors are not modified.
@@ -372,20 +405,26 @@ def product_quantize(
     _check(fn, matrix, hessian, block_size, n_centroids, n_iter, seed)
     check_int(fn, "n_rounds", n_rounds, 1)
     dt = compute_dtype(matrix)
-    W = matrix.to(dt)
+    W = matrix.detach().to(dt)
     rows, d = W.shape
     b, K = block_size, n_centroids
     J = d // b
+    # one codebook for all rows: a matrix far from |w| ~ 1 is solved divided by one power of two s
+    # (the objective scales by s^2, the codes not at all) and its codebook scaled back
+    factor = row_factors(W.reshape(1, -1))
+    if factor is not None:
+        W = W / factor
 
     if hessian is None:
         C, codes = kmeans(W.reshape(-1, b), K, n_iter=n_iter, seed=seed, fn=fn)
-        C = _round_to(C, codebook_dtype)
+        C = _round_to(C, codebook_dtype, factor)
         codes = nearest(W.reshape(-1, b), C).reshape(rows, J)
-        Q = _gather(C, codes)
-        loss = 0.5 * ((Q - W) ** 2).sum(dim=1)
-        return PQResult(Q.to(matrix.dtype), codes, C, loss, b, K, False)
+        C = _unscaled(fn, C, factor, codebook_dtype)
+        Q = _gather(C, codes).to(matrix.dtype)
+        D = Q.to(torch.float64) - matrix.to(torch.float64)
+        return PQResult(Q, codes, C, loss_in(fn, 0.5 * (D * D).sum(dim=1), dt), b, K, False)
 
-    H = hessian.to(dt)
+    H = symmetric_hessian(fn, hessian, dt)
     prep = prepare_hessian(H, damp, fn=fn, matrix_shape=tuple(matrix.shape))
     Hd = prep.hessian
     W = W.masked_fill(prep.dead.unsqueeze(0), 0.0)  # a dead input's weight never reaches the output
@@ -399,17 +438,33 @@ def product_quantize(
     Wp = W[:, perm]
     best = None
     for _ in range(n_rounds):
-        C = _round_to(C, codebook_dtype)
+        C = _round_to(C, codebook_dtype, factor)
         codes_p = assign_with_compensation(Wp, U, C, b)
         codes = torch.empty_like(codes_p)
         codes[:, order] = codes_p
         obj = float(layer_objective(W, _gather(C, codes), H).sum())
         if best is None or obj < best[0]:
             best = (obj, C, codes)
-        C = _round_to(update_codebook(W, Hd, codes, C), codebook_dtype)
+        C = _round_to(update_codebook(W, Hd, codes, C), codebook_dtype, factor)
         obj = float(layer_objective(W, _gather(C, codes), H).sum())
         if obj < best[0]:
             best = (obj, C, codes)
     _, C, codes = best
-    Q = _gather(C, codes)
-    return PQResult(Q.to(matrix.dtype), codes, C, layer_objective(W, Q, H), b, K, True, prep.damp)
+    C = _unscaled(fn, C, factor, codebook_dtype)
+    Q = _gather(C, codes).to(matrix.dtype)
+    return PQResult(Q, codes, C, objective(fn, matrix, Q, H, dt), b, K, True, prep.damp)
+
+
+def _unscaled(fn: str, codebook: Tensor, factor: Tensor | None, dtype: torch.dtype | None) -> Tensor:
+    """The codebook in the matrix's units; warns when ``dtype`` could not hold it (kept unrounded)."""
+    C = codebook if factor is None else codebook * factor
+    if dtype is not None and not storable(C, dtype):
+        name = str(dtype).removeprefix("torch.")
+        warnings.warn(
+            f"{fn}: codebook_dtype={name} cannot hold this codebook (largest |entry| "
+            f"{float(C.abs().amax()):.3g}; {name} holds normal numbers in [{torch.finfo(dtype).tiny:.3g}, "
+            f"{torch.finfo(dtype).max:.3g}]), so it is kept in {str(C.dtype).removeprefix('torch.')}; store it "
+            "with save_quantized(..., scale_dtype=torch.float32)",
+            stacklevel=3,
+        )
+    return C

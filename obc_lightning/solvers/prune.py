@@ -31,7 +31,10 @@ from obc_lightning.solvers.common import (
     check_problem,
     compute_dtype,
     masked_inverses,
+    objective,
     prepare_hessian,
+    row_factors,
+    symmetric_hessian,
 )
 from obc_lightning.solvers.obc import greedy_loop_fast, greedy_loop_reference
 
@@ -344,25 +347,35 @@ def obs_prune(
 
     Returns:
         :class:`PruneResult`, ``pruned_matrix`` in ``matrix``'s dtype and device. ``loss`` per row is the
-        sum of the step losses, equal to 1/2 (p - w) H_d (p - w)^T with H_d the damped Hessian above
-        restricted to the live inputs (dead rows/columns of H are 0 and stay 0), and w the caller's row.
+        objective 1/2 (p - w) H (p - w)^T with the caller's row w and undamped ``hessian`` (evaluated in
+        float64, as for every solver); ``loss_trace`` holds the solver's cumulative step losses, with
+        the damped H_d above restricted to the live inputs (dead rows/columns of H are 0 and stay 0).
+        Symmetry of ``hessian`` and rows of extreme magnitude: as in
+        :func:`~obc_lightning.solvers.obc.exact_obc`.
     """
     _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group_index)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt).clone()
-    prep = prepare_hessian(hessian.detach().to(dt), damp, fn="obs_prune", matrix_shape=tuple(matrix.shape))
+    H = symmetric_hessian("obs_prune", hessian, dt)
+    prep = prepare_hessian(H, damp, fn="obs_prune", matrix_shape=tuple(matrix.shape))
     W[:, prep.dead] = 0
     zero0 = W == 0  # already pruned, dead inputs included
     rows, d = W.shape
+    # rows far from |w| ~ 1 are solved scaled by s_r (a power of two): weights scale by s_r, step losses
+    # by s_r^2, the removal order not at all
+    factors = row_factors(W)
+    if factors is not None:
+        W /= factors
     if n_m is not None:
         N, M = n_m
         group = (nm_group_index(d, M) if group_index is None else group_index.long()).to(W.device)
         quota = torch.full((rows, d // M), M - N, dtype=torch.long, device=W.device)
-        P, removed, loss, order, steps = _with_float64_retry(
+        P, removed, _, order, steps = _with_float64_retry(
             W, prep, lambda W_, p_: greedy_prune_rows(W_, p_, group, quota, d * (M - N) // M, method, batch_size)
         )
         mask = ~(removed | zero0)
-        return _result(matrix, P.masked_fill_(~mask, 0), mask, loss, steps.cumsum(dim=1), order, prep)
+        P.masked_fill_(~mask, 0)
+        return _result(matrix, H, _unscale(P, factors), mask, _unscale(steps, factors, 2).cumsum(dim=1), order, prep)
     b = block_size
     if b == 1:
         trace_fn = lambda W_, p_: greedy_prune_rows(  # noqa: E731
@@ -371,6 +384,8 @@ def obs_prune(
     else:
         trace_fn = lambda W_, p_: block_trace_rows(W_, p_, b, batch_size)  # noqa: E731
     order, steps = _with_float64_retry(W, prep, trace_fn)
+    if factors is not None:  # the global selection compares rows: their step losses in the caller's units
+        steps = steps.double() * factors.double().square()
     trace = steps.cumsum(dim=1)
     k = round(sparsity * rows * d / b)
     # units (weights or blocks) already all zero: removed first at no cost; a row never keeps them
@@ -380,7 +395,14 @@ def obs_prune(
     unit_removed.scatter_(1, order, torch.arange(d // b, device=W.device).unsqueeze(0) < levels.unsqueeze(1))
     removed = unit_removed.repeat_interleave(b, dim=1) | zero0
     P = compensate(W, prep.hessian, removed, batch_size)
-    return _result(matrix, P, ~removed, level_loss(trace, levels), trace, order, prep)
+    return _result(matrix, H, _unscale(P, factors), ~removed, trace.to(dt), order, prep)
+
+
+def _unscale(x: Tensor, factors: Tensor | None, power: int = 1) -> Tensor:
+    """Rows solved divided by ``factors`` back in the caller's units (times factors ** power)."""
+    if factors is None:
+        return x
+    return (x.double() * factors.double() ** power).to(x.dtype)  # s_r^2 may overflow float32 on its own
 
 
 def _with_float64_retry(W: Tensor, prep: PreparedHessian, fn):
@@ -405,10 +427,10 @@ def _with_float64_retry(W: Tensor, prep: PreparedHessian, fn):
     return out
 
 
-def _result(matrix, P, mask, loss, trace, order, prep) -> PruneResult:
-    return PruneResult(
-        pruned_matrix=P.to(matrix.dtype), mask=mask, loss=loss, loss_trace=trace, order=order, damp=prep.damp
-    )
+def _result(matrix, hessian, P, mask, trace, order, prep) -> PruneResult:
+    P = P.to(matrix.dtype)
+    loss = objective("obs_prune", matrix, P, hessian, compute_dtype(matrix))
+    return PruneResult(pruned_matrix=P, mask=mask, loss=loss, loss_trace=trace, order=order, damp=prep.damp)
 
 
 def magnitude_prune(matrix: Tensor, *, sparsity: float | None = None, n_m: tuple[int, int] | None = None,

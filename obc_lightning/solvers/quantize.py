@@ -14,14 +14,18 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int
-from obc_lightning.grids import fit_grid
+from obc_lightning.grids import fit_grid, round_scales
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
     compute_dtype,
-    layer_objective,
+    loss_in,
+    objective,
     prepare_hessian,
+    row_factors,
+    scaled_grid,
+    symmetric_hessian,
 )
 from obc_lightning.solvers.gptq import _bounds, gptq_codes_layers
 from obc_lightning.solvers.obc import solve_obc_layers
@@ -73,8 +77,10 @@ def quantize_weight(
     Returns:
         :class:`QuantResult`; ``loss`` is always the true objective per row,
         ``layer_objective(matrix, quantized_matrix, hessian)`` with the caller's undamped ``hessian``
-        (computed in float64 for float64 input, else float32); ``solver_rows`` counts the rows kept from
-        each solver, e.g. ``{"obc": 10, "gptq": 54}``.
+        (evaluated in float64, returned in float64 for float64 input, else float32; rows are compared
+        on the float64 values); ``solver_rows`` counts the rows kept from each solver, e.g.
+        ``{"obc": 10, "gptq": 54}``. Symmetry of ``hessian`` and rows of extreme magnitude: as in
+        :func:`~obc_lightning.solvers.obc.exact_obc`.
     """
     return quantize_weights(
         [(matrix, hessian)], n_bits, solver=solver, polish=polish, group_size=group_size, symmetric=symmetric,
@@ -134,17 +140,25 @@ def quantize_weights(
                 f"{tuple(m0.shape)} {m0.dtype} on {m0.device} and {tuple(m.shape)} {m.dtype} on {m.device}"
             )
     dt = compute_dtype(m0)
-    W0s, H0s, preps, grids, Ws, frozens = [], [], [], [], [], []
+    W0s, H0s, preps, grids, Ws, frozens, factor_list = [], [], [], [], [], [], []
     for matrix, hessian in problems:
         W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
-        H0 = hessian.detach().to(dt)  # the caller's undamped H
+        H0 = symmetric_hessian(fn, hessian, dt)  # the caller's undamped H
         prep = prepare_hessian(H0, damp, fn=fn, matrix_shape=tuple(matrix.shape))
         W = W0.clone()
         W[:, prep.dead] = 0
-        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
+        factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+        if factors is None:
+            grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size, scale_dtype=scale_dtype)
+        else:
+            W, W0 = W / factors, W0 / factors
+            grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+            if scale_dtype is not None:  # the stored scales are those of the unscaled rows
+                grid.scales = round_scales(grid.scales * factors, scale_dtype) / factors
         # weights that are exactly 0 on live inputs are pruned: every solver keeps them at 0
         frozens.append((W == 0) & ~prep.dead.unsqueeze(0))
         W0s.append(W0), H0s.append(H0), preps.append(prep), grids.append(grid), Ws.append(W)
+        factor_list.append(factors)
     counts = [w.shape[0] for w in Ws]
     L = len(Ws)
     cat = (lambda xs: torch.cat(xs)) if L > 1 else (lambda xs: xs[0])
@@ -185,14 +199,16 @@ def quantize_weights(
                      for i in range(n)]
     out = []
     for li, (a, b) in enumerate(bounds):
-        W0, H0, grid = W0s[li], H0s[li], grids[li]
+        matrix, H0 = problems[li][0], H0s[li]
+        dtype = matrix.dtype
+        grid = scaled_grid(grids[li], factor_list[li])  # the grid of the caller's (unscaled) rows
         best_codes, best_loss, winner = None, None, None
         for i, codes in enumerate(solutions):
             codes = codes[a:b]
-            loss = layer_objective(W0, grid.dequantize(codes), H0)  # (rows,) true objective
+            loss = objective(fn, matrix, grid.dequantize(codes).to(dtype), H0, torch.float64)  # true objective
             if best_codes is None:
                 best_codes, best_loss = codes, loss
-                winner = torch.zeros(W0.shape[0], dtype=torch.long, device=W0.device)
+                winner = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
             else:
                 better = loss < best_loss  # ties stay with the earlier solver
                 best_codes = torch.where(better.unsqueeze(1), codes, best_codes)
@@ -200,13 +216,12 @@ def quantize_weights(
                 winner = torch.where(better, torch.full_like(winner, i), winner)
         counts_won = torch.bincount(winner, minlength=len(names)).tolist()
         Q = grid.dequantize(best_codes)
-        dtype = problems[li][0].dtype
         out.append(QuantResult(
             quantized_matrix=Q.to(dtype),
             scales=grid.scales.to(dtype),
             rounded_zeros=grid.zeros.to(dtype),
             codes=best_codes.to(torch.int32),
-            loss=best_loss,
+            loss=loss_in(fn, best_loss, dt),
             grid=grid,
             damp=preps[li].damp,
             solver_rows=dict(zip(names, counts_won)),
