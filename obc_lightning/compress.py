@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
@@ -31,13 +32,12 @@ from obc_lightning.checks import check_flags, check_nonnegative
 from obc_lightning.grids import check_bits, check_group_size
 from obc_lightning.reporting import (
     FP32_BYTES,
-    SCALE_BYTES,
-    ZERO_BYTES,
     CompressionReport,
     ModuleReport,
     packed_weight_bytes,
     sparse_weight_bytes,
 )
+from obc_lightning.scheduling import Solved, SolveSettings, check_distributed, solve_modules
 
 SOLVERS = ("auto", "obc", "gptq")
 # "scalar": a uniform grid per row / group (the solvers above); "pq": Hessian-aware product quantization;
@@ -335,44 +335,61 @@ def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.devi
     return max_memory
 
 
-def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None, max_memory=None):
-    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
-    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
-    from obc_lightning.solvers.common import layer_objective
+@dataclass
+class _Prepared:
+    """One module between its (per-module) pruning and its (possibly batched) quantization."""
+
+    name: str
+    module: nn.Module
+    lh: LayerHessian
+    group_size: int | None  # None where one group would span the whole row
+    blocks: list[tuple[Tensor, Tensor, Tensor]]  # per conv group: (W_i, pruned W_i, H_i) in the compute dtype
+    pruned: int
+    damp: float
+    seconds: float  # spent on this module alone so far
+
+
+def _prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None) -> _Prepared:
+    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``."""
     from obc_lightning.solvers.prune import obs_prune
-    from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
 
     t0 = time.perf_counter()
     W = m.weight.detach()
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
         group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    prune = sparsity is not None or n_m is not None
     group_index = _nm_group_index(m, n_m)
-    Qs, results = [], []
-    loss = 0.0
-    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
-    pruned = 0
-    damp_used = 0.0
-    rows_won: dict[str, int] = {}
+    blocks, pruned, damp_used = [], 0, 0.0
     for i, Wb in enumerate(lh.weight_blocks(W)):
         Wb = Wb.to(dt)
         H = lh.hessians[i].to(device=W.device, dtype=dt)
         Pb = Wb
-        if prune:
+        if sparsity is not None or n_m is not None:
             pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
+        blocks.append((Wb, Pb, H))
+    return _Prepared(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0)
+
+
+def _finish_module(p: _Prepared, results: list, bits, n_m, prune: bool, solve_seconds: float):
+    """The new weight and the report of a prepared module from its groups' results (empty: prune only);
+    ``solve_seconds``: its share of the solver time. Returns Q (weight's shape, compute dtype), the report,
+    the results, the number of scales and the number of pruned weights."""
+    from obc_lightning.solvers.common import layer_objective
+
+    t0 = time.perf_counter()
+    m, W = p.module, p.module.weight.detach()
+    Qs = []
+    loss = 0.0
+    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
+    damp_used = p.damp
+    rows_won: dict[str, int] = {}
+    for i, (Wb, Pb, H) in enumerate(p.blocks):
         if bits is None:
             Qb = Pb
         else:  # quantize_weight keeps exact zeros at 0: the mask survives
-            res = quantize_weight(
-                Pb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-                scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, W.device),
-            )
+            res = results[i]
             Qb = res.quantized_matrix
-            results.append(res)
             damp_used = max(damp_used, res.damp)
             for k, v in res.solver_rows.items():
                 rows_won[k] = rows_won.get(k, 0) + int(v)
@@ -385,6 +402,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     rows = W.shape[0]
     n_groups = results[0].scales.shape[1] if results else 0
     before = _size(m)
+    pruned = p.pruned
     # the weight as save_quantized stores it by default (N:M: the kept entries and their positions;
     # pruned float weights: float16 values; quantized unstructured-sparse weights: dense codes)
     if bits is None:
@@ -395,16 +413,16 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         weight_bytes = packed_weight_bytes(W.numel(), rows, n_groups, bits)
     after = before - W.numel() * FP32_BYTES + weight_bytes
     rep = ModuleReport(
-        name=name,
+        name=p.name,
         kind=type(m).__name__,
         shape=tuple(W.shape),
         bits=bits,
-        groups=lh.groups,
-        group_size=group_size,
-        n_samples=lh.n_samples,
+        groups=p.lh.groups,
+        group_size=p.group_size,
+        n_samples=p.lh.n_samples,
         loss=loss,
         rel_error=rel,
-        seconds=time.perf_counter() - t0,
+        seconds=p.seconds + solve_seconds + time.perf_counter() - t0,
         obc_rows=rows_won.get("obc", 0),
         gptq_rows=rows_won.get("gptq", 0),
         damp=damp_used,
@@ -413,6 +431,43 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         sparsity=pruned / W.numel(),
     )
     return Q, rep, results, rows * n_groups, pruned
+
+
+def _quantize_modules(prepared: list[_Prepared], bits, solver, symmetric, mse, damp, scale_dtype, max_memory,
+                      sparsity=None, n_m=None) -> list[tuple]:
+    """Quantize the kept weights of prepared modules whose groups all have the same width d (and compute
+    dtype, device): every group of every module in one :func:`~obc_lightning.solvers.quantize.quantize_weights`
+    call, each result what the module gets alone. Its time is shared out by rows (the cost per row is
+    the same at one d). Returns :func:`_finish_module`'s tuple per module, in order."""
+    from obc_lightning.solvers.quantize import quantize_weights  # lazily: solvers are a separate stage
+
+    prune = sparsity is not None or n_m is not None
+    if bits is None:
+        return [_finish_module(p, [], bits, n_m, True, 0.0) for p in prepared]
+    problems = [(Pb, H) for p in prepared for _, Pb, H in p.blocks]
+    device = prepared[0].module.weight.device
+    t0 = time.perf_counter()
+    results = quantize_weights(
+        problems, bits, solver=solver, group_size=prepared[0].group_size, symmetric=symmetric, mse=mse, damp=damp,
+        scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, device),
+    )
+    seconds = time.perf_counter() - t0
+    rows = [sum(b[0].shape[0] for b in p.blocks) for p in prepared]
+    out, k = [], 0
+    for p, r in zip(prepared, rows):
+        n = len(p.blocks)
+        out.append(_finish_module(p, results[k : k + n], bits, n_m, prune, seconds * r / sum(rows)))
+        k += n
+    return out
+
+
+def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
+                     sparsity=None, n_m=None, max_memory=None):
+    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
+    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
+    results, the number of scales and the number of pruned weights."""
+    p = _prepare_module(name, m, lh, group_size, damp, sparsity=sparsity, n_m=n_m)
+    return _quantize_modules([p], bits, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity, n_m)[0]
 
 
 def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
@@ -489,6 +544,7 @@ def compress_model(
     block_size: int | Mapping[str, int] = 8,
     n_centroids: int | Mapping[str, int] = 256,
     seed: int = 0,
+    distributed: bool = False,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -535,6 +591,12 @@ def compress_model(
         block_size, n_centroids: an int for every module, or a mapping {name or fnmatch pattern: int}
             (first match wins; e.g. ``{"*conv*": 9, "*": 4}``: whole 3x3 kernels in convs, 4 elsewhere).
         seed: k-means initialisation of product quantization (deterministic for a seed and a device).
+        distributed: share the solving out over the processes of ``torch.distributed``'s default group
+            (DDP; it must be initialized): the ranks split the modules, balanced by cost, solve their share
+            and broadcast the results, so every rank ends with the same weights and report entries, checked
+            (:mod:`obc_lightning.scheduling`). Needs the same Hessians on every rank (``reduce_fn`` summing
+            over that group, or the same batches everywhere). Sequential mode shares out only modules that
+            share a calibration pass (q, k, v). ``False``: every process solves every module.
 
     Returns:
         :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (not on the
@@ -550,6 +612,7 @@ def compress_model(
     targets = select_modules(model, include, exclude)
     product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    check_distributed("compress_model", distributed)
     pq = method != "scalar"
     _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
     if pq:
@@ -581,27 +644,26 @@ def compress_model(
         product_dtype=product_dtype,
     )
 
-    def solve(name: str, lh: LayerHessian) -> None:
-        m = targets[name]
-        if pq:
-            b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
-            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
-            results, n_pruned = [res], 0
-        else:
-            Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
-                max_memory=max_memory,
-            )
-            rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
-                SCALE_BYTES + ZERO_BYTES) * n_scales
+    settings = SolveSettings(
+        method=method, bits=bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
+        scale_dtype=scale_dtype, sparsity=sparsity, n_m=n_m, block_size=block_size, n_centroids=n_centroids,
+        seed=seed, max_memory=max_memory,
+    )
+
+    def solve_all(hessians: dict[str, LayerHessian]) -> None:
+        for out in solve_modules(hessians, targets, settings, distributed=distributed, keep_results=keep_results):
+            apply(out)
+
+    def apply(out: Solved) -> None:
+        name, rep, m = out.name, out.report, targets[out.name]
         backups[name] = m.weight.detach().to("cpu", copy=True)
-        m.weight.copy_(Q.to(m.weight.dtype))
+        m.weight.copy_(out.weight.to(m.weight.dtype))
         report.modules.append(rep)
         report.quantized_weights += m.weight.numel()
-        report.pruned_weights += n_pruned
+        report.pruned_weights += out.n_pruned
         report.quantized_weight_bits += rep.weight_bits
         if keep_results:
-            report.results[name] = [_to_cpu(r) for r in results]
+            report.results[name] = [_to_cpu(r) for r in out.results]
 
     try:
         with torch.no_grad():
@@ -611,8 +673,7 @@ def compress_model(
                 report.calibration_seconds = time.perf_counter() - t0
                 report.calibration_passes = 1
                 skipped.update(calib.skipped)
-                for name in list(calib.hessians):
-                    solve(name, calib.hessians.pop(name))  # pop: free each H once used
+                solve_all(calib.hessians)  # batched by width (and shared over ranks); each H freed once used
             else:
                 first = next(iter(batches), None)
                 if first is None:
@@ -626,9 +687,7 @@ def compress_model(
                     report.calibration_seconds += time.perf_counter() - t0
                     report.calibration_passes += 1
                     skipped.update(calib.skipped)
-                    for name in group:
-                        if name in calib:
-                            solve(name, calib.hessians.pop(name))
+                    solve_all({name: calib.hessians.pop(name) for name in group if name in calib})
     except BaseException:
         with torch.no_grad():
             for name, w in backups.items():
@@ -642,6 +701,7 @@ def compress_model(
         order += [n] if n in all_targets else []
         order += [p for p in projections if p.rpartition(".")[0] == n]
     report.skipped = {n: skipped[n] for n in order if n in skipped}
+    _in_model_order(report, order)
     done = {rep.name: rep for rep in report.modules}
     for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
         report.bytes_before += done[name].bytes_before if name in done else _size(m)
@@ -653,6 +713,14 @@ def compress_model(
     if report.skipped:
         warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
     return report
+
+
+def _in_model_order(report: CompressionReport, order: list[str]) -> None:
+    """report.modules (and report.results) in model order: modules solved in batches finish out of it."""
+    where = {n: i for i, n in enumerate(order)}
+    report.modules.sort(key=lambda rep: where[rep.name])
+    if report.results is not None:
+        report.results = {rep.name: report.results[rep.name] for rep in report.modules}
 
 
 def _to_cpu(res):
