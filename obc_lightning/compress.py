@@ -594,8 +594,8 @@ def compress_model(
         distributed: share the solving out over the processes of ``torch.distributed``'s default group
             (DDP; it must be initialized): the ranks split the modules, balanced by cost, solve their share
             and broadcast the results, so every rank ends with the same weights and report entries, checked
-            (:mod:`obc_lightning.scheduling`). Needs the same Hessians on every rank (``reduce_fn`` summing
-            over that group, or the same batches everywhere). Sequential mode shares out only modules that
+            (:mod:`obc_lightning.scheduling`). Needs ``reduce_fn`` summing over that group (every rank must
+            hold the same Hessians). Sequential mode shares out only modules that
             share a calibration pass (q, k, v). ``False``: every process solves every module.
 
     Returns:
@@ -612,7 +612,7 @@ def compress_model(
     targets = select_modules(model, include, exclude)
     product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
-    check_distributed("compress_model", distributed)
+    check_distributed("compress_model", distributed, reduce_fn)
     pq = method != "scalar"
     _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
     if pq:

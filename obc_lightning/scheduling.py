@@ -71,11 +71,17 @@ class Solved:
     n_pruned: int
 
 
-def check_distributed(who: str, distributed: bool) -> None:
-    """``distributed=True`` needs torch.distributed initialized (the default process group)."""
+def check_distributed(who: str, distributed: bool, reduce_fn) -> None:
+    """``distributed=True`` needs torch.distributed initialized (the default process group) and a
+    ``reduce_fn``: the ranks must hold the same Hessians (and agree on which modules have one)."""
     from obc_lightning.checks import check_flags
 
     check_flags(who, distributed=distributed)
+    if distributed and reduce_fn is None:
+        raise ValueError(
+            f"{who}: distributed=True needs reduce_fn (summing the calibration sums over the ranks): every rank "
+            "must hold the same Hessians for the modules it solves for the others"
+        )
     if distributed and not (torch.distributed.is_available() and torch.distributed.is_initialized()):
         raise ValueError(
             f"{who}: distributed=True shares the solving out over the processes of torch.distributed's default "

@@ -179,6 +179,8 @@ def test_distributed_needs_a_process_group():
     model = torch.nn.Sequential(torch.nn.Linear(4, 2))
     before = model[0].weight.detach().clone()
     with pytest.raises(ValueError, match="compress_model: distributed=True .* no process group is initialized"):
+        compress_model(model, [torch.randn(8, 4)], distributed=True, reduce_fn=lambda t: None)
+    with pytest.raises(ValueError, match="compress_model: distributed=True needs reduce_fn"):
         compress_model(model, [torch.randn(8, 4)], distributed=True)
     with pytest.raises(ValueError, match="compress_model: distributed must be a bool"):
         compress_model(model, [torch.randn(8, 4)], distributed="yes")
