@@ -8,7 +8,7 @@ alternating the order over ``--repeats`` rounds (the median is reported; the mac
 Also: ATen ops of the whole solve (deterministic; on a GPU each is at most one kernel launch), and a
 check that both ways give bit-identical weights.
 
-    python benchmarks/batched.py [--solvers auto obc] [--repeats 3] [--threads 1]
+    python benchmarks/batched.py [--solvers auto obc] [--repeats 3] [--threads 1] [--fused-counts]
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ def main() -> None:
     ap.add_argument("--solvers", nargs="+", default=["auto", "obc"])
     ap.add_argument("--repeats", type=int, default=3)
     ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--fused-counts", action="store_true", help="also count the fused path's launches (slow)")
     args = ap.parse_args()
     os.environ[ENV] = "torch"
     torch.set_num_threads(args.threads)
@@ -96,6 +97,29 @@ def main() -> None:
     for solver, *_, times in rows:
         print(f"# {solver}: per-layer runs {[round(t, 2) for t in times[False]]}, "
               f"batched runs {[round(t, 2) for t in times[True]]}")
+    if args.fused_counts:
+        fused_counts(targets, hessians)
+
+
+def fused_counts(targets, hessians) -> None:
+    """Launches (ATen ops + Triton launches) of the fused path on the 144-wide layers, counted in the
+    interpreter (counts depend on shapes only; the interpreter's wall time means nothing)."""
+    from obc_lightning.kernels import triton_available
+
+    if not triton_available():
+        print("# fused-path counts skipped: triton does not import")
+        return
+    os.environ[ENV] = "triton"
+    group = {n: lh for n, lh in hessians.items() if lh.hessians.shape[-1] == 144}
+    print(f"\n| fused path, {len(group)} layers of width 144 | ATen ops | Triton launches | total |")
+    print("|---|---|---|---|")
+    for solver in ("auto", "obc"):
+        for batched in (False, True):
+            with count_launches() as c:
+                solve(targets, group, SolveSettings(bits=4, solver=solver), batched)
+            label = "batched" if batched else "one layer at a time"
+            print(f"| {solver}, {label} | {c.aten} | {c.triton} | {c.total} |")
+    os.environ[ENV] = "torch"
 
 
 if __name__ == "__main__":
