@@ -17,6 +17,7 @@ WORKER = textwrap.dedent(
     import torch.distributed as dist
     import torch.multiprocessing as mp
     sys.path.insert(0, {tests_dir!r})
+    sys.path.insert(0, os.path.dirname({tests_dir!r}))  # this checkout's obc_lightning, whatever is installed
     warnings.simplefilter("ignore")
 
 
