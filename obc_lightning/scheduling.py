@@ -34,6 +34,7 @@ import torch
 from torch import Tensor, nn
 
 from obc_lightning.calibration import LayerHessian
+from obc_lightning.reporting import ModuleReport
 
 # d x d copies one group holds while its batch is solved (see the module docstring)
 COPIES_PER_GROUP = 8
@@ -66,7 +67,7 @@ class Solved:
 
     name: str
     weight: Tensor
-    report: object  # ModuleReport (weight_bits set)
+    report: ModuleReport  # weight_bits set
     results: list
     n_pruned: int
 
