@@ -396,6 +396,7 @@ class OBCQuantize(Callback):
 
     # ================================================================== pieces
     def _compress_stage(self, trainer: Trainer, pl_module: LightningModule, batches: list) -> Stage:
+        reduce_fn = glue.all_reduce_fn(trainer)  # under DDP: Hessians summed, the solving shared out
         bn_batches = self._bn_batches(trainer) if self.config.recalibrate_bn else []
         probe = (batches or bn_batches or [None])[0]
         forward_fn = (
@@ -405,7 +406,7 @@ class OBCQuantize(Callback):
             pl_module, batches, self.config, who=self.who,
             evaluate=(lambda: self._evaluate(trainer, pl_module)) if self.config.reporting.evaluate else None,
             bn_batches=bn_batches or None,
-            forward_fn=forward_fn, reduce_fn=glue.all_reduce_fn(trainer),
+            forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
             progress=glue.trainer_progress(trainer, self.who, self.config.reporting.verbose),
         )
 

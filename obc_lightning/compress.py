@@ -13,7 +13,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from dataclasses import fields, replace
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
@@ -30,8 +30,6 @@ from obc_lightning.checks import check_flags
 from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
 from obc_lightning.reporting import (
     FP32_BYTES,
-    SCALE_BYTES,
-    ZERO_BYTES,
     CompressionReport,
     ModuleReport,
     Progress,
@@ -39,6 +37,7 @@ from obc_lightning.reporting import (
     progress_of,
     sparse_weight_bytes,
 )
+from obc_lightning.scheduling import Solved, SolveSettings, check_distributed, solve_modules
 from obc_lightning.selection import (
     REASON_ATTENTION_PROJECTION,
     attention_projections,
@@ -50,7 +49,7 @@ from obc_lightning.selection import (
 from obc_lightning.solvers.common import layer_objective
 from obc_lightning.solvers.pq import check_pq_args, product_quantize
 from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune
-from obc_lightning.solvers.quantize import quantize_weight
+from obc_lightning.solvers.quantize import quantize_weights
 
 __all__ = [  # re-exported: module selection lives in obc_lightning.selection
     "DEFAULT_BITS", "METHODS", "REASON_ATTENTION_PROJECTION", "SOLVERS", "attention_projections",
@@ -204,40 +203,57 @@ def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.devi
     return max_memory
 
 
-def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None, max_memory=None):
-    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
-    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
+@dataclass
+class _Prepared:
+    """One module between its (per-module) pruning and its (possibly batched) quantization."""
+
+    name: str
+    module: nn.Module
+    lh: LayerHessian
+    group_size: int | None  # None where one group would span the whole row
+    blocks: list[tuple[Tensor, Tensor, Tensor]]  # per conv group: (W_i, pruned W_i, H_i) in the compute dtype
+    pruned: int
+    damp: float
+    seconds: float  # spent on this module alone so far
+
+
+def _prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None) -> _Prepared:
+    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``."""
     t0 = time.perf_counter()
     W = m.weight.detach()
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
         group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    prune = sparsity is not None or n_m is not None
     group_index = _nm_group_index(m, n_m)
-    Qs, results = [], []
-    loss = 0.0
-    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
-    pruned = 0
-    damp_used = 0.0
-    rows_won: dict[str, int] = {}
+    blocks, pruned, damp_used = [], 0, 0.0
     for i, Wb in enumerate(lh.weight_blocks(W)):
         Wb = Wb.to(dt)
         H = lh.hessians[i].to(device=W.device, dtype=dt)
         Pb = Wb
-        if prune:
+        if sparsity is not None or n_m is not None:
             pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
+        blocks.append((Wb, Pb, H))
+    return _Prepared(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0)
+
+
+def _finish_module(p: _Prepared, results: list, bits, n_m, prune: bool, solve_seconds: float):
+    """The new weight and the report of a prepared module from its groups' results (empty: prune only);
+    ``solve_seconds``: its share of the solver time. Returns Q (weight's shape, compute dtype), the report,
+    the results, the number of scales and the number of pruned weights."""
+    t0 = time.perf_counter()
+    m, W = p.module, p.module.weight.detach()
+    Qs = []
+    loss = 0.0
+    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
+    damp_used = p.damp
+    rows_won: dict[str, int] = {}
+    for i, (Wb, Pb, H) in enumerate(p.blocks):
         if bits is None:
             Qb = Pb
         else:  # quantize_weight keeps exact zeros at 0: the mask survives
-            res = quantize_weight(
-                Pb, H, bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-                scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, W.device),
-            )
+            res = results[i]
             Qb = res.quantized_matrix
-            results.append(res)
             damp_used = max(damp_used, res.damp)
             for k, v in res.solver_rows.items():
                 rows_won[k] = rows_won.get(k, 0) + int(v)
@@ -250,6 +266,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     rows = W.shape[0]
     n_groups = results[0].scales.shape[1] if results else 0
     before = _size(m)
+    pruned = p.pruned
     # the weight as save_quantized stores it by default (N:M: the kept entries and their positions;
     # pruned float weights: float16 values; quantized unstructured-sparse weights: dense codes)
     if bits is None:
@@ -260,16 +277,16 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         weight_bytes = packed_weight_bytes(W.numel(), rows, n_groups, bits)
     after = before - W.numel() * FP32_BYTES + weight_bytes
     rep = ModuleReport(
-        name=name,
+        name=p.name,
         kind=type(m).__name__,
         shape=tuple(W.shape),
         bits=bits,
-        groups=lh.groups,
-        group_size=group_size,
-        n_samples=lh.n_samples,
+        groups=p.lh.groups,
+        group_size=p.group_size,
+        n_samples=p.lh.n_samples,
         loss=loss,
         rel_error=rel,
-        seconds=time.perf_counter() - t0,
+        seconds=p.seconds + solve_seconds + time.perf_counter() - t0,
         obc_rows=rows_won.get("obc", 0),
         gptq_rows=rows_won.get("gptq", 0),
         damp=damp_used,
@@ -278,6 +295,41 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         sparsity=pruned / W.numel(),
     )
     return Q, rep, results, rows * n_groups, pruned
+
+
+def _quantize_modules(prepared: list[_Prepared], bits, solver, symmetric, mse, damp, scale_dtype, max_memory,
+                      sparsity=None, n_m=None) -> list[tuple]:
+    """Quantize the kept weights of prepared modules whose groups all have the same width d (and compute
+    dtype, device): every group of every module in one :func:`~obc_lightning.solvers.quantize.quantize_weights`
+    call, each result what the module gets alone. Its time is shared out by rows (the cost per row is
+    the same at one d). Returns :func:`_finish_module`'s tuple per module, in order."""
+    prune = sparsity is not None or n_m is not None
+    if bits is None:
+        return [_finish_module(p, [], bits, n_m, True, 0.0) for p in prepared]
+    problems = [(Pb, H) for p in prepared for _, Pb, H in p.blocks]
+    device = prepared[0].module.weight.device
+    t0 = time.perf_counter()
+    results = quantize_weights(
+        problems, bits, solver=solver, group_size=prepared[0].group_size, symmetric=symmetric, mse=mse, damp=damp,
+        scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, device),
+    )
+    seconds = time.perf_counter() - t0
+    rows = [sum(b[0].shape[0] for b in p.blocks) for p in prepared]
+    out, k = [], 0
+    for p, r in zip(prepared, rows):
+        n = len(p.blocks)
+        out.append(_finish_module(p, results[k : k + n], bits, n_m, prune, seconds * r / sum(rows)))
+        k += n
+    return out
+
+
+def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
+                     sparsity=None, n_m=None, max_memory=None):
+    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
+    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
+    results, the number of scales and the number of pruned weights."""
+    p = _prepare_module(name, m, lh, group_size, damp, sparsity=sparsity, n_m=n_m)
+    return _quantize_modules([p], bits, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity, n_m)[0]
 
 
 def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
@@ -389,6 +441,7 @@ def compress_model(
     keep_results: bool = False,
     scale_dtype: torch.dtype | None = torch.float16,
     progress: Progress | bool | None = None,
+    distributed: bool = False,
     **options,
 ) -> CompressionReport:
     """Quantize (or prune) the Linear / Conv1d / Conv2d weights of ``model`` in place.
@@ -422,6 +475,12 @@ def compress_model(
         config: the whole configuration instead of flat keywords.
         forward_fn: ``fn(model, batch)`` running a batch (for batches the calling convention cannot take).
         reduce_fn: sums a tensor over processes in place (DDP): every rank then holds the same Hessians.
+        distributed: share the solving out over the processes of ``torch.distributed``'s default group
+            (DDP; it must be initialized): the ranks split the modules, balanced by cost, solve their share
+            and broadcast the results, so every rank ends with the same weights and report entries, checked
+            (:mod:`obc_lightning.scheduling`). Needs ``reduce_fn`` summing over that group (every rank must
+            hold the same Hessians). Sequential mode shares out only modules that share a calibration pass
+            (q, k, v). ``False``: every process solves every module.
         keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
             per conv group, on the CPU) in ``report.results`` (codes, scales, zeros; with product
             quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`).
@@ -468,6 +527,7 @@ def compress_model(
         c.sequential, c.offload, c.max_memory, c.sample_fraction, c.product_dtype
     )
     check_flags("compress_model", keep_results=keep_results)
+    check_distributed("compress_model", distributed, reduce_fn)
     pq = method != "scalar"
     batches = _materialize(calibration_batches)
     progress = progress_of(progress)
@@ -501,41 +561,51 @@ def compress_model(
         product_dtype=product_dtype,
     )
 
-    def solve(name: str, lh: LayerHessian, force: bool = False) -> None:
-        users = [u for u in tied.get(name, [name]) if u in targets]  # target users of this weight
-        if len(users) > 1:
+    settings = SolveSettings(
+        method=method, bits=bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
+        scale_dtype=scale_dtype, sparsity=sparsity, n_m=n_m, block_size=block_size, n_centroids=n_centroids,
+        seed=seed, max_memory=max_memory,
+    )
+    shared: dict[str, dict[str, LayerHessian]] = {}  # a tied weight's solving name -> its users' Hessians
+
+    def solve_all(hessians: dict[str, LayerHessian], force: bool = False) -> None:
+        """Solve these modules (batched by width, shared over ranks) and write their weights back. A weight
+        shared by several targets waits until all its users' Hessians are in (``force``: those that came)
+        and is solved once on their sum."""
+        ready: dict[str, LayerHessian] = {}
+        for name, lh in hessians.items():
+            users = [u for u in tied.get(name, [name]) if u in targets]  # target users of this weight
+            if len(users) == 1:
+                ready[name] = lh
+                if name in tied:  # one module under several names: its report entry needs its Hessian
+                    shared[name] = {name: lh}
+                continue
             waiting[name] = lh
             if not force and any(u not in waiting and u not in skipped for u in users):
-                return  # solved when the last user's Hessian comes in (or the others are skipped)
+                continue  # solved when the last user's Hessian comes in (or the others are skipped)
             lhs = {u: waiting.pop(u) for u in users if u in waiting}
-            name = next(iter(lhs))
-            lh = LayerHessian(
-                name,
-                sum(h.hessians.to(lhs[name].hessians.device) for h in lhs.values()),
+            first = next(iter(lhs))
+            shared[first] = lhs
+            ready[first] = LayerHessian(
+                first,
+                sum(h.hessians.to(lhs[first].hessians.device) for h in lhs.values()),
                 sum(h.n_samples for h in lhs.values()),
                 sum(h.n_calls for h in lhs.values()),
             )
-        else:
-            lhs = {name: lh}
-        m = targets[name]
-        if pq:
-            b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
-            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
-            results, n_pruned = [res], 0
-        else:
-            Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
-                max_memory=max_memory,
-            )
-            rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
-                SCALE_BYTES + ZERO_BYTES) * n_scales
+        for out in solve_modules(ready, targets, settings, distributed=distributed, keep_results=keep_results):
+            progress.step(out.name)
+            apply(out)
+
+    def apply(out: Solved) -> None:
+        name, rep, m, Q = out.name, out.report, targets[out.name], out.weight
+        lhs = shared.pop(name, None)
         reps = [rep]
         aliases: list[str] = []
         if name in tied:  # the weight under each of its names, each target user with its own objective
             W, reps = m.weight.detach(), []
             for u in tied[name]:
                 mod = model.get_submodule(u)
-                if u in lhs:
+                if lhs is not None and u in lhs:
                     loss, signal = _objective(W, Q.reshape(W.shape), lhs[u])
                     reps.append(replace(
                         rep, name=u, kind=type(mod).__name__, n_samples=lhs[u].n_samples, loss=loss,
@@ -555,11 +625,11 @@ def compress_model(
         weight.copy_(Q.to(weight.dtype))
         report.modules.extend(reps)
         report.quantized_weights += weight.numel()
-        report.pruned_weights += n_pruned
+        report.pruned_weights += out.n_pruned
         report.quantized_weight_bits += rep.weight_bits
         if keep_results:  # under every name the state_dict holds the weight under (export packs each)
             for u in [r.name for r in reps] + aliases:
-                report.results[u] = [_to_cpu(x) for x in results]
+                report.results[u] = [_to_cpu(x) for x in out.results]
 
     try:
         with torch.no_grad():
@@ -570,9 +640,7 @@ def compress_model(
                 report.calibration_passes = 1
                 skipped.update(calib.skipped)
                 progress.start("solving", len(calib.hessians))
-                for name in list(calib.hessians):
-                    progress.step(name)
-                    solve(name, calib.hessians.pop(name))  # pop: free each H once used
+                solve_all(calib.hessians)  # batched by width (and shared over ranks); each H freed once used
             else:
                 first = next(iter(batches), None)
                 if first is None:
@@ -588,12 +656,9 @@ def compress_model(
                     report.calibration_seconds += time.perf_counter() - t0
                     report.calibration_passes += 1
                     skipped.update(calib.skipped)
-                    for name in group:
-                        if name in calib:
-                            solve(name, calib.hessians.pop(name))
-            for name in list(waiting):  # users that never got a Hessian: solved with those that did
-                if name in waiting:
-                    solve(name, waiting.pop(name), force=True)
+                    solve_all({name: calib.hessians.pop(name) for name in group if name in calib})
+            if waiting:  # tied weights some of whose users never got a Hessian: solved with those that did
+                solve_all({name: waiting.pop(name) for name in list(waiting)}, force=True)
     except BaseException:
         with torch.no_grad():  # one backup per Parameter: the original, however many modules share it
             for weight, original in backups.values():
@@ -609,6 +674,7 @@ def compress_model(
         order += [n] if n in all_targets else []
         order += [p for p in projections if p.rpartition(".")[0] == n]
     report.skipped = {n: skipped[n] for n in order if n in skipped}
+    _in_model_order(report, order)
     done = {rep.name: rep for rep in report.modules}
     counted: set[int] = set()  # a weight shared by several targets is stored once: counted once
     for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
@@ -646,6 +712,14 @@ class _Stepped:
         for i, batch in enumerate(self.batches):
             self.progress.step(f"batch {i + 1}")
             yield batch
+
+
+def _in_model_order(report: CompressionReport, order: list[str]) -> None:
+    """report.modules (and report.results) in model order: modules solved in batches finish out of it."""
+    where = {n: i for i, n in enumerate(order)}
+    report.modules.sort(key=lambda rep: where.get(rep.name, len(where)))
+    if report.results is not None:
+        report.results = {n: report.results[n] for n in sorted(report.results, key=lambda n: where.get(n, len(where)))}
 
 
 def _to_cpu(res):

@@ -118,3 +118,119 @@ def test_quantize_weights_refuses_mixed_widths():
         quantize_weights([])
     with pytest.raises(ValueError, match=r"quantize_weights: hessian must be \(cols x cols\)"):
         quantize_weights([(W1, H2)])
+
+
+# ------------------------------------------------------------------ compress_model: batched by width
+class Net(torch.nn.Module):
+    """Widths: conv1 27; conv2, conv3 72; gconv 2 groups of 36; fc1, fc2, head 16 (and q, k share an input)."""
+
+    def __init__(self):
+        super().__init__()
+        nn = torch.nn
+        self.conv1 = nn.Conv2d(3, 8, 3, padding=1)
+        self.conv2 = nn.Conv2d(8, 8, 3, padding=1)
+        self.conv3 = nn.Conv2d(8, 8, 3, padding=1, bias=False)
+        self.gconv = nn.Conv2d(8, 8, 3, padding=1, groups=2)
+        self.conv4 = nn.Conv2d(8, 4, 1)
+        self.fc1 = nn.Linear(16, 16)
+        self.q = nn.Linear(16, 16)
+        self.k = nn.Linear(16, 16)
+        self.head = nn.Linear(16, 5)
+
+    def forward(self, x):
+        h = self.conv3(self.conv2(self.conv1(x).relu()).relu())
+        h = self.conv4(self.gconv(h).relu())
+        h = self.fc1(torch.nn.functional.adaptive_avg_pool2d(h, 2).flatten(1)).relu()
+        return self.head(self.q(h) * self.k(h))
+
+
+def net(dtype=torch.float32):
+    torch.manual_seed(0)
+    return Net().to(dtype)
+
+
+def images(dtype=torch.float32, n=2):
+    g = torch.Generator().manual_seed(1)
+    return [torch.randn(8, 3, 6, 6, generator=g).to(dtype) for _ in range(n)]
+
+
+def one_at_a_time(monkeypatch):
+    """compress_model solving one module at a time (the path batching must reproduce)."""
+    import functools
+
+    import obc_lightning.compress as compress
+
+    monkeypatch.setattr(compress, "solve_modules", functools.partial(compress.solve_modules, batch_by_width=False))
+
+
+def compare(a, b, ra, rb):
+    for (n, p), q in zip(a.named_parameters(), b.parameters()):
+        assert torch.equal(p, q), n
+    assert [m.name for m in ra.modules] == [m.name for m in rb.modules]
+    for x, y in zip(ra.modules, rb.modules):
+        assert {**vars(x), "seconds": 0} == {**vars(y), "seconds": 0}, x.name
+    if ra.results is not None:
+        for name in ra.results:
+            for u, v in zip(ra.results[name], rb.results[name]):
+                assert torch.equal(u.codes, v.codes) and torch.equal(u.scales, v.scales), name
+
+
+@pytest.mark.parametrize("dtype,opts", [
+    (torch.float32, dict(bits=4)),
+    (torch.float64, dict(bits=3, solver="obc", group_size=8)),
+    (torch.float32, dict(bits=4, sparsity=0.5, solver="gptq")),
+    (torch.float32, dict(bits=4, n_m=(2, 4), exclude="conv1")),
+    (torch.float32, dict(bits=None, sparsity=0.5)),
+    (torch.float32, dict(bits=4, sequential=True)),
+])
+def test_compress_model_batched_equals_one_module_at_a_time(dtype, opts, monkeypatch):
+    from obc_lightning import compress_model
+
+    monkeypatch.setenv(ENV, "torch")
+    batched, alone = net(dtype), net(dtype)
+    calls = []
+    import obc_lightning.compress as qmod  # compress_model calls quantize_weights through this name
+
+    real = qmod.quantize_weights
+
+    def spy(problems, *args, **kwargs):
+        calls.append(len(problems))
+        return real(problems, *args, **kwargs)
+
+    monkeypatch.setattr(qmod, "quantize_weights", spy)
+    rb = compress_model(batched, images(dtype), keep_results=True, **opts)
+    widths = calls[:]
+    one_at_a_time(monkeypatch)
+    calls.clear()
+    ra = compress_model(alone, images(dtype), keep_results=True, **opts)
+    compare(batched, alone, rb, ra)
+    assert [m.name for m in rb.modules] == [n for n, _ in batched.named_modules() if n in rb.results]  # model order
+    if opts.get("bits") is not None:
+        # batched: conv2 + conv3 in one call, gconv's two groups in one, fc1 + q + k + head (q + k when sequential)
+        assert len(widths) < len(calls) and max(widths) == (2 if opts.get("sequential") else 4)
+        assert sum(rep.seconds for rep in rb.modules) <= rb.seconds
+
+
+def test_batches_group_by_width_in_order_and_fit_the_budget():
+    from obc_lightning.calibration import LayerHessian
+    from obc_lightning.scheduling import COPIES_PER_GROUP, SolveSettings, _batches
+
+    model = net()
+    targets = {n: m for n, m in model.named_modules() if isinstance(m, (torch.nn.Conv2d, torch.nn.Linear))}
+
+    def hessians():
+        out = {}
+        for n, m in targets.items():
+            g = getattr(m, "groups", 1)
+            d = m.weight[0].numel()
+            out[n] = LayerHessian(n, torch.eye(d, dtype=torch.float64).expand(g, d, d), 1, 1)
+        return out
+
+    assert _batches(hessians(), targets, SolveSettings(), True) == [
+        ["conv1"], ["conv2", "conv3"], ["gconv"], ["conv4"], ["fc1", "q", "k", "head"]]
+    # half the budget holds the d x d copies of three 16-wide modules, not four; conv2 + conv3 do not fit
+    budget = 2 * 3 * COPIES_PER_GROUP * 16 * 16 * 4
+    assert _batches(hessians(), targets, SolveSettings(max_memory=budget), True) == [
+        ["conv1"], ["conv2"], ["conv3"], ["gconv"], ["conv4"], ["fc1", "q", "k"], ["head"]]
+    assert _batches(hessians(), targets, SolveSettings(), False) == [[n] for n in targets]
+    assert _batches(hessians(), targets, SolveSettings(bits=None, sparsity=0.5), True) == [[n] for n in targets]
