@@ -158,6 +158,8 @@ class OBCQuantize(Callback):
         # after the optimizers exist, before their state is restored from a checkpoint
         resume, self._resume_state = self._resume_state, None
         restored, self._restored = self._restored, False
+        if trainer.ckpt_path is None:  # state loaded by an earlier validate / test, not by this fit
+            resume, restored = None, False
         self._monitor_checked = False
         if resume is not None:
             self._resume_finetuning(trainer, pl_module, resume)
