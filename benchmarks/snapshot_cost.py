@@ -36,6 +36,8 @@ def best_of(fn, n=5) -> float:
 def main(argv=None) -> None:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--models", nargs="+", default=["resnet20", "resnet18"])
+    p.add_argument("--compress", nargs="*", default=["resnet20"],
+                   help="models also compressed for scale (ResNet-18 takes many minutes on one CPU thread)")
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     args = p.parse_args(argv)
     torch.manual_seed(0)
@@ -49,6 +51,9 @@ def main(argv=None) -> None:
         snap = ModelSnapshot(model)
         take = best_of(lambda: ModelSnapshot(model))  # noqa: B023
         restore = best_of(snap.restore)
+        if name not in args.compress:
+            print(f"{name:<10}{snap.nbytes / 2**20:>13.2f}{take:>10.4f}{restore:>11.4f}{'-':>12}{'-':>17}")
+            continue
         t0 = time.process_time()
         compress_model(model, batches, bits=4)
         compress = time.process_time() - t0
