@@ -59,7 +59,7 @@ def greedy_fast_fused(
 ) -> tuple[Tensor, Tensor]:
     """ExactOBC as :func:`~obc_lightning.solvers.obc.greedy_fast` (same arguments, same result), each block
     of ``block_size`` steps one launch of ``obc_block``; flushes and shrinks as in ``greedy_loop_fast``."""
-    from obc_lightning.solvers.obc import _take_symmetric, default_block_size
+    from obc_lightning.solvers.common import default_block_size, take_symmetric
 
     R, d = w.shape
     dev, dt = w.device, w.dtype
@@ -105,7 +105,7 @@ def greedy_fast_fused(
             keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
             src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
             uk = ut.gather(2, keep.unsqueeze(1).expand(R, B, n2))
-            hf = _take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
+            hf = take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
             w, cols = w.gather(1, keep), cols.gather(1, keep)
             scale, zero, outl = scale.gather(1, keep), zero.gather(1, keep), outl.gather(1, keep)
             done = torch.zeros(R, n2, dtype=torch.int8, device=dev)
@@ -124,7 +124,7 @@ def gptq_blocks(W: Tensor, K: Tensor, s: Tensor, z: Tensor, fz: Tensor | None, U
     """GPTQ's column loop on W (R, d; visiting order, updated in place), codes into K (R, d): per block
     one ``gptq_block`` launch and the deferred W[:, i2:] -= E U_l[block, i2:] as one matmul per layer.
     U (L, d, d): the layers' factors; lid (R,): each row's layer (None: one layer); counts: rows per layer."""
-    from obc_lightning.solvers.gptq import _bounds
+    from obc_lightning.solvers.common import row_bounds
 
     R, d = W.shape
     BB = _pow2(min(block_size, d))
@@ -134,7 +134,7 @@ def gptq_blocks(W: Tensor, K: Tensor, s: Tensor, z: Tensor, fz: Tensor | None, U
     lid = torch.zeros(R, dtype=torch.int64, device=W.device) if lid is None else lid.contiguous()
     br = _row_tile(W, R)
     grid = (triton_cdiv(R, br),)
-    bounds = _bounds(counts)
+    bounds = row_bounds(counts)
     for i1 in range(0, d, block_size):
         i2 = min(i1 + block_size, d)
         _launch(
@@ -156,7 +156,7 @@ def polish_fused(
     torch loop, which drops it). hessians (L, d, d), lid (R,) each row's layer (None: one layer), counts:
     rows per layer (stacked in order). Returns (codes, Q, passes run (0-d tensor), active rows (R,))."""
     from obc_lightning.grids import dequantize
-    from obc_lightning.solvers.gptq import _bounds
+    from obc_lightning.solvers.common import row_bounds
 
     R, d = w.shape
     K = codes.clone().contiguous()
@@ -168,7 +168,7 @@ def polish_fused(
     inv_h = torch.where(hd > 0, 1.0 / hd.double(), torch.zeros((), dtype=torch.float64, device=hd.device))
     inv_h, half_h = inv_h.to(hd.dtype), (0.5 * hd.double()).to(hd.dtype)
     lid = torch.zeros(R, dtype=torch.int64, device=w.device) if lid is None else lid.contiguous()
-    bounds = _bounds(counts)
+    bounds = row_bounds(counts)
     fr = frozen.to(torch.int8).contiguous() if frozen is not None else K
     active = torch.ones(R, dtype=torch.int8, device=w.device)
     passes = torch.zeros((), dtype=torch.int64, device=w.device)

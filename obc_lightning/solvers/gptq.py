@@ -24,8 +24,10 @@ from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
     compute_dtype,
+    layer_index,
     objective,
     prepare_hessian,
+    row_bounds,
     row_factors,
     scaled_grid,
     symmetric_hessian,
@@ -71,11 +73,6 @@ def gptq_codes(
     )
 
 
-def layer_index(counts: list[int], device) -> Tensor:
-    """(sum counts,) the layer of every row, for rows stacked layer after layer (counts[l] rows each)."""
-    return torch.repeat_interleave(torch.arange(len(counts), device=device), torch.tensor(counts, device=device))
-
-
 def gptq_codes_layers(
     w: Tensor,
     hessians: Tensor,
@@ -119,7 +116,7 @@ def gptq_codes_layers(
 
         gptq_blocks(W, K, s, z, fz, U, lid, counts, maxq, block_size)
     else:
-        bounds = _bounds(counts)
+        bounds = row_bounds(counts)
         for i1 in range(0, d, block_size):
             i2 = min(i1 + block_size, d)
             W1 = W[:, i1:i2]  # view: the block, kept exactly up to date
@@ -140,15 +137,6 @@ def gptq_codes_layers(
                     W[a:b, i2:].addmm_(E1[a:b], U[li, i1:i2, i2:], alpha=-1)
     out = torch.empty_like(K)
     return out.scatter_(1, perm if L > 1 else perm.expand(R, d), K)  # back to the original column order
-
-
-def _bounds(counts: list[int]) -> list[tuple[int, int]]:
-    """Row ranges [a, b) of the layers stacked with ``counts`` rows each."""
-    out, a = [], 0
-    for n in counts:
-        out.append((a, a + n))
-        a += n
-    return out
 
 
 @torch.no_grad()

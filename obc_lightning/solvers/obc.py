@@ -34,13 +34,16 @@ from obc_lightning.solvers.common import (
     QuantResult,
     check_problem,
     compute_dtype,
+    default_block_size,
     default_memory_budget,
+    layer_index,
     masked_inverses,
     objective,
     prepare_hessian,
     row_factors,
     scaled_grid,
     symmetric_hessian,
+    take_symmetric,
 )
 
 
@@ -127,29 +130,6 @@ def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq:
     return rule.codes, loss
 
 
-def _take_symmetric(src: Tensor, keep: Tensor) -> Tensor:
-    """src[r][keep[r]][:, keep[r]] for every r, for symmetric src (R or 1, n, n); keep (R, n2).
-
-    Whole rows are copied with index_select (a memcpy per row); the columns are taken as rows of the
-    transposed result, which by symmetry is the same matrix. A strided gather is ~5x slower on CPU.
-    """
-    R, n2 = keep.shape
-    n = src.shape[-1]
-    if src.shape[0] == 1:  # shared inverse: index its rows directly
-        rows = src[0].index_select(0, keep.reshape(-1)).view(R, n2, n)
-    else:
-        flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
-        rows = src.reshape(R * n, n).index_select(0, flat).view(R, n2, n)
-    flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
-    return rows.transpose(1, 2).contiguous().view(R * n, n2).index_select(0, flat).view(R, n2, n2)
-
-
-def default_block_size(d: int) -> int:
-    """Steps between flushes. Per step the pending correction U U[p]^T reads ~n B / 2 values per row,
-    a flush reads and writes the n x n inverse (2 n^2 / B per step): balanced at B ~ 2 sqrt(n)."""
-    return int(min(256, max(16, round(2 * d**0.5 / 16) * 16)))
-
-
 def greedy_loop_fast(
     w: Tensor,
     hinv_src: Tensor,
@@ -219,7 +199,7 @@ def greedy_loop_fast(
             keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
             src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
             uk = ut.gather(2, keep.unsqueeze(1).expand(R, t, n2))
-            hf = _take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
+            hf = take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
             w, cols = w.gather(1, keep), cols.gather(1, keep)
             rule.shrink(keep)
             done = torch.zeros(R, n2, dtype=torch.bool, device=dev)
@@ -313,7 +293,6 @@ def solve_obc_layers(
     masked inverse instead. Each row takes the steps it takes in a call for its layer alone: the codes
     do not depend on which rows are batched together. Returns codes (R, d) as floats and the loss (R,).
     """
-    from obc_lightning.solvers.gptq import layer_index
 
     rows, d = W.shape
     L = len(preps)

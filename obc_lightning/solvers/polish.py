@@ -20,8 +20,10 @@ from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
     compute_dtype,
+    layer_index,
     layer_objective,
     objective,
+    row_bounds,
     row_factors,
     symmetric_hessian,
 )
@@ -74,11 +76,10 @@ def polish_codes_layers(
     runs once for all rows, each row reading its own layer's H_jj and H[j, :]. Per row the arithmetic is
     the single-layer loop's, so each layer gets the codes :func:`polish_codes` gives it alone.
     """
-    from obc_lightning.solvers.gptq import _bounds, layer_index
 
     R, d = w.shape
     L = hessians.shape[0]
-    bounds = _bounds(counts)
+    bounds = row_bounds(counts)
     if use_triton(w):  # the same passes, a block of columns per launch (obc_lightning.kernels)
         from obc_lightning.kernels.fused import polish_fused
 
@@ -116,7 +117,7 @@ def polish_codes_layers(
             lv, hh, ih = (live_r, half_r, inv_r) if everything else (live_r[rows], half_r[rows], inv_r[rows])
             # the active rows stay grouped by layer (rows is sorted): each layer's slice of them
             n_act = torch.bincount(la, minlength=L).tolist() if not everything else counts
-            sub = _bounds(n_act)
+            sub = row_bounds(n_act)
         else:
             sub = [(0, rows.numel())]
         G = torch.empty_like(wa)  # (r, d) gradient g = (q - w) H, exact at the start of each pass

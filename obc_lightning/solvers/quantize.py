@@ -23,11 +23,12 @@ from obc_lightning.solvers.common import (
     loss_in,
     objective,
     prepare_hessian,
+    row_bounds,
     row_factors,
     scaled_grid,
     symmetric_hessian,
 )
-from obc_lightning.solvers.gptq import _bounds, gptq_codes_layers
+from obc_lightning.solvers.gptq import gptq_codes_layers
 from obc_lightning.solvers.obc import solve_obc_layers
 from obc_lightning.solvers.polish import polish_codes_layers
 
@@ -181,7 +182,7 @@ def quantize_weights(
             )
         solutions.append(codes)
     n = len(solutions)
-    bounds = _bounds(counts)
+    bounds = row_bounds(counts)
     if polish:
         # one coordinate-descent run over all solutions stacked by rows (per layer: its rows under each
         # solver in turn): the rows are independent, and the per-column loop (the cost on small layers)
