@@ -28,17 +28,11 @@ from obc_lightning.calibration import (
 )
 from obc_lightning.checks import check_flags
 from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
-from obc_lightning.reporting import (
-    FP32_BYTES,
-    SCALE_BYTES,
-    ZERO_BYTES,
-    CompressionReport,
-    ModuleReport,
-    Progress,
-    packed_weight_bytes,
-    progress_of,
-    sparse_weight_bytes,
-)
+from obc_lightning.formats.bits import FP32_BYTES, dtype_name
+from obc_lightning.formats.nm import conv_nm_group_index
+from obc_lightning.formats.record import set_format
+from obc_lightning.formats.schemes import PQScheme, ScalarScheme, SparseMaskScheme, StorageScheme, kind_of, scheme_of
+from obc_lightning.reporting import CompressionReport, ModuleReport, Progress, progress_of
 from obc_lightning.selection import (
     REASON_ATTENTION_PROJECTION,
     attention_projections,
@@ -49,7 +43,7 @@ from obc_lightning.selection import (
 )
 from obc_lightning.solvers.common import layer_objective
 from obc_lightning.solvers.pq import check_pq_args, product_quantize
-from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune
+from obc_lightning.solvers.prune import obs_prune
 from obc_lightning.solvers.quantize import quantize_weight
 
 __all__ = [  # re-exported: module selection lives in obc_lightning.selection
@@ -208,7 +202,7 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
                      sparsity=None, n_m=None, max_memory=None):
     """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
     weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
+    results, the weight's format and the number of pruned weights."""
     t0 = time.perf_counter()
     W = m.weight.detach()
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
@@ -247,18 +241,15 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
     Q = torch.cat(Qs, dim=0).reshape(W.shape)
     rel = _relative_error(loss, signal)
-    rows = W.shape[0]
-    n_groups = results[0].scales.shape[1] if results else 0
-    before = _size(m)
-    # the weight as save_quantized stores it by default (N:M: the kept entries and their positions;
-    # pruned float weights: float16 values; quantized unstructured-sparse weights: dense codes)
+    # the format the weight is in (recorded on the module), and its size as save_quantized stores it by
+    # default: N:M-pruned weights as their kept entries and positions, pruned float weights as float16
+    # values, quantized unstructured-sparse weights as dense codes
     if bits is None:
-        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, nnz=W.numel() - pruned)
-    elif n_m is not None:
-        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, bits=bits, n_scales=rows * n_groups)
+        fmt = SparseMaskScheme() if n_m is None else SparseMaskScheme().with_n_m(n_m)
     else:
-        weight_bytes = packed_weight_bytes(W.numel(), rows, n_groups, bits)
-    after = before - W.numel() * FP32_BYTES + weight_bytes
+        fmt = ScalarScheme.from_grids([r.grid for r in results], n_m)
+    nbytes, nbits = _stored_size(fmt, m, Q.to(W.dtype), "float16")
+    before = _size(m)
     rep = ModuleReport(
         name=name,
         kind=type(m).__name__,
@@ -274,14 +265,23 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         gptq_rows=rows_won.get("gptq", 0),
         damp=damp_used,
         bytes_before=before,
-        bytes_after=after,
+        bytes_after=before - W.numel() * FP32_BYTES + nbytes,
         sparsity=pruned / W.numel(),
+        weight_bits=nbits,
     )
-    return Q, rep, results, rows * n_groups, pruned
+    return Q, rep, results, fmt, pruned
+
+
+def _stored_size(fmt: StorageScheme, m: nn.Module, weight: Tensor, scale_dtype: str) -> tuple[int, int]:
+    """(bytes, bits before byte padding) of ``weight`` stored in ``fmt``: its scheme's size formula, the
+    one the file writer's payload follows."""
+    config = fmt.describe(kind_of(m), weight, scale_dtype=scale_dtype)
+    scheme = scheme_of(config)
+    return scheme.payload_nbytes(config), scheme.payload_bits(config)
 
 
 def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
-    """Product-quantize one (ungrouped) module; returns Q, the report and the result."""
+    """Product-quantize one (ungrouped) module; returns Q, the report, the result and the weight's format."""
     t0 = time.perf_counter()
     W = m.weight.detach()
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -304,8 +304,9 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
     Q = res.quantized_matrix
     loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
     signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
-    entry = torch.empty(0, dtype=scale_dtype or torch.float32).element_size()
-    weight_bits = res.codes.numel() * res.code_bits + res.codebook.numel() * 8 * entry
+    fmt = PQScheme(res.codebook.detach().cpu(), block_size)
+    # the codebook as it is exactly representable: in scale_dtype (float32 when not rounded)
+    nbytes, nbits = _stored_size(fmt, m, Q.reshape(W.shape), dtype_name(scale_dtype or torch.float32))
     before = _size(m)
     rep = ModuleReport(
         name=name,
@@ -320,13 +321,13 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
         seconds=time.perf_counter() - t0,
         damp=res.damp,
         bytes_before=before,
-        bytes_after=before - W.numel() * FP32_BYTES + -(-weight_bits // 8),
+        bytes_after=before - W.numel() * FP32_BYTES + nbytes,
         method=method,
         block_size=block_size,
         n_centroids=n_centroids,
-        weight_bits=weight_bits,
+        weight_bits=nbits,
     )
-    return Q.reshape(W.shape), rep, res
+    return Q.reshape(W.shape), rep, res, fmt
 
 
 def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
@@ -491,6 +492,7 @@ def compress_model(
     waiting: dict[str, LayerHessian] = {}
     backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
     uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
+    formats: dict[str, StorageScheme] = {}  # recorded on the modules once every weight is written
     kw = dict(
         forward_fn=forward_fn,
         offload=offload,
@@ -520,15 +522,13 @@ def compress_model(
         m = targets[name]
         if pq:
             b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
-            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
+            Q, rep, res, fmt = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
             results, n_pruned = [res], 0
         else:
-            Q, rep, results, n_scales, n_pruned = _quantize_module(
+            Q, rep, results, fmt, n_pruned = _quantize_module(
                 name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
                 max_memory=max_memory,
             )
-            rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
-                SCALE_BYTES + ZERO_BYTES) * n_scales
         reps = [rep]
         aliases: list[str] = []
         if name in tied:  # the weight under each of its names, each target user with its own objective
@@ -557,6 +557,8 @@ def compress_model(
         report.quantized_weights += weight.numel()
         report.pruned_weights += n_pruned
         report.quantized_weight_bits += rep.weight_bits
+        for u in [r.name for r in reps] + aliases:  # every module holding the weight carries its format
+            formats[u] = fmt
         if keep_results:  # under every name the state_dict holds the weight under (export packs each)
             for u in [r.name for r in reps] + aliases:
                 report.results[u] = [_to_cpu(x) for x in results]
@@ -601,6 +603,8 @@ def compress_model(
         raise
     finally:
         progress.close()
+    for name, fmt in formats.items():  # the model carries its quantization state (formats.record)
+        set_format(model.get_submodule(name), fmt)
 
     projections = unquantized_projections(model, include, exclude)
     skipped.update({n: reason for n, (reason, _) in projections.items()})
