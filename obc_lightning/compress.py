@@ -425,7 +425,8 @@ def compress_model(
         reduce_fn: sums a tensor over processes in place (DDP): every rank then holds the same Hessians.
         keep_results: keep every module's :class:`~obc_lightning.solvers.common.QuantResult` list (one
             per conv group, on the CPU) in ``report.results`` (codes, scales, zeros; with product
-            quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`).
+            quantization a one-element list holding its :class:`~obc_lightning.solvers.pq.PQResult`). Export
+            does not need them: the compressed modules carry their formats (below).
         scale_dtype: scales (and PQ codebooks) are rounded to values this dtype holds (default float16,
             what :func:`~obc_lightning.export.save_quantized` stores), so the exported file reproduces the
             in-memory weights bit for bit; ``None`` keeps float32 scales.
@@ -447,6 +448,11 @@ def compress_model(
         others), the weight counts once in the sizes. A module registered under several names has one
         entry, found under each name. Users of a quantized shared weight that are not targets (a tied
         ``nn.Embedding``) are named in a warning.
+
+        Every compressed module (each user of a tied weight, each name of a module) then carries the
+        format its weight is in (:mod:`obc_lightning.formats.record`: its grid, codebook or pruning
+        pattern, no codes), so ``save_quantized(model, path)`` and ``pack_model(model)`` need no report;
+        ``bytes_after`` and ``weight_bits`` are the sizes of that format as ``save_quantized`` writes it.
 
     Raises:
         ValueError: bad arguments (before the model is touched) or NaN / Inf activations. If anything
