@@ -65,9 +65,8 @@ def test_imports_go_down_the_stack(path, top, tree):
                          if isinstance(v, str) else "")
 def test_no_private_cross_module_imports_and_none_inside_functions(path, top, tree):
     for node, module, names, at_top in imported(tree):
-        target = module.split(".")[1]
         private = [n for n in names if n.startswith("_") and not n.endswith("__")]
-        assert not private or target == top, f"{path}:{node.lineno} imports private {private} from {module}"
+        assert not private, f"{path}:{node.lineno} imports private {private} from {module}"
         assert at_top, f"{path}:{node.lineno} imports {module} inside a function"
 
 
