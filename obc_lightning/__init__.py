@@ -39,8 +39,7 @@ from obc_lightning.solvers import (
     product_quantize,
     quantize_weight,
 )
-
-__version__ = "0.1.0"
+from obc_lightning.version import __version__  # noqa: F401  (the package's version)
 
 
 def __getattr__(name):

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor, nn
 from torch.optim.swa_utils import update_bn
 
-from obc_lightning.calibration import _reduced, call_model
+from obc_lightning.calibration import call_model, reduced
 
 
 class _Calls(nn.Module):
@@ -65,9 +65,9 @@ def reestimate_batchnorm(
             m.train(training)
     if reduce_fn is not None:
         ranks = torch.ones((), device=norms[0].running_mean.device)
-        ranks = _reduced(reduce_fn, ranks)
+        ranks = reduced(reduce_fn, ranks)
         for m in norms:
             for stat in (m.running_mean, m.running_var):
-                stat.copy_(_reduced(reduce_fn, stat) / ranks)
+                stat.copy_(reduced(reduce_fn, stat) / ranks)
     return len(norms)
 

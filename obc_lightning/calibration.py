@@ -692,6 +692,10 @@ def collect_hessians(
     return result
 
 
-def _reduced(reduce_fn: Callable[[Tensor], Tensor | None], t: Tensor) -> Tensor:
+def reduced(reduce_fn: Callable[[Tensor], Tensor | None], t: Tensor) -> Tensor:
+    """``reduce_fn(t)`` (a sum over processes), for reductions in place (returning None) or not."""
     out = reduce_fn(t)
     return t if out is None else out
+
+
+_reduced = reduced  # the former name

@@ -37,6 +37,7 @@ from torch import Tensor
 
 from obc_lightning import trainer_glue as glue
 from obc_lightning.attention import split_attention_projections
+from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.compress import check_against_model, config_of, tied_weights
 from obc_lightning.config import DEFAULT_BITS, CompressionConfig
 from obc_lightning.finetune import FinetuneSession
@@ -271,8 +272,7 @@ class OBCQuantize(Callback):
         self._record(stage)
         metrics = stage.metrics
         if self.config.export is not None:
-            metrics.update(self._export(trainer, pl_module, stage.results))
-        stage.release_results()
+            metrics.update(self._export(trainer, pl_module))
         self._publish(trainer, metrics, stage.lines, stage.report)
 
     def _compress_for_finetuning(self, trainer: Trainer, pl_module: LightningModule, may_finetune: bool) -> None:
@@ -295,7 +295,8 @@ class OBCQuantize(Callback):
         self.start_epoch = self._compress_epoch(trainer) if may_finetune else trainer.current_epoch
         metrics, lines = stage.metrics, stage.lines
         if not stage.needs_finetuning or not may_finetune:
-            results = stage.session.finish(self.config.export is not None) if stage.session else stage.results
+            if stage.session is not None:
+                stage.session.finish(export=False)  # the ternary / DiffQ formats recorded on the modules
             self.quantizers = dict(stage.session.quantizers) if stage.session else {}
             if may_finetune:
                 trainer.should_stop = True  # the model is quantized: the remaining epochs are skipped
@@ -303,8 +304,7 @@ class OBCQuantize(Callback):
             metrics["obc/finetune_epochs"] = 0.0
             self.phase = "done"
             if self.config.export is not None:
-                metrics.update(self._export(trainer, pl_module, results))
-            stage.release_results()
+                metrics.update(self._export(trainer, pl_module))
             self._publish(trainer, metrics, lines, stage.report)
             return
         optimizer, schedulers = glue.optimizer_and_schedulers(trainer)
@@ -312,7 +312,6 @@ class OBCQuantize(Callback):
                                         latent=latent)
         if not self.session.trains_parameters:
             rank_zero_warn(f"{self.who}: no optimizer; the {ft.mode} quantizer parameters are not trained")
-        stage.release_results()
         self.quantizers = dict(self.session.quantizers)
         glue.rewrap_ddp(trainer, pl_module)
         self.phase = "finetuning"
@@ -329,7 +328,7 @@ class OBCQuantize(Callback):
             targets = select_modules(pl_module, q.include, q.exclude)
             fp32 = sum(size for _, size in unquantized_projections(pl_module, q.include, q.exclude).values())
             metrics.update(session.size_metrics(targets, fp32))
-        results = session.finish(self.config.export is not None)
+        session.finish(export=False)  # the fine-tuned formats recorded on the modules
         self.session = None
         epochs = trainer.current_epoch - self.start_epoch - 1
         lines = [f"{self.who}: fine-tuned ({ft.mode}) for {epochs} epoch(s)"]
@@ -345,7 +344,7 @@ class OBCQuantize(Callback):
             for n, v in finetuned.items()
         ]
         if self.config.export is not None:
-            metrics.update(self._export(trainer, pl_module, results))
+            metrics.update(self._export(trainer, pl_module))
         self.phase = "done"
         self._publish(trainer, metrics, lines, None)
 
@@ -435,8 +434,6 @@ class OBCQuantize(Callback):
         return batches
 
     def _recalibrate_batchnorm(self, trainer: Trainer, pl_module: LightningModule, lines: list) -> dict:
-        from obc_lightning.batchnorm import reestimate_batchnorm
-
         batches = self._bn_batches(trainer)
         if not batches:
             return {}
@@ -448,13 +445,13 @@ class OBCQuantize(Callback):
     def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         return glue.replay_validation(trainer, pl_module, self.who)
 
-    def _export(self, trainer: Trainer, pl_module: LightningModule, results) -> dict[str, float]:
+    def _export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
         """Rank zero writes the packed file; every rank learns whether it succeeded (a failure on rank zero
         raises on every rank instead of leaving the others waiting)."""
         metrics, error = {}, None
         if trainer.is_global_zero:
             try:
-                metrics = export_stage(pl_module, self.config, results)
+                metrics = export_stage(pl_module, self.config)
                 rank_zero_info(f"{self.who}: packed model written to {self.config.export.path} "
                                f"({metrics['obc/file_mb']:.3f} MB)")
             except Exception as e:

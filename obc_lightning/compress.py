@@ -9,11 +9,10 @@ layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
 
 from __future__ import annotations
 
-import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
-from dataclasses import dataclass, fields, replace
+from dataclasses import replace
 
 import torch
 from torch import Tensor, nn
@@ -28,16 +27,20 @@ from obc_lightning.calibration import (
 )
 from obc_lightning.checks import check_flags
 from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
-from obc_lightning.reporting import (
-    FP32_BYTES,
-    CompressionReport,
-    ModuleReport,
-    Progress,
-    packed_weight_bytes,
-    progress_of,
-    sparse_weight_bytes,
+from obc_lightning.formats.bits import FP32_BYTES
+from obc_lightning.formats.record import set_format
+from obc_lightning.formats.schemes import StorageScheme
+from obc_lightning.reporting import CompressionReport, Progress, progress_of
+from obc_lightning.scheduling import (
+    Solved,
+    SolveSettings,
+    check_distributed,
+    module_bytes,
+    relative_error,
+    solve_modules,
+    tied_objective,
+    to_cpu,
 )
-from obc_lightning.scheduling import Solved, SolveSettings, check_distributed, solve_modules
 from obc_lightning.selection import (
     REASON_ATTENTION_PROJECTION,
     attention_projections,
@@ -46,10 +49,7 @@ from obc_lightning.selection import (
     select_modules,
     unquantized_projections,
 )
-from obc_lightning.solvers.common import layer_objective
-from obc_lightning.solvers.pq import check_pq_args, product_quantize
-from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune
-from obc_lightning.solvers.quantize import quantize_weights
+from obc_lightning.solvers.pq import check_pq_args
 
 __all__ = [  # re-exported: module selection lives in obc_lightning.selection
     "DEFAULT_BITS", "METHODS", "REASON_ATTENTION_PROJECTION", "SOLVERS", "attention_projections",
@@ -179,208 +179,6 @@ def _check_same_groups(groups: list[list[str]], targets: Mapping[str, nn.Module]
         )
 
 
-def _size(m: nn.Module) -> int:
-    """fp32 bytes of the module's weight and bias."""
-    return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
-
-
-def _relative_error(loss: float, signal: float) -> float:
-    """trace(dW H dW^T) / trace(W H W^T) from loss = 1/2 trace(dW H dW^T) and signal = trace(W H W^T)."""
-    return 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
-
-
-def _nm_group_index(m: nn.Module, n_m):
-    """Conv weights prune N:M along input channels at each kernel position; Linear along its inputs."""
-    if n_m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
-        return None
-    return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
-
-
-def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.device) -> int | None:
-    """The solvers' share of ``max_memory`` on ``device`` (an int, or the mapping's entry; None: default)."""
-    if isinstance(max_memory, Mapping):
-        return max_memory.get(str(device))
-    return max_memory
-
-
-@dataclass
-class _Prepared:
-    """One module between its (per-module) pruning and its (possibly batched) quantization."""
-
-    name: str
-    module: nn.Module
-    lh: LayerHessian
-    group_size: int | None  # None where one group would span the whole row
-    blocks: list[tuple[Tensor, Tensor, Tensor]]  # per conv group: (W_i, pruned W_i, H_i) in the compute dtype
-    pruned: int
-    damp: float
-    seconds: float  # spent on this module alone so far
-
-
-def _prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None) -> _Prepared:
-    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``."""
-    t0 = time.perf_counter()
-    W = m.weight.detach()
-    if group_size is not None and group_size >= lh.hessians.shape[-1]:
-        group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    group_index = _nm_group_index(m, n_m)
-    blocks, pruned, damp_used = [], 0, 0.0
-    for i, Wb in enumerate(lh.weight_blocks(W)):
-        Wb = Wb.to(dt)
-        H = lh.hessians[i].to(device=W.device, dtype=dt)
-        Pb = Wb
-        if sparsity is not None or n_m is not None:
-            pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
-            Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
-        blocks.append((Wb, Pb, H))
-    return _Prepared(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0)
-
-
-def _finish_module(p: _Prepared, results: list, bits, n_m, prune: bool, solve_seconds: float):
-    """The new weight and the report of a prepared module from its groups' results (empty: prune only);
-    ``solve_seconds``: its share of the solver time. Returns Q (weight's shape, compute dtype), the report,
-    the results, the number of scales and the number of pruned weights."""
-    t0 = time.perf_counter()
-    m, W = p.module, p.module.weight.detach()
-    Qs = []
-    loss = 0.0
-    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
-    damp_used = p.damp
-    rows_won: dict[str, int] = {}
-    for i, (Wb, Pb, H) in enumerate(p.blocks):
-        if bits is None:
-            Qb = Pb
-        else:  # quantize_weight keeps exact zeros at 0: the mask survives
-            res = results[i]
-            Qb = res.quantized_matrix
-            damp_used = max(damp_used, res.damp)
-            for k, v in res.solver_rows.items():
-                rows_won[k] = rows_won.get(k, 0) + int(v)
-        Qs.append(Qb)
-        # the objective against the caller's weights: 1/2 trace((Q - W) H (Q - W)^T)
-        loss += float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.sum())
-        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
-    Q = torch.cat(Qs, dim=0).reshape(W.shape)
-    rel = _relative_error(loss, signal)
-    rows = W.shape[0]
-    n_groups = results[0].scales.shape[1] if results else 0
-    before = _size(m)
-    pruned = p.pruned
-    # the weight as save_quantized stores it by default (N:M: the kept entries and their positions;
-    # pruned float weights: float16 values; quantized unstructured-sparse weights: dense codes)
-    if bits is None:
-        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, nnz=W.numel() - pruned)
-    elif n_m is not None:
-        weight_bytes = sparse_weight_bytes(W.numel(), n_m=n_m, bits=bits, n_scales=rows * n_groups)
-    else:
-        weight_bytes = packed_weight_bytes(W.numel(), rows, n_groups, bits)
-    after = before - W.numel() * FP32_BYTES + weight_bytes
-    rep = ModuleReport(
-        name=p.name,
-        kind=type(m).__name__,
-        shape=tuple(W.shape),
-        bits=bits,
-        groups=p.lh.groups,
-        group_size=p.group_size,
-        n_samples=p.lh.n_samples,
-        loss=loss,
-        rel_error=rel,
-        seconds=p.seconds + solve_seconds + time.perf_counter() - t0,
-        obc_rows=rows_won.get("obc", 0),
-        gptq_rows=rows_won.get("gptq", 0),
-        damp=damp_used,
-        bytes_before=before,
-        bytes_after=after,
-        sparsity=pruned / W.numel(),
-    )
-    return Q, rep, results, rows * n_groups, pruned
-
-
-def _quantize_modules(prepared: list[_Prepared], bits, solver, symmetric, mse, damp, scale_dtype, max_memory,
-                      sparsity=None, n_m=None) -> list[tuple]:
-    """Quantize the kept weights of prepared modules whose groups all have the same width d (and compute
-    dtype, device): every group of every module in one :func:`~obc_lightning.solvers.quantize.quantize_weights`
-    call, each result what the module gets alone. Its time is shared out by rows (the cost per row is
-    the same at one d). Returns :func:`_finish_module`'s tuple per module, in order."""
-    prune = sparsity is not None or n_m is not None
-    if bits is None:
-        return [_finish_module(p, [], bits, n_m, True, 0.0) for p in prepared]
-    problems = [(Pb, H) for p in prepared for _, Pb, H in p.blocks]
-    device = prepared[0].module.weight.device
-    t0 = time.perf_counter()
-    results = quantize_weights(
-        problems, bits, solver=solver, group_size=prepared[0].group_size, symmetric=symmetric, mse=mse, damp=damp,
-        scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, device),
-    )
-    seconds = time.perf_counter() - t0
-    rows = [sum(b[0].shape[0] for b in p.blocks) for p in prepared]
-    out, k = [], 0
-    for p, r in zip(prepared, rows):
-        n = len(p.blocks)
-        out.append(_finish_module(p, results[k : k + n], bits, n_m, prune, seconds * r / sum(rows)))
-        k += n
-    return out
-
-
-def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None, max_memory=None):
-    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
-    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
-    p = _prepare_module(name, m, lh, group_size, damp, sparsity=sparsity, n_m=n_m)
-    return _quantize_modules([p], bits, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity, n_m)[0]
-
-
-def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
-    """Product-quantize one (ungrouped) module; returns Q, the report and the result."""
-    t0 = time.perf_counter()
-    W = m.weight.detach()
-    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-    Wm = W.reshape(W.shape[0], -1).to(dt)
-    H = lh.hessians[0].to(device=W.device, dtype=dt)
-    with warnings.catch_warnings(record=True) as caught:
-        warnings.simplefilter("always")
-        res = product_quantize(
-            Wm,
-            H if method == "pq" else None,
-            block_size=block_size,
-            n_centroids=n_centroids,
-            seed=seed,
-            damp=damp,
-            codebook_dtype=scale_dtype,
-        )
-    for w in caught:  # the solver's warnings, said of this module and in compress_model's argument names
-        text = str(w.message).replace("product_quantize: ", "").replace("codebook_dtype=", "scale_dtype=")
-        warnings.warn(f"compress_model: module '{name}': {text}", w.category, stacklevel=4)
-    Q = res.quantized_matrix
-    loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
-    signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
-    entry = torch.empty(0, dtype=scale_dtype or torch.float32).element_size()
-    weight_bits = res.codes.numel() * res.code_bits + res.codebook.numel() * 8 * entry
-    before = _size(m)
-    rep = ModuleReport(
-        name=name,
-        kind=type(m).__name__,
-        shape=tuple(W.shape),
-        bits=None,
-        groups=1,
-        group_size=None,
-        n_samples=lh.n_samples,
-        loss=loss,
-        rel_error=_relative_error(loss, signal),
-        seconds=time.perf_counter() - t0,
-        damp=res.damp,
-        bytes_before=before,
-        bytes_after=before - W.numel() * FP32_BYTES + -(-weight_bits // 8),
-        method=method,
-        block_size=block_size,
-        n_centroids=n_centroids,
-        weight_bits=weight_bits,
-    )
-    return Q.reshape(W.shape), rep, res
-
-
 def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str, list[str]]:
     """{target: every name of the modules that use its weight Parameter, in model order} for the targets
     whose weight has more than one name: other modules that share the Parameter (a tied weight), and
@@ -414,17 +212,6 @@ def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mappin
                     f"compress_model: modules '{name}' and '{other}' share one weight: give them the same "
                     "block_size and n_centroids"
                 )
-
-
-def _objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
-    """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64."""
-    loss = signal = 0.0
-    for i, (Wb, Qb) in enumerate(zip(lh.weight_blocks(W), lh.weight_blocks(Q))):
-        H = lh.hessians[i].to(device=W.device, dtype=torch.float64)
-        Wb = Wb.to(torch.float64)
-        loss += float(layer_objective(Wb, Qb.to(torch.float64), H).sum())
-        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
-    return loss, signal
 
 
 _UNSET = object()
@@ -550,6 +337,7 @@ def compress_model(
     # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
     waiting: dict[str, LayerHessian] = {}
     backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
+    formats: dict[str, StorageScheme] = {}  # recorded on the modules once every weight is written
     uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
     kw = dict(
         forward_fn=forward_fn,
@@ -606,11 +394,12 @@ def compress_model(
             for u in tied[name]:
                 mod = model.get_submodule(u)
                 if lhs is not None and u in lhs:
-                    loss, signal = _objective(W, Q.reshape(W.shape), lhs[u])
+                    loss, signal = tied_objective(W, Q.reshape(W.shape), lhs[u])
                     reps.append(replace(
                         rep, name=u, kind=type(mod).__name__, n_samples=lhs[u].n_samples, loss=loss,
-                        rel_error=_relative_error(loss, signal), seconds=rep.seconds if u == name else 0.0,
-                        bytes_before=_size(mod), bytes_after=_size(mod) - _size(m) + rep.bytes_after,
+                        rel_error=relative_error(loss, signal), seconds=rep.seconds if u == name else 0.0,
+                        bytes_before=module_bytes(mod),
+                        bytes_after=module_bytes(mod) - module_bytes(m) + rep.bytes_after,
                     ))
                 elif mod is m:  # the same module under another name: one entry (one Hessian), both names
                     aliases.append(u)
@@ -627,9 +416,11 @@ def compress_model(
         report.quantized_weights += weight.numel()
         report.pruned_weights += out.n_pruned
         report.quantized_weight_bits += rep.weight_bits
+        for u in [r.name for r in reps] + aliases:  # every module holding the weight carries its format
+            formats[u] = out.format
         if keep_results:  # under every name the state_dict holds the weight under (export packs each)
             for u in [r.name for r in reps] + aliases:
-                report.results[u] = [_to_cpu(x) for x in out.results]
+                report.results[u] = [to_cpu(x) for x in out.results]
 
     try:
         with torch.no_grad():
@@ -666,6 +457,8 @@ def compress_model(
         raise
     finally:
         progress.close()
+    for name, fmt in formats.items():  # the model carries its quantization state (formats.record)
+        set_format(model.get_submodule(name), fmt)
 
     projections = unquantized_projections(model, include, exclude)
     skipped.update({n: reason for n, (reason, _) in projections.items()})
@@ -678,10 +471,10 @@ def compress_model(
     done = {rep.name: rep for rep in report.modules}
     counted: set[int] = set()  # a weight shared by several targets is stored once: counted once
     for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
-        before = done[name].bytes_before if name in done else _size(m)
-        after = done[name].bytes_after if name in done else _size(m)
+        before = done[name].bytes_before if name in done else module_bytes(m)
+        after = done[name].bytes_after if name in done else module_bytes(m)
         if id(m.weight) in counted:
-            before = after = _size(m) - m.weight.numel() * FP32_BYTES  # its bias only
+            before = after = module_bytes(m) - m.weight.numel() * FP32_BYTES  # its bias only
         counted.add(id(m.weight))
         report.bytes_before += before
         report.bytes_after += after
@@ -720,11 +513,3 @@ def _in_model_order(report: CompressionReport, order: list[str]) -> None:
     report.modules.sort(key=lambda rep: where.get(rep.name, len(where)))
     if report.results is not None:
         report.results = {n: report.results[n] for n in sorted(report.results, key=lambda n: where.get(n, len(where)))}
-
-
-def _to_cpu(res):
-    """A solver result (QuantResult or PQResult) with every tensor field, and the grid, on the CPU."""
-    moved = {f.name: getattr(res, f.name).cpu() for f in fields(res) if isinstance(getattr(res, f.name), Tensor)}
-    if hasattr(res, "grid"):
-        moved["grid"] = res.grid.to("cpu")
-    return replace(res, **moved)

@@ -16,26 +16,34 @@ DiffQ bit logits) are new and must be added to the optimizer (:func:`add_param_g
 
 In training mode each quantizer returns the differentiable surrogate; in eval mode (and therefore in
 :func:`finalize`, which removes the parametrization in eval mode with ``leave_parametrized=True``) the
-true quantized weight. This module knows only torch (no Lightning); the callback is the glue.
+true quantized weight. Each quantizer gives the storage format its final weight is in
+(``weight_format``, an instance of a :mod:`obc_lightning.formats.schemes` class, which
+:meth:`FinetuneSession.finish` records on the module) and its size through that scheme's size formula
+(``storage_bits``). This module knows only torch (no Lightning); the callback is the glue.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterable, Mapping, Sequence
-from dataclasses import dataclass
-from typing import TYPE_CHECKING
 
 import torch
 from torch import Tensor, nn
 from torch.nn.utils import parametrize
 
 from obc_lightning.checks import check_fraction, check_positive_int, is_number
-from obc_lightning.grids import MixedGrid, round_to_dtype, round_to_grid
-from obc_lightning.solvers.pq import PQResult, code_bits
-
-if TYPE_CHECKING:
-    from obc_lightning.solvers.common import QuantResult
+from obc_lightning.formats.record import drop_format, format_of, set_format
+from obc_lightning.formats.schemes import (
+    MixedScheme,
+    PQScheme,
+    ScalarScheme,
+    SparseMaskScheme,
+    StorageScheme,
+    pq_code_bits,
+)
+from obc_lightning.grids import Grid, MixedGrid, MixedResult, round_to_dtype, round_to_grid
+from obc_lightning.solvers.common import QuantResult
+from obc_lightning.solvers.pq import PQResult
 
 MODES = ("ste", "ternary", "noise", "masked", "pq")
 
@@ -77,6 +85,11 @@ class STEQuantizer(nn.Module):
         self.n_bits, self.group_size, self.cols, self.symmetric = int(n_bits), group_size, int(cols), bool(symmetric)
 
     @classmethod
+    def from_format(cls, fmt: ScalarScheme, cols: int) -> STEQuantizer:
+        """The grid a module's weight is on (its recorded format, :mod:`obc_lightning.formats.record`)."""
+        return cls(fmt.scales, fmt.zeros, fmt.bits, fmt.group_size, cols, fmt.symmetric)
+
+    @classmethod
     def from_results(cls, results: Sequence[QuantResult]) -> STEQuantizer:
         """The grid of a module from its ``compress_model(..., keep_results=True)`` results (one per conv
         group; their rows are stacked in the weight's order)."""
@@ -114,8 +127,16 @@ class STEQuantizer(nn.Module):
         return _masked(self, (q.detach() + (w2 - w2.detach()) * inside).view_as(w))
 
     def storage_bits(self, numel: int) -> int:
-        """Bits of the packed weight: ``n_bits`` per weight + fp16 scale and uint8 zero per row / group."""
-        return self.n_bits * numel + 24 * self.scales.numel()
+        """Bits of the packed weight: ``n_bits`` per weight + fp16 scale and uint8 zero per row / group
+        (:class:`~obc_lightning.formats.schemes.ScalarScheme`'s size, before byte padding)."""
+        rows = self.scales.shape[0]
+        return ScalarScheme.payload_bits({"shape": [rows, numel // rows], "bits": self.n_bits,
+                                          "group_size": self.group_size, "scale_dtype": "float16"})
+
+    def weight_format(self, w: Tensor) -> ScalarScheme:
+        """The format of the finalized weight: this grid."""
+        return ScalarScheme(self.scales.detach().cpu(), self.zeros.detach().cpu(), self.n_bits, self.group_size,
+                            self.symmetric)
 
     def config(self) -> dict:
         return {"n_bits": self.n_bits, "group_size": self.group_size, "cols": self.cols, "symmetric": self.symmetric}
@@ -132,9 +153,6 @@ class STEQuantizer(nn.Module):
         """The codes of the (finalized, on-grid) weight ``w`` on this grid, as ``n_blocks`` QuantResults
         (one per conv group, rows in the weight's order): what export writes. Pruned entries are exactly
         0, which the grid codes as its zero point."""
-        from obc_lightning.grids import Grid
-        from obc_lightning.solvers.common import QuantResult
-
         out = []
         rows = _rows(w.detach())
         for wb, sc, zc in zip(rows.chunk(n_blocks), self.scales.chunk(n_blocks), self.zeros.chunk(n_blocks)):
@@ -164,8 +182,14 @@ class MaskedWeight(nn.Module):
         return _masked(self, w)
 
     def storage_bits(self, numel: int) -> int:
-        """Dense float32 storage (no sparse format is modelled)."""
-        return 32 * numel
+        """The kept weights in float16 and a 1-bit mask (:class:`~obc_lightning.formats.schemes.
+        SparseMaskScheme`'s size, before byte padding)."""
+        return SparseMaskScheme.payload_bits({"shape": [1, numel], "nnz": int(self.mask.sum()),
+                                              "value_dtype": "float16"})
+
+    def weight_format(self, w: Tensor) -> SparseMaskScheme:
+        """The format of the finalized weight: float values, its zeros the pattern."""
+        return SparseMaskScheme()
 
     def config(self) -> dict:
         return {}
@@ -264,16 +288,26 @@ class TernaryQuantizer(nn.Module):
         """The eval-mode weight of the latent ``w`` as a 3-entry scalar codebook: codes (rows, d) in
         {0, 1, 2} for {0, +w_p, −w_n}, codebook (3, 1); ``loss`` is ½‖q − w‖² per row (no Hessian)."""
         pos, neg = self.masks(w)
-        w_p, w_n = self.stored_scales()
-        codebook = torch.stack([torch.zeros_like(w_p), w_p, -w_n]).reshape(3, 1).to(w.dtype)
+        codebook = self.codebook().to(w.dtype)
         codes = (pos.to(torch.int64) + 2 * neg.to(torch.int64)).reshape(w.shape[0], -1)
         q = codebook[codes].reshape(w.shape)
         loss = 0.5 * (_rows(q) - _rows(w)).pow(2).sum(dim=1)
         return PQResult(_rows(q), codes, codebook, loss, block_size=1, n_centroids=3, hessian_aware=False)
 
+    def codebook(self) -> Tensor:
+        """(3, 1): {0, +w_p, −w_n} as stored (rounded to ``scale_dtype``), no gradient."""
+        w_p, w_n = self.stored_scales()
+        return torch.stack([torch.zeros_like(w_p), w_p, -w_n]).reshape(3, 1)
+
     def storage_bits(self, numel: int) -> int:
-        """2-bit codes + the 3-entry codebook {0, w_p, −w_n} in ``scale_dtype``."""
-        return 2 * numel + 3 * 8 * torch.empty(0, dtype=self.scale_dtype).element_size()
+        """2-bit codes + the 3-entry codebook {0, w_p, −w_n} in ``scale_dtype`` (a "pq" weight with
+        block_size 1: :class:`~obc_lightning.formats.schemes.PQScheme`'s size, before byte padding)."""
+        return PQScheme.payload_bits({"shape": [1, numel], "bits": pq_code_bits(3), "block_size": 1,
+                                      "n_centroids": 3, "scale_dtype": _dtype_name(self.scale_dtype)})
+
+    def weight_format(self, w: Tensor) -> PQScheme:
+        """The format of the finalized weight: the 3-entry codebook, block_size 1."""
+        return PQScheme(self.codebook().cpu(), 1)
 
     def config(self) -> dict:
         return {"threshold": self.threshold, "scale_dtype": _dtype_name(self.scale_dtype)}
@@ -390,10 +424,18 @@ class NoiseQuantizer(nn.Module):
 
     def storage_bits(self, numel: int) -> int:
         """round(b) bits per weight + per row its min and max in ``range_dtype`` + per group its bit
-        width in ``ceil(log2(round(max_bits) − round(min_bits) + 1))`` bits."""
-        codes = int(float((self.rounded_bits() * self.group_numel).sum()))
-        range_bits = 2 * 8 * torch.empty(0, dtype=self.range_dtype).element_size()
-        return codes + range_bits * self.rows + self.bit_width_bits * self.rows * self.n_groups
+        width in ``ceil(log2(round(max_bits) − round(min_bits) + 1))`` bits
+        (:class:`~obc_lightning.formats.schemes.MixedScheme`'s size, before byte padding)."""
+        lo, hi = round(self.min_bits), round(self.max_bits)
+        per_width = (self.rounded_bits() == torch.arange(lo, hi + 1, device=self.logits.device).view(-1, 1, 1))
+        counts = (per_width * self.group_numel).sum(dim=(1, 2)).round().long().tolist()
+        return MixedScheme.payload_bits({"shape": [self.rows, self.cols], "group_size": self.group_size,
+                                         "min_bits": lo, "max_bits": hi, "bit_counts": counts,
+                                         "scale_dtype": _dtype_name(self.range_dtype)})
+
+    def weight_format(self, w: Tensor) -> MixedScheme:
+        """The format of the finalized weight, from the latent ``w``: its evaluation grid."""
+        return MixedScheme(self.grid(w).to("cpu"), round(self.min_bits), round(self.max_bits), self.range_dtype)
 
     def config(self) -> dict:
         return {
@@ -407,20 +449,6 @@ class NoiseQuantizer(nn.Module):
                 range_dtype=_dtype(config["range_dtype"]))
         q.load_state_dict(tensors)
         return q
-
-
-@dataclass
-class MixedResult:
-    """A DiffQ-quantized matrix: ``quantized_matrix == grid.dequantize(codes)``, codes (rows, d) int32,
-    the grid's widths integers in [min_bits, max_bits]; ``range_dtype`` is the dtype its ranges were
-    rounded to (the one to store them in)."""
-
-    quantized_matrix: Tensor
-    codes: Tensor
-    grid: MixedGrid
-    range_dtype: torch.dtype
-    min_bits: int
-    max_bits: int
 
 
 # ------------------------------------------------------------------------------- product quantization
@@ -459,6 +487,13 @@ class CentroidQuantizer(nn.Module):
         self.codebook_dtype = codebook_dtype
 
     @classmethod
+    def from_format(cls, fmt: PQScheme, weight: Tensor, noise_rate: float = 1.0, codebook_dtype=torch.float16,
+                    where: str = "CentroidQuantizer") -> CentroidQuantizer:
+        """From the recorded format of a product-quantized weight: its codebook, and the codes of
+        ``weight`` (the codebook rows its sub-vectors equal; ValueError naming ``where`` otherwise)."""
+        return cls(fmt.codebook, fmt.codes(where, _rows(weight)), noise_rate, codebook_dtype)
+
+    @classmethod
     def from_result(cls, result, noise_rate: float = 1.0, codebook_dtype=torch.float16) -> CentroidQuantizer:
         """From a :class:`~obc_lightning.solvers.pq.PQResult`."""
         return cls(result.codebook, result.codes, noise_rate, codebook_dtype)
@@ -483,8 +518,16 @@ class CentroidQuantizer(nn.Module):
         return q.reshape(w.shape)
 
     def storage_bits(self, numel: int) -> int:
-        """ceil(log2 K) bits per sub-vector + the codebook at 16 bits per entry."""
-        return self.codes.numel() * code_bits(self.codebook.shape[0]) + 16 * self.codebook.numel()
+        """ceil(log2 K) bits per sub-vector + the codebook in ``codebook_dtype``
+        (:class:`~obc_lightning.formats.schemes.PQScheme`'s size, before byte padding)."""
+        K, b = self.codebook.shape
+        return PQScheme.payload_bits({"shape": [self.codes.shape[0], self.codes.shape[1] * b],
+                                      "bits": pq_code_bits(K), "block_size": b, "n_centroids": K,
+                                      "scale_dtype": _dtype_name(self.codebook_dtype or torch.float32)})
+
+    def weight_format(self, w: Tensor) -> PQScheme:
+        """The format of the finalized weight: the trained codebook as stored."""
+        return PQScheme(self.stored_codebook().cpu(), self.block_size)
 
     def config(self) -> dict:
         return {"noise_rate": self.noise_rate, "codebook_dtype": _dtype_name(self.codebook_dtype)}
@@ -541,10 +584,14 @@ def attach_ste(
     bool tensor of the weight's shape, False = pruned): those weights stay exactly 0 (a pruned model's
     mask held fixed, e.g. its N:M pattern).
     """
+    return _attach_grids(model, {name: STEQuantizer.from_results(list(res)) for name, res in results.items()}, masks)
+
+
+def _attach_grids(model: nn.Module, quantizers: Mapping[str, STEQuantizer], masks: Mapping[str, Tensor] | None):
     out = {}
-    for name, res in results.items():
+    for name, q in quantizers.items():
         m = model.get_submodule(name)
-        q = STEQuantizer.from_results(list(res)).to(m.weight.device)
+        q = q.to(m.weight.device)
         if masks is not None and name in masks:
             q.register_buffer("mask", masks[name].detach().clone().bool().to(m.weight.device))
         if q.scales.shape[0] != m.weight.shape[0] or q.cols != _rows(m.weight).shape[1]:
@@ -554,6 +601,31 @@ def attach_ste(
             )
         out[name] = attach(m, q)
     return out
+
+
+def _recorded(model: nn.Module, name: str, scheme: type[StorageScheme], what: str) -> StorageScheme:
+    """The format module ``name`` carries, which must be of ``scheme`` (ValueError otherwise)."""
+    fmt = format_of(model.get_submodule(name))
+    if not isinstance(fmt, scheme):
+        got = "no format" if fmt is None else f"a {type(fmt).__name__} format"
+        raise ValueError(
+            f"finetune: module '{name}' carries {got}, not {what}: compress the model with compress_model first "
+            "(or pass its results)"
+        )
+    return fmt
+
+
+def attach_ste_formats(
+    model: nn.Module, names: Iterable[str], masks: Mapping[str, Tensor] | None = None
+) -> dict[str, STEQuantizer]:
+    """One :class:`STEQuantizer` per named module, on the grid the module carries since ``compress_model``
+    (:mod:`obc_lightning.formats.record`); ``masks`` as in :func:`attach_ste`."""
+    results = {}
+    for name in names:
+        fmt = _recorded(model, name, ScalarScheme, "a scalar grid")
+        cols = _rows(model.get_submodule(name).weight).shape[1]
+        results[name] = STEQuantizer.from_format(fmt, cols)
+    return _attach_grids(model, results, masks)
 
 
 def attach_ternary(model: nn.Module, names: Iterable[str], threshold: float = 0.05) -> dict[str, TernaryQuantizer]:
@@ -588,18 +660,30 @@ def attach_centroids(
     codebook_dtype: torch.dtype | None = torch.float16,
 ) -> dict[str, CentroidQuantizer]:
     """One :class:`CentroidQuantizer` per module of ``results`` (name -> [PQResult]), on its device."""
-    out = {}
-    for name, res in results.items():
-        m = model.get_submodule(name)
-        (r,) = res
-        q = CentroidQuantizer.from_result(r, noise_rate, codebook_dtype).to(m.weight.device)
-        if q.codes.numel() * q.block_size != m.weight.numel() or q.codes.shape[0] != m.weight.shape[0]:
-            raise ValueError(
-                f"finetune: the codes of '{name}' ({tuple(q.codes.shape)}, block {q.block_size}) do not fit its "
-                f"weight {tuple(m.weight.shape)}"
-            )
-        out[name] = attach(m, q)
-    return out
+    return {
+        name: attach(model.get_submodule(name), _centroids_from_result(model, name, res, noise_rate, codebook_dtype))
+        for name, res in results.items()
+    }
+
+
+def _centroids_from_result(model, name, res, noise_rate, codebook_dtype=torch.float16) -> CentroidQuantizer:
+    m = model.get_submodule(name)
+    (r,) = res
+    q = CentroidQuantizer.from_result(r, noise_rate, codebook_dtype).to(m.weight.device)
+    if q.codes.numel() * q.block_size != m.weight.numel() or q.codes.shape[0] != m.weight.shape[0]:
+        raise ValueError(
+            f"finetune: the codes of '{name}' ({tuple(q.codes.shape)}, block {q.block_size}) do not fit its "
+            f"weight {tuple(m.weight.shape)}"
+        )
+    return q
+
+
+def _centroids_of(model, name, noise_rate, codebook_dtype=torch.float16) -> CentroidQuantizer:
+    """The quantizer of a product-quantized module from the codebook it carries and its weight's codes."""
+    fmt = _recorded(model, name, PQScheme, "a product-quantization codebook")
+    w = model.get_submodule(name).weight.detach()
+    return CentroidQuantizer.from_format(fmt, w.cpu(), noise_rate, codebook_dtype, f"finetune: module '{name}'").to(
+        w.device)
 
 
 def finalize_all(model: nn.Module, names: Iterable[str]) -> None:
@@ -764,10 +848,12 @@ class FinetuneSession:
     ) -> FinetuneSession:
         """Attach the quantizers of ``mode`` and return the session.
 
-        ``"ste"`` / ``"pq"``: one per module of ``results`` (``compress_model(..., keep_results=True)``'s
-        ``report.results``), ``masks`` keeping a pruning pattern (``"ste"``); ``"masked"``: one per module
-        of ``masks``; ``"ternary"`` / ``"noise"``: one per module of ``names``, from its current weights.
-        ``latent`` (``"pq"`` with ``pq_noise_rate < 1``): the weights the latent weights start from.
+        ``"ste"`` / ``"pq"``: one per module of ``names``, on the grid / codebook it carries since
+        ``compress_model`` (:mod:`obc_lightning.formats.record`), or one per module of ``results``
+        (``compress_model(..., keep_results=True)``'s ``report.results``); ``masks`` keeping a pruning
+        pattern (``"ste"``); ``"masked"``: one per module of ``masks``; ``"ternary"`` / ``"noise"``: one per
+        module of ``names``, from its current weights. ``latent`` (``"pq"`` with ``pq_noise_rate < 1``):
+        the weights the latent weights start from.
         """
         names = list(names)
         wanted = list(results or {}) + list(masks or {}) + names
@@ -784,14 +870,22 @@ class FinetuneSession:
                     "of them, or compress without fine-tuning"
                 )
         if mode == "ste":
-            quantizers = attach_ste(model, results or {}, masks)
+            if results is None:
+                quantizers = attach_ste_formats(model, names, masks)
+            else:
+                quantizers = attach_ste(model, results, masks)
         elif mode == "pq":
+            if results is None:  # the codes are read from the quantized weights, before latent replaces them
+                centroids = {name: _centroids_of(model, name, pq_noise_rate) for name in names}
+            else:
+                centroids = {name: _centroids_from_result(model, name, res, pq_noise_rate)
+                             for name, res in results.items()}
             if latent:
                 with torch.no_grad():
                     for name, w in latent.items():
-                        if name in (results or {}):
+                        if name in centroids:
                             model.get_submodule(name).weight.copy_(w)
-            quantizers = attach_centroids(model, results or {}, pq_noise_rate)
+            quantizers = {name: attach(model.get_submodule(name), q) for name, q in centroids.items()}
         elif mode == "masked":
             quantizers = attach_masks(model, masks or {})
         elif mode == "ternary":
@@ -901,8 +995,19 @@ class FinetuneSession:
 
     def finish(self, export: bool = True) -> dict[str, list]:
         """Remove the parametrizations in eval semantics (the weights are truly quantized, the same
-        Parameters) and the optimizer group; returns {module: results for
-        :func:`~obc_lightning.export.save_quantized`} of the final weights (``export=False``: {})."""
+        Parameters) and the optimizer group, and record on every module the format its weight is now in
+        (the STE grid, the trained PQ or TTQ codebook, DiffQ's mixed grid, the pruning pattern: a
+        pattern N:M that the module carried stays N:M), so that
+        :func:`~obc_lightning.export.save_quantized` needs nothing more; returns {module: results for
+        ``save_quantized``} of the final weights (``export=False``: {}, the formats are enough)."""
+        formats = {}
+        for name, q in self.quantizers.items():  # DiffQ's grid comes from the latent weights
+            m = self.model.get_submodule(name)
+            fmt = q.weight_format(m.parametrizations.weight.original.detach())
+            old = format_of(m)
+            n_m = getattr(old, "n_m", None)
+            formats[name] = fmt.with_n_m(n_m) if n_m is not None and isinstance(fmt, (ScalarScheme, SparseMaskScheme)) \
+                else fmt
         results = {}
         if export:  # ternary / DiffQ codes and ranges come from the latent weights
             for name, q in self.quantizers.items():
@@ -915,15 +1020,19 @@ class FinetuneSession:
                 if name not in results:
                     m = self.model.get_submodule(name)
                     results[name] = q.result(m.weight, getattr(m, "groups", 1))
+        for name, fmt in formats.items():
+            set_format(self.model.get_submodule(name), fmt)
         self._release_optimizer()
         return {name: results[name] for name in self.quantizers if name in results}
 
     def abort(self) -> None:
-        """Remove the parametrizations leaving the latent weights (no rounding) and the optimizer group."""
+        """Remove the parametrizations leaving the latent weights (no rounding) and the optimizer group;
+        the modules' recorded formats are dropped (the latent weights are in none)."""
         for name in self.quantizers:
             m = self.model.get_submodule(name)
             if parametrize.is_parametrized(m, "weight"):
                 parametrize.remove_parametrizations(m, "weight", leave_parametrized=False)
+            drop_format(m)
         self._release_optimizer()
 
     # ------------------------------------------------------------------ what it weighs

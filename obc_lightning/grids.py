@@ -308,3 +308,17 @@ class MixedGrid:
     def to(self, device=None, dtype=None) -> MixedGrid:
         lo, hi, bits = (t.to(device=device, dtype=dtype) for t in (self.lo, self.hi, self.bits))
         return MixedGrid(lo, hi, bits, self.group_size, self.cols)
+
+
+@dataclass
+class MixedResult:
+    """A DiffQ-quantized matrix: ``quantized_matrix == grid.dequantize(codes)``, codes (rows, d) int32,
+    the grid's widths integers in [min_bits, max_bits]; ``range_dtype`` is the dtype its ranges were
+    rounded to (the one to store them in)."""
+
+    quantized_matrix: Tensor
+    codes: Tensor
+    grid: MixedGrid
+    range_dtype: torch.dtype
+    min_bits: int
+    max_bits: int

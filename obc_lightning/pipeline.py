@@ -15,12 +15,13 @@ A plain PyTorch script does what :class:`~obc_lightning.callback.OBCQuantize` do
                 session.after_backward()
                 session.before_optimizer_step()
                 opt.step(); opt.zero_grad()
-            results = session.finish()
-        else:
-            results = stage.results
-        export_stage(model, config, results)             # with config.export set
+            session.finish()                             # the fine-tuned formats recorded on the modules
+        elif stage.session is not None:                  # ternary / DiffQ within budget: no training
+            stage.session.finish()
+        export_stage(model, config)                      # with config.export set
 
-Every stage is also usable alone: :func:`~obc_lightning.compress.compress_model`,
+The compressed model carries its quantization state (:mod:`obc_lightning.formats.record`): no stage hands
+solver results to the next. Every stage is also usable alone: :func:`~obc_lightning.compress.compress_model`,
 :func:`~obc_lightning.batchnorm.reestimate_batchnorm`, :class:`~obc_lightning.finetune.FinetuneSession`,
 :func:`~obc_lightning.export.save_quantized`.
 """
@@ -31,23 +32,26 @@ import os
 import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import contextmanager
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 
 import torch
 from torch import Tensor, nn
 
+from obc_lightning import export
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationWarning
 from obc_lightning.compress import compress_model, full_precision_message
 from obc_lightning.config import CompressionConfig
 from obc_lightning.finetune import FinetuneSession, keep_masks
+from obc_lightning.formats.record import model_formats, restore_formats
 from obc_lightning.reporting import CompressionReport, Progress
 from obc_lightning.selection import select_modules, unquantized_projections
 
 
 class ModelSnapshot:
-    """The model's parameters and buffers (its ``state_dict``), copied to the CPU: what
-    :meth:`restore` puts back, in place (the same ``Parameter`` objects; tied weights stay tied).
+    """The model's parameters and buffers (its ``state_dict``), copied to the CPU, and the formats its
+    modules carry (:mod:`obc_lightning.formats.record`; references, not copies): what :meth:`restore` puts
+    back, in place (the same ``Parameter`` objects; tied weights stay tied).
 
     Costs one copy of the model in CPU memory (``nbytes``) for as long as it is held, and one
     device-to-host copy to take it."""
@@ -55,13 +59,15 @@ class ModelSnapshot:
     def __init__(self, model: nn.Module) -> None:
         self.model = model
         self.state = {k: v.detach().to("cpu", copy=True) for k, v in model.state_dict().items()}
+        self.formats = model_formats(model)
         self.nbytes = sum(t.numel() * t.element_size() for t in self.state.values() if isinstance(t, Tensor))
 
     def restore(self) -> None:
-        """Every parameter and buffer as it was (the model must have the same structure: remove
-        fine-tuning parametrizations first, :meth:`FinetuneSession.abort`)."""
+        """Every parameter and buffer as it was, and the formats the modules carried then (the model must
+        have the same structure: remove fine-tuning parametrizations first, :meth:`FinetuneSession.abort`)."""
         with torch.no_grad():
             self.model.load_state_dict(self.state, strict=True)
+        restore_formats(self.model, self.formats)
 
 
 @contextmanager
@@ -81,23 +87,17 @@ def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], Finetu
 @dataclass
 class Stage:
     """What :func:`compress_stage` did: the report (``None`` for ternary / DiffQ, which quantize by
-    training), the metrics before / after, the export results, and whether fine-tuning is needed."""
+    training), the metrics before / after, and whether fine-tuning is needed. The compressed modules
+    carry their formats (what export and fine-tuning need), the report only its numbers."""
 
     report: CompressionReport | None
     before: dict[str, float]
     after: dict[str, float]
     metrics: dict[str, float]
     lines: list[str]
-    results: dict[str, list] = field(default_factory=dict)
     session: FinetuneSession | None = None  # ternary / DiffQ: the quantizers are attached already
     needs_finetuning: bool = False
     drop: float | None = None
-
-    def release_results(self) -> None:
-        """Drop the codes (exported or attached): the report keeps its numbers, not a second copy."""
-        self.results = {}
-        if self.report is not None:
-            self.report.results = None
 
 
 def budget_check(config: CompressionConfig, before: Mapping[str, float], after: Mapping[str, float],
@@ -146,13 +146,11 @@ def compress_stage(
     before = evaluate() if evaluate is not None else {}
     report, session = None, None
     if ft is None or ft.mode in ("ste", "masked", "pq"):
-        keep = config.export is not None or ft is not None
         report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
-                                keep_results=keep, progress=progress, distributed=distributed)
+                                progress=progress, distributed=distributed)
         metrics = report.metrics()
         lines = [f"{who}: {q.describe()}, {len(batches) if hasattr(batches, '__len__') else '?'} calibration "
                  "batches", report.table()]
-        results = report.results or {}
     else:
         targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
                    if isinstance(m.weight, nn.Parameter)}
@@ -169,7 +167,6 @@ def compress_stage(
         if left:
             warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}), CalibrationWarning,
                           stacklevel=2)
-        results = {}
     if config.recalibrate_bn and bn_batches is not None:
         n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
         metrics["obc/bn_recalibrated"] = float(n)
@@ -183,7 +180,7 @@ def compress_stage(
     within, drop, line = budget_check(config, before, after, who)
     if line:
         lines.append(line)
-    return Stage(report, before, after, metrics, lines, results, session,
+    return Stage(report, before, after, metrics, lines, session,
                  needs_finetuning=ft is not None and not within, drop=drop)
 
 
@@ -197,8 +194,9 @@ def start_finetuning(
     latent: Mapping[str, Tensor] | None = None,
 ) -> FinetuneSession:
     """The fine-tuning session after :func:`compress_stage`: ``"ste"`` / ``"pq"`` / ``"masked"`` attach
-    their quantizers on the compressed weights (a pruned model keeps its mask), ternary / DiffQ continue
-    the session the stage attached; the quantizers' parameters join ``optimizer``."""
+    their quantizers on the compressed weights and the grids / codebooks they carry (a pruned model keeps
+    its mask), ternary / DiffQ continue the session the stage attached; the quantizers' parameters join
+    ``optimizer``."""
     ft = config.finetune
     if stage.session is not None:
         stage.session.train_with(optimizer, schedulers)
@@ -206,20 +204,21 @@ def start_finetuning(
     report = stage.report
     masks = keep_masks(model, report.quantized) if config.quantization.pruning else None
     return FinetuneSession.begin(
-        model, ft.mode, results=report.results, masks=masks, latent=latent, optimizer=optimizer,
-        schedulers=schedulers, pq_noise_rate=ft.pq_noise_rate,
+        model, ft.mode, names=[] if ft.mode == "masked" else report.quantized, masks=masks, latent=latent,
+        optimizer=optimizer, schedulers=schedulers, pq_noise_rate=ft.pq_noise_rate,
     )
 
 
-def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list]) -> dict[str, float]:
+def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list] | None = None
+                 ) -> dict[str, float]:
     """Write the packed model to ``config.export.path`` (its directory created) and return the size
     metrics of the file: ``obc/file_mb``, ``obc/size_mb_after`` (the file), ``obc/size_mb_before`` (the
-    model's full state dict at its precision), ``obc/compression_ratio``."""
-    from obc_lightning.export import save_quantized
-
+    model's full state dict at its precision), ``obc/compression_ratio``. Every compressed module is
+    written in the format it carries; ``results`` (solver results per module) only for the older form."""
     path = config.export.path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    file_mb = save_quantized(model, path, dict(results), n_m=config.quantization.n_m) / 2**20
+    file_mb = export.save_quantized(model, path, dict(results) if results else None,
+                                    n_m=config.quantization.n_m) / 2**20
     dense = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
     return {
         "obc/file_mb": file_mb,

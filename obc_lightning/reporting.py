@@ -9,32 +9,16 @@ from __future__ import annotations
 import math
 from dataclasses import asdict, dataclass, field, replace
 
-from obc_lightning.packed import nm_position_bits, packed_nbytes
-
-# Packed format that the size estimate assumes: codes at ``bits`` bits each, bit-packed per module;
-# one fp16 scale and one uint8 zero point per row (or per row and group); biases kept in fp32.
-SCALE_BYTES = 2
-ZERO_BYTES = 1  # integer zero point in [0, 2^bits - 1]: uint8 in the exported file
-FP32_BYTES = 4
+from obc_lightning.formats.schemes import ScalarScheme
 
 
 def packed_weight_bytes(numel: int, rows: int, n_groups: int, bits: int) -> int:
-    """Bytes of one weight in the packed format: ceil(numel * bits / 8) + (2 + 1) per row and group."""
-    return -(-numel * bits // 8) + rows * n_groups * (SCALE_BYTES + ZERO_BYTES)
-
-
-def sparse_weight_bytes(numel: int, *, n_m: tuple[int, int] | None = None, nnz: int | None = None,
-                        bits: int | None = None, n_scales: int = 0) -> int:
-    """Bytes of a pruned weight as ``save_quantized`` stores it. N:M: exactly N of every M entries, as
-    ``bits``-bit codes (plus (2 + 1) bytes of scale and zero point for each of ``n_scales`` rows and
-    groups) or, without ``bits``, float16 values, each with its position in ceil(log2 M) bits (2:4 float:
-    9 bits per weight). Unstructured float weights: a 1-bit mask and the ``nnz`` float16 values."""
-    if n_m is None:
-        return packed_nbytes(numel, 1) + nnz * SCALE_BYTES
-    n, m = n_m
-    stored = numel // m * n
-    values = stored * SCALE_BYTES if bits is None else packed_nbytes(stored, bits)
-    return values + packed_nbytes(stored, nm_position_bits(m)) + n_scales * (SCALE_BYTES + ZERO_BYTES)
+    """Bytes of one dense scalar-quantized weight as ``save_quantized`` stores it by default (codes at
+    ``bits`` bits, an fp16 scale and a uint8 zero point per row and group): the scheme's size formula
+    (:meth:`~obc_lightning.formats.schemes.ScalarScheme.payload_nbytes`)."""
+    cols = numel // rows
+    config = {"shape": [rows, cols], "bits": bits, "group_size": -(-cols // n_groups), "scale_dtype": "float16"}
+    return ScalarScheme.payload_nbytes(config)
 
 
 @dataclass
@@ -46,8 +30,10 @@ class ModuleReport:
     calibration inputs. ``obc_rows`` / ``gptq_rows``: rows whose best solution came from each solver.
     ``sparsity``: fraction of the weights pruned (OBS, before quantization); ``bits`` None: prune only
     (``method`` "scalar") or product quantization (``method`` "pq" / "pq-kmeans", with ``block_size``
-    inputs per sub-vector and ``n_centroids`` codebook entries). ``weight_bits``: storage of the weight
-    (codes and scales / zeros, or codes and codebook). ``tied``: the other names of this module's weight:
+    inputs per sub-vector and ``n_centroids`` codebook entries). ``bytes_after`` / ``weight_bits``: the
+    weight as ``save_quantized`` stores the module by default (its storage scheme's size formula,
+    :mod:`obc_lightning.formats.schemes`: the file's payload bytes, and the same in bits before byte
+    padding), plus the fp32 bias. ``tied``: the other names of this module's weight:
     other modules sharing the Parameter (each has its own entry: the weight was solved once on the sum of
     their Hessians, and each entry's ``loss`` is that module's share), and other names of this very module
     (registered twice: one entry, found under each name).
@@ -86,8 +72,9 @@ class CompressionReport:
     """Result of :func:`obc_lightning.compress_model`.
 
     Sizes cover every target module (weights and biases); skipped targets count at fp32 on both sides,
-    so ``compression_ratio`` is what the targets really shrink by. ``avg_bits`` is the storage per
-    quantized weight including the fp16 scales and zeros: (bits * numel + 32 * rows * n_groups) / numel.
+    so ``compression_ratio`` is what the targets really shrink by. ``avg_bits`` is the stored bits per
+    compressed weight (scales, zero points, codebooks, positions and masks included), e.g.
+    (bits * numel + 24 * rows * n_groups) / numel for a dense scalar grid with fp16 scales.
     """
 
     modules: list[ModuleReport] = field(default_factory=list)

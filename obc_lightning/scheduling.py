@@ -27,14 +27,26 @@ report entry.
 
 from __future__ import annotations
 
+import math
+import time
+import warnings
 from collections.abc import Iterator, Mapping
-from dataclasses import dataclass
+from dataclasses import dataclass, fields, replace
 
 import torch
 from torch import Tensor, nn
 
 from obc_lightning.calibration import LayerHessian
+from obc_lightning.checks import check_flags
+from obc_lightning.formats.bits import FP32_BYTES, dtype_name
+from obc_lightning.formats.nm import conv_nm_group_index
+from obc_lightning.formats.schemes import PQScheme, ScalarScheme, SparseMaskScheme, StorageScheme, kind_of, scheme_of
 from obc_lightning.reporting import ModuleReport
+from obc_lightning.selection import per_module
+from obc_lightning.solvers.common import default_memory_budget, layer_objective
+from obc_lightning.solvers.pq import product_quantize
+from obc_lightning.solvers.prune import obs_prune
+from obc_lightning.solvers.quantize import quantize_weights
 
 # d x d copies one group holds while its batch is solved (see the module docstring)
 COPIES_PER_GROUP = 8
@@ -70,13 +82,243 @@ class Solved:
     report: ModuleReport  # weight_bits set
     results: list
     n_pruned: int
+    format: object = None  # the storage scheme the weight is in (obc_lightning.formats), recorded on the module
+
+
+# ------------------------------------------------------------------ one module through the solvers
+def module_bytes(m: nn.Module) -> int:
+    """fp32 bytes of the module's weight and bias."""
+    return (m.weight.numel() + (m.bias.numel() if m.bias is not None else 0)) * FP32_BYTES
+
+
+def relative_error(loss: float, signal: float) -> float:
+    """trace(dW H dW^T) / trace(W H W^T) from loss = 1/2 trace(dW H dW^T) and signal = trace(W H W^T)."""
+    return 2 * loss / signal if signal > 0 else (0.0 if loss == 0 else float("inf"))
+
+
+def nm_group_index_of(m: nn.Module, n_m):
+    """Conv weights prune N:M along input channels at each kernel position; Linear along its inputs."""
+    if n_m is None or not isinstance(m, (nn.Conv1d, nn.Conv2d)):
+        return None
+    return conv_nm_group_index(m.in_channels // m.groups, math.prod(m.kernel_size), n_m[1]).to(m.weight.device)
+
+
+def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.device) -> int | None:
+    """The solvers' share of ``max_memory`` on ``device`` (an int, or the mapping's entry; None: default)."""
+    if isinstance(max_memory, Mapping):
+        return max_memory.get(str(device))
+    return max_memory
+
+
+@dataclass
+class PreparedModule:
+    """One module between its (per-module) pruning and its (possibly batched) quantization."""
+
+    name: str
+    module: nn.Module
+    lh: LayerHessian
+    group_size: int | None  # None where one group would span the whole row
+    blocks: list[tuple[Tensor, Tensor, Tensor]]  # per conv group: (W_i, pruned W_i, H_i) in the compute dtype
+    pruned: int
+    damp: float
+    seconds: float  # spent on this module alone so far
+
+
+def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None) -> PreparedModule:
+    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``."""
+    t0 = time.perf_counter()
+    W = m.weight.detach()
+    if group_size is not None and group_size >= lh.hessians.shape[-1]:
+        group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    group_index = nm_group_index_of(m, n_m)
+    blocks, pruned, damp_used = [], 0, 0.0
+    for i, Wb in enumerate(lh.weight_blocks(W)):
+        Wb = Wb.to(dt)
+        H = lh.hessians[i].to(device=W.device, dtype=dt)
+        Pb = Wb
+        if sparsity is not None or n_m is not None:
+            pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
+            Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
+        blocks.append((Wb, Pb, H))
+    return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0)
+
+
+def finish_module(p: PreparedModule, results: list, bits, n_m, prune: bool, solve_seconds: float):
+    """The new weight and the report of a prepared module from its groups' results (empty: prune only);
+    ``solve_seconds``: its share of the solver time. Returns Q (weight's shape, compute dtype), the report,
+    the results, the weight's format (:mod:`obc_lightning.formats`) and the number of pruned weights."""
+    t0 = time.perf_counter()
+    m, W = p.module, p.module.weight.detach()
+    Qs = []
+    loss = 0.0
+    signal = 0.0  # sum_rows w H w^T = trace(W H W^T)
+    damp_used = p.damp
+    rows_won: dict[str, int] = {}
+    for i, (Wb, Pb, H) in enumerate(p.blocks):
+        if bits is None:
+            Qb = Pb
+        else:  # quantize_weight keeps exact zeros at 0: the mask survives
+            res = results[i]
+            Qb = res.quantized_matrix
+            damp_used = max(damp_used, res.damp)
+            for k, v in res.solver_rows.items():
+                rows_won[k] = rows_won.get(k, 0) + int(v)
+        Qs.append(Qb)
+        # the objective against the caller's weights: 1/2 trace((Q - W) H (Q - W)^T)
+        loss += float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.sum())
+        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+    Q = torch.cat(Qs, dim=0).reshape(W.shape)
+    rel = relative_error(loss, signal)
+    pruned = p.pruned
+    # the format the weight is in (recorded on the module), and its size as save_quantized stores it by
+    # default: N:M-pruned weights as their kept entries and positions, pruned float weights as float16
+    # values, quantized unstructured-sparse weights as dense codes
+    if bits is None:
+        fmt = SparseMaskScheme() if n_m is None else SparseMaskScheme().with_n_m(n_m)
+    else:
+        fmt = ScalarScheme.from_grids([r.grid for r in results], n_m)
+    nbytes, nbits = stored_size(fmt, m, Q.to(W.dtype), "float16")
+    before = module_bytes(m)
+    rep = ModuleReport(
+        name=p.name,
+        kind=type(m).__name__,
+        shape=tuple(W.shape),
+        bits=bits,
+        groups=p.lh.groups,
+        group_size=p.group_size,
+        n_samples=p.lh.n_samples,
+        loss=loss,
+        rel_error=rel,
+        seconds=p.seconds + solve_seconds + time.perf_counter() - t0,
+        obc_rows=rows_won.get("obc", 0),
+        gptq_rows=rows_won.get("gptq", 0),
+        damp=damp_used,
+        bytes_before=before,
+        bytes_after=before - W.numel() * FP32_BYTES + nbytes,
+        sparsity=pruned / W.numel(),
+        weight_bits=nbits,
+    )
+    return Q, rep, results, fmt, pruned
+
+
+def quantize_modules(prepared: list[PreparedModule], bits, solver, symmetric, mse, damp, scale_dtype, max_memory,
+                      sparsity=None, n_m=None) -> list[tuple]:
+    """Quantize the kept weights of prepared modules whose groups all have the same width d (and compute
+    dtype, device): every group of every module in one :func:`~obc_lightning.solvers.quantize.quantize_weights`
+    call, each result what the module gets alone. Its time is shared out by rows (the cost per row is
+    the same at one d). Returns :func:`finish_module`'s tuple per module, in order."""
+    prune = sparsity is not None or n_m is not None
+    if bits is None:
+        return [finish_module(p, [], bits, n_m, True, 0.0) for p in prepared]
+    problems = [(Pb, H) for p in prepared for _, Pb, H in p.blocks]
+    device = prepared[0].module.weight.device
+    t0 = time.perf_counter()
+    results = quantize_weights(
+        problems, bits, solver=solver, group_size=prepared[0].group_size, symmetric=symmetric, mse=mse, damp=damp,
+        scale_dtype=scale_dtype, max_memory=solver_budget(max_memory, device),
+    )
+    seconds = time.perf_counter() - t0
+    rows = [sum(b[0].shape[0] for b in p.blocks) for p in prepared]
+    out, k = [], 0
+    for p, r in zip(prepared, rows):
+        n = len(p.blocks)
+        out.append(finish_module(p, results[k : k + n], bits, n_m, prune, seconds * r / sum(rows)))
+        k += n
+    return out
+
+
+def quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
+                     sparsity=None, n_m=None, max_memory=None):
+    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
+    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
+    results, the number of scales and the number of pruned weights."""
+    p = prepare_module(name, m, lh, group_size, damp, sparsity=sparsity, n_m=n_m)
+    return quantize_modules([p], bits, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity, n_m)[0]
+
+
+def stored_size(fmt: StorageScheme, m: nn.Module, weight: Tensor, scale_dtype: str) -> tuple[int, int]:
+    """(bytes, bits before byte padding) of ``weight`` stored in ``fmt``: its scheme's size formula, the
+    one the file writer's payload follows."""
+    config = fmt.describe(kind_of(m), weight, scale_dtype=scale_dtype)
+    scheme = scheme_of(config)
+    return scheme.payload_nbytes(config), scheme.payload_bits(config)
+
+
+def pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
+    """Product-quantize one (ungrouped) module; returns Q, the report, the result and the weight's format."""
+    t0 = time.perf_counter()
+    W = m.weight.detach()
+    dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+    Wm = W.reshape(W.shape[0], -1).to(dt)
+    H = lh.hessians[0].to(device=W.device, dtype=dt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        res = product_quantize(
+            Wm,
+            H if method == "pq" else None,
+            block_size=block_size,
+            n_centroids=n_centroids,
+            seed=seed,
+            damp=damp,
+            codebook_dtype=scale_dtype,
+        )
+    for w in caught:  # the solver's warnings, said of this module and in compress_model's argument names
+        text = str(w.message).replace("product_quantize: ", "").replace("codebook_dtype=", "scale_dtype=")
+        warnings.warn(f"compress_model: module '{name}': {text}", w.category, stacklevel=4)
+    Q = res.quantized_matrix
+    loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
+    signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
+    fmt = PQScheme(res.codebook.detach().cpu(), block_size)
+    # the codebook as it is exactly representable: in scale_dtype (float32 when not rounded)
+    nbytes, nbits = stored_size(fmt, m, Q.reshape(W.shape), dtype_name(scale_dtype or torch.float32))
+    before = module_bytes(m)
+    rep = ModuleReport(
+        name=name,
+        kind=type(m).__name__,
+        shape=tuple(W.shape),
+        bits=None,
+        groups=1,
+        group_size=None,
+        n_samples=lh.n_samples,
+        loss=loss,
+        rel_error=relative_error(loss, signal),
+        seconds=time.perf_counter() - t0,
+        damp=res.damp,
+        bytes_before=before,
+        bytes_after=before - W.numel() * FP32_BYTES + nbytes,
+        method=method,
+        block_size=block_size,
+        n_centroids=n_centroids,
+        weight_bits=nbits,
+    )
+    return Q.reshape(W.shape), rep, res, fmt
+
+
+def tied_objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
+    """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64."""
+    loss = signal = 0.0
+    for i, (Wb, Qb) in enumerate(zip(lh.weight_blocks(W), lh.weight_blocks(Q))):
+        H = lh.hessians[i].to(device=W.device, dtype=torch.float64)
+        Wb = Wb.to(torch.float64)
+        loss += float(layer_objective(Wb, Qb.to(torch.float64), H).sum())
+        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+    return loss, signal
+
+
+
+
+def to_cpu(res):
+    """A solver result (QuantResult or PQResult) with every tensor field, and the grid, on the CPU."""
+    moved = {f.name: getattr(res, f.name).cpu() for f in fields(res) if isinstance(getattr(res, f.name), Tensor)}
+    if hasattr(res, "grid"):
+        moved["grid"] = res.grid.to("cpu")
+    return replace(res, **moved)
 
 
 def check_distributed(who: str, distributed: bool, reduce_fn) -> None:
     """``distributed=True`` needs torch.distributed initialized (the default process group) and a
     ``reduce_fn``: the ranks must hold the same Hessians (and agree on which modules have one)."""
-    from obc_lightning.checks import check_flags
-
     check_flags(who, distributed=distributed)
     if distributed and reduce_fn is None:
         raise ValueError(
@@ -114,14 +356,12 @@ def solve_modules(
 
 # ------------------------------------------------------------------ local: batched by width
 def _solve_local(hessians, targets, s: SolveSettings, batch_by_width: bool = True) -> Iterator[Solved]:
-    from obc_lightning.compress import _pq_module, per_module
-
     if s.method != "scalar":  # product quantization: one codebook per module, per module
         for name in list(hessians):
             m = targets[name]
             b, k = per_module(s.block_size, name, "block_size"), per_module(s.n_centroids, name, "n_centroids")
-            Q, rep, res = _pq_module(name, m, hessians.pop(name), s.method, b, k, s.damp, s.scale_dtype, s.seed)
-            yield Solved(name, Q, rep, [res], 0)
+            Q, rep, res, fmt = pq_module(name, m, hessians.pop(name), s.method, b, k, s.damp, s.scale_dtype, s.seed)
+            yield Solved(name, Q, rep, [res], 0, fmt)
         return
     for chunk in _batches(hessians, targets, s, batch_by_width):
         yield from _solve_chunk(chunk, hessians, targets, s)
@@ -130,9 +370,6 @@ def _solve_local(hessians, targets, s: SolveSettings, batch_by_width: bool = Tru
 def _batches(hessians, targets, s: SolveSettings, batch_by_width: bool) -> list[list[str]]:
     """The modules in groups solved together: same (d, compute dtype, device), in order of first
     appearance, cut where the group's d x d copies would pass half the solver budget."""
-    from obc_lightning.compress import solver_budget
-    from obc_lightning.solvers.common import default_memory_budget
-
     if not batch_by_width or s.bits is None:  # prune only: no quantization to batch
         return [[name] for name in hessians]
     keys: dict[tuple, list[str]] = {}
@@ -158,20 +395,15 @@ def _batches(hessians, targets, s: SolveSettings, batch_by_width: bool) -> list[
 
 
 def _solve_chunk(names: list[str], hessians, targets, s: SolveSettings) -> Iterator[Solved]:
-    from obc_lightning.compress import _prepare_module, _quantize_modules
-    from obc_lightning.reporting import SCALE_BYTES, ZERO_BYTES
 
     prepared = [
-        _prepare_module(n, targets[n], hessians.pop(n), s.group_size, s.damp, sparsity=s.sparsity, n_m=s.n_m)
+        prepare_module(n, targets[n], hessians.pop(n), s.group_size, s.damp, sparsity=s.sparsity, n_m=s.n_m)
         for n in names
     ]
-    done = _quantize_modules(prepared, s.bits, s.solver, s.symmetric, s.mse, s.damp, s.scale_dtype, s.max_memory,
+    done = quantize_modules(prepared, s.bits, s.solver, s.symmetric, s.mse, s.damp, s.scale_dtype, s.max_memory,
                              s.sparsity, s.n_m)
-    for name, (Q, rep, results, n_scales, n_pruned) in zip(names, done):
-        m = targets[name]
-        rep.weight_bits = (32 if s.bits is None else s.bits) * m.weight.numel() + 8 * (
-            SCALE_BYTES + ZERO_BYTES) * n_scales
-        yield Solved(name, Q, rep, results, n_pruned)
+    for name, (Q, rep, results, fmt, n_pruned) in zip(names, done):
+        yield Solved(name, Q, rep, results, n_pruned, fmt)
 
 
 # ------------------------------------------------------------------ sharded over ranks
@@ -229,8 +461,6 @@ def _broadcast(t: Tensor, src: int) -> None:
 
 
 def _solve_sharded(hessians, targets, s: SolveSettings, keep_results: bool, batch_by_width: bool):
-    from obc_lightning.compress import _to_cpu
-
     dist = torch.distributed
     rank, world = dist.get_rank(), dist.get_world_size()
     names = list(hessians)
@@ -256,12 +486,12 @@ def _solve_sharded(hessians, targets, s: SolveSettings, keep_results: bool, batc
         for out in _solve_local(mine, targets, s, batch_by_width):
             w = targets[out.name].weight
             out.weight = out.weight.to(dtype=w.dtype, device=w.device).reshape(w.shape).contiguous()
-            out.results = [_to_cpu(r) for r in out.results] if keep_results else []
+            out.results = [to_cpu(r) for r in out.results] if keep_results else []
             own[out.name] = out
     except Exception as e:  # raised on every rank below, not only here (the others would wait forever)
         error = e
     # every rank's report entries (and results) and failures, in one collective
-    meta = {n: (o.report, o.results, o.n_pruned) for n, o in own.items()}
+    meta = {n: (o.report, o.results, o.n_pruned, o.format) for n, o in own.items()}
     gathered: list = [None] * world
     dist.all_gather_object(gathered, (None if error is None else f"{type(error).__name__}: {error}", meta))
     failed = [(r, msg) for r, (msg, _) in enumerate(gathered) if msg is not None]
@@ -275,8 +505,8 @@ def _solve_sharded(hessians, targets, s: SolveSettings, keep_results: bool, batc
         r = owner[n]
         buf = own[n].weight if r == rank else torch.empty(w.shape, dtype=w.dtype, device=w.device)
         _broadcast(buf, r)
-        rep, results, n_pruned = gathered[r][1][n]
-        yield Solved(n, buf, rep, results, n_pruned)
+        rep, results, n_pruned, fmt = gathered[r][1][n]
+        yield Solved(n, buf, rep, results, n_pruned, fmt)
         own.pop(n, None)
     # the caller has written every weight: the ranks must now hold the same bits
     sums = torch.stack([_bits_checksum(targets[n].weight) for n in names]).reshape(-1)

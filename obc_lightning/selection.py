@@ -13,7 +13,7 @@ from collections.abc import Mapping, Sequence
 from torch import nn
 
 from obc_lightning.calibration import SUPPORTED_MODULES
-from obc_lightning.reporting import FP32_BYTES
+from obc_lightning.formats.bits import FP32_BYTES
 
 REASON_ATTENTION_PROJECTION = (
     "q, k, v input projections of nn.MultiheadAttention '{owner}': a bare Parameter it multiplies "

@@ -16,7 +16,7 @@ from safetensors_edit import rewrite
 from torch import nn
 from torch.utils.data import DataLoader, TensorDataset
 
-import obc_lightning.export as export
+import obc_lightning.export.write as export_write
 from obc_lightning.callback import OBCQuantize
 from obc_lightning.compress import compress_model
 from obc_lightning.export import (
@@ -329,21 +329,21 @@ def test_mismatched_model_is_refused_and_untouched(saved, make, match):
 def test_interrupted_save_leaves_no_partial_file(tmp_path, monkeypatch):
     model, report = quantized_tiny(3)
     path = tmp_path / "m.safetensors"
-    real_save = export._write_safetensors
+    real_save = export_write._write_safetensors
 
     def dies_mid_write(f, header, tensors):
         f.write(b"\x00" * 100)
         raise RuntimeError("disk full")
 
-    monkeypatch.setattr(export, "_write_safetensors", dies_mid_write)
+    monkeypatch.setattr(export_write, "_write_safetensors", dies_mid_write)
     with pytest.raises(RuntimeError, match="disk full"):
         save_quantized(model, path, report)
     assert os.listdir(tmp_path) == []  # no final file, no temporary file
 
-    monkeypatch.setattr(export, "_write_safetensors", real_save)
+    monkeypatch.setattr(export_write, "_write_safetensors", real_save)
     save_quantized(model, path, report)
     old = path.read_bytes()
-    monkeypatch.setattr(export, "_write_safetensors", dies_mid_write)
+    monkeypatch.setattr(export_write, "_write_safetensors", dies_mid_write)
     with pytest.raises(RuntimeError, match="disk full"):
         save_quantized(model, path, report, scale_dtype=torch.float32)
     assert os.listdir(tmp_path) == ["m.safetensors"] and path.read_bytes() == old

@@ -48,13 +48,13 @@ WORKER = textwrap.dedent(
             dist.all_reduce(t)
 
         solved = []
-        real_prepare = compress._prepare_module
+        real_prepare = scheduling.prepare_module
 
         def spy(name, *args, **kwargs):
             solved.append(name)
             return real_prepare(name, *args, **kwargs)
 
-        compress._prepare_module = spy
+        scheduling.prepare_module = spy
         saved = {{}}
         for mode, kw in (("one", dict(bits=4)), ("seq", dict(bits=4, sequential=True)),
                          ("prune", dict(bits=3, sparsity=0.5, group_size=8))):
@@ -67,7 +67,7 @@ WORKER = textwrap.dedent(
             saved[mode] = dict(everyone=state(everyone), shared=state(shared), entries_a=entries(ra),
                                entries_b=entries(rb), codes_a=codes(ra), codes_b=codes(rb), all=all_names,
                                mine=solved[:])
-        compress._prepare_module = real_prepare
+        scheduling.prepare_module = real_prepare
 
         # a failure on one rank is raised on both, and both models are left as they were
         fresh, before = net(), None

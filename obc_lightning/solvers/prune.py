@@ -25,6 +25,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
+from obc_lightning.formats.nm import conv_nm_group_index, nm_group_index  # noqa: F401  (the formats' layout)
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     PreparedHessian,
@@ -101,22 +102,6 @@ class PruneRule:
 
     def shrink(self, keep: Tensor) -> None:
         self.group = self.group.gather(1, keep)
-
-
-def nm_group_index(d: int, m: int) -> Tensor:
-    """N:M groups of a Linear weight (out, d): M consecutive inputs, column c in group c // M."""
-    return torch.arange(d) // m
-
-
-def conv_nm_group_index(in_channels: int, kernel_numel: int, m: int) -> Tensor:
-    """N:M groups of a conv weight flattened to (out, in * kh * kw) (column c = i * kernel_numel + k):
-    M consecutive input channels at one kernel position, as NVIDIA's sparse tensor cores read them.
-    Group of (i, k) = k * (in / M) + i // M. ``in_channels`` per conv group; M must divide it."""
-    if in_channels % m:
-        raise ValueError(f"conv N:M groups: M={m} must divide the input channels per group ({in_channels})")
-    i = torch.arange(in_channels).unsqueeze(1)
-    k = torch.arange(kernel_numel).unsqueeze(0)
-    return (k * (in_channels // m) + i // m).reshape(-1)
 
 
 def _batches(rows: int, batch_size: int):
