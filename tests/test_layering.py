@@ -1,7 +1,8 @@
 """Issue 25, item 4: each stage owns its pieces. Imports go down the stack of stages (configuration ->
-calibration -> solvers on grids / formats -> the solving stage (scheduling) -> compress -> fine-tuning -> export -> pipeline -> callback),
-never up; no module imports another's private names or imports the library inside a function; the
-formats layer knows only torch; only the callback and its Lightning glue import lightning."""
+calibration -> solvers on grids / formats -> the solving stage (scheduling) -> compress -> fine-tuning ->
+export -> pipeline -> callback), never up; no module imports another's private names or imports the library
+inside a function; the formats layer knows only torch; only the callback and its Lightning glue import
+lightning."""
 
 import ast
 import pathlib
