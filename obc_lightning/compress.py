@@ -18,6 +18,7 @@ from dataclasses import fields, replace
 import torch
 from torch import Tensor, nn
 
+from obc_lightning.allocation import Allocator, check_reachable, fixed_bytes
 from obc_lightning.calibration import (
     CalibrationWarning,
     LayerHessian,
@@ -49,7 +50,7 @@ from obc_lightning.selection import (
 )
 from obc_lightning.solvers.common import layer_objective
 from obc_lightning.solvers.pq import check_pq_args, product_quantize
-from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune
+from obc_lightning.solvers.prune import conv_nm_group_index, obs_prune, obs_prune_trace
 from obc_lightning.solvers.quantize import quantize_weight
 
 __all__ = [  # re-exported: module selection lives in obc_lightning.selection
@@ -69,6 +70,12 @@ def check_against_model(
     """The checks of ``config`` that need the target modules, before any of them is touched: N:M groups
     that divide each module's inputs, product-quantization layouts that fit, floating-point weights."""
     q = config.quantization
+    check_patterns_match(q.bits, "bits", targets, who)
+    if isinstance(q.bits, Mapping):
+        for name in targets:
+            per_module(q.bits, name, "bits", who)
+    if q.target is not None:  # every target solved, biases only fixed: the widest range a calibration allows
+        check_reachable(q, targets, who, fixed_bytes(targets))
     for name, m in targets.items():
         if not m.weight.is_floating_point():
             raise ValueError(f"{who}: module '{name}' has a {m.weight.dtype} weight; expected floating point")
@@ -205,10 +212,11 @@ def solver_budget(max_memory: int | Mapping[str, int] | None, device: torch.devi
 
 
 def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None, max_memory=None):
-    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
-    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
+                     sparsity=None, n_m=None, max_memory=None, traces=None):
+    """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS; from the groups' OBS
+    ``traces`` when given), then quantize the kept weights (``bits``; None: prune only). Returns Q
+    (weight's shape, compute dtype), the report, the results, the number of scales and the number of
+    pruned weights."""
     t0 = time.perf_counter()
     W = m.weight.detach()
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
@@ -227,7 +235,8 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
         H = lh.hessians[i].to(device=W.device, dtype=dt)
         Pb = Wb
         if prune:
-            pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
+            pres = (traces[i].at(sparsity) if traces is not None else
+                    obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index))
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
         if bits is None:
             Qb = Pb
@@ -342,7 +351,7 @@ def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str
 
 
 def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mapping[str, list[str]], block_size,
-                n_centroids, pq: bool) -> None:
+                n_centroids, pq: bool, bits=None) -> None:
     """A weight shared by several targets is solved once on the sum of their Hessians: they must split
     it the same way (conv groups, PQ layout). Checked before the model is touched."""
     for name, users in tied.items():
@@ -362,6 +371,11 @@ def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mappin
                     f"compress_model: modules '{name}' and '{other}' share one weight: give them the same "
                     "block_size and n_centroids"
                 )
+            if isinstance(bits, Mapping) and per_module(bits, name, "bits") != per_module(bits, other, "bits"):
+                raise ValueError(
+                    f"compress_model: modules '{name}' and '{other}' share one weight: give them the same bits, "
+                    f"got {per_module(bits, name, 'bits')} and {per_module(bits, other, 'bits')}"
+                )
 
 
 def _objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
@@ -373,6 +387,22 @@ def _objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
         loss += float(layer_objective(Wb, Qb.to(torch.float64), H).sum())
         signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
     return loss, signal
+
+
+def _fixed_bytes(all_targets: Mapping[str, nn.Module], solved: set[str], model: nn.Module, include,
+                 exclude) -> int:
+    """The bytes of the report's size that no allocation changes: every target's bias, the weights left
+    in full precision (skipped targets, each weight once, and the attention projections)."""
+    solved_weights = {id(all_targets[n].weight) for n in solved}
+    counted: set[int] = set()
+    extra = 0
+    for m in all_targets.values():
+        w = m.weight
+        if id(w) not in solved_weights and id(w) not in counted:
+            extra += w.numel() * FP32_BYTES
+        counted.add(id(w))
+    extra += sum(size for _, size in unquantized_projections(model, include, exclude).values())
+    return fixed_bytes(all_targets, extra)
 
 
 _UNSET = object()
@@ -403,7 +433,14 @@ def compress_model(
     1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
     :func:`~obc_lightning.calibration.collect_hessians`.
 
-    What the options do, in short: ``bits`` 2 ... 8 (``None`` with ``sparsity`` / ``n_m``: prune only);
+    What the options do, in short: ``bits`` 2 ... 8, or per module ``{"*conv1*": 8, "*": 4}`` (first
+    matching pattern wins), ``None`` with ``sparsity`` / ``n_m``: prune only; ``target_bits`` (average
+    stored bits per weight, scales and zero points included, as ``report.avg_bits``) or ``target_size_mb``
+    (``report.bytes_after`` in MB) choose each module's width among the candidates ``bits`` (default
+    2, 3, 4, 8), and ``target_sparsity`` (with ``bits=None``) each module's sparsity level, for the least
+    output error within the budget (:mod:`obc_lightning.allocation`: every candidate solved from one
+    calibration, an exact allocation for per-layer loss weights fitted by ``allocation_steps`` evaluations
+    of the model on the calibration batches; ``report.allocation`` says what it decided and cost);
     ``sparsity`` / ``n_m`` prune with OBS first (:func:`~obc_lightning.solvers.prune.obs_prune`;
     unstructured with the global selection over the module's rows, or at most N non-zeros in every M
     inputs, convs along input channels at each kernel position), then the kept weights are quantized
@@ -485,9 +522,11 @@ def compress_model(
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
     tied = tied_weights(model, targets)
-    _check_tied(model, targets, tied, block_size, n_centroids, pq)
+    _check_tied(model, targets, tied, block_size, n_centroids, pq, bits)
     # a shared weight is solved once, when the Hessians of all its target users are in: its objective is
     # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
+    allocator = Allocator(q) if q.target is not None else None
+    database_lhs: dict[str, dict[str, LayerHessian]] = {}  # tied weights' users' Hessians, for their reports
     waiting: dict[str, LayerHessian] = {}
     backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
     uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
@@ -518,17 +557,51 @@ def compress_model(
         else:
             lhs = {name: lh}
         m = targets[name]
+        if allocator is not None:  # a size target: every candidate now, the choice once all are in
+            add_to_database(name, m, lh)
+            if name in tied:
+                database_lhs[name] = lhs
+            return
         if pq:
             b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
             Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
             results, n_pruned = [res], 0
         else:
-            Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
-                max_memory=max_memory,
-            )
-            rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
-                SCALE_BYTES + ZERO_BYTES) * n_scales
+            Q, rep, results, n_pruned = solve_scalar(name, m, lh, per_module(bits, name, "bits"), sparsity)
+        write(name, m, lhs, Q, rep, results, n_pruned)
+
+    def solve_scalar(name, m, lh, b, s, traces=None):
+        Q, rep, results, n_scales, n_pruned = _quantize_module(
+            name, m, lh, b, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=s, n_m=n_m,
+            max_memory=max_memory, traces=traces,
+        )
+        rep.weight_bits = (32 if b is None else b) * m.weight.numel() + 8 * (SCALE_BYTES + ZERO_BYTES) * n_scales
+        return Q, rep, results, n_pruned
+
+    def add_to_database(name, m, lh):
+        W = m.weight.detach()
+        signal = _objective(W, torch.zeros_like(W), lh)[1]
+
+        def on_cpu(out):  # the database holds every candidate: on the CPU, moved to the device when used
+            Q, rep, results, n_pruned = out
+            return Q.cpu(), rep, [_to_cpu(x) for x in results], n_pruned
+
+        if bits is not None:
+            allocator.add(name, m, signal, lambda b: on_cpu(solve_scalar(name, m, lh, b, None)))
+            return
+        dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+        traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device, dtype=dt), damp=damp)
+                  for i, Wb in enumerate(lh.weight_blocks(W))]  # one greedy pass gives every level
+        allocator.add(name, m, signal, lambda s: on_cpu(solve_scalar(name, m, lh, None, s, traces)),
+                      loss_of=lambda s: sum(t.loss(s) for t in traces))
+
+    def set_weight(name: str, Q: Tensor) -> None:
+        weight = targets[name].weight
+        if id(weight) not in backups:
+            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+        weight.copy_(Q.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+
+    def write(name, m, lhs, Q, rep, results, n_pruned) -> None:
         reps = [rep]
         aliases: list[str] = []
         if name in tied:  # the weight under each of its names, each target user with its own objective
@@ -550,9 +623,7 @@ def compress_model(
             for r in reps:
                 r.tied = tuple(x.name for x in reps if x is not r) + tuple(aliases)
         weight = m.weight
-        if id(weight) not in backups:
-            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
-        weight.copy_(Q.to(weight.dtype))
+        set_weight(name, Q)
         report.modules.extend(reps)
         report.quantized_weights += weight.numel()
         report.pruned_weights += n_pruned
@@ -594,6 +665,14 @@ def compress_model(
             for name in list(waiting):  # users that never got a Hessian: solved with those that did
                 if name in waiting:
                     solve(name, waiting.pop(name), force=True)
+            if allocator is not None:
+                fixed = _fixed_bytes(all_targets, {u.name for u in allocator.units}, model, include, exclude)
+                choice = allocator.choose(model, batches, set_weight, fixed=fixed, forward_fn=forward_fn,
+                                          reduce_fn=reduce_fn, progress=progress)
+                for unit in allocator.units:
+                    Q, rep, results, n_pruned = unit.solution(choice.assignment[unit.name])
+                    write(unit.name, targets[unit.name], database_lhs.get(unit.name, {}), Q, rep, results, n_pruned)
+                report.allocation = choice.summary
     except BaseException:
         with torch.no_grad():  # one backup per Parameter: the original, however many modules share it
             for weight, original in backups.values():
@@ -622,6 +701,15 @@ def compress_model(
     for _, size in projections.values():
         report.bytes_before += size
         report.bytes_after += size
+    if isinstance(bits, Mapping) or (allocator is not None and bits is not None):
+        report.bits = {r.name: r.bits for r in report.modules}
+    if report.allocation is not None:  # what the target measures, from the report's own totals
+        a = report.allocation
+        a.achieved = {"target_bits": report.avg_bits, "target_size_mb": report.bytes_after / 2**20,
+                      "target_sparsity": report.sparsity}[a.target]
+        if a.target != "target_sparsity" and a.achieved > a.value * (1 + 1e-12):
+            warnings.warn(f"compress_model: the allocation for {a.target}={a.value:g} reached {a.achieved:.6g} "
+                          "(weights shared with modules outside the targets are counted differently)", stacklevel=2)
     report.seconds = time.perf_counter() - t_start
     if uncounted:
         warnings.warn(
