@@ -147,9 +147,9 @@ def main() -> None:
             with open(args.json, "a") as f:
                 f.write(json.dumps(r) + "\n")
 
-    def timed(fn):
+    def timed(*a, **kw):
         t0 = time.perf_counter()
-        out = fn()
+        out = compress_model(*a, **kw)
         return out, time.perf_counter() - t0
 
     for seed in args.seeds:
@@ -157,15 +157,14 @@ def main() -> None:
         uniform = {}
         for bits in (3,) if args.skip_2bit else (3, 2):
             m = copy.deepcopy(lit)
-            rep, secs = timed(lambda m=m, bits=bits: compress_model(m, calib, bits))
+            rep, secs = timed(m, calib, bits)
             uniform[bits] = (rep, secs)
             record(f"uniform {bits}-bit", seed, m, rep, secs, uniform[3][1])
         for name, target in [("alloc @ uniform 3-bit", uniform[3][0].avg_bits)] + (
                 [] if args.skip_2bit else [("alloc @ uniform 2-bit + 0.5", uniform[2][0].avg_bits + 0.5)]):
             m = copy.deepcopy(lit)
-            rep, secs = timed(lambda m=m, t=target: compress_model(
-                m, calib, bits=(2, 3, 4, 8), target_bits=t, allocation_metric=args.metric,
-                allocation_steps=args.steps, seed=seed))
+            rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=target, allocation_metric=args.metric,
+                              allocation_steps=args.steps, seed=seed)
             record(name, seed, m, rep, secs, uniform[3][1])
         if args.diffq_penalty is not None:
             m, info = run_diffq(lit, dm, args, seed)
@@ -174,9 +173,8 @@ def main() -> None:
             rows[f"DiffQ penalty {args.diffq_penalty:g}, {args.diffq_epochs} epochs"].setdefault(
                 "avg_bits", []).append(info["avg_bits"])
             m = copy.deepcopy(lit)
-            rep, secs = timed(lambda m=m: compress_model(
-                m, calib, bits=(2, 3, 4, 8), target_bits=info["avg_bits"], allocation_metric=args.metric,
-                allocation_steps=args.steps, seed=seed))
+            rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=info["avg_bits"],
+                              allocation_metric=args.metric, allocation_steps=args.steps, seed=seed)
             record("alloc @ DiffQ's bits", seed, m, rep, secs, uniform[3][1])
             reestimate_batchnorm(m, bn_batches(dm, 36, seed))
             record("alloc @ DiffQ's bits + BN re-estimated", seed, m, rep)

@@ -354,3 +354,19 @@ def test_prune_callback_target_sparsity(tmp_path):
     assert cb.report.allocation is not None
     zeros = sum(int((m.weight == 0).sum()) for m in (model.conv, model.head))
     assert zeros >= sum(round(0.5 * m.weight.numel()) for m in (model.conv, model.head))
+
+
+def test_a_tied_weight_is_one_unit_of_the_allocation():
+    from test_tied import Tied
+
+    g = torch.Generator().manual_seed(0)
+    data = [torch.randn(16, 8, generator=g) for _ in range(3)]
+    model = Tied()
+    report = compress_model(model, data, target_size_mb=900 / 2**20, allocation_steps=6)
+    assert model.a.weight is model.b.weight  # still tied, one width for both users
+    assert report["a"].bits == report["b"].bits and set(report.bits) == {"a", "b", "c"}
+    assert report.quantized_weights == 64 + 32  # the shared weight counted once
+    assert report.bytes_after <= 900 and report.allocation.achieved == report.bytes_after / 2**20
+    again = Tied()
+    compress_model(again, data, bits=report.bits)
+    assert torch.equal(again.a.weight, model.a.weight) and torch.equal(again.c.weight, model.c.weight)
