@@ -107,6 +107,7 @@ def main() -> None:
     ap.add_argument("--metric", default="kl", choices=["kl", "mse"])
     ap.add_argument("--steps", type=int, default=16, help="allocation_steps")
     ap.add_argument("--skip-2bit", action="store_true")
+    ap.add_argument("--diffq-only", action="store_true", help="with --diffq-penalty: uniform 3-bit and the DiffQ rows")
     ap.add_argument("--diffq-penalty", type=float, default=None)
     ap.add_argument("--diffq-epochs", type=int, default=5)
     ap.add_argument("--json", default=None, help="append one JSON line per run")
@@ -127,12 +128,12 @@ def main() -> None:
     def record(name: str, seed: int, model, report=None, seconds=None, base_seconds=None, extra=None):
         r = dict(run=name, seed=seed, acc=evaluate(model, val), kl=kl_to(lit, model, val))
         if report is not None:
-            r.update(avg_bits=report.avg_bits, size_mb=report.bytes_after / 2**20)
+            r.update(avg_bits=report.avg_bits, size_mb=report.bytes_after / 2**20,
+                     calibration_s=report.calibration_seconds)
             a = report.allocation
             if a is not None:
                 r.update(bits=report.bits, calib_error=a.error, calib_uniform=a.uniform, evaluations=a.evaluations,
-                         database_s=a.database_seconds, search_s=a.search_seconds,
-                         calibration_s=report.calibration_seconds, history=a.history)
+                         database_s=a.database_seconds, search_s=a.search_seconds, history=a.history)
         if seconds is not None:
             r["seconds"] = seconds
         if base_seconds:
@@ -155,13 +156,14 @@ def main() -> None:
     for seed in args.seeds:
         calib = dm.calibration_batches(args.images, seed=seed)
         uniform = {}
-        for bits in (3,) if args.skip_2bit else (3, 2):
+        for bits in (3,) if args.skip_2bit or args.diffq_only else (3, 2):
             m = copy.deepcopy(lit)
             rep, secs = timed(m, calib, bits)
             uniform[bits] = (rep, secs)
             record(f"uniform {bits}-bit", seed, m, rep, secs, uniform[3][1])
-        for name, target in [("alloc @ uniform 3-bit", uniform[3][0].avg_bits)] + (
-                [] if args.skip_2bit else [("alloc @ uniform 2-bit + 0.5", uniform[2][0].avg_bits + 0.5)]):
+        targets = [("alloc @ uniform 3-bit", uniform[3][0].avg_bits)] + (
+            [] if 2 not in uniform else [("alloc @ uniform 2-bit + 0.5", uniform[2][0].avg_bits + 0.5)])
+        for name, target in [] if args.diffq_only else targets:
             m = copy.deepcopy(lit)
             rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=target, allocation_metric=args.metric,
                               allocation_steps=args.steps, seed=seed)

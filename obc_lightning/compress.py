@@ -590,10 +590,11 @@ def compress_model(
             allocator.add(name, m, signal, lambda b: on_cpu(solve_scalar(name, m, lh, b, None)))
             return
         dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+        t0 = time.perf_counter()
         traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device, dtype=dt), damp=damp)
                   for i, Wb in enumerate(lh.weight_blocks(W))]  # one greedy pass gives every level
         allocator.add(name, m, signal, lambda s: on_cpu(solve_scalar(name, m, lh, None, s, traces)),
-                      loss_of=lambda s: sum(t.loss(s) for t in traces))
+                      loss_of=lambda s: sum(t.loss(s) for t in traces), seconds=time.perf_counter() - t0)
 
     def set_weight(name: str, Q: Tensor) -> None:
         weight = targets[name].weight
