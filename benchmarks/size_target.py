@@ -18,6 +18,9 @@ subset: top-1 accuracy (1 image = 0.12 points), KL(p_fp32 || p_quantized) per im
 each ``compress_model`` call with its ratio to the uniform 3-bit call of the same draw (same process, same
 load). Means ± standard error over the draws.
 
+``--prune s``: instead, OBS pruning (prune-only) to s in every module against ``target_sparsity=s``
+(levels 0, 0.05, ..., 0.95 per module from each module's OBS trace, as many weights removed in all).
+
 ``--diffq-penalty P``: DiffQ (``OBCQuantize(finetune="noise")``, the recipe of the README's fine-tuning
 section: from 4 bits, ``--diffq-epochs`` epochs at lr 0.002, bits' Adam lr 0.03, BatchNorm re-estimated
 over 36 augmented training batches) once per seed, then the allocation at DiffQ's achieved
@@ -110,6 +113,8 @@ def main() -> None:
     ap.add_argument("--diffq-only", action="store_true", help="with --diffq-penalty: uniform 3-bit and the DiffQ rows")
     ap.add_argument("--diffq-penalty", type=float, default=None)
     ap.add_argument("--diffq-epochs", type=int, default=5)
+    ap.add_argument("--prune", type=float, default=None,
+                    help="instead: uniform OBS pruning to this sparsity against target_sparsity (prune-only)")
     ap.add_argument("--json", default=None, help="append one JSON line per run")
     args = ap.parse_args()
 
@@ -155,6 +160,17 @@ def main() -> None:
 
     for seed in args.seeds:
         calib = dm.calibration_batches(args.images, seed=seed)
+        if args.prune is not None:
+            s = args.prune
+            m = copy.deepcopy(lit)
+            rep, base = timed(m, calib, None, sparsity=s)
+            record(f"OBS {s:.0%} in every module", seed, m, rep, base, base, extra={"sparsity": rep.sparsity})
+            m = copy.deepcopy(lit)
+            rep, secs = timed(m, calib, None, target_sparsity=s, allocation_metric=args.metric,
+                              allocation_steps=args.steps, seed=seed)
+            record(f"OBS target_sparsity={s:g}", seed, m, rep, secs, base, extra={
+                "sparsity": rep.sparsity, "levels": {x.name: x.sparsity for x in rep.modules}})
+            continue
         uniform = {}
         for bits in (3,) if args.skip_2bit or args.diffq_only else (3, 2):
             m = copy.deepcopy(lit)

@@ -370,3 +370,20 @@ def test_a_tied_weight_is_one_unit_of_the_allocation():
     again = Tied()
     compress_model(again, data, bits=report.bits)
     assert torch.equal(again.a.weight, model.a.weight) and torch.equal(again.c.weight, model.c.weight)
+
+
+def test_a_model_without_outputs_is_refused_and_left_intact():
+    class Silent(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.inner = mlp()
+
+        def forward(self, x):
+            self.inner(x)  # returns nothing
+
+    model = Silent()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match="no floating-point output came from the model's forward"):
+        compress_model(model, batches(), target_bits=3.2)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
