@@ -432,6 +432,8 @@ def compress_model(
         every solution kept on the CPU, its cost the size its report entry gives. Sparsity levels: one
         greedy OBS pass per module prices every level (its trace); a level's kept weights are solved when
         an assignment needs them."""
+        if not ready:
+            return
         signals = {}
         for name, lh in ready.items():
             W = targets[name].weight.detach()

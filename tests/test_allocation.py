@@ -387,3 +387,37 @@ def test_a_model_without_outputs_is_refused_and_left_intact():
         compress_model(model, batches(), target_bits=3.2)
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k
+
+
+def test_allocated_widths_round_trip_through_the_carried_formats(tmp_path):
+    # no report at export: each module carries its own ScalarScheme (formats.record), at its chosen width
+    import json
+
+    from safetensors import safe_open
+
+    from obc_lightning.export import load_quantized, save_quantized
+    from obc_lightning.formats.record import format_of
+
+    model, data = mlp(), batches()
+    report = compress_model(model, data, target_bits=3.5, allocation_steps=6)
+    assert len(set(report.bits.values())) > 1
+    for n, b in report.bits.items():
+        assert format_of(model.get_submodule(n)).bits == b, n
+    path = tmp_path / "allocated.safetensors"
+    save_quantized(model, path)
+    with safe_open(str(path), "pt") as f:
+        modules = json.loads(f.metadata()["modules"])
+    assert {n: modules[n]["bits"] for n in report.bits} == report.bits
+    loaded = load_quantized(path, mlp(seed=3))
+    for n in report.bits:
+        assert torch.equal(loaded.get_submodule(n).weight, model.get_submodule(n).weight), n
+
+
+def test_size_targets_refuse_sequential_calibration_in_compress_model():
+    model = mlp()
+    w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    for target in (dict(target_bits=3.0), dict(target_size_mb=0.01), dict(bits=None, target_sparsity=0.5)):
+        with pytest.raises(ValueError, match=r"compress_model: target_\w+ builds its database .* sequential=False"):
+            compress_model(model, batches(), sequential=True, **target)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, w0[k]), k
