@@ -14,6 +14,7 @@ import math
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence, Sized
+from contextlib import contextmanager
 
 import torch
 from torch import Tensor, nn
@@ -22,8 +23,10 @@ from obc_lightning.calibration import (
     SUPPORTED_MODULES,
     CalibrationWarning,
     LayerHessian,
+    MatchedHessian,
     call_model,
     collect_hessians,
+    collect_matched,
     input_hooks,
     product_dtype_of,
 )
@@ -329,16 +332,17 @@ def _nm_group_index(m: nn.Module, n_m):
 
 
 def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmetric, mse, damp, scale_dtype,
-                     sparsity=None, n_m=None):
+                     sparsity=None, n_m=None, weight=None):
     """Solve every group's (W_i, H_i): prune first (``sparsity`` / ``n_m``, OBS), then quantize the kept
-    weights (``bits``; None: prune only). Returns Q (weight's shape, compute dtype), the report, the
-    results, the number of scales and the number of pruned weights."""
+    weights (``bits``; None: prune only). ``weight``: the target to compress instead of the module's
+    weight (output matching's W*). Returns Q (weight's shape, compute dtype), the report, the results,
+    the number of scales and the number of pruned weights."""
     from obc_lightning.solvers.common import layer_objective
     from obc_lightning.solvers.prune import obs_prune
     from obc_lightning.solvers.quantize import quantize_weight  # lazily: solvers are a separate stage
 
     t0 = time.perf_counter()
-    W = m.weight.detach()
+    W = m.weight.detach() if weight is None else weight
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
         group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -408,13 +412,13 @@ def _quantize_module(name, m, lh: LayerHessian, bits, solver, group_size, symmet
     return Q, rep, results, rows * n_groups, pruned
 
 
-def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
-    """Product-quantize one (ungrouped) module; returns Q, the report and the result."""
+def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed, weight=None):
+    """Product-quantize one (ungrouped) module (or the target ``weight``); returns Q, the report and the result."""
     from obc_lightning.solvers.common import layer_objective
     from obc_lightning.solvers.pq import product_quantize
 
     t0 = time.perf_counter()
-    W = m.weight.detach()
+    W = m.weight.detach() if weight is None else weight
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wm = W.reshape(W.shape[0], -1).to(dt)
     H = lh.hessians[0].to(device=W.device, dtype=dt)
@@ -455,6 +459,46 @@ def _pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp,
     return Q.reshape(W.shape), rep, res
 
 
+def _matched_target(name: str, m: nn.Module, lh: MatchedHessian, damp: float) -> Tensor:
+    """W* = W C^T H̃^-1 per conv group (:func:`~obc_lightning.solvers.match.matched_weight`), the weight's shape."""
+    from obc_lightning.solvers.match import matched_weight
+
+    W = m.weight.detach()
+    blocks = []
+    for i, Wb in enumerate(lh.weight_blocks(W)):
+        what = f"module '{name}'" + (f" (group {i})" if lh.groups > 1 else "")
+        Wstar, _ = matched_weight(Wb, lh.cross[i], lh.hessians[i], damp, fn="compress_model", what=what)
+        blocks.append(Wstar)
+    return torch.cat(blocks).reshape(W.shape)
+
+
+def _matched_losses(lh: MatchedHessian, Q: Tensor, target: Tensor) -> tuple[float, float, float]:
+    """(loss of Q, loss of the target W*, signal) against the full-precision outputs: per row
+    1/2 * 2/N ||X w - X̃ q||^2 (:func:`~obc_lightning.solvers.match.matched_objective`), and
+    sum_rows 2/N ||X w||^2 = trace(W H W^T)."""
+    from obc_lightning.solvers.match import matched_objective
+
+    loss = at_target = 0.0
+    for i, (Qb, Tb) in enumerate(zip(lh.weight_blocks(Q), lh.weight_blocks(target))):
+        loss += float(matched_objective(Qb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
+        at_target += float(matched_objective(Tb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
+    return loss, at_target, float(lh.energy.sum())
+
+
+@contextmanager
+def _original_weights(targets: Mapping[str, nn.Module], backups: Mapping[str, Tensor],
+                      compressed: Mapping[str, Tensor]):
+    """Within the block the compressed modules hold their original weights again (copied from the CPU
+    backups: no second copy of the model on its device); their compressed weights are restored on exit."""
+    try:
+        for name, w in backups.items():
+            targets[name].weight.copy_(w)
+        yield
+    finally:
+        for name, q in compressed.items():
+            targets[name].weight.copy_(q)
+
+
 def compress_model(
     model: nn.Module,
     calibration_batches: Iterable,
@@ -482,6 +526,7 @@ def compress_model(
     block_size: int | Mapping[str, int] = 8,
     n_centroids: int | Mapping[str, int] = 256,
     seed: int = 0,
+    match_outputs: bool = False,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -503,6 +548,17 @@ def compress_model(
             module in execution order, each calibrated on the inputs produced by the already-quantized
             earlier modules: one pass over the batches per module, except that modules called in a row
             on one and the same input tensor (q, k, v) share a pass (:func:`execution_groups`).
+        match_outputs: with ``sequential=True``, fit each module to the *full-precision* model's outputs
+            instead of its own outputs on the drifted inputs: with X its inputs in the full-precision
+            model and X̃ those in the partly compressed one (same samples), the target
+            W* = W C^T H̃^-1 (C = 2/N X̃^T X, H̃ = 2/N X̃^T X̃; damped towards W by ``damp``) is compressed
+            on H̃ by the same solver, pruning or product quantization, which then minimises
+            ||X W^T - X̃ Q^T||^2 (:mod:`obc_lightning.solvers.match`). Each group after the first
+            compressed one costs two passes (one with the original weights swapped back in) and keeps
+            its inputs from the first pass until the second (:func:`~obc_lightning.calibration.collect_matched`);
+            the batches are materialised into a list so that both passes see the same samples.
+            ``loss`` / ``rel_error`` are then against the full-precision outputs, and
+            ``report[name].drift_loss`` is the part of it that W* itself leaves.
         solver, group_size, symmetric, mse, damp: passed to
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
@@ -541,6 +597,12 @@ def compress_model(
     targets = select_modules(model, include, exclude)
     product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    check_flags("compress_model", match_outputs=match_outputs)
+    if match_outputs and not sequential:
+        raise ValueError(
+            "compress_model: match_outputs=True needs sequential=True (it fits each module to the full-precision "
+            "outputs on the inputs that the already-compressed modules before it produce)"
+        )
     pq = method != "scalar"
     _check_pq_args(method, bits, block_size, n_centroids, sparsity, n_m, group_size, symmetric, targets)
     if pq:
@@ -548,9 +610,12 @@ def compress_model(
     else:
         _check_prune_args(bits, sparsity, n_m, targets)
     batches = _materialize(calibration_batches)
+    if match_outputs:  # both passes of a group must see the same samples: no reshuffling, no augmentation
+        batches = list(batches)
 
     t_start = time.perf_counter()
-    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method)
+    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method,
+                               match_outputs=match_outputs)
     report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
     skipped: dict[str, str] = {}
     for name, m in targets.items():
@@ -562,6 +627,7 @@ def compress_model(
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
     backups: dict[str, Tensor] = {}
+    compressed: dict[str, Tensor] = {}  # match_outputs: the compressed weights, on the CPU, while originals are in
     kw = dict(
         forward_fn=forward_fn,
         offload=offload,
@@ -574,18 +640,28 @@ def compress_model(
 
     def solve(name: str, lh: LayerHessian) -> None:
         m = targets[name]
+        t0 = time.perf_counter()
+        matched = isinstance(lh, MatchedHessian) and lh.drift  # no drift: C = H̃, W* = W, the plain result
+        target = _matched_target(name, m, lh, damp) if matched else None
         if pq:
             b, k = per_module(block_size, name, "block_size"), per_module(n_centroids, name, "n_centroids")
-            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed)
+            Q, rep, res = _pq_module(name, m, lh, method, b, k, damp, scale_dtype, seed, weight=target)
             results, n_pruned = [res], 0
         else:
             Q, rep, results, n_scales, n_pruned = _quantize_module(
-                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m
+                name, m, lh, bits, solver, group_size, symmetric, mse, damp, scale_dtype, sparsity=sparsity, n_m=n_m,
+                weight=target,
             )
             rep.weight_bits = (32 if bits is None else bits) * m.weight.numel() + 8 * (
                 SCALE_BYTES + ZERO_BYTES) * n_scales
+        if matched:
+            rep.loss, rep.drift_loss, signal = _matched_losses(lh, Q, target)
+            rep.rel_error = _relative_error(rep.loss, signal)
+            rep.seconds = time.perf_counter() - t0
         backups[name] = m.weight.detach().to("cpu", copy=True)
         m.weight.copy_(Q.to(m.weight.dtype))
+        if match_outputs:
+            compressed[name] = m.weight.detach().to("cpu", copy=True)
         report.modules.append(rep)
         report.quantized_weights += m.weight.numel()
         report.pruned_weights += n_pruned
@@ -612,7 +688,15 @@ def compress_model(
                     _check_same_groups(groups, targets, reduce_fn)
                 for group in groups:
                     t0 = time.perf_counter()
-                    calib = collect_hessians(model, batches, {name: targets[name] for name in group}, **kw)
+                    modules = {name: targets[name] for name in group}
+                    if match_outputs and compressed:  # (before the first compressed module nothing drifts)
+                        calib = collect_matched(
+                            model, batches, modules, who="compress_model",
+                            full_precision=lambda: _original_weights(targets, backups, compressed), **kw,
+                        )
+                        report.calibration_passes += 1
+                    else:
+                        calib = collect_hessians(model, batches, modules, **kw)
                     report.calibration_seconds += time.perf_counter() - t0
                     report.calibration_passes += 1
                     skipped.update(calib.skipped)

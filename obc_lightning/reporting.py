@@ -48,6 +48,12 @@ class ModuleReport:
     (``method`` "scalar") or product quantization (``method`` "pq" / "pq-kmeans", with ``block_size``
     inputs per sub-vector and ``n_centroids`` codebook entries). ``weight_bits``: storage of the weight
     (codes and scales / zeros, or codes and codebook).
+
+    With output matching (``compress_model(..., match_outputs=True)``) ``loss`` is measured against the
+    full-precision model's outputs, 1/2 * 2/N ||X W^T - X̃ Q^T||^2 (X̃: the module's inputs in the
+    compressed model), ``rel_error`` = ||X W^T - X̃ Q^T||^2 / ||X W^T||^2, and ``drift_loss`` is that
+    objective at the least-squares target W* itself: the part of the drift of the inputs that no
+    weights correct on the calibration data.
     """
 
     name: str
@@ -70,6 +76,7 @@ class ModuleReport:
     block_size: int | None = None
     n_centroids: int | None = None
     weight_bits: int = 0
+    drift_loss: float | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -92,6 +99,7 @@ class CompressionReport:
     solver: str = "auto"
     sequential: bool = False
     method: str = "scalar"
+    match_outputs: bool = False
     bytes_before: int = 0
     bytes_after: int = 0
     quantized_weights: int = 0
