@@ -455,3 +455,40 @@ def test_randomness_inside_the_model_is_replayed():
     rep = compress_model(model, [torch.randn(256, 6)], bits=8, sequential=True, match_outputs=True, damp=0.0)
     assert rep["b"].drift_loss < 1e-3 * rep["b"].loss + 1e-4
     assert float((model.b.weight - fp.b.weight).norm() / fp.b.weight.norm()) < 0.05
+
+
+def _ddp_rank(rank, port, out):
+    import torch.distributed as dist
+
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    try:
+        model, xs = Chain().double(), chain_data()
+        rep = compress_model(model, xs[rank::2], bits=3, sequential=True, match_outputs=True,
+                             reduce_fn=dist.all_reduce)
+        torch.save({"state": model.state_dict(), "loss": {m.name: m.loss for m in rep.modules}}, f"{out}/r{rank}.pt")
+    finally:
+        dist.destroy_process_group()
+
+
+@pytest.mark.slow
+def test_ddp_two_processes_all_reduce_the_cross_moments(tmp_path):
+    """Two gloo ranks, each with its own batches: identical weights on both, and the same result as one
+    process calibrating on all the batches (the sums are all-reduced, H̃ and the cross moments alike)."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    mp.spawn(_ddp_rank, args=(port, str(tmp_path)), nprocs=2)
+    r0, r1 = (torch.load(tmp_path / f"r{r}.pt", weights_only=True) for r in (0, 1))
+    for name, p in r0["state"].items():
+        assert torch.equal(p, r1["state"][name]), name
+    xs = chain_data()
+    single = Chain().double()
+    rep = compress_model(single, [xs[0], xs[2], xs[1]], bits=3, sequential=True, match_outputs=True)
+    for name, p in single.state_dict().items():
+        torch.testing.assert_close(r0["state"][name], p, rtol=0, atol=1e-9)
+    for name, loss in r0["loss"].items():
+        assert loss == pytest.approx(rep[name].loss, rel=1e-9)
