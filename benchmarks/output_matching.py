@@ -12,6 +12,12 @@ as it is and after re-estimating its BatchNorm statistics (``reestimate_batchnor
 accuracy and the mean KL(fp32 || quantized) of the test-set outputs (what the compression tries to
 keep, with less noise than the accuracy of 846 images). Differences are paired by draw (the same
 calibration images for every method). Calibration seconds are ``report.calibration_seconds``.
+
+    OMP_NUM_THREADS=1 python benchmarks/output_matching.py --load-fp32 r20.pt --cost 5
+
+``--cost PAIRS``: only the calibration cost, PAIRS alternating pairs of ``compress_model`` runs with
+``sequential=True`` and with ``sequential=True, match_outputs=True`` (4-bit GPTQ, whose solve is not part
+of ``report.calibration_seconds``); prints every pair and the median of the pairs' ratios.
 """
 
 from __future__ import annotations
@@ -61,7 +67,11 @@ def main() -> None:
     ap.add_argument("--calibration-images", type=int, default=1024)
     ap.add_argument("--json", type=Path, default=None, help="append one JSON line per run")
     ap.add_argument("--from-json", type=Path, default=None, help="only print the tables of these runs")
+    ap.add_argument("--cost", type=int, default=0, help="only time calibration: this many alternating pairs")
+    ap.add_argument("--product-dtype", default=None, choices=["float32", "bfloat16"])
     args = ap.parse_args()
+    if args.cost:
+        return cost(args)
 
     runs = []
     if args.from_json is None:
@@ -132,6 +142,27 @@ def main() -> None:
                      for k in ("acc", "kl", "acc_bn", "kl_bn")]
             ratios = [mean_se([a[k] / b[k] for a, b in pairs], digits=3) for k in ("kl", "kl_bn")]
             print(f"| {bits} | {other} | " + " | ".join(cells + ratios) + " |")
+
+
+def cost(args) -> None:
+    dm = cifar.CifarDataModule(cifar.load_subset(args.subset), 128, 0)
+    lit = cifar.CifarClassifier(args.model)
+    lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+    calib = dm.calibration_batches(args.calibration_images, seed=0)
+    print(f"{args.model}, {sum(map(len, calib))} calibration images in {len(calib)} batches, products "
+          f"{args.product_dtype or 'float32'}; {platform.processor() or platform.machine()}, "
+          f"torch {torch.__version__}, {torch.get_num_threads()} threads")
+    ratios = []
+    for i in range(args.cost):
+        seconds = {}
+        for match in (False, True) if i % 2 == 0 else (True, False):
+            rep = compress_model(copy.deepcopy(lit), calib, 4, solver="gptq", sequential=True, match_outputs=match,
+                                 product_dtype=args.product_dtype)
+            seconds[match] = rep.calibration_seconds, rep.calibration_passes
+        ratios.append(seconds[True][0] / seconds[False][0])
+        print(f"pair {i}: sequential {seconds[False][0]:.2f} s ({seconds[False][1]} passes), + match_outputs "
+              f"{seconds[True][0]:.2f} s ({seconds[True][1]} passes): {ratios[-1]:.2f}x", flush=True)
+    print(f"median ratio {statistics.median(ratios):.2f}x (range {min(ratios):.2f}-{max(ratios):.2f})")
 
 
 if __name__ == "__main__":

@@ -134,7 +134,8 @@ class CompressionReport:
         raise KeyError(name)
 
     def metrics(self, prefix: str = "obc/") -> dict[str, float]:
-        """Flat scalar metrics: ``<prefix><module>/loss|rel_error|obc_rows|gptq_rows`` and the totals."""
+        """Flat scalar metrics: ``<prefix><module>/loss|rel_error|obc_rows|gptq_rows`` (``/drift_loss`` with
+        output matching) and the totals."""
         out: dict[str, float] = {}
         for m in self.modules:
             out[f"{prefix}{m.name}/loss"] = m.loss
@@ -144,6 +145,8 @@ class CompressionReport:
             out[f"{prefix}{m.name}/bits_per_weight"] = m.bits_per_weight
             if self.pruned_weights:
                 out[f"{prefix}{m.name}/sparsity"] = m.sparsity
+            if m.drift_loss is not None:
+                out[f"{prefix}{m.name}/drift_loss"] = m.drift_loss
         if self.pruned_weights:
             out[f"{prefix}sparsity"] = self.sparsity
         out[f"{prefix}size_mb_before"] = self.bytes_before / 2**20

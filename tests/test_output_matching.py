@@ -297,6 +297,7 @@ def test_compress_target_is_lstsq_and_loss_is_against_full_precision(monkeypatch
         assert rep[name].loss == pytest.approx(direct, rel=1e-9)
         assert rep[name].drift_loss == pytest.approx(at_target, rel=1e-7, abs=1e-12)
         assert rep[name].rel_error == pytest.approx(2 * direct / (2 / N * float(((Xf @ W.T) ** 2).sum())), rel=1e-9)
+        assert rep.metrics()[f"obc/{name}/drift_loss"] == rep[name].drift_loss
 
 
 def test_no_drift_gives_exactly_the_plain_result():
