@@ -526,7 +526,7 @@ def compress_model(
     block_size: int | Mapping[str, int] = 8,
     n_centroids: int | Mapping[str, int] = 256,
     seed: int = 0,
-    match_outputs: bool = False,
+    match_outputs: bool | None = None,
 ) -> CompressionReport:
     """Quantize the Linear / Conv1d / Conv2d weights of ``model`` in place to ``bits`` bits.
 
@@ -546,9 +546,11 @@ def compress_model(
             pattern must match a supported module.
         sequential: ``False``: all Hessians from the original model in one pass. ``True``: module by
             module in execution order, each calibrated on the inputs produced by the already-quantized
-            earlier modules: one pass over the batches per module, except that modules called in a row
-            on one and the same input tensor (q, k, v) share a pass (:func:`execution_groups`).
-        match_outputs: with ``sequential=True``, fit each module to the *full-precision* model's outputs
+            earlier modules: one pass over the batches per module (two with ``match_outputs``, the
+            default), except that modules called in a row on one and the same input tensor (q, k, v)
+            share the passes (:func:`execution_groups`).
+        match_outputs: ``None`` (default): ``True`` with ``sequential=True``, else ``False``. ``True``
+            (needs ``sequential=True``): fit each module to the *full-precision* model's outputs
             instead of its own outputs on the drifted inputs: with X its inputs in the full-precision
             model and X̃ those in the partly compressed one (same samples), the target
             W* = W C^T H̃^-1 (C = 2/N X̃^T X, H̃ = 2/N X̃^T X̃; damped towards W by ``damp``) is compressed
@@ -558,7 +560,9 @@ def compress_model(
             its inputs from the first pass until the second (:func:`~obc_lightning.calibration.collect_matched`);
             the batches are materialised into a list so that both passes see the same samples.
             ``loss`` / ``rel_error`` are then against the full-precision outputs, and
-            ``report[name].drift_loss`` is the part of it that W* itself leaves.
+            ``report[name].drift_loss`` is the part of it that W* itself leaves. ``False`` with
+            ``sequential=True``: each module fitted to its own outputs on the drifted inputs (one pass per
+            group).
         solver, group_size, symmetric, mse, damp: passed to
             :func:`obc_lightning.solvers.quantize.quantize_weight` (``"auto"``: per row the best of
             ExactOBC and GPTQ, polished).
@@ -597,6 +601,8 @@ def compress_model(
     targets = select_modules(model, include, exclude)
     product_dtype_of(product_dtype, "compress_model")  # checked before the model is touched
     _check_args(bits, solver, group_size, symmetric, mse, damp, sequential, offload, targets)
+    if match_outputs is None:
+        match_outputs = sequential is True
     check_flags("compress_model", match_outputs=match_outputs)
     if match_outputs and not sequential:
         raise ValueError(

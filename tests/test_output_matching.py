@@ -396,6 +396,18 @@ def test_conv_model_and_grouped_convs_end_to_end():
     assert rep["gconv"].loss == pytest.approx(direct, rel=1e-4)
 
 
+def test_output_matching_is_the_default_of_sequential():
+    xs = chain_data()
+    a, b, c = Chain().double(), Chain().double(), Chain().double()
+    ra = compress_model(a, xs, bits=3, sequential=True)
+    compress_model(b, xs, bits=3, sequential=True, match_outputs=True)
+    rc = compress_model(c, xs, bits=3, sequential=True, match_outputs=False)
+    assert ra.match_outputs and not rc.match_outputs and not compress_model(Chain().double(), xs, bits=3).match_outputs
+    for n, p in a.named_parameters():
+        assert torch.equal(p, dict(b.named_parameters())[n]), n
+    assert not torch.equal(a.fc3.weight, c.fc3.weight)
+
+
 def test_errors_name_compress_model_and_the_argument():
     from test_compress import batches, tiny
 
