@@ -42,7 +42,7 @@ from obc_lightning import compress_model, reestimate_batchnorm
 
 METHODS = {
     "auto": dict(sequential=False),
-    "auto-seq": dict(sequential=True),
+    "auto-seq": dict(sequential=True, match_outputs=False),
     "auto-seq-match": dict(sequential=True, match_outputs=True),
 }
 
