@@ -21,13 +21,15 @@ padding keys in attention and in the pooling, so their embeddings do not depend 
 Per method (``rtn``: round-to-nearest on the per-channel MSE grid; ``gptq-plain``: GPTQ with act-order
 on the MSE grid, no polish, on the same FP32 Hessians; ``obc`` / ``gptq`` / ``auto``: ``compress_model``
 with that solver and its defaults (damp 0.01, MSE grid, polish); ``auto-seq``: auto with
-``sequential=True``; ``auto-seq-match``: auto with ``sequential=True, match_outputs=True``, each layer fitted
-to the full-precision model's outputs): mean cosine between the quantized and the FP32 embedding of every held-out
-sentence; nearest-neighbour agreement (the fraction of held-out sentences whose most similar other
-held-out sentence is the same as in FP32); the sum over layers of the layer objective
-1/2 sum_rows (w - q) H (w - q)^T from the report (for RTN computed here on the same FP32 Hessians; for
-sequential runs each layer's H comes from the partly quantized model, so that sum is not comparable);
-how many Linear layers were quantized / skipped; seconds of ``compress_model``.
+``sequential=True, match_outputs=False``, each layer fitted to its own outputs on the inputs of the
+quantized layers before it; ``auto-seq-match``: auto with ``sequential=True, match_outputs=True`` (the
+default of ``sequential=True``), each layer fitted to the full-precision model's outputs): mean cosine
+between the quantized and the FP32 embedding of every held-out sentence; nearest-neighbour agreement
+(the fraction of held-out sentences whose most similar other held-out sentence is the same as in FP32);
+the sum over layers of the layer objective 1/2 sum_rows (w - q) H (w - q)^T from the report (for RTN
+computed here on the same FP32 Hessians; for sequential runs each layer's H comes from the partly
+quantized model, so that sum is not comparable; with output matching it is the objective against the
+full-precision outputs); how many Linear layers were quantized / skipped; seconds of ``compress_model``.
 """
 
 from __future__ import annotations
