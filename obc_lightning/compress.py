@@ -230,7 +230,7 @@ def _original_weights(backups: Mapping[int, tuple[Tensor, Tensor]], compressed: 
             weight.copy_(compressed[id(weight)])
 
 
-def summed_hessians(name: str, parts: list[LayerHessian], weight: Tensor) -> LayerHessian:
+def _summed_hessians(name: str, parts: list[LayerHessian], weight: Tensor) -> LayerHessian:
     """The Hessians of a weight shared by several modules: the sum of theirs (its objective is the sum of
     its users' objectives). With output matching each part's cross moments and energies add too; a user
     whose inputs did not drift (or a plain Hessian) contributes C = H̃, i.e. W C^T = W H̃."""
@@ -425,7 +425,7 @@ def compress_model(
             lhs = {u: waiting.pop(u) for u in users if u in waiting}
             first = next(iter(lhs))
             shared[first] = lhs
-            ready[first] = summed_hessians(first, list(lhs.values()), targets[first].weight)
+            ready[first] = _summed_hessians(first, list(lhs.values()), targets[first].weight)
         for out in solve_modules(ready, targets, settings, distributed=distributed, keep_results=keep_results):
             progress.step(out.name)
             apply(out)
