@@ -61,7 +61,7 @@ class OBCQuantize(Callback):
     there and in the README): quantization (``bits``, ``method``, ``solver``, ``group_size``,
     ``symmetric``, ``mse``, ``damp``, ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``,
     ``include``, ``exclude``, ``seed``), calibration (``calibration_batches``, ``sequential``,
-    ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning (``finetune``,
+    ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning (``finetune``,
     ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
     ``pq_noise_rate``), ``export_path``, reporting (``evaluate``, ``plot``, ``verbose``),
     ``recalibrate_bn`` and ``split_attention``; ``OBCQuantize(config=CompressionConfig(...))`` takes them
