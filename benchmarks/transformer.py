@@ -22,12 +22,15 @@ padding keys in attention and in the pooling, so their embeddings do not depend 
 Per method (``rtn``: round-to-nearest on the per-channel MSE grid; ``gptq-plain``: GPTQ with act-order
 on the MSE grid, no polish, on the same FP32 Hessians; ``obc`` / ``gptq`` / ``auto``: ``compress_model``
 with that solver and its defaults (damp 0.01, MSE grid, polish); ``auto-seq``: auto with
-``sequential=True``): mean cosine between the quantized and the FP32 embedding of every held-out
-sentence; nearest-neighbour agreement (the fraction of held-out sentences whose most similar other
-held-out sentence is the same as in FP32); the sum over layers of the layer objective
-1/2 sum_rows (w - q) H (w - q)^T from the report (for RTN computed here on the same FP32 Hessians; for
-sequential runs each layer's H comes from the partly quantized model, so that sum is not comparable);
-how many Linear layers were quantized / skipped; seconds of ``compress_model``.
+``sequential=True, match_outputs=False``, each layer fitted to its own outputs on the inputs of the
+quantized layers before it; ``auto-seq-match``: auto with ``sequential=True, match_outputs=True`` (the
+default of ``sequential=True``), each layer fitted to the full-precision model's outputs): mean cosine
+between the quantized and the FP32 embedding of every held-out sentence; nearest-neighbour agreement
+(the fraction of held-out sentences whose most similar other held-out sentence is the same as in FP32);
+the sum over layers of the layer objective 1/2 sum_rows (w - q) H (w - q)^T from the report (for RTN
+computed here on the same FP32 Hessians; for sequential runs each layer's H comes from the partly
+quantized model, so that sum is not comparable; with output matching it is the objective against the
+full-precision outputs); how many Linear layers were quantized / skipped; seconds of ``compress_model``.
 """
 
 from __future__ import annotations
@@ -353,7 +356,7 @@ def check_against_functional(model: SentenceBert, wheel: str) -> float:
 
 # ------------------------------------------------------------------------------------------------ main
 
-METHODS = ["rtn", "gptq-plain", "gptq", "auto", "obc", "auto-seq"]
+METHODS = ["rtn", "gptq-plain", "gptq", "auto", "obc", "auto-seq", "auto-seq-match"]
 
 
 def main() -> None:
@@ -404,7 +407,7 @@ def main() -> None:
     fp_hessians = None  # FP32 Hessians, for the RTN objective only
 
     rows = []
-    head = ("bits", "method", "mean cos", "NN agree", "sum obj", "quantized", "skipped", "seconds")
+    head = ("bits", "method", "mean cos", "NN agree", "sum obj", "quantized", "skipped", "seconds", "calib s")
     print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
     for bits in args.bits:
         for method in args.methods:
@@ -414,18 +417,18 @@ def main() -> None:
             t0 = time.perf_counter()
             if method in ("rtn", "gptq-plain"):
                 obj = (rtn_ if method == "rtn" else gptq_plain_)(q, bits, fp_hessians)
-                n_q, skipped = len(targets), {}
+                n_q, skipped, calib_s = len(targets), {}, float("nan")
                 secs = time.perf_counter() - t0  # without the calibration pass (done once, above)
             else:
-                solver = method.removesuffix("-seq")
+                solver = method.split("-")[0]
                 with warnings.catch_warnings(record=True) as caught:
                     warnings.simplefilter("always")
-                    rep = compress_model(q, calib, bits, solver=solver, sequential=method.endswith("-seq"),
-                                         damp=0.01)
+                    rep = compress_model(q, calib, bits, solver=solver, sequential="-seq" in method,
+                                         match_outputs=method.endswith("-match"), damp=0.01)
                 for w in caught:
                     print(f"  warning ({bits}-bit {method}): {w.message}", file=sys.stderr)
                 obj = sum(m.loss for m in rep.modules)
-                n_q, skipped, secs = len(rep.modules), rep.skipped, rep.seconds
+                n_q, skipped, secs, calib_s = len(rep.modules), rep.skipped, rep.seconds, rep.calibration_seconds
                 missing = sorted(set(targets) - set(rep.quantized))
                 if missing:
                     print(f"  NOT quantized ({bits}-bit {method}): {missing}", file=sys.stderr)
@@ -436,10 +439,11 @@ def main() -> None:
             agree = float((nearest_other(E) == nn0).float().mean())
             skip = "; ".join(f"{n}: {r}" for n, r in skipped.items()) or "none"
             r = dict(bits=bits, method=method, mean_cos=cos, nn_agree=agree, sum_obj=obj, quantized=n_q,
-                     skipped=skip, seconds=secs)
+                     skipped=skip, seconds=secs, calibration_seconds=calib_s, seed=args.seed, n_calib=args.n_calib,
+                     n_eval=args.n_eval)
             rows.append(r)
             print(f"| {bits} | {method} | {cos:.5f} | {agree:.3f} | {obj:.4g} | {n_q}/{len(targets)} | {skip} "
-                  f"| {secs:.1f} |", flush=True)
+                  f"| {secs:.1f} | {calib_s:.1f} |", flush=True)
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")

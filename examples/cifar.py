@@ -316,12 +316,15 @@ def compare_bits(
     sample_fraction: float = 1.0,
     recalibrate_bn: int = 0,
     product_dtype: str | None = None,
+    sequential: bool = False,
 ) -> dict:
     """Quantize copies of the trained ``lit`` at each bit width with each method; accuracies and timings.
 
     ``methods``: ``"rtn"`` (round-to-nearest), or a ``compress_model`` solver name (``"obc"``, ``"auto"``,
     ``"gptq"``). Every run starts from the same fp32 weights (a fresh deep copy). ``recalibrate_bn``: then
     re-estimate the BatchNorm statistics over that many augmented training batches (the same for every run).
+    ``sequential``: ``compress_model(sequential=True)`` (each layer calibrated in the already-compressed
+    network and fitted to the fp32 outputs: output matching).
     """
     from obc_lightning import reestimate_batchnorm
     from obc_lightning.compress import compress_model as _compress
@@ -341,7 +344,8 @@ def compare_bits(
                 extra = {}
             else:
                 report = _compress(
-                    model, calib, bits, solver=method, sample_fraction=sample_fraction, product_dtype=product_dtype
+                    model, calib, bits, solver=method, sample_fraction=sample_fraction, product_dtype=product_dtype,
+                    sequential=sequential,
                 )
                 extra = {"compression_ratio": report.compression_ratio, "avg_bits": report.avg_bits}
             if bn_batches:
@@ -587,6 +591,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="precision of each calibration batch's X^T X (bfloat16: faster where the CPU/GPU has it)",
     )
     p.add_argument(
+        "--sequential",
+        action="store_true",
+        help="calibrate each layer inside the already-compressed network and fit it to the fp32 outputs "
+        "(output matching; two calibration passes per layer)",
+    )
+    p.add_argument(
         "--recalibrate-bn",
         type=int,
         default=0,
@@ -658,7 +668,7 @@ def run(args: argparse.Namespace) -> dict:
             bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet,
             plot=args.log_dir is not None,
             recalibrate_bn=args.recalibrate_bn, export_path=args.export,
-            sample_fraction=args.sample_fraction, product_dtype=args.product_dtype,
+            sample_fraction=args.sample_fraction, product_dtype=args.product_dtype, sequential=args.sequential,
         )
         callbacks.append(quantizer)
     trainer = L.Trainer(
@@ -696,6 +706,7 @@ def run(args: argparse.Namespace) -> dict:
             acc=100 * after,
             compression_ratio=quantizer.report.compression_ratio,
             avg_bits=quantizer.report.avg_bits,
+            calibration_passes=quantizer.report.calibration_passes,
         )
         if args.export is not None:
             results["file_bytes"] = args.export.stat().st_size
@@ -726,7 +737,7 @@ def run(args: argparse.Namespace) -> dict:
             compare_bits(
                 lit, dm, args.bits, methods, args.calibration_images, args.seed,
                 sample_fraction=args.sample_fraction, recalibrate_bn=args.recalibrate_bn,
-                product_dtype=args.product_dtype,
+                product_dtype=args.product_dtype, sequential=args.sequential,
             )
         )
         print(results_table(results))

@@ -22,8 +22,9 @@ from __future__ import annotations
 import math
 import os
 import warnings
+from collections import deque
 from collections.abc import Callable, Iterable, Mapping
-from contextlib import contextmanager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass, field
 
 import torch
@@ -76,6 +77,28 @@ class LayerHessian:
     def weight_blocks(self, weight: Tensor) -> list[Tensor]:
         """``weight`` as the (out/groups, d) matrices that go with ``hessians[i]``."""
         return list(weight.reshape(weight.shape[0], -1).chunk(self.groups, dim=0))
+
+
+@dataclass
+class MatchedHessian(LayerHessian):
+    """One module's Hessians for output matching (:func:`collect_matched`).
+
+    ``hessians`` is H̃ = 2/N X̃^T X̃ of its inputs X̃ in the partly compressed model, what the solvers
+    quantize on. With X the module's inputs in the full-precision model on the same samples and W its
+    (uncompressed) weight, per conv group:
+
+    - ``cross`` (groups, out/groups, d): 2/N sum_n (W x_n) x̃_n^T = W C^T, with C = 2/N X̃^T X;
+    - ``energy`` (groups, out/groups): 2/N sum_n (w_r . x_n)^2 = diag(W H W^T), with H = 2/N X^T X;
+    - ``drift``: whether any x̃_n differed from its x_n (on any rank); without drift C = H̃ = H.
+
+    The least-squares target is W* = W C^T H̃^-1 and the objective against the full-precision outputs
+    1/2 * 2/N ||X w_r - X̃ q||^2 = 1/2 (energy_r - 2 q . cross_r + q H̃ q^T)
+    (:mod:`obc_lightning.solvers.match`).
+    """
+
+    cross: Tensor | None = None
+    energy: Tensor | None = None
+    drift: bool = True
 
 
 @dataclass
@@ -331,20 +354,26 @@ class _Accumulator:
         self.pending: list[Tensor] = []
         self.n_pending = 0
 
+    def draw_units(self, x: Tensor) -> Tensor | None:
+        """The units of ``x`` (tokens, conv output rows) this call samples; None: all of them."""
+        if self.generator is None:
+            return None
+        # m units drawn uniformly with replacement (randint: ~100x cheaper than a permutation of all
+        # units): the mean of x x^T over a drawn unit's samples has the expectation of the mean over all
+        # samples (every unit has as many), so 2/n sum over the drawn samples is an unbiased estimate of
+        # H at sample_fraction of the X^T X cost
+        n_units, _ = sample_units(self.module, x)
+        m = max(1, math.ceil(self.sample_fraction * n_units))
+        return torch.randint(n_units, (m,), generator=self.generator, device=x.device)
+
     @torch.no_grad()
     def add(self, x: Tensor) -> None:
         self.calls += 1
         x = x.detach()
-        units = None
+        units = self.draw_units(x)
         n_units, per_unit = sample_units(self.module, x)
-        if self.generator is not None:
-            # m units (tokens, conv output rows) drawn uniformly with replacement (randint: ~100x cheaper
-            # than a permutation of all units): the mean of x x^T over a drawn unit's samples has the
-            # expectation of the mean over all samples (every unit has as many), so 2/n sum over the
-            # drawn samples is an unbiased estimate of H at sample_fraction of the X^T X cost
-            m = max(1, math.ceil(self.sample_fraction * n_units))
-            units = torch.randint(n_units, (m,), generator=self.generator, device=x.device)
-            n_units = m
+        if units is not None:
+            n_units = len(units)
         dtype = self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
         buffered = self.n_pending + n_units * per_unit < self.buffer_samples
         # X is a part of x (plus zero padding): unless all of X is folded at once, whose diagonal
@@ -669,7 +698,7 @@ def collect_hessians(
         # counts first, so every rank agrees on which modules ran (and then reduces the same sums)
         dev = next(iter(accs.values())).sum.device if accs else torch.device("cpu")
         counts = torch.tensor([[a.n, a.calls] for a in accs.values()], dtype=torch.float64, device=dev)
-        counts = _reduced(reduce_fn, counts)
+        counts = reduced(reduce_fn, counts)
         for a, (n, calls) in zip(accs.values(), counts.tolist()):
             a.n, a.calls = int(n), int(calls)
 
@@ -679,7 +708,7 @@ def collect_hessians(
             result.skipped[name] = never_ran_reason(model, name)
             a.sum = None  # free it
             continue
-        s = a.sum if reduce_fn is None else _reduced(reduce_fn, a.sum)
+        s = a.sum if reduce_fn is None else reduced(reduce_fn, a.sum)
         s = a.symmetric_sum(s)
         result.hessians[name] = LayerHessian(name, s.mul_(2.0 / a.n), a.n, a.calls)  # H = 2/N * X^T X
     if result.skipped and warn:
@@ -699,3 +728,257 @@ def reduced(reduce_fn: Callable[[Tensor], Tensor | None], t: Tensor) -> Tensor:
 
 
 _reduced = reduced  # the former name
+
+
+class _PairedAccumulator:
+    """Output matching for one module: its inputs x in the full-precision pass (:meth:`record`), paired
+    call by call with its inputs x̃ in the compressed model's pass (:meth:`pair`) on the same samples
+    (the units drawn in the first pass are reused in the second).
+
+    float64 sums: S̃ = sum x̃ x̃^T exactly as :class:`_Accumulator` sums it for plain calibration (same
+    draws, same buffering, same products), and, by whichever route costs less per sample:
+
+    - covariance route: sum x̃ x^T and S = sum x x^T (d^2 + d^2/2 multiply-adds), from which W C^T and
+      diag(W H W^T) follow once at the end;
+    - output route: Y = W x, then sum Y x̃^T and sum Y^2 (2 * rows * d): cheaper when rows < 3/4 d
+      (convolutions, where d = c_in * k^2; Linear layers that narrow their input).
+
+    The first pass keeps each call's input (a Linear: its drawn tokens; a conv: the input tensor, whose
+    patches are 9x larger) on ``store_device`` until the second pass pairs it.
+    """
+
+    def __init__(self, name: str, module: nn.Module, device: torch.device, sample_fraction: float, seed: int,
+                 buffer: bool, product_dtype: torch.dtype | None, store_device: torch.device,
+                 workspaces: tuple[Workspace, Workspace], who: str):
+        self.name, self.module, self.who = name, module, who
+        self.quant = _Accumulator(name, module, device, sample_fraction, seed, buffer, product_dtype)
+        g, d, _ = hessian_shape(module)
+        self.rows = module.weight.shape[0] // g
+        self.by_outputs = 4 * self.rows < 3 * d
+        self.full = None if self.by_outputs else _Accumulator(name, module, device, 1.0, 0, False, product_dtype)
+        self.cross = torch.zeros((g, self.rows if self.by_outputs else d, d), dtype=torch.float64, device=device)
+        self.energy = torch.zeros((g, self.rows), dtype=torch.float64, device=device) if self.by_outputs else None
+        self.product_dtype, self.store_device, self.workspaces = product_dtype, store_device, workspaces
+        self.stored: deque = deque()
+        self.recorded = 0
+        self.pending: list[tuple[Tensor, Tensor]] = []
+        self.n_pending = 0
+        self.drift = False
+        self._weight: Tensor | None = None
+
+    def _dtype(self, x: Tensor) -> torch.dtype:
+        return self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+
+    @torch.no_grad()
+    def record(self, x: Tensor) -> None:
+        """Full-precision pass: draw this call's units as plain calibration would, keep the input."""
+        x = x.detach()
+        units = self.quant.draw_units(x)
+        if isinstance(self.module, nn.Linear):
+            Xt = layer_inputs(self.module, x, units, self._dtype(x))
+            if Xt.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                Xt = Xt.clone()  # a view of x, which the model may change in place
+            saved = Xt.to(self.store_device)
+        else:
+            saved = x.to(self.store_device, copy=True)
+        self.stored.append((tuple(x.shape), units, saved))
+        self.recorded += 1
+
+    def _mismatch(self, what: str) -> ValueError:
+        return ValueError(
+            f"{self.who}: match_outputs pairs the inputs of module '{self.name}' in the full-precision pass and "
+            f"in the compressed model's pass call by call, but {what}; both passes must call it alike (the same "
+            f"batches in the same order, no calls that depend on the data or on randomness)"
+        )
+
+    @torch.no_grad()
+    def pair(self, x: Tensor) -> None:
+        """Compressed model's pass: pair x̃ with the recorded x of the same call, same samples."""
+        self.quant.calls += 1
+        x = x.detach()
+        if not self.stored:
+            raise self._mismatch(f"it was called more often in the second pass ({self.quant.calls} calls) than "
+                                 f"in the first ({self.recorded})")
+        shape, units, saved = self.stored.popleft()
+        if tuple(x.shape) != shape:
+            raise self._mismatch(f"call {self.quant.calls} had an input of shape {tuple(x.shape)} in the second "
+                                 f"pass and {shape} in the first")
+        n_units, per_unit = sample_units(self.module, x)
+        if units is not None:
+            n_units = len(units)
+        n = n_units * per_unit
+        buffered = self.n_pending + n < self.quant.buffer_samples
+        if (buffered or units is not None) and not all_finite(x):
+            self.quant._raise_not_finite()
+        dtype = self._dtype(x)
+        ws_q, ws_f = (None, None) if buffered or self.pending else self.workspaces
+        Xq = layer_inputs(self.module, x, units, dtype, ws_q)  # (g, d, N)
+        if isinstance(self.module, nn.Linear):
+            Xf = saved.to(x.device)
+        else:
+            Xf = layer_inputs(self.module, saved.to(x.device), units, dtype, ws_f)
+        if not self.drift and not torch.equal(Xq, Xf):
+            self.drift = True
+        self.quant.n += n
+        if buffered:
+            if Xq.untyped_storage().data_ptr() == x.untyped_storage().data_ptr():
+                Xq = Xq.clone()
+            self.pending.append((Xq, Xf))
+            self.n_pending += n
+            return
+        self._fold(Xq, Xf)
+
+    def _fold(self, Xq: Tensor | None, Xf: Tensor | None) -> None:
+        if self.pending:
+            pairs = self.pending + ([(Xq, Xf)] if Xq is not None else [])
+            Xq = torch.cat([q for q, _ in pairs], dim=2)
+            Xf = torch.cat([f for _, f in pairs], dim=2)
+            self.pending, self.n_pending = [], 0
+        self.quant._fold(Xq)  # S̃ += X̃^T X̃ (and the NaN / Inf check of X̃)
+        if self.full is not None:
+            self.full._fold(Xf)  # S += X^T X
+            self.cross.add_(_products(Xq, Xf))  # sum x̃ x^T
+            return
+        if self._weight is None:
+            g, d = self.cross.shape[0], self.cross.shape[2]
+            self._weight = self.module.weight.detach().reshape(g, self.rows, d).to(Xf.dtype)
+        Y = _products(self._weight, Xf.transpose(1, 2))  # (g, rows, N): the full-precision outputs W x
+        self.cross.add_(_products(Y, Xq))  # sum (W x) x̃^T
+        self.energy.add_(Y.square().sum(dim=2, dtype=torch.float64))
+
+    def flush(self) -> None:
+        if self.pending:
+            self._fold(None, None)
+        self.quant.flush()  # zeros if nothing ran (DDP reduces every rank's sums)
+        if self.full is not None:
+            self.full.flush()
+        if self.stored:
+            raise self._mismatch(f"it was called {self.recorded} times in the first pass and only "
+                                 f"{self.quant.calls} in the second")
+
+    def result(self, reduce_fn) -> MatchedHessian:
+        """The reduced (DDP) sums as H̃, W C^T and diag(W H W^T); needs ``quant.n`` > 0."""
+        a, scale = self.quant, 2.0 / self.quant.n
+        Ht = a.symmetric_sum(a.sum if reduce_fn is None else reduced(reduce_fn, a.sum)).mul_(scale)
+        cross = self.cross if reduce_fn is None else reduced(reduce_fn, self.cross)
+        g, d = Ht.shape[0], Ht.shape[2]
+        if self.full is not None:
+            S = self.full.sum if reduce_fn is None else reduced(reduce_fn, self.full.sum)
+            H = self.full.symmetric_sum(S).mul_(scale)
+            W = self.module.weight.detach().reshape(g, self.rows, d).to(device=H.device, dtype=torch.float64)
+            G = (W @ cross.transpose(1, 2)).mul_(scale)  # W (sum x x̃^T) 2/N = W C^T
+            energy = ((W @ H) * W).sum(dim=2)
+        else:
+            G = cross.mul(scale)
+            energy = (self.energy if reduce_fn is None else reduced(reduce_fn, self.energy)).mul(scale)
+        if not (all_finite(G) and all_finite(energy)):
+            raise ValueError(
+                f"{self.who}: the input of module '{self.name}' ({type(self.module).__name__}) in the full-precision "
+                f"model contains NaN or Inf; check the model and the calibration data"
+            )
+        return MatchedHessian(self.name, Ht, a.n, a.calls, cross=G, energy=energy, drift=self.drift)
+
+
+def _products(A: Tensor, B: Tensor) -> Tensor:
+    """A @ B^T per group: (g, m, N) x (g, k, N) -> (g, m, k); a 2-D mm for one group (CPU bfloat16 bmm
+    misses oneDNN's kernel)."""
+    if A.shape[0] == 1:
+        return (A[0] @ B[0].T).unsqueeze(0)
+    return A @ B.transpose(1, 2)
+
+
+@torch.no_grad()
+def collect_matched(
+    model: nn.Module,
+    batches: Iterable,
+    modules: Mapping[str, nn.Module],
+    *,
+    full_precision: Callable[[], AbstractContextManager],
+    forward_fn: Callable | None = None,
+    offload: bool = False,
+    max_memory: int | Mapping[str, int] | None = None,
+    reduce_fn: Callable[[Tensor], Tensor | None] | None = None,
+    warn: bool = True,
+    sample_fraction: float = 1.0,
+    seed: int = 0,
+    product_dtype: str | torch.dtype | None = None,
+    who: str = "collect_matched",
+) -> CalibrationResult:
+    """:func:`collect_hessians` for output matching: each module's H̃ with its cross moments against the
+    full-precision model's inputs on the same samples (:class:`MatchedHessian`).
+
+    Two passes over ``batches``: the first inside ``full_precision()`` (a context manager under which
+    the model computes its full-precision outputs, e.g. with the original weights of the already
+    compressed layers swapped back in), recording each module's input x call by call; the second as the
+    model is, pairing each input x̃ with the x of the same call, on the same drawn samples. ``batches``
+    must give the same batches in the same order both times (a list, not a shuffling loader), and the
+    model must call the modules alike: a different number of calls or input shapes is an error. The
+    random number generators (CPU, and the CUDA devices of the modules) are reset between the passes, so
+    a model that draws random numbers in eval mode draws the same ones in both.
+
+    Cost: two forward passes; per sample, H̃ as in plain calibration and, per module, by the cheaper
+    route, 1.5 d^2 or 2 * rows * d more multiply-adds (see :class:`_PairedAccumulator`). Memory: the
+    sums (at most 2.5x those of plain calibration) and every recorded input of the modules until the
+    second pass uses it: a Linear's (drawn) tokens, a conv's input tensor, of all batches, on the
+    module's device or, with ``offload=True``, on the CPU.
+
+    Other arguments as in :func:`collect_hessians`; ``who`` names the caller in errors.
+    """
+    for name, m in modules.items():
+        if not isinstance(m, SUPPORTED_MODULES):
+            raise ValueError(
+                f"{who}: module '{name}' is a {type(m).__name__}; supported: "
+                f"{', '.join(t.__name__ for t in SUPPORTED_MODULES)}"
+            )
+    check_fraction(who, "sample_fraction", sample_fraction)
+    product_dtype = product_dtype_of(product_dtype, who)
+    # the extra sums (cross moments, full-precision S) are at most twice the H̃ sums
+    check_memory({**modules, **{f"{n} (cross sums)": m for n, m in modules.items()},
+                  **{f"{n} (full-precision sums)": m for n, m in modules.items()}}, offload=offload,
+                 max_memory=max_memory)
+
+    workspaces = (Workspace(), Workspace())
+    accs = {
+        name: _PairedAccumulator(
+            name, m, torch.device("cpu") if offload else _module_device(m), sample_fraction, seed + i, not offload,
+            product_dtype, torch.device("cpu") if offload else _module_device(m), workspaces, who,
+        )
+        for i, (name, m) in enumerate(modules.items())
+    }
+    cuda = sorted({m.weight.device.index or 0 for m in modules.values() if m.weight.device.type == "cuda"})
+    with torch.random.fork_rng(devices=cuda):  # restored on exit: the second pass draws the same numbers
+        with full_precision(), input_hooks(model, {a.name: (a.module, a.record) for a in accs.values()}):
+            for batch in batches:
+                call_model(model, batch, forward_fn)
+    n_batches = 0
+    with input_hooks(model, {a.name: (a.module, a.pair) for a in accs.values()}):
+        for batch in batches:
+            for a in accs.values():
+                a.quant.batch_index = n_batches
+            call_model(model, batch, forward_fn)
+            n_batches += 1
+        for a in accs.values():
+            a.flush()
+    if n_batches == 0:
+        raise ValueError(f"{who}: no calibration batches (the iterable was empty)")
+
+    if reduce_fn is not None:
+        dev = next(iter(accs.values())).quant.sum.device if accs else torch.device("cpu")
+        counts = torch.tensor([[a.quant.n, a.quant.calls, float(a.drift)] for a in accs.values()],
+                              dtype=torch.float64, device=dev)
+        counts = reduced(reduce_fn, counts)
+        for a, (n, calls, drift) in zip(accs.values(), counts.tolist()):
+            a.quant.n, a.quant.calls, a.drift = int(n), int(calls), drift > 0
+
+    result = CalibrationResult(n_batches=n_batches)
+    for name, a in accs.items():
+        if a.quant.n == 0:
+            result.skipped[name] = never_ran_reason(model, name)
+            continue
+        result.hessians[name] = a.result(reduce_fn)
+    if result.skipped and warn:
+        lines = "\n".join(f"  {n}: {r}" for n, r in result.skipped.items())
+        warnings.warn(
+            f"{who}: no Hessian for {len(result.skipped)} module(s):\n{lines}", CalibrationWarning, stacklevel=2
+        )
+    return result

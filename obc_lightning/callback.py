@@ -62,8 +62,8 @@ class OBCQuantize(Callback):
     ``symmetric``, ``mse``, ``damp``, ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``,
     ``include``, ``exclude``, ``seed``, ``target_bits``, ``target_size_mb``, ``target_sparsity``,
     ``allocation_metric``, ``allocation_steps``), calibration (``calibration_batches``, ``sequential``,
-    ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning (``finetune``,
-    ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
+    ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning
+    (``finetune``, ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
     ``pq_noise_rate``), ``export_path``, reporting (``evaluate``, ``plot``, ``verbose``),
     ``recalibrate_bn`` and ``split_attention``; ``OBCQuantize(config=CompressionConfig(...))`` takes them
     whole (the form a LightningCLI YAML uses).

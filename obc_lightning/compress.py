@@ -12,6 +12,7 @@ from __future__ import annotations
 import time
 import warnings
 from collections.abc import Callable, Iterable, Iterator, Mapping, Sized
+from contextlib import contextmanager
 from dataclasses import replace
 
 import torch
@@ -21,8 +22,10 @@ from obc_lightning.allocation import Allocator, check_reachable, fixed_bytes, so
 from obc_lightning.calibration import (
     CalibrationWarning,
     LayerHessian,
+    MatchedHessian,
     call_model,
     collect_hessians,
+    collect_matched,
     hessian_shape,
     input_hooks,
 )
@@ -245,6 +248,41 @@ def _fixed_bytes(all_targets: Mapping[str, nn.Module], solved: set[str], model: 
     return fixed_bytes(all_targets, extra)
 
 
+@contextmanager
+def _original_weights(backups: Mapping[int, tuple[Tensor, Tensor]], compressed: Mapping[int, Tensor]):
+    """Within the block the compressed weights hold their original values again (copied from the CPU
+    backups: no second copy of the model on its device); their compressed values are restored on exit."""
+    try:
+        for weight, original in backups.values():
+            weight.copy_(original)
+        yield
+    finally:
+        for weight, _ in backups.values():
+            weight.copy_(compressed[id(weight)])
+
+
+def _summed_hessians(name: str, parts: list[LayerHessian], weight: Tensor) -> LayerHessian:
+    """The Hessians of a weight shared by several modules: the sum of theirs (its objective is the sum of
+    its users' objectives). With output matching each part's cross moments and energies add too; a user
+    whose inputs did not drift (or a plain Hessian) contributes C = H̃, i.e. W C^T = W H̃."""
+    first = parts[0]
+    device = first.hessians.device
+    H = sum(h.hessians.to(device) for h in parts)
+    n, calls = sum(h.n_samples for h in parts), sum(h.n_calls for h in parts)
+    matched = [h for h in parts if isinstance(h, MatchedHessian) and h.drift]
+    if not matched:
+        return LayerHessian(name, H, n, calls)
+    cross = energy = 0
+    for h in parts:
+        if isinstance(h, MatchedHessian) and h.drift:
+            cross, energy = cross + h.cross.to(device), energy + h.energy.to(device)
+        else:  # no drift: W C^T = W H, diag(W H W^T)
+            W = torch.stack(h.weight_blocks(weight.detach())).to(device=device, dtype=torch.float64)
+            WH = W @ h.hessians.to(device=device, dtype=torch.float64)
+            cross, energy = cross + WH, energy + (WH * W).sum(dim=2)
+    return MatchedHessian(name, H, n, calls, cross=cross, energy=energy, drift=True)
+
+
 _UNSET = object()
 
 
@@ -268,10 +306,10 @@ def compress_model(
     :class:`~obc_lightning.config.QuantizationConfig` and :class:`~obc_lightning.config.CalibrationConfig`
     as keywords (``bits``, ``method``, ``solver``, ``group_size``, ``symmetric``, ``mse``, ``damp``,
     ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``, ``include``, ``exclude``, ``seed``,
-    ``sequential``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``; their meaning is
-    documented there); ``compress_model(model, batches, config=CompressionConfig(...))`` takes them whole
-    (its ``quantization`` and ``calibration`` parts). Per module the solver minimises the layer objective
-    1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
+    ``sequential``, ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``;
+    their meaning is documented there); ``compress_model(model, batches, config=CompressionConfig(...))``
+    takes them whole (its ``quantization`` and ``calibration`` parts). Per module the solver minimises the
+    layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
     :func:`~obc_lightning.calibration.collect_hessians`.
 
     What the options do, in short: ``bits`` 2 ... 8, or per module ``{"*conv1*": 8, "*": 4}`` (first
@@ -288,7 +326,15 @@ def compress_model(
     and pruned ones stay exactly 0; ``sequential=False`` takes all Hessians from the original model in
     one pass, ``True`` calibrates module by module on the inputs of the already-compressed earlier
     modules (modules called in a row on one and the same input tensor, as q, k, v, share a pass:
-    :func:`execution_groups`); ``method="pq"`` is Hessian-aware product quantization
+    :func:`execution_groups`) and, by default (``match_outputs``), fits each module to the *full-precision*
+    model's outputs: with X its inputs in the full-precision model and X̃ those in the partly compressed
+    one (same samples), the target W* = W Cᵀ H̃⁻¹ (C = 2/N X̃ᵀX, H̃ = 2/N X̃ᵀX̃; damped towards W by
+    ``damp``) is compressed on H̃ by the same solver, pruning or product quantization, which then minimises
+    ||X Wᵀ - X̃ Qᵀ||² (:mod:`obc_lightning.solvers.match`; two passes per group, one with the original
+    weights copied back in, the batches materialised into a list so both see the same samples; the
+    report's ``loss`` / ``rel_error`` are against the full-precision outputs and ``drift_loss`` is what
+    W* itself leaves; ``match_outputs=False``: each module fitted to its own outputs on the drifted
+    inputs, one pass per group); ``method="pq"`` is Hessian-aware product quantization
     (:func:`~obc_lightning.solvers.pq.product_quantize`: sub-vectors of ``block_size`` inputs replaced by
     entries of one codebook of ``n_centroids`` per module), ``"pq-kmeans"`` plain k-means PQ.
 
@@ -351,14 +397,18 @@ def compress_model(
     sequential, offload, max_memory, sample_fraction, product_dtype = (
         c.sequential, c.offload, c.max_memory, c.sample_fraction, c.product_dtype
     )
+    match_outputs = c.matches_outputs
     check_flags("compress_model", keep_results=keep_results)
     check_distributed("compress_model", distributed, reduce_fn)
     pq = method != "scalar"
     batches = _materialize(calibration_batches)
+    if match_outputs:  # both passes of a group must see the same samples: no reshuffling, no augmentation
+        batches = list(batches)
     progress = progress_of(progress)
 
     t_start = time.perf_counter()
-    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method)
+    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method,
+                               match_outputs=match_outputs)
     report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
     skipped: dict[str, str] = {}
     for name, m in targets.items():
@@ -376,6 +426,7 @@ def compress_model(
     allocator = Allocator(q) if q.target is not None else None
     waiting: dict[str, LayerHessian] = {}
     backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
+    compressed: dict[int, Tensor] = {}  # match_outputs: id(Parameter) -> its compressed value on the CPU
     formats: dict[str, StorageScheme] = {}  # recorded on the modules once every weight is written
     uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
     kw = dict(
@@ -413,12 +464,7 @@ def compress_model(
             lhs = {u: waiting.pop(u) for u in users if u in waiting}
             first = next(iter(lhs))
             shared[first] = lhs
-            ready[first] = LayerHessian(
-                first,
-                sum(h.hessians.to(lhs[first].hessians.device) for h in lhs.values()),
-                sum(h.n_samples for h in lhs.values()),
-                sum(h.n_calls for h in lhs.values()),
-            )
+            ready[first] = _summed_hessians(first, list(lhs.values()), targets[first].weight)
         if allocator is not None:  # a size target: every candidate now, the choice once all are in
             add_to_database(ready)
             return
@@ -512,6 +558,8 @@ def compress_model(
                 r.tied = tuple(x.name for x in reps if x is not r) + tuple(aliases)
         weight = m.weight
         set_weight(name, Q)
+        if match_outputs:
+            compressed[id(weight)] = weight.detach().to("cpu", copy=True)
         report.modules.extend(reps)
         report.quantized_weights += weight.numel()
         report.pruned_weights += out.n_pruned
@@ -544,7 +592,15 @@ def compress_model(
                 for group in groups:
                     progress.step(", ".join(group))
                     t0 = time.perf_counter()
-                    calib = collect_hessians(model, batches, {name: targets[name] for name in group}, **kw)
+                    modules = {name: targets[name] for name in group}
+                    if match_outputs and compressed:  # (before the first compressed module nothing drifts)
+                        calib = collect_matched(
+                            model, batches, modules, who="compress_model",
+                            full_precision=lambda: _original_weights(backups, compressed), **kw,
+                        )
+                        report.calibration_passes += 1
+                    else:
+                        calib = collect_hessians(model, batches, modules, **kw)
                     report.calibration_seconds += time.perf_counter() - t0
                     report.calibration_passes += 1
                     skipped.update(calib.skipped)

@@ -363,6 +363,9 @@ class CalibrationConfig(_Section):
         batches: calibration batches per rank (callback; ``None``: about 1024 samples over all ranks).
         sequential: calibrate each module on the inputs of the already-compressed earlier modules (one
             pass per group of modules) instead of all Hessians from the original model in one pass.
+        match_outputs: with ``sequential``, fit each module to the *full-precision* model's outputs
+            (W* = W Cᵀ H̃⁻¹ compressed on H̃; two passes per group) instead of its own outputs on the
+            drifted inputs. ``None`` (default): follows ``sequential``.
         sample_fraction: in (0, 1]: each batch gives each Hessian this random fraction of its samples.
         product_dtype: ``None`` (each batch's XᵀX in the activations' precision), ``"float32"``,
             ``"bfloat16"`` or ``"float64"``; the running sums are float64 either way.
@@ -374,6 +377,7 @@ class CalibrationConfig(_Section):
 
     batches: int | None = field(default=None, metadata={"flat": "calibration_batches"})
     sequential: bool = False
+    match_outputs: bool | None = None
     sample_fraction: float = 1.0
     product_dtype: str | None = None
     offload: bool = False
@@ -389,6 +393,13 @@ class CalibrationConfig(_Section):
             check_positive_int(who, self._arg("max_memory"), self.max_memory, optional=True)
         check_positive_int(who, self._arg("batches"), self.batches, optional=True)
         check_flags(who, **{self._arg("sequential"): self.sequential, self._arg("offload"): self.offload})
+        if self.match_outputs is not None:
+            check_flags(who, **{self._arg("match_outputs"): self.match_outputs})
+            if self.match_outputs and not self.sequential:
+                raise self._fail(
+                    f"{self._arg('match_outputs')}=True needs {self._arg('sequential')}=True (it fits each module to "
+                    "the full-precision outputs on the inputs that the already-compressed modules before it produce)"
+                )
         check_fraction(who, self._arg("sample_fraction"), self.sample_fraction)
         object.__setattr__(self, "sample_fraction", float(self.sample_fraction))
         dtype = self.product_dtype
@@ -400,6 +411,11 @@ class CalibrationConfig(_Section):
                 f"{', '.join(PRODUCT_DTYPE_NAMES)}, got {self.product_dtype!r}"
             )
         object.__setattr__(self, "product_dtype", dtype)
+
+    @property
+    def matches_outputs(self) -> bool:
+        """Whether sequential calibration fits the full-precision outputs (``match_outputs`` resolved)."""
+        return self.sequential if self.match_outputs is None else self.match_outputs
 
 
 @dataclass(frozen=True)

@@ -37,6 +37,12 @@ class ModuleReport:
     other modules sharing the Parameter (each has its own entry: the weight was solved once on the sum of
     their Hessians, and each entry's ``loss`` is that module's share), and other names of this very module
     (registered twice: one entry, found under each name).
+
+    With output matching (``compress_model(..., match_outputs=True)``) ``loss`` is measured against the
+    full-precision model's outputs, 1/2 * 2/N ||X W^T - X̃ Q^T||^2 (X̃: the module's inputs in the
+    compressed model), ``rel_error`` = ||X W^T - X̃ Q^T||^2 / ||X W^T||^2, and ``drift_loss`` is that
+    objective at the least-squares target W* itself: the part of the drift of the inputs that no
+    weights correct on the calibration data.
     """
 
     name: str
@@ -60,6 +66,7 @@ class ModuleReport:
     n_centroids: int | None = None
     weight_bits: int = 0
     tied: tuple[str, ...] = ()
+    drift_loss: float | None = None
 
     @property
     def bits_per_weight(self) -> float:
@@ -129,6 +136,7 @@ class CompressionReport:
     solver: str = "auto"
     sequential: bool = False
     method: str = "scalar"
+    match_outputs: bool = False
     bytes_before: int = 0
     bytes_after: int = 0
     quantized_weights: int = 0
@@ -168,7 +176,8 @@ class CompressionReport:
         raise KeyError(name)
 
     def metrics(self, prefix: str = "obc/") -> dict[str, float]:
-        """Flat scalar metrics: ``<prefix><module>/loss|rel_error|obc_rows|gptq_rows`` and the totals."""
+        """Flat scalar metrics: ``<prefix><module>/loss|rel_error|obc_rows|gptq_rows`` (``/drift_loss`` with
+        output matching) and the totals."""
         out: dict[str, float] = {}
         for m in self.modules:
             out[f"{prefix}{m.name}/loss"] = m.loss
@@ -180,6 +189,8 @@ class CompressionReport:
                 out[f"{prefix}{m.name}/bits"] = float(m.bits)
             if self.pruned_weights:
                 out[f"{prefix}{m.name}/sparsity"] = m.sparsity
+            if m.drift_loss is not None:
+                out[f"{prefix}{m.name}/drift_loss"] = m.drift_loss
         if self.pruned_weights:
             out[f"{prefix}sparsity"] = self.sparsity
         out[f"{prefix}size_mb_before"] = self.bytes_before / 2**20
@@ -237,6 +248,7 @@ class CompressionReport:
             + (f", {self.sparsity:.1%} pruned" if self.pruned_weights else "") + ") | "
             f"{self.seconds:.2f} s ({self.calibration_seconds:.2f} s calibration"
             + (f", {self.calibration_passes} passes" if self.calibration_passes > 1 else "") + ")"
+            + (" | losses against the full-precision outputs (match_outputs)" if self.match_outputs else "")
         )
         if self.allocation is not None:
             lines.append(self.allocation.line())

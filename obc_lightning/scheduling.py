@@ -36,7 +36,7 @@ from dataclasses import dataclass, fields, replace
 import torch
 from torch import Tensor, nn
 
-from obc_lightning.calibration import LayerHessian
+from obc_lightning.calibration import LayerHessian, MatchedHessian
 from obc_lightning.checks import check_flags
 from obc_lightning.formats.bits import FP32_BYTES, dtype_name
 from obc_lightning.formats.nm import conv_nm_group_index
@@ -44,6 +44,7 @@ from obc_lightning.formats.schemes import PQScheme, ScalarScheme, SparseMaskSche
 from obc_lightning.reporting import ModuleReport
 from obc_lightning.selection import per_module
 from obc_lightning.solvers.common import default_memory_budget, layer_objective
+from obc_lightning.solvers.match import matched_objective, matched_weight
 from obc_lightning.solvers.pq import product_quantize
 from obc_lightning.solvers.prune import obs_prune
 from obc_lightning.solvers.quantize import quantize_weights
@@ -122,15 +123,51 @@ class PreparedModule:
     pruned: int
     damp: float
     seconds: float  # spent on this module alone so far
+    target: Tensor | None = None  # output matching: W* (the weight's shape), which the blocks hold
+
+
+def matched_target(name: str, m: nn.Module, lh: LayerHessian, damp: float) -> Tensor | None:
+    """Output matching: W* = W C^T H̃^-1 per conv group (:func:`~obc_lightning.solvers.match.matched_weight`),
+    in the weight's shape; None where the inputs did not drift (C = H̃: W* = W, the plain problem)."""
+    if not (isinstance(lh, MatchedHessian) and lh.drift):
+        return None
+    W = m.weight.detach()
+    blocks = []
+    for i, Wb in enumerate(lh.weight_blocks(W)):
+        what = f"module '{name}'" + (f" (group {i})" if lh.groups > 1 else "")
+        Wstar, _ = matched_weight(Wb, lh.cross[i], lh.hessians[i], damp, fn="compress_model", what=what)
+        blocks.append(Wstar)
+    return torch.cat(blocks).reshape(W.shape)
+
+
+def matched_losses(lh: MatchedHessian, Q: Tensor, target: Tensor) -> tuple[float, float, float]:
+    """(loss of Q, loss of the target W*, signal) against the full-precision outputs: per row
+    1/2 * 2/N ||X w - X̃ q||^2 (:func:`~obc_lightning.solvers.match.matched_objective`), and
+    sum_rows 2/N ||X w||^2 = trace(W H W^T)."""
+    loss = at_target = 0.0
+    for i, (Qb, Tb) in enumerate(zip(lh.weight_blocks(Q), lh.weight_blocks(target))):
+        loss += float(matched_objective(Qb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
+        at_target += float(matched_objective(Tb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
+    return loss, at_target, float(lh.energy.sum())
+
+
+def _report_matched(rep: ModuleReport, lh: LayerHessian, Q: Tensor, target: Tensor | None) -> None:
+    """With output matching, the report's loss is against the full-precision outputs (+ drift_loss)."""
+    if target is not None:
+        rep.loss, rep.drift_loss, signal = matched_losses(lh, Q, target)
+        rep.rel_error = relative_error(rep.loss, signal)
 
 
 def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None,
                    traces=None) -> PreparedModule:
     """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``
     (unstructured: from the groups' :class:`~obc_lightning.solvers.prune.PruneTrace` when ``traces``
-    are given, the same result without a second greedy pass)."""
+    are given, the same result without a second greedy pass). With output matching (a drifted
+    :class:`~obc_lightning.calibration.MatchedHessian`) W_i is the least-squares target W*_i on H̃_i
+    (:func:`matched_target`)."""
     t0 = time.perf_counter()
-    W = m.weight.detach()
+    target = matched_target(name, m, lh, damp)
+    W = m.weight.detach() if target is None else target
     if group_size is not None and group_size >= lh.hessians.shape[-1]:
         group_size = None  # one group spans the whole row: per-channel (small layers of a grouped config)
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
@@ -145,7 +182,7 @@ def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n
                     obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index))
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
         blocks.append((Wb, Pb, H))
-    return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0)
+    return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0, target)
 
 
 def finish_module(p: PreparedModule, results: list, bits, n_m, prune: bool, solve_seconds: float):
@@ -203,6 +240,8 @@ def finish_module(p: PreparedModule, results: list, bits, n_m, prune: bool, solv
         sparsity=pruned / W.numel(),
         weight_bits=nbits,
     )
+    _report_matched(rep, p.lh, Q, p.target)
+    rep.seconds = p.seconds + solve_seconds + time.perf_counter() - t0
     return Q, rep, results, fmt, pruned
 
 
@@ -250,9 +289,11 @@ def stored_size(fmt: StorageScheme, m: nn.Module, weight: Tensor, scale_dtype: s
 
 
 def pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, scale_dtype, seed):
-    """Product-quantize one (ungrouped) module; returns Q, the report, the result and the weight's format."""
+    """Product-quantize one (ungrouped) module (with output matching: its target W*, see
+    :func:`prepare_module`); returns Q, the report, the result and the weight's format."""
     t0 = time.perf_counter()
-    W = m.weight.detach()
+    target = matched_target(name, m, lh, damp)
+    W = m.weight.detach() if target is None else target
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wm = W.reshape(W.shape[0], -1).to(dt)
     H = lh.hessians[0].to(device=W.device, dtype=dt)
@@ -296,11 +337,17 @@ def pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, 
         n_centroids=n_centroids,
         weight_bits=nbits,
     )
+    _report_matched(rep, lh, Q.reshape(W.shape), target)
+    rep.seconds = time.perf_counter() - t0
     return Q.reshape(W.shape), rep, res, fmt
 
 
 def tied_objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float]:
-    """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64."""
+    """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64; with output
+    matching (a drifted MatchedHessian) the objective against its full-precision outputs."""
+    if isinstance(lh, MatchedHessian) and lh.drift:
+        loss, _, signal = matched_losses(lh, Q, W)
+        return loss, signal
     loss = signal = 0.0
     for i, (Wb, Qb) in enumerate(zip(lh.weight_blocks(W), lh.weight_blocks(Q))):
         H = lh.hessians[i].to(device=W.device, dtype=torch.float64)

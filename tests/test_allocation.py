@@ -416,8 +416,10 @@ def test_allocated_widths_round_trip_through_the_carried_formats(tmp_path):
 def test_size_targets_refuse_sequential_calibration_in_compress_model():
     model = mlp()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
+    # sequential=True refused whether it matches the full-precision outputs (its default) or not
     for target in (dict(target_bits=3.0), dict(target_size_mb=0.01), dict(bits=None, target_sparsity=0.5)):
-        with pytest.raises(ValueError, match=r"compress_model: target_\w+ builds its database .* sequential=False"):
-            compress_model(model, batches(), sequential=True, **target)
+        for match in (dict(), dict(match_outputs=True), dict(match_outputs=False)):
+            with pytest.raises(ValueError, match=r"compress_model: target_\w+ builds its database .* sequential=False"):
+                compress_model(model, batches(), sequential=True, **target, **match)
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k

@@ -141,8 +141,10 @@ def test_datamodule_batches():
 def test_cifar_callback_path(tmp_path):
     logs = tmp_path / "logs"
     res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq", "--export", str(tmp_path / "r20.safetensors")]
-                     + ["--log-dir", str(logs)])
+                     + ["--log-dir", str(logs), "--sequential"])
     assert res["method"] == "callback/gptq" and res["bits"] == 4
+    # --sequential: calibrated layer by layer, fitted to the fp32 outputs (two passes per layer after the first)
+    assert res["calibration_passes"] == 1 + 2 * 19
     # the example logs by default (TensorBoard here: tensorboardX is a dev dependency), the chart included
     assert list(logs.glob("train/version_0/events.out.tfevents.*"))
     assert (logs / "train" / "version_0" / "obc_rel_error.png").exists()
