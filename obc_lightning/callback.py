@@ -49,7 +49,7 @@ from obc_lightning.pipeline import (
     start_finetuning,
     ternary_targets,
 )
-from obc_lightning.reporting import CompressionReport, error_figure
+from obc_lightning.reporting import CompressionReport, allocation_figure, error_figure, is_mixed
 from obc_lightning.selection import select_modules, unquantized_projections
 
 
@@ -60,9 +60,10 @@ class OBCQuantize(Callback):
     :class:`~obc_lightning.config.CompressionConfig`'s sections as a keyword (their meaning is documented
     there and in the README): quantization (``bits``, ``method``, ``solver``, ``group_size``,
     ``symmetric``, ``mse``, ``damp``, ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``,
-    ``include``, ``exclude``, ``seed``), calibration (``calibration_batches``, ``sequential``,
-    ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning (``finetune``,
-    ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
+    ``include``, ``exclude``, ``seed``, ``target_bits``, ``target_size_mb``, ``target_sparsity``,
+    ``allocation_metric``, ``allocation_steps``), calibration (``calibration_batches``, ``sequential``,
+    ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning
+    (``finetune``, ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
     ``pq_noise_rate``), ``export_path``, reporting (``evaluate``, ``plot``, ``verbose``),
     ``recalibrate_bn`` and ``split_attention``; ``OBCQuantize(config=CompressionConfig(...))`` takes them
     whole (the form a LightningCLI YAML uses).
@@ -76,6 +77,13 @@ class OBCQuantize(Callback):
     (``obc/<module>/loss``, ``obc/<module>/rel_error``, sizes, ``obc/<metric>_before`` / ``_after``, ...),
     the per-module error chart to every logger that takes images.
 
+    Mixed precision: ``OBCQuantize(bits={"*conv1*": 8, "*": 4})`` sets widths by module pattern;
+    ``OBCQuantize(target_bits=3.0)`` (or ``target_size_mb=``) chooses each module's width among ``bits``
+    (default 2, 3, 4, 8) for the least output error on the calibration batches within that size
+    (:mod:`obc_lightning.allocation`): the chosen widths are in the summary table, in the metrics
+    (``obc/<module>/bits``) and in a chart of bits per module in network order (``obc/bits``); ``"ste"``
+    fine-tuning trains on each module's own grid, and the export stores each module's width.
+
     With ``finetune``, the model is compressed at the end of epoch ``max_epochs - finetune_epochs - 1``
     (after its validation; at the start of fit when ``finetune_epochs == max_epochs``); within
     ``max_drop`` fit stops there, otherwise the last epochs train through the quantizer (a
@@ -88,7 +96,9 @@ class OBCQuantize(Callback):
     re-raises, the callback then says nothing was compressed, and a later ``fit`` compresses again.
 
     Args:
-        bits: 2 ... 8 (``None``: prune only, with ``sparsity`` / ``n_m``); left out with ``config``.
+        bits: 2 ... 8, or ``{module pattern: bits}``, or with ``target_bits`` / ``target_size_mb`` the
+            candidate widths (default ``[2, 3, 4, 8]``); ``None``: prune only, with ``sparsity`` / ``n_m``;
+            left out with ``config``.
         config: the whole configuration instead of keywords (:class:`~obc_lightning.config.CompressionConfig`).
         calibration_dataloader: any iterable of batches; ``None``: the trainer's train dataloader.
         calibration_step: ``fn(module, batch)`` running a batch through the module (for batches the
@@ -98,7 +108,7 @@ class OBCQuantize(Callback):
 
     def __init__(
         self,
-        bits: int | None = DEFAULT_BITS,
+        bits: int | dict[str, int] | list[int] | None = DEFAULT_BITS,
         *,
         config: CompressionConfig | None = None,
         calibration_dataloader: Iterable | None = None,
@@ -477,6 +487,10 @@ class OBCQuantize(Callback):
             fig = error_figure(report) if trainer.is_global_zero else None
             if fig is not None or not trainer.is_global_zero:
                 glue.send_figure(trainer, fig, "obc/rel_error", "obc_rel_error.png")
+            if is_mixed(report):  # widths (or sparsity) per module, in network order
+                fig = allocation_figure(report) if trainer.is_global_zero else None
+                if fig is not None or not trainer.is_global_zero:
+                    glue.send_figure(trainer, fig, "obc/bits", "obc_bits.png")
 
     def _check_finetuning(self, trainer: Trainer, targets: dict) -> None:
         ft, who = self.config.finetune, self.who
@@ -538,15 +552,22 @@ class OBCPrune(OBCQuantize):
     is over budget those epochs train the kept weights with the mask held fixed (pruned weights stay 0
     and get no gradient).
 
+    ``OBCPrune(target_sparsity=0.6)`` removes 60 % of all the targets' weights, each module's level
+    chosen from the OBS loss traces (one greedy pass per module gives every level) for the least output
+    error (:mod:`obc_lightning.allocation`); ``target_size_mb=`` does the same for a size in MB.
+
     Args:
-        sparsity: fraction of each module's weights to remove (unstructured).
+        sparsity: fraction of each module's weights to remove (unstructured); with ``target_sparsity``
+            the candidate levels (default 0, 0.05, ..., 0.95).
         n_m: (N, M): at most N non-zeros in every M consecutive inputs.
         **kwargs: the calibration, evaluation, reporting and export keywords of :class:`OBCQuantize`
             (``export_path``: the pruned weights in float16 with their N:M positions or a bitmask).
     """
 
-    def __init__(self, sparsity: float | None = None, n_m: tuple[int, int] | None = None, **kwargs) -> None:
-        if (sparsity is None) == (n_m is None):
+    def __init__(self, sparsity: float | list[float] | None = None, n_m: tuple[int, int] | None = None,
+                 **kwargs) -> None:
+        target = kwargs.get("target_sparsity", kwargs.get("target_size_mb"))
+        if target is None and (sparsity is None) == (n_m is None):
             raise ValueError(f"OBCPrune: give exactly one of sparsity=... or n_m=(N, M), got {sparsity=!r}, {n_m=!r}")
         if kwargs.get("finetune") not in (None, "masked"):
             raise ValueError(

@@ -18,6 +18,7 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
+from obc_lightning.allocation import Allocator, check_reachable, fixed_bytes, solved_cost
 from obc_lightning.calibration import (
     CalibrationWarning,
     LayerHessian,
@@ -39,6 +40,8 @@ from obc_lightning.scheduling import (
     SolveSettings,
     check_distributed,
     module_bytes,
+    prepare_module,
+    quantize_modules,
     relative_error,
     solve_modules,
     tied_objective,
@@ -53,6 +56,7 @@ from obc_lightning.selection import (
     unquantized_projections,
 )
 from obc_lightning.solvers.pq import check_pq_args
+from obc_lightning.solvers.prune import obs_prune_trace
 
 __all__ = [  # re-exported: module selection lives in obc_lightning.selection
     "DEFAULT_BITS", "METHODS", "REASON_ATTENTION_PROJECTION", "SOLVERS", "attention_projections",
@@ -71,6 +75,12 @@ def check_against_model(
     """The checks of ``config`` that need the target modules, before any of them is touched: N:M groups
     that divide each module's inputs, product-quantization layouts that fit, floating-point weights."""
     q = config.quantization
+    check_patterns_match(q.bits, "bits", targets, who)
+    if isinstance(q.bits, Mapping):
+        for name in targets:
+            per_module(q.bits, name, "bits", who)
+    if q.target is not None:  # every target solved, biases only fixed: the widest range a calibration allows
+        check_reachable(q, targets, who, fixed_bytes(targets))
     for name, m in targets.items():
         if not m.weight.is_floating_point():
             raise ValueError(f"{who}: module '{name}' has a {m.weight.dtype} weight; expected floating point")
@@ -195,7 +205,7 @@ def tied_weights(model: nn.Module, targets: Mapping[str, nn.Module]) -> dict[str
 
 
 def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mapping[str, list[str]], block_size,
-                n_centroids, pq: bool) -> None:
+                n_centroids, pq: bool, bits=None) -> None:
     """A weight shared by several targets is solved once on the sum of their Hessians: they must split
     it the same way (conv groups, PQ layout). Checked before the model is touched."""
     for name, users in tied.items():
@@ -215,6 +225,27 @@ def _check_tied(model: nn.Module, targets: Mapping[str, nn.Module], tied: Mappin
                     f"compress_model: modules '{name}' and '{other}' share one weight: give them the same "
                     "block_size and n_centroids"
                 )
+            if isinstance(bits, Mapping) and per_module(bits, name, "bits") != per_module(bits, other, "bits"):
+                raise ValueError(
+                    f"compress_model: modules '{name}' and '{other}' share one weight: give them the same bits, "
+                    f"got {per_module(bits, name, 'bits')} and {per_module(bits, other, 'bits')}"
+                )
+
+
+def _fixed_bytes(all_targets: Mapping[str, nn.Module], solved: set[str], model: nn.Module, include,
+                 exclude) -> int:
+    """The bytes of the report's size that no allocation changes: every target's bias, the weights left
+    in full precision (skipped targets, each weight once, and the attention projections)."""
+    solved_weights = {id(all_targets[n].weight) for n in solved}
+    counted: set[int] = set()
+    extra = 0
+    for m in all_targets.values():
+        w = m.weight
+        if id(w) not in solved_weights and id(w) not in counted:
+            extra += w.numel() * FP32_BYTES
+        counted.add(id(w))
+    extra += sum(size for _, size in unquantized_projections(model, include, exclude).values())
+    return fixed_bytes(all_targets, extra)
 
 
 @contextmanager
@@ -281,7 +312,14 @@ def compress_model(
     layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
     :func:`~obc_lightning.calibration.collect_hessians`.
 
-    What the options do, in short: ``bits`` 2 ... 8 (``None`` with ``sparsity`` / ``n_m``: prune only);
+    What the options do, in short: ``bits`` 2 ... 8, or per module ``{"*conv1*": 8, "*": 4}`` (first
+    matching pattern wins), ``None`` with ``sparsity`` / ``n_m``: prune only; ``target_bits`` (average
+    stored bits per weight, scales and zero points included, as ``report.avg_bits``) or ``target_size_mb``
+    (``report.bytes_after`` in MB) choose each module's width among the candidates ``bits`` (default
+    2, 3, 4, 8), and ``target_sparsity`` (with ``bits=None``) each module's sparsity level, for the least
+    output error within the budget (:mod:`obc_lightning.allocation`: every candidate solved from one
+    calibration, an exact allocation for per-layer loss weights fitted by ``allocation_steps`` evaluations
+    of the model on the calibration batches; ``report.allocation`` says what it decided and cost);
     ``sparsity`` / ``n_m`` prune with OBS first (:func:`~obc_lightning.solvers.prune.obs_prune`;
     unstructured with the global selection over the module's rows, or at most N non-zeros in every M
     inputs, convs along input channels at each kernel position), then the kept weights are quantized
@@ -382,9 +420,10 @@ def compress_model(
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
     tied = tied_weights(model, targets)
-    _check_tied(model, targets, tied, block_size, n_centroids, pq)
+    _check_tied(model, targets, tied, block_size, n_centroids, pq, bits)
     # a shared weight is solved once, when the Hessians of all its target users are in: its objective is
     # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
+    allocator = Allocator(q) if q.target is not None else None
     waiting: dict[str, LayerHessian] = {}
     backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
     compressed: dict[int, Tensor] = {}  # match_outputs: id(Parameter) -> its compressed value on the CPU
@@ -426,12 +465,75 @@ def compress_model(
             first = next(iter(lhs))
             shared[first] = lhs
             ready[first] = _summed_hessians(first, list(lhs.values()), targets[first].weight)
+        if allocator is not None:  # a size target: every candidate now, the choice once all are in
+            add_to_database(ready)
+            return
         for out in solve_modules(ready, targets, settings, distributed=distributed, keep_results=keep_results):
             progress.step(out.name)
             apply(out)
 
+    def add_to_database(ready: dict[str, LayerHessian]) -> None:
+        """Every candidate of these weights into the allocator's database. Widths: the solving stage once
+        per candidate width (modules of one input width batched into one solver call, shared over ranks),
+        every solution kept on the CPU, its cost the size its report entry gives. Sparsity levels: one
+        greedy OBS pass per module prices every level (its trace); a level's kept weights are solved when
+        an assignment needs them."""
+        if not ready:
+            return
+        signals = {}
+        for name, lh in ready.items():
+            W = targets[name].weight.detach()
+            signals[name] = tied_objective(W, W, lh)[1]  # trace(W H W^T): the search's relative weighting
+        unit = allocator.unit_kind
+        if bits is not None:
+            t0 = time.perf_counter()
+            solutions: dict[str, list[Solved]] = {name: [] for name in ready}
+            for b in bits:
+                for out in solve_modules(dict(ready), targets, replace(settings, bits=b), distributed=distributed,
+                                         keep_results=keep_results):
+                    progress.step(f"{out.name} at {b} bits")
+                    out.weight = out.weight.cpu()  # every candidate of every module: on the CPU until chosen
+                    out.results = [to_cpu(x) for x in out.results] if keep_results else []
+                    solutions[out.name].append(out)
+            seconds = (time.perf_counter() - t0) / len(ready)
+            for name, sols in solutions.items():
+                m = targets[name]
+                allocator.add(name, m, signals[name], [solved_cost(m, o.report, unit) for o in sols],
+                              [o.report.loss for o in sols], sols.__getitem__, seconds)
+            return
+        levels = allocator.options
+        for name, lh in ready.items():
+            t0 = time.perf_counter()
+            m = targets[name]
+            W = m.weight.detach()
+            dt = torch.float64 if W.dtype == torch.float64 else torch.float32
+            traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device, dtype=dt), damp=damp)
+                      for i, Wb in enumerate(lh.weight_blocks(W))]  # one greedy pass gives every level
+            progress.step(name)
+            allocator.add(
+                name, m, signals[name], [allocator.option_cost(m, s) for s in levels],
+                [sum(t.loss(s) for t in traces) for s in levels],
+                lambda k, name=name, lh=lh, traces=traces: prune_level(name, lh, levels[k], traces),
+                time.perf_counter() - t0,
+            )
+
+    def prune_level(name: str, lh: LayerHessian, level: float, traces) -> Solved:
+        """Module ``name`` pruned to ``level`` from its OBS traces, through the solving stage."""
+        p = prepare_module(name, targets[name], lh, group_size, damp, sparsity=level, traces=traces)
+        Q, rep, results, fmt, n_pruned = quantize_modules(
+            [p], None, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity=level)[0]
+        return Solved(name, Q, rep, results, n_pruned, fmt)
+
+    def set_weight(name: str, Q: Tensor) -> None:
+        """Write ``Q`` into target ``name``'s weight, its original backed up once."""
+        weight = targets[name].weight
+        if id(weight) not in backups:
+            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+        weight.copy_(Q.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
+
     def apply(out: Solved) -> None:
-        name, rep, m, Q = out.name, out.report, targets[out.name], out.weight
+        name, rep, m = out.name, out.report, targets[out.name]
+        Q = out.weight.to(m.weight.device)  # a size target's database holds its candidates on the CPU
         lhs = shared.pop(name, None)
         reps = [rep]
         aliases: list[str] = []
@@ -455,9 +557,7 @@ def compress_model(
             for r in reps:
                 r.tied = tuple(x.name for x in reps if x is not r) + tuple(aliases)
         weight = m.weight
-        if id(weight) not in backups:
-            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
-        weight.copy_(Q.to(weight.dtype))
+        set_weight(name, Q)
         if match_outputs:
             compressed[id(weight)] = weight.detach().to("cpu", copy=True)
         report.modules.extend(reps)
@@ -478,7 +578,8 @@ def compress_model(
                 report.calibration_seconds = time.perf_counter() - t0
                 report.calibration_passes = 1
                 skipped.update(calib.skipped)
-                progress.start("solving", len(calib.hessians))
+                # a size target solves every candidate width of every module
+                progress.start("solving", len(calib.hessians) * (len(bits) if allocator and bits else 1))
                 solve_all(calib.hessians)  # batched by width (and shared over ranks); each H freed once used
             else:
                 first = next(iter(batches), None)
@@ -506,6 +607,13 @@ def compress_model(
                     solve_all({name: calib.hessians.pop(name) for name in group if name in calib})
             if waiting:  # tied weights some of whose users never got a Hessian: solved with those that did
                 solve_all({name: waiting.pop(name) for name in list(waiting)}, force=True)
+            if allocator is not None:
+                fixed = _fixed_bytes(all_targets, {u.name for u in allocator.units}, model, include, exclude)
+                choice = allocator.choose(model, batches, set_weight, fixed=fixed, forward_fn=forward_fn,
+                                          reduce_fn=reduce_fn, progress=progress)
+                for u in allocator.units:
+                    apply(u.solution(choice.assignment[u.name]))
+                report.allocation = choice.summary
     except BaseException:
         with torch.no_grad():  # one backup per Parameter: the original, however many modules share it
             for weight, original in backups.values():
@@ -537,6 +645,15 @@ def compress_model(
     for _, size in projections.values():
         report.bytes_before += size
         report.bytes_after += size
+    if isinstance(bits, Mapping) or (allocator is not None and bits is not None):
+        report.bits = {r.name: r.bits for r in report.modules}
+    if report.allocation is not None:  # what the target measures, from the report's own totals
+        a = report.allocation
+        a.achieved = {"target_bits": report.avg_bits, "target_size_mb": report.bytes_after / 2**20,
+                      "target_sparsity": report.sparsity}[a.target]
+        if a.target != "target_sparsity" and a.achieved > a.value * (1 + 1e-12):
+            warnings.warn(f"compress_model: the allocation for {a.target}={a.value:g} reached {a.achieved:.6g} "
+                          "(weights shared with modules outside the targets are counted differently)", stacklevel=2)
     report.seconds = time.perf_counter() - t_start
     if uncounted:
         warnings.warn(

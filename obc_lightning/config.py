@@ -41,7 +41,14 @@ SOLVERS = ("auto", "obc", "gptq")
 METHODS = ("scalar", "pq", "pq-kmeans")
 FINETUNE_MODES = ("ste", "ternary", "noise", "masked", "pq")
 PRODUCT_DTYPE_NAMES = ("float32", "bfloat16", "float64")
+ALLOCATION_METRICS = ("mse", "kl")
+
+
 DEFAULT_BITS = 4
+# candidate widths of a size target (target_bits / target_size_mb) when bits is left at its default
+DEFAULT_CANDIDATE_BITS = (2, 3, 4, 8)
+# candidate sparsity levels of target_sparsity when sparsity is left out: 0, 5 %, ..., 95 %
+DEFAULT_SPARSITY_LEVELS = tuple(i / 20 for i in range(20))
 
 # (entry point, True when the user gave flat keywords) while a configuration is being built
 _ENTRY: ContextVar[tuple[str, bool] | None] = ContextVar("obc_lightning_config_entry", default=None)
@@ -119,7 +126,10 @@ class QuantizationConfig(_Section):
     """What every target module becomes, and which modules are targets.
 
     Args:
-        bits: bits per weight of the uniform grid, 2 ... 8; ``None`` with ``sparsity`` / ``n_m``: prune
+        bits: bits per weight of the uniform grid, 2 ... 8; a mapping ``{module name or pattern: bits}``
+            (first match wins, e.g. ``{"*conv1*": 8, "*": 4}``); with ``target_bits`` / ``target_size_mb``
+            the candidate widths (``bits`` left at its default 4: ``[2, 3, 4, 8]``); ``None`` with
+            ``sparsity`` / ``n_m``: prune
             only (weights stay float). Not used by product quantization.
         method: ``"scalar"`` (a ``bits``-bit grid per row or group), ``"pq"`` (Hessian-aware product
             quantization) or ``"pq-kmeans"`` (plain k-means product quantization, fairseq's iPQ).
@@ -129,33 +139,54 @@ class QuantizationConfig(_Section):
         symmetric: symmetric grid (zero point in the middle) instead of asymmetric.
         mse: search each scale for the smallest rounding error instead of plain min-max.
         damp: relative damping of the Hessian (a fraction of its mean diagonal).
-        sparsity: prune this fraction of every module's weights with OBS first (unstructured).
+        sparsity: prune this fraction of every module's weights with OBS first (unstructured); with
+            ``target_sparsity`` the candidate levels (default 0, 0.05, ..., 0.95).
         n_m: ``[N, M]``: prune to at most N non-zeros in every M consecutive inputs first.
         block_size: product quantization: inputs per sub-vector; an int, or a mapping
             ``{module name or pattern: int}`` (first match wins, e.g. ``{"*conv*": 9, "*": 4}``).
         n_centroids: product quantization: codebook size per module; an int or such a mapping.
         include: module names, parents or fnmatch patterns to compress (``None``: every Linear / Conv).
         exclude: module names, parents or patterns to leave in full precision.
-        seed: k-means initialisation of product quantization.
+        seed: k-means initialisation of product quantization; the random search of an allocation.
+        target_bits: a size target in average stored bits per weight of the quantized modules, scales and
+            zero points included (the report's ``avg_bits``): each module gets one of the ``bits``
+            candidates, chosen for the least output error within that budget.
+        target_size_mb: a size target in MB (2^20 bytes) of the target modules as the report counts them
+            (packed weights, scales, zero points, biases; modules left unquantized at fp32): widths (or,
+            with ``bits=None``, sparsity levels) chosen per module as for ``target_bits``.
+        target_sparsity: prune-only (``bits=None``): remove as many weights in all as uniform pruning at this
+            level would, each module's level chosen from the ``sparsity`` candidates for the least output
+            error.
+        allocation_metric: what an allocation minimises on the calibration batches: ``"mse"`` (squared error
+            of the model's outputs relative to their energy) or ``"kl"`` (KL divergence of the softmax over
+            the outputs' last dimension from the full-precision one: classifiers, language models).
+        allocation_steps: model evaluations (forward passes over the calibration batches) of the search
+            that weighs the layer losses against the model's output error.
     """
 
-    bits: int | None = DEFAULT_BITS
+    bits: int | dict[str, int] | list[int] | None = DEFAULT_BITS
     method: str = "scalar"
     solver: str = "auto"
     group_size: int | None = None
     symmetric: bool = False
     mse: bool = True
     damp: float = 0.01
-    sparsity: float | None = None
+    sparsity: float | list[float] | None = None
     n_m: tuple[int, int] | None = None
     block_size: int | dict[str, int] = 8
     n_centroids: int | dict[str, int] = 256
     include: str | list[str] | None = None
     exclude: str | list[str] | None = None
     seed: int = 0
+    target_bits: float | None = None
+    target_size_mb: float | None = None
+    target_sparsity: float | None = None
+    allocation_metric: str = "mse"
+    allocation_steps: int = 16
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
+        self._check_target()
         if self.method not in METHODS:
             raise self._fail(f"{self._arg('method')} must be one of {METHODS}, got {self.method!r}")
         if self.solver not in SOLVERS:
@@ -168,7 +199,9 @@ class QuantizationConfig(_Section):
         set_(self, "exclude", _check_patterns(self, "exclude", self.exclude))
         set_(self, "block_size", _check_per_module(self, "block_size", self.block_size, 1))
         set_(self, "n_centroids", _check_per_module(self, "n_centroids", self.n_centroids, 2, 2**16))
-        if self.sparsity is not None and (not is_number(self.sparsity) or not 0 <= self.sparsity < 1):
+        if self.sparsity is not None and not isinstance(self.sparsity, (list, tuple)) and (
+            not is_number(self.sparsity) or not 0 <= self.sparsity < 1
+        ):
             raise self._fail(f"{self._arg('sparsity')} must be a number in [0, 1), got {self.sparsity!r}")
         if self.n_m is not None:
             n_m = self.n_m
@@ -195,18 +228,107 @@ class QuantizationConfig(_Section):
                 raise self._fail(f"{self._arg('symmetric')} does not apply to {self._arg('method')}={self.method!r}")
             return
         if self.bits is None:
-            if self.sparsity is None and self.n_m is None:
+            if self.sparsity is None and self.n_m is None and self.target_sparsity is None and (
+                    self.target_size_mb is None):
                 raise self._fail(
                     f"{self._arg('bits')}=None (no quantization) needs {self._arg('sparsity')}=... or "
                     f"{self._arg('n_m')}=(N, M)"
                 )
-        elif isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS:
+        elif isinstance(self.bits, Mapping):
+            set_(self, "bits", _check_per_module(self, "bits", self.bits, MIN_BITS, MAX_BITS))
+        elif not isinstance(self.bits, tuple) and (
+            isinstance(self.bits, bool) or not isinstance(self.bits, int) or not MIN_BITS <= self.bits <= MAX_BITS
+        ):
             raise self._fail(f"{self._arg('bits')} must be an integer in [{MIN_BITS}, {MAX_BITS}], got {self.bits!r}")
         if self.sparsity is not None and self.n_m is not None:
             raise self._fail(
                 f"give at most one of {self._arg('sparsity')} and {self._arg('n_m')}, got "
                 f"{self.sparsity!r} and {self.n_m!r}"
             )
+
+    def _check_target(self) -> None:
+        """The size targets and their candidates: ``bits`` (a single width, a mapping or, with a target,
+        the candidate widths) and ``sparsity`` (with ``target_sparsity``, the candidate levels) are
+        resolved here, so that the stored configuration says which candidates were used."""
+        set_, arg = object.__setattr__, self._arg
+        targets = [n for n in ("target_bits", "target_size_mb", "target_sparsity") if getattr(self, n) is not None]
+        if self.allocation_metric not in ALLOCATION_METRICS:
+            raise self._fail(
+                f"{arg('allocation_metric')} must be one of {ALLOCATION_METRICS}, got {self.allocation_metric!r}"
+            )
+        check_positive_int(self._who(), arg("allocation_steps"), self.allocation_steps)
+        candidates = isinstance(self.bits, (list, tuple))
+        levels = isinstance(self.sparsity, (list, tuple))
+        if not targets:
+            if candidates:
+                raise self._fail(
+                    f"{arg('bits')}={self.bits!r} lists candidate widths of a size target: give "
+                    f"{arg('target_bits')}=... or {arg('target_size_mb')}=..., or a single width"
+                )
+            if levels:
+                raise self._fail(
+                    f"{arg('sparsity')}={self.sparsity!r} lists candidate levels of {arg('target_sparsity')}=...; "
+                    "give that target, or a single level"
+                )
+            return
+        if len(targets) > 1:
+            raise self._fail(f"give at most one size target, got {', '.join(arg(n) for n in targets)}")
+        (target,) = targets
+        value = getattr(self, target)
+        if target == "target_sparsity":
+            if not is_number(value) or not 0 < value < 1:
+                raise self._fail(f"{arg(target)} must be a number in (0, 1), got {value!r}")
+        elif not is_number(value) or value <= 0:
+            raise self._fail(f"{arg(target)} must be a positive number, got {value!r}")
+        set_(self, target, float(value))
+        if self.method != "scalar":
+            raise self._fail(f"{arg(target)} chooses widths or sparsity per module: it needs "
+                             f"{arg('method')}='scalar', got {self.method!r}")
+        if self.n_m is not None:
+            raise self._fail(f"{arg(target)} does not combine with {arg('n_m')} (allocations of N:M patterns "
+                             "are not supported)")
+        prune = target == "target_sparsity" or (target == "target_size_mb" and self.bits is None)
+        if prune:
+            if self.bits is not None:
+                raise self._fail(f"{arg(target)} allocates sparsity to a pruned float model: it needs "
+                                 f"{arg('bits')}=None, got {self.bits!r}")
+            self._resolve_levels(target)
+            return
+        if self.sparsity is not None:
+            raise self._fail(f"{arg(target)} allocates widths: it does not combine with {arg('sparsity')} "
+                             f"(got {self.sparsity!r})")
+        if not candidates and self.bits == DEFAULT_BITS and not isinstance(self.bits, (bool, Mapping)):
+            set_(self, "bits", DEFAULT_CANDIDATE_BITS)  # bits at its default: the default candidates
+        elif not candidates:
+            raise self._fail(
+                f"{arg(target)} chooses each module's width among candidates: give them as {arg('bits')}="
+                f"[2, 3, 4, 8] (or leave {arg('bits')} at its default {DEFAULT_BITS} for those), got "
+                f"{arg('bits')}={self.bits!r}"
+            )
+        widths = self.bits
+        if not widths or any(isinstance(b, bool) or not isinstance(b, int) or not MIN_BITS <= b <= MAX_BITS
+                             for b in widths):
+            raise self._fail(f"{arg('bits')} must list candidate widths, integers in [{MIN_BITS}, {MAX_BITS}], "
+                             f"got {self.bits!r}")
+        set_(self, "bits", tuple(sorted(set(int(b) for b in widths))))
+
+    def _resolve_levels(self, target: str) -> None:
+        arg = self._arg
+        levels = DEFAULT_SPARSITY_LEVELS if self.sparsity is None else self.sparsity
+        if not isinstance(levels, (list, tuple)):
+            raise self._fail(f"{arg(target)} chooses each module's sparsity among candidate levels: give them as "
+                             f"{arg('sparsity')}=[0.0, 0.25, 0.5, 0.75] (or leave it out), got {self.sparsity!r}")
+        if not levels or any(not is_number(x) or not 0 <= x < 1 for x in levels):
+            raise self._fail(f"{arg('sparsity')} must list candidate levels in [0, 1), got {self.sparsity!r}")
+        object.__setattr__(self, "sparsity", tuple(sorted(set(float(x) for x in levels))))
+
+    @property
+    def target(self) -> tuple[str, float] | None:
+        """(field name, value) of the size target, or None."""
+        for name in ("target_bits", "target_size_mb", "target_sparsity"):
+            if getattr(self, name) is not None:
+                return name, getattr(self, name)
+        return None
 
     @property
     def pruning(self) -> bool:
@@ -216,6 +338,15 @@ class QuantizationConfig(_Section):
         """One line: what the modules become."""
         if self.method != "scalar":
             return f"{self.method}, block_size={self.block_size}, n_centroids={self.n_centroids}"
+        target = self.target
+        if target is not None:
+            what = (f"widths {'/'.join(map(str, self.bits))}" if self.bits is not None else
+                    "sparsity " + "/".join(f"{x:g}" for x in self.sparsity))
+            return f"{what} allocated to {target[0]}={target[1]:g} ({self.allocation_metric}), solver={self.solver}"
+        if isinstance(self.bits, Mapping):
+            return f"bits per module {self.bits}, solver={self.solver}" + (
+                f" + OBS {self.sparsity:.0%} unstructured" if self.sparsity is not None else
+                f" + OBS {self.n_m[0]}:{self.n_m[1]}" if self.n_m is not None else "")
         parts = [] if self.bits is None else [f"{self.bits}-bit, solver={self.solver}"]
         if self.sparsity is not None:
             parts.insert(0, f"OBS {self.sparsity:.0%} unstructured")
@@ -426,6 +557,12 @@ class CompressionConfig(_Section):
         check_int(who, "recalibrate_bn", self.recalibrate_bn, 0)
         check_flags(who, split_attention=self.split_attention)
         q, ft = self.quantization, self.finetune
+        if q.target is not None and self.calibration.sequential:
+            name = _names(self)
+            raise self._fail(
+                f"{name(q.target[0])} builds its database from one calibration of the full-precision model: it "
+                f"needs {name('sequential')}=False (sequential calibration depends on the widths chosen before)"
+            )
         if ft is None:
             return
         name = _names(self)
@@ -435,6 +572,12 @@ class CompressionConfig(_Section):
             )
         if q.method == "scalar" and ft.mode == "pq":
             raise self._fail(f"{name('mode')}='pq' trains product-quantization codebooks: set {name('method')}='pq'")
+        if ft.mode in ("ternary", "noise") and (q.target is not None or isinstance(q.bits, Mapping)):
+            raise self._fail(
+                f"{name('mode')}={ft.mode!r} learns its quantization in training, from the fp32 weights; widths per "
+                f"module ({name('bits')} as a mapping) and size targets ({name('target_bits')}, "
+                f"{name('target_size_mb')}) apply to the solved modes: {name('mode')}='ste', or no fine-tuning"
+            )
         if q.pruning and ft.mode in ("ternary", "noise"):
             raise self._fail(
                 f"{name('mode')}={ft.mode!r} starts from the fp32 weights and cannot keep a pruning mask; with "

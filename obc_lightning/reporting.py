@@ -75,6 +75,49 @@ class ModuleReport:
 
 
 @dataclass
+class AllocationSummary:
+    """What a size target (``target_bits`` / ``target_size_mb`` / ``target_sparsity``) decided.
+
+    ``achieved``: the target's quantity for the chosen assignment (average bits, MB or sparsity, as the
+    report counts them); ``error``: its measured output error on the calibration batches (``metric``),
+    ``uniform``: that of the largest uniform assignment within the budget ({"3-bit": error}); ``None`` / empty
+    when no search was needed (every module's least-loss candidate fits). ``evaluations``: assignments
+    measured; ``forward_passes``: passes over the calibration batches (the evaluations and the
+    full-precision reference); ``dp_calls``: allocations solved; ``exact``: the allocation was exact (see
+    :func:`~obc_lightning.allocation.pareto_allocate`); ``database_seconds``: the candidate solves;
+    ``search_seconds``: the reference, the evaluations and the allocations; ``history``: the measured
+    errors in evaluation order (the uniform assignment first, then the two starting weightings).
+    """
+
+    target: str
+    value: float
+    achieved: float
+    metric: str
+    candidates: tuple
+    error: float | None = None
+    uniform: dict[str, float] = field(default_factory=dict)
+    evaluations: int = 0
+    forward_passes: int = 0
+    dp_calls: int = 0
+    exact: bool = True
+    database_seconds: float = 0.0
+    search_seconds: float = 0.0
+    history: list[float] = field(default_factory=list)  # measured errors in evaluation order
+
+    def line(self) -> str:
+        achieved = (f"{self.achieved:.4f} bits/weight" if self.target == "target_bits" else
+                    f"{self.achieved:.4f} MB" if self.target == "target_size_mb" else f"{self.achieved:.2%} sparsity")
+        out = f"allocation: {self.target}={self.value:g} -> {achieved}"
+        if self.error is not None:
+            out += f"; {self.metric} {self.error:.4g}"
+            if self.uniform:
+                out += " (uniform " + ", ".join(f"{k} {v:.4g}" for k, v in self.uniform.items()) + ")"
+        out += (f"; {self.evaluations} evaluations, {self.dp_calls} allocations; database "
+                f"{self.database_seconds:.2f} s, search {self.search_seconds:.2f} s")
+        return out + ("" if self.exact else "; allocation bucketed (not exact)")
+
+
+@dataclass
 class CompressionReport:
     """Result of :func:`obc_lightning.compress_model`.
 
@@ -82,11 +125,14 @@ class CompressionReport:
     so ``compression_ratio`` is what the targets really shrink by. ``avg_bits`` is the stored bits per
     compressed weight (scales, zero points, codebooks, positions and masks included), e.g.
     (bits * numel + 24 * rows * n_groups) / numel for a dense scalar grid with fp16 scales.
+    ``bits``: the width of every module, or ``{module: bits}`` when they differ (per-module ``bits`` or a
+    size target: ``compress_model(..., bits=report.bits)`` repeats the assignment); ``allocation``: what a
+    size target decided (:class:`AllocationSummary`).
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
     skipped: dict[str, str] = field(default_factory=dict)
-    bits: int | None = 4
+    bits: int | dict[str, int] | None = 4
     solver: str = "auto"
     sequential: bool = False
     method: str = "scalar"
@@ -99,6 +145,7 @@ class CompressionReport:
     calibration_seconds: float = 0.0
     calibration_passes: int = 0  # passes over the calibration batches (sequential: one per group)
     seconds: float = 0.0
+    allocation: AllocationSummary | None = None
     results: dict | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -138,6 +185,8 @@ class CompressionReport:
             out[f"{prefix}{m.name}/obc_rows"] = float(m.obc_rows)
             out[f"{prefix}{m.name}/gptq_rows"] = float(m.gptq_rows)
             out[f"{prefix}{m.name}/bits_per_weight"] = m.bits_per_weight
+            if m.bits is not None:
+                out[f"{prefix}{m.name}/bits"] = float(m.bits)
             if self.pruned_weights:
                 out[f"{prefix}{m.name}/sparsity"] = m.sparsity
             if m.drift_loss is not None:
@@ -151,6 +200,14 @@ class CompressionReport:
         out[f"{prefix}seconds"] = self.seconds
         out[f"{prefix}modules_quantized"] = float(len(self.modules))
         out[f"{prefix}modules_skipped"] = float(len(self.skipped))
+        a = self.allocation
+        if a is not None:
+            if a.error is not None:
+                out[f"{prefix}allocation_error"] = a.error
+            for label, err in a.uniform.items():
+                out[f"{prefix}allocation_error_uniform_{label}"] = err
+            out[f"{prefix}allocation_evaluations"] = float(a.evaluations)
+            out[f"{prefix}allocation_seconds"] = a.database_seconds + a.search_seconds
         return out
 
     def to_dict(self) -> dict:
@@ -193,6 +250,8 @@ class CompressionReport:
             + (f", {self.calibration_passes} passes" if self.calibration_passes > 1 else "") + ")"
             + (" | losses against the full-precision outputs (match_outputs)" if self.match_outputs else "")
         )
+        if self.allocation is not None:
+            lines.append(self.allocation.line())
         return "\n".join(lines)
 
     def __str__(self) -> str:
@@ -215,8 +274,45 @@ def error_figure(report: CompressionReport):
     ax.bar(range(len(names)), [m.rel_error for m in report.modules])
     ax.set_xticks(range(len(names)), names, rotation=60, ha="right", fontsize=7)
     ax.set_ylabel("||(W-Q)X||^2 / ||WX||^2")
-    what = f"{report.bits}-bit" if report.method == "scalar" else report.method
+    what = (report.method if report.method != "scalar" else "mixed widths" if isinstance(report.bits, dict)
+            else f"{report.bits}-bit")
     ax.set_title(f"{what}: relative output error per module")
+    fig.tight_layout()
+    return fig
+
+
+def is_mixed(report: CompressionReport) -> bool:
+    """Modules of different widths or sparsity levels (per-module ``bits`` or a size target)."""
+    return report.allocation is not None or isinstance(report.bits, dict)
+
+
+def allocation_figure(report: CompressionReport):
+    """Bar chart of each module's width (or, prune-only, its sparsity) in network order, the stored bits
+    per weight (scales included) as dots; ``None`` without matplotlib. A ``Figure`` of its own, as
+    :func:`error_figure`."""
+    try:
+        from matplotlib.backends.backend_agg import FigureCanvasAgg
+        from matplotlib.figure import Figure
+    except ImportError:
+        return None
+    mods = report.modules
+    names = [m.name for m in mods]
+    fig = Figure(figsize=(max(4.0, 0.35 * len(names) + 2), 3.5))
+    FigureCanvasAgg(fig)
+    ax = fig.add_subplot()
+    x = range(len(names))
+    if all(m.bits is None for m in mods):
+        ax.bar(x, [m.sparsity for m in mods])
+        ax.set_ylabel("sparsity")
+        title = f"sparsity per module ({report.sparsity:.1%} overall)"
+    else:
+        ax.bar(x, [m.bits or 0 for m in mods], label="width")
+        ax.plot(x, [m.bits_per_weight for m in mods], "o", color="k", markersize=3, label="stored bits / weight")
+        ax.set_ylabel("bits")
+        ax.legend(fontsize=7)
+        title = f"bits per module ({report.avg_bits:.3f} bits / weight overall)"
+    ax.set_xticks(list(x), names, rotation=60, ha="right", fontsize=7)
+    ax.set_title(title)
     fig.tight_layout()
     return fig
 

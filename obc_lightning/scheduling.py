@@ -58,7 +58,7 @@ class SolveSettings:
     """How every module is solved (the quantization options of ``compress_model``)."""
 
     method: str = "scalar"
-    bits: int | None = 4
+    bits: int | Mapping[str, int] | None = 4  # a mapping: {module name or pattern: bits}
     solver: str = "auto"
     group_size: int | None = None
     symmetric: bool = False
@@ -158,10 +158,13 @@ def _report_matched(rep: ModuleReport, lh: LayerHessian, Q: Tensor, target: Tens
         rep.rel_error = relative_error(rep.loss, signal)
 
 
-def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None) -> PreparedModule:
-    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``.
-    With output matching (a drifted :class:`~obc_lightning.calibration.MatchedHessian`) W_i is the
-    least-squares target W*_i on H̃_i (:func:`matched_target`)."""
+def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None,
+                   traces=None) -> PreparedModule:
+    """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``
+    (unstructured: from the groups' :class:`~obc_lightning.solvers.prune.PruneTrace` when ``traces``
+    are given, the same result without a second greedy pass). With output matching (a drifted
+    :class:`~obc_lightning.calibration.MatchedHessian`) W_i is the least-squares target W*_i on H̃_i
+    (:func:`matched_target`)."""
     t0 = time.perf_counter()
     target = matched_target(name, m, lh, damp)
     W = m.weight.detach() if target is None else target
@@ -175,7 +178,8 @@ def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n
         H = lh.hessians[i].to(device=W.device, dtype=dt)
         Pb = Wb
         if sparsity is not None or n_m is not None:
-            pres = obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index)
+            pres = (traces[i].at(sparsity) if traces is not None else
+                    obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index))
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
         blocks.append((Wb, Pb, H))
     return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0, target)
@@ -415,7 +419,7 @@ def _solve_local(hessians, targets, s: SolveSettings, batch_by_width: bool = Tru
 
 
 def _batches(hessians, targets, s: SolveSettings, batch_by_width: bool) -> list[list[str]]:
-    """The modules in groups solved together: same (d, compute dtype, device), in order of first
+    """The modules in groups solved together: same (d, compute dtype, device, bits), in order of first
     appearance, cut where the group's d x d copies would pass half the solver budget."""
     if not batch_by_width or s.bits is None:  # prune only: no quantization to batch
         return [[name] for name in hessians]
@@ -423,9 +427,9 @@ def _batches(hessians, targets, s: SolveSettings, batch_by_width: bool) -> list[
     for name, lh in hessians.items():
         w = targets[name].weight
         dt = torch.float64 if w.dtype == torch.float64 else torch.float32
-        keys.setdefault((lh.hessians.shape[-1], dt, w.device), []).append(name)
+        keys.setdefault((lh.hessians.shape[-1], dt, w.device, module_bits(s, name)), []).append(name)
     out = []
-    for (d, dt, device), names in keys.items():
+    for (d, dt, device, _), names in keys.items():
         budget = solver_budget(s.max_memory, device)
         budget = default_memory_budget(device) if budget is None else budget
         per_group = COPIES_PER_GROUP * d * d * torch.finfo(dt).bits // 8
@@ -441,14 +445,19 @@ def _batches(hessians, targets, s: SolveSettings, batch_by_width: bool) -> list[
     return out
 
 
-def _solve_chunk(names: list[str], hessians, targets, s: SolveSettings) -> Iterator[Solved]:
+def module_bits(s: SolveSettings, name: str) -> int | None:
+    """The width module ``name`` is quantized at (``s.bits``, or its entry of a per-module mapping)."""
+    return per_module(s.bits, name, "bits")
 
+
+def _solve_chunk(names: list[str], hessians, targets, s: SolveSettings) -> Iterator[Solved]:
+    """Modules of one width d and one bits (a batch of :func:`_batches`) through one quantize call."""
     prepared = [
         prepare_module(n, targets[n], hessians.pop(n), s.group_size, s.damp, sparsity=s.sparsity, n_m=s.n_m)
         for n in names
     ]
-    done = quantize_modules(prepared, s.bits, s.solver, s.symmetric, s.mse, s.damp, s.scale_dtype, s.max_memory,
-                             s.sparsity, s.n_m)
+    done = quantize_modules(prepared, module_bits(s, names[0]), s.solver, s.symmetric, s.mse, s.damp,
+                            s.scale_dtype, s.max_memory, s.sparsity, s.n_m)
     for name, (Q, rep, results, fmt, n_pruned) in zip(names, done):
         yield Solved(name, Q, rep, results, n_pruned, fmt)
 

@@ -16,7 +16,7 @@ STAGES = [
     {"checks", "precision", "grids", "formats", "models", "attention", "version"},
     {"kernels", "solvers", "calibration", "config", "packed"},
     {"selection", "reporting"},
-    {"scheduling"},
+    {"scheduling", "allocation"},
     {"compress", "batchnorm", "semi_structured"},
     {"finetune"},
     {"export"},

@@ -57,7 +57,8 @@ WORKER = textwrap.dedent(
         scheduling.prepare_module = spy
         saved = {{}}
         for mode, kw in (("one", dict(bits=4)), ("seq", dict(bits=4, sequential=True)),
-                         ("prune", dict(bits=3, sparsity=0.5, group_size=8))):
+                         ("prune", dict(bits=3, sparsity=0.5, group_size=8)),
+                         ("target", dict(target_bits=3.5, allocation_steps=4))):
             everyone, shared = net(), net()
             solved.clear()
             ra = compress_model(everyone, batches, reduce_fn=reduce_fn, keep_results=True, **kw)
@@ -126,7 +127,7 @@ def ranks(tmp_path_factory):
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("mode", ["one", "seq", "prune"])
+@pytest.mark.parametrize("mode", ["one", "seq", "prune", "target"])
 def test_sharded_weights_equal_on_both_ranks_and_to_everyone_solving_all(ranks, mode):
     r0, r1 = ranks[0][mode], ranks[1][mode]
     for name, p in r0["shared"].items():
@@ -144,6 +145,8 @@ def test_sharded_weights_equal_on_both_ranks_and_to_everyone_solving_all(ranks, 
     else:
         assert r0["entries_b"] == r1["entries_b"]
     assert [{**e, "seconds": 0} for e in r0["entries_b"]] == strip
+    if mode == "target":  # every candidate width shared out, one decision: mixed widths, the same as unsharded
+        assert len({e["bits"] for e in r0["entries_b"]}) > 1
     for name, cs in r0["codes_a"].items():
         for a, b, c in zip(cs, r0["codes_b"][name], r1["codes_b"][name]):
             assert torch.equal(a, b) and torch.equal(b, c), name

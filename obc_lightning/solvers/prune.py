@@ -361,7 +361,62 @@ def obs_prune(
         mask = ~(removed | zero0)
         P.masked_fill_(~mask, 0)
         return _result(matrix, H, _unscale(P, factors), mask, _unscale(steps, factors, 2).cumsum(dim=1), order, prep)
-    b = block_size
+    return _trace(matrix, H, W, prep, factors, zero0, block_size, method, batch_size).at(sparsity)
+
+
+@dataclass
+class PruneTrace:
+    """One unstructured OBS run of a matrix, every sparsity level from it (the OBC paper's database).
+
+    Each row is pruned greedily to the end once, recording its removal order and step losses; level s
+    takes k = round(s * rows * d / b) removals with the layer-wise global selection (:func:`select_levels`)
+    and the kept weights from the closed form (:func:`compensate`). ``obs_prune(W, H, sparsity=s)`` is
+    ``obs_prune_trace(W, H).at(s)``, bit for bit."""
+
+    matrix: Tensor
+    hessian: Tensor  # the caller's H, symmetrised, compute dtype
+    W: Tensor  # rows divided by ``factors``, dead inputs zeroed
+    prep: PreparedHessian
+    factors: Tensor | None
+    zero0: Tensor
+    order: Tensor
+    steps: Tensor  # (rows, d / b) step losses in the caller's units (damped H on the live inputs)
+    block_size: int
+    batch_size: int
+
+    def removals(self, sparsity: float) -> int:
+        """k: the units (weights, or blocks of ``block_size``) that level ``sparsity`` removes."""
+        rows, d = self.W.shape
+        return round(sparsity * rows * d / self.block_size)
+
+    def levels(self, sparsity: float) -> Tensor:
+        rows, d = self.W.shape
+        b = self.block_size
+        # units (weights or blocks) already all zero: removed first at no cost; a row never keeps them
+        min_levels = self.zero0.view(rows, d // b, b).all(dim=2).sum(dim=1)
+        return select_levels(self.steps, self.removals(sparsity), min_levels)
+
+    def loss(self, sparsity: float) -> float:
+        """The solver's loss at ``sparsity``: the sum of the selected step losses (without the closed-form
+        solve; the damped H, where :attr:`PruneResult.loss` uses the caller's)."""
+        return _total(self.steps, self.levels(sparsity))
+
+    def at(self, sparsity: float) -> PruneResult:
+        """The pruned matrix at ``sparsity``, as :func:`obs_prune` returns it."""
+        rows, d = self.W.shape
+        b = self.block_size
+        levels = self.levels(sparsity)
+        dev = self.W.device
+        unit_removed = torch.zeros(rows, d // b, dtype=torch.bool, device=dev)
+        unit_removed.scatter_(1, self.order, torch.arange(d // b, device=dev).unsqueeze(0) < levels.unsqueeze(1))
+        removed = unit_removed.repeat_interleave(b, dim=1) | self.zero0
+        P = compensate(self.W, self.prep.hessian, removed, self.batch_size)
+        trace = self.steps.cumsum(dim=1).to(self.W.dtype)
+        return _result(self.matrix, self.hessian, _unscale(P, self.factors), ~removed, trace, self.order, self.prep)
+
+
+def _trace(matrix, H, W, prep, factors, zero0, b, method, batch_size) -> PruneTrace:
+    rows, d = W.shape
     if b == 1:
         trace_fn = lambda W_, p_: greedy_prune_rows(  # noqa: E731
             W_, p_, torch.zeros(d, dtype=torch.long, device=W.device),
@@ -371,16 +426,33 @@ def obs_prune(
     order, steps = _with_float64_retry(W, prep, trace_fn)
     if factors is not None:  # the global selection compares rows: their step losses in the caller's units
         steps = steps.double() * factors.double().square()
-    trace = steps.cumsum(dim=1)
-    k = round(sparsity * rows * d / b)
-    # units (weights or blocks) already all zero: removed first at no cost; a row never keeps them
-    min_levels = zero0.view(rows, d // b, b).all(dim=2).sum(dim=1)
-    levels = select_levels(steps, k, min_levels)
-    unit_removed = torch.zeros(rows, d // b, dtype=torch.bool, device=W.device)
-    unit_removed.scatter_(1, order, torch.arange(d // b, device=W.device).unsqueeze(0) < levels.unsqueeze(1))
-    removed = unit_removed.repeat_interleave(b, dim=1) | zero0
-    P = compensate(W, prep.hessian, removed, batch_size)
-    return _result(matrix, H, _unscale(P, factors), ~removed, trace.to(dt), order, prep)
+    return PruneTrace(matrix, H, W, prep, factors, zero0, order, steps, b, batch_size)
+
+
+@torch.no_grad()
+@fp32_matmul
+def obs_prune_trace(
+    matrix: Tensor,
+    hessian: Tensor,
+    *,
+    block_size: int = 1,
+    damp: float = 0.0,
+    batch_size: int = 32,
+    method: str = "fast",
+) -> PruneTrace:
+    """The unstructured OBS run of :func:`obs_prune` without a level: :meth:`PruneTrace.loss` and
+    :meth:`PruneTrace.at` give every sparsity level from one greedy pass (arguments as :func:`obs_prune`)."""
+    _check(matrix, hessian, 0.0, None, block_size, batch_size, method, None)
+    dt = compute_dtype(matrix)
+    W = matrix.detach().to(dt).clone()
+    H = symmetric_hessian("obs_prune", hessian, dt)
+    prep = prepare_hessian(H, damp, fn="obs_prune", matrix_shape=tuple(matrix.shape))
+    W[:, prep.dead] = 0
+    zero0 = W == 0
+    factors = row_factors(W)
+    if factors is not None:
+        W /= factors
+    return _trace(matrix, H, W, prep, factors, zero0, block_size, method, batch_size)
 
 
 def _unscale(x: Tensor, factors: Tensor | None, power: int = 1) -> Tensor:
