@@ -32,7 +32,7 @@ from obc_lightning.calibration import (
 from obc_lightning.checks import check_flags
 from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
 from obc_lightning.formats.bits import FP32_BYTES
-from obc_lightning.formats.record import set_format
+from obc_lightning.formats.record import drop_format, set_format
 from obc_lightning.formats.schemes import StorageScheme
 from obc_lightning.reporting import CompressionReport, Progress, progress_of
 from obc_lightning.scheduling import (
@@ -388,6 +388,10 @@ def compress_model(
     q, c = cfg.quantization, cfg.calibration
     targets = select_modules(model, q.include, q.exclude)
     check_against_model(cfg, targets)
+    if q.target is not None and c.sequential:
+        return _sequential_at_allocated_widths(model, calibration_batches, cfg, targets, forward_fn=forward_fn,
+                                               reduce_fn=reduce_fn, keep_results=keep_results,
+                                               scale_dtype=scale_dtype, progress=progress, distributed=distributed)
     bits, method, solver, group_size, symmetric, mse, damp = (
         q.bits, q.method, q.solver, q.group_size, q.symmetric, q.mse, q.damp
     )
@@ -664,6 +668,32 @@ def compress_model(
         )
     if report.skipped:
         warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
+    return report
+
+
+def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, **kw):
+    """A width target with ``sequential=True``: the widths are chosen on the database of one calibration of
+    the full-precision model (as without ``sequential``), then the model, restored, is compressed
+    sequentially (with output matching by default) at those widths. The size depends on the widths only,
+    so the target holds; the allocation's error estimates are those of the one-pass solutions."""
+    q = cfg.quantization
+    batches = list(_materialize(batches))
+    originals = {id(m.weight): (m.weight, m.weight.detach().to("cpu", copy=True)) for m in targets.values()}
+    one_pass = replace(cfg, calibration=replace(cfg.calibration, sequential=False, match_outputs=None))
+    chosen = compress_model(model, batches, config=one_pass, **{**kw, "keep_results": False})
+    with torch.no_grad():
+        for weight, original in originals.values():
+            weight.copy_(original)
+    for m in targets.values():
+        drop_format(m)
+    widths = {**{name: b for name, b in chosen.bits.items() if b is not None}, "*": min(q.bits)}
+    at_widths = replace(cfg, quantization=replace(q, bits=widths, target_bits=None, target_size_mb=None))
+    report = compress_model(model, batches, config=at_widths, **kw)
+    report.allocation = chosen.allocation  # its measured errors are those of the one-pass solutions
+    report.allocation.achieved = report.avg_bits if q.target[0] == "target_bits" else report.bytes_after / 2**20
+    report.seconds += chosen.seconds
+    report.calibration_seconds += chosen.calibration_seconds
+    report.calibration_passes += chosen.calibration_passes
     return report
 
 

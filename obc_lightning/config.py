@@ -150,7 +150,9 @@ class QuantizationConfig(_Section):
         seed: k-means initialisation of product quantization; the random search of an allocation.
         target_bits: a size target in average stored bits per weight of the quantized modules, scales and
             zero points included (the report's ``avg_bits``): each module gets one of the ``bits``
-            candidates, chosen for the least output error within that budget.
+            candidates, chosen for the least output error within that budget (on one calibration of the
+            full-precision model; with ``sequential`` the model is then compressed sequentially at the
+            chosen widths).
         target_size_mb: a size target in MB (2^20 bytes) of the target modules as the report counts them
             (packed weights, scales, zero points, biases; modules left unquantized at fp32): widths (or,
             with ``bits=None``, sparsity levels) chosen per module as for ``target_bits``.
@@ -557,11 +559,12 @@ class CompressionConfig(_Section):
         check_int(who, "recalibrate_bn", self.recalibrate_bn, 0)
         check_flags(who, split_attention=self.split_attention)
         q, ft = self.quantization, self.finetune
-        if q.target is not None and self.calibration.sequential:
+        if q.target is not None and self.calibration.sequential and q.bits is None:
             name = _names(self)
             raise self._fail(
-                f"{name(q.target[0])} builds its database from one calibration of the full-precision model: it "
-                f"needs {name('sequential')}=False (sequential calibration depends on the widths chosen before)"
+                f"{name(q.target[0])} builds its database from one calibration of the full-precision model: with "
+                f"pruning only it needs {name('sequential')}=False (widths are chosen first, then compressed "
+                "sequentially; sparsity levels are not)"
             )
         if ft is None:
             return

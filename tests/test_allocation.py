@@ -273,7 +273,8 @@ def test_same_decision_under_a_sum_over_ranks():
     (dict(target_bits=0), "target_bits must be a positive number"),
     (dict(bits=None, target_sparsity=1.0), r"target_sparsity must be a number in \(0, 1\)"),
     (dict(target_sparsity=0.5), "target_sparsity allocates sparsity to a pruned float model: it needs bits=None"),
-    (dict(target_bits=3.0, sequential=True), "target_bits builds its database .* needs sequential=False"),
+    (dict(bits=None, target_sparsity=0.5, sequential=True),
+     "target_sparsity builds its database .* with pruning only it needs sequential=False"),
     (dict(target_bits=3.0, n_m=(2, 4)), "does not combine with n_m"),
     (dict(target_bits=3.0, allocation_metric="l1"), r"allocation_metric must be one of \('mse', 'kl'\)"),
     (dict(target_bits=3.0, allocation_steps=0), "allocation_steps must be a positive integer"),
@@ -413,13 +414,29 @@ def test_allocated_widths_round_trip_through_the_carried_formats(tmp_path):
         assert torch.equal(loaded.get_submodule(n).weight, model.get_submodule(n).weight), n
 
 
-def test_size_targets_refuse_sequential_calibration_in_compress_model():
+def test_a_width_target_with_sequential_compresses_sequentially_at_the_one_pass_widths():
+    xs = batches()
+    one_pass = compress_model(mlp(), xs, target_bits=3.5, allocation_steps=4)
+    model = mlp()
+    report = compress_model(model, xs, target_bits=3.5, allocation_steps=4, sequential=True)
+    assert report.bits == one_pass.bits and len(set(report.bits.values())) > 1  # mixed widths
+    assert report.sequential and report.match_outputs
+    assert report.avg_bits == one_pass.avg_bits <= 3.5 and report.allocation.achieved == report.avg_bits
+    # the same as asking for those widths sequentially from the start
+    again = mlp()
+    compress_model(again, xs, bits=report.bits, sequential=True)
+    for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
+        assert torch.equal(v, w), k
+    from obc_lightning.formats.record import format_of
+
+    assert {n: format_of(model.get_submodule(n)).bits for n in report.bits} == report.bits
+
+
+def test_pruning_targets_refuse_sequential_calibration_in_compress_model():
     model = mlp()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    # sequential=True refused whether it matches the full-precision outputs (its default) or not
-    for target in (dict(target_bits=3.0), dict(target_size_mb=0.01), dict(bits=None, target_sparsity=0.5)):
-        for match in (dict(), dict(match_outputs=True), dict(match_outputs=False)):
-            with pytest.raises(ValueError, match=r"compress_model: target_\w+ builds its database .* sequential=False"):
-                compress_model(model, batches(), sequential=True, **target, **match)
+    for match in (dict(), dict(match_outputs=True), dict(match_outputs=False)):
+        with pytest.raises(ValueError, match=r"compress_model: target_sparsity builds its database .* sequential"):
+            compress_model(model, batches(), sequential=True, bits=None, target_sparsity=0.5, **match)
     for k, v in model.state_dict().items():
         assert torch.equal(v, w0[k]), k
