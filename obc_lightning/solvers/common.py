@@ -147,6 +147,21 @@ class PreparedHessian:
     damp: float  # relative damping actually used
 
 
+def isolate_dead_inputs(hessian: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+    """(H', dead, mean diag): a copy of H in which every dead input (zero diagonal: always 0) has
+    H'[p, p] = 1 and no coupling, the mask of those inputs, and the mean diagonal of the live ones (a
+    0-d tensor, 1 when none is live). The damping scale of every solve on H."""
+    H = hessian.clone()
+    diag = torch.diagonal(H)
+    dead = diag == 0
+    live = diag[~dead]
+    mean_diag = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
+    H[dead, :] = 0
+    H[:, dead] = 0
+    H[dead, dead] = 1
+    return H, dead, mean_diag
+
+
 def prepare_hessian(hessian: Tensor, damp: float, *, fn: str, matrix_shape: tuple[int, ...]) -> PreparedHessian:
     """Damp H by ``damp * mean(diag H)``, isolate dead inputs, invert; escalate damping if H is not PD.
 
@@ -154,14 +169,7 @@ def prepare_hessian(hessian: Tensor, damp: float, *, fn: str, matrix_shape: tupl
     weight is set to 0 at no cost and never moves another weight.
     """
     check_nonnegative(fn, "damp", damp)
-    H = hessian.clone()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
-    live = diag[~dead]
-    mean_diag = live.mean() if live.numel() else torch.ones((), dtype=H.dtype, device=H.device)
+    H, dead, mean_diag = isolate_dead_inputs(hessian)
     if not (mean_diag > 0):
         raise ValueError(
             f"{fn}: hessian of shape {tuple(hessian.shape)} has a non-positive mean diagonal "

@@ -28,7 +28,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_nonnegative
-from obc_lightning.solvers.common import DAMP_ESCALATION, HessianDampingWarning
+from obc_lightning.solvers.common import DAMP_ESCALATION, HessianDampingWarning, isolate_dead_inputs
 
 # W* further than this from W (Frobenius norm, relative to ||W||) is announced: the least-squares
 # correction may then be dominated by directions H̃ barely sees (few samples, nearly dependent inputs);
@@ -65,14 +65,8 @@ def matched_weight(
     check_nonnegative(fn, "damp", damp)
     W = matrix.detach().to(torch.float64)
     G = cross.to(device=W.device, dtype=torch.float64)
-    H = hessian.to(device=W.device, dtype=torch.float64).clone()
-    diag = torch.diagonal(H)
-    dead = diag == 0
-    H[dead, :] = 0
-    H[:, dead] = 0
-    H[dead, dead] = 1
-    live = diag[~dead]
-    mean_diag = float(live.mean()) if live.numel() else 1.0
+    H, dead, mean_diag = isolate_dead_inputs(hessian.to(device=W.device, dtype=torch.float64))
+    mean_diag = float(mean_diag)
     eye = torch.eye(H.shape[0], dtype=H.dtype, device=H.device)
     pruned = (W == 0) & ~dead
     for attempt, d in enumerate([float(damp)] + [x for x in DAMP_ESCALATION if x > damp]):
