@@ -129,8 +129,7 @@ class QuantizationConfig(_Section):
         bits: bits per weight of the uniform grid, 2 ... 8; a mapping ``{module name or pattern: bits}``
             (first match wins, e.g. ``{"*conv1*": 8, "*": 4}``); with ``target_bits`` / ``target_size_mb``
             the candidate widths (``bits`` left at its default 4: ``[2, 3, 4, 8]``); ``None`` with
-            ``sparsity`` / ``n_m``: prune
-            only (weights stay float). Not used by product quantization.
+            ``sparsity`` / ``n_m``: prune only (weights stay float). Not used by product quantization.
         method: ``"scalar"`` (a ``bits``-bit grid per row or group), ``"pq"`` (Hessian-aware product
             quantization) or ``"pq-kmeans"`` (plain k-means product quantization, fairseq's iPQ).
         solver: ``"auto"`` (per row the best of ExactOBC and act-order GPTQ, both polished), ``"obc"``
