@@ -499,3 +499,14 @@ def test_finetuning_tied_weights_is_refused_before_training(tmp_path):
     cb = OBCQuantize(bits=4, finetune="ste", finetune_epochs=1)
     with pytest.raises(ValueError, match="shared by .*fc3.*fc4.*untie"):
         fit(tmp_path, [cb], TiedNet(), max_epochs=2)
+
+
+def test_sequential_output_matching_then_ste_finetuning_ends_on_the_grid(tmp_path):
+    # the callback's sequential default (output matching) feeds fine-tuning like any other compression
+    cb = OBCQuantize(bits=2, calibration_batches=2, sequential=True, finetune="ste", finetune_epochs=1,
+                     monitor="val_acc", plot=False)
+    t, model = fit(tmp_path, [cb], max_epochs=2)
+    assert cb.report.match_outputs and cb.report.calibration_passes == 3  # fc1 plain, fc2 two passes
+    assert cb.report["fc2"].drift_loss is not None
+    assert "obc/val_acc_finetuned" in cb.metrics
+    on_grid(model, bits=2)
