@@ -575,10 +575,50 @@ def input_hooks(model: nn.Module, hooks: Mapping[str, tuple[nn.Module, Callable[
             m.train(training)
 
 
+def memory_budget(device: torch.device, max_memory: int | Mapping[str, int] | None) -> int:
+    """The calibration budget on ``device``: ``max_memory`` (an int, or its entry for the device), else
+    :func:`default_max_memory`."""
+    budget = max_memory.get(str(device)) if isinstance(max_memory, Mapping) else max_memory
+    return default_max_memory(device) if budget is None else budget
+
+
+def _size(nbytes: int) -> str:
+    return f"{nbytes / 2**20:.1f} MiB" if nbytes >= 2**20 else f"{nbytes / 2**10:.1f} KiB"
+
+
+class _RecordedInputs:
+    """Output matching's first pass keeps every call's input until the second pass pairs it: counted per
+    device against the calibration budget (fixed when the pass starts), refused with an error before the
+    device runs out rather than after."""
+
+    def __init__(self, max_memory: int | Mapping[str, int] | None, offload: bool, who: str,
+                 sums: Mapping[torch.device, int]) -> None:
+        self.max_memory, self.offload, self.who = max_memory, offload, who
+        self.used: dict[torch.device, int] = dict(sums)  # the Hessian and cross sums share the budget
+        self.budgets: dict[torch.device, int] = {}
+
+    def add(self, t: Tensor, name: str) -> None:
+        dev = t.device
+        if dev not in self.budgets:
+            self.budgets[dev] = memory_budget(dev, self.max_memory)
+        self.used[dev] = self.used.get(dev, 0) + t.numel() * t.element_size()
+        if self.used[dev] > self.budgets[dev]:
+            hint = "fewer calibration batches, a smaller sample_fraction (Linear inputs), or a larger max_memory"
+            if dev.type != "cpu" and not self.offload:
+                hint = "offload=True (the inputs kept on the CPU), " + hint
+            raise MemoryError(
+                f"{self.who}: output matching keeps each module's inputs of the full-precision pass until the "
+                f"compressed model's pass pairs them; at module '{name}' they reached "
+                f"{_size(self.used[dev])} on {dev} with the sums, above the budget of {_size(self.budgets[dev])}; "
+                f"use {hint}"
+            )
+
+
 def check_memory(
     modules: Mapping[str, nn.Module], *, offload: bool, max_memory: int | Mapping[str, int] | None
-) -> None:
-    """Refuse before allocating when the Hessian sums would not fit the budget of their device.
+) -> dict[torch.device, int]:
+    """Refuse before allocating when the Hessian sums would not fit the budget of their device; returns
+    the bytes the sums need per device.
 
     Without ``offload`` a module also holds buffered float32 samples: up to d per group, or 2 MiB
     in all if more (see ``_Accumulator``): half its float64 sum again, or 2 MiB.
@@ -594,11 +634,7 @@ def check_memory(
         need[dev] = need.get(dev, 0) + nbytes
         sizes.setdefault(dev, []).append((nbytes, name))
     for dev, nbytes in need.items():
-        if isinstance(max_memory, Mapping):
-            budget = max_memory.get(str(dev), None)
-            budget = default_max_memory(dev) if budget is None else budget
-        else:
-            budget = default_max_memory(dev) if max_memory is None else max_memory
+        budget = memory_budget(dev, max_memory)
         if nbytes > budget:
             largest = ", ".join(f"'{n}' {b / 2**20:.1f} MiB" for b, n in sorted(sizes[dev], reverse=True)[:3])
             hint = "exclude the largest modules, calibrate them sequentially, or raise max_memory"
@@ -609,6 +645,7 @@ def check_memory(
                 f"{nbytes / 2**20:.1f} MiB on {dev}, above the budget of {budget / 2**20:.1f} MiB "
                 f"(largest: {largest}); {hint}"
             )
+    return need
 
 
 @torch.no_grad()
@@ -749,8 +786,9 @@ class _PairedAccumulator:
 
     def __init__(self, name: str, module: nn.Module, device: torch.device, sample_fraction: float, seed: int,
                  buffer: bool, product_dtype: torch.dtype | None, store_device: torch.device,
-                 workspaces: tuple[Workspace, Workspace], who: str):
+                 workspaces: tuple[Workspace, Workspace], who: str, recorded: _RecordedInputs | None = None):
         self.name, self.module, self.who = name, module, who
+        self.recorded_inputs = recorded
         self.quant = _Accumulator(name, module, device, sample_fraction, seed, buffer, product_dtype)
         g, d, _ = hessian_shape(module)
         self.rows = module.weight.shape[0] // g
@@ -781,6 +819,8 @@ class _PairedAccumulator:
             saved = Xt.to(self.store_device)
         else:
             saved = x.to(self.store_device, copy=True)
+        if self.recorded_inputs is not None:
+            self.recorded_inputs.add(saved, self.name)
         self.stored.append((tuple(x.shape), units, saved))
         self.recorded += 1
 
@@ -920,7 +960,9 @@ def collect_matched(
     route, 1.5 d^2 or 2 * rows * d more multiply-adds (see :class:`_PairedAccumulator`). Memory: the
     sums (at most 2.5x those of plain calibration) and every recorded input of the modules until the
     second pass uses it: a Linear's (drawn) tokens, a conv's input tensor, of all batches, on the
-    module's device or, with ``offload=True``, on the CPU.
+    module's device or, with ``offload=True``, on the CPU. Sums and recorded inputs together stay within
+    ``max_memory`` (its default as in :func:`check_memory`): past it, a ``MemoryError`` naming the module
+    that crossed it, raised as the input is recorded, before the device runs out.
 
     Other arguments as in :func:`collect_hessians`; ``who`` names the caller in errors.
     """
@@ -933,15 +975,16 @@ def collect_matched(
     check_fraction(who, "sample_fraction", sample_fraction)
     product_dtype = product_dtype_of(product_dtype, who)
     # the extra sums (cross moments, full-precision S) are at most twice the H̃ sums
-    check_memory({**modules, **{f"{n} (cross sums)": m for n, m in modules.items()},
-                  **{f"{n} (full-precision sums)": m for n, m in modules.items()}}, offload=offload,
-                 max_memory=max_memory)
+    sums = check_memory({**modules, **{f"{n} (cross sums)": m for n, m in modules.items()},
+                         **{f"{n} (full-precision sums)": m for n, m in modules.items()}}, offload=offload,
+                        max_memory=max_memory)
 
     workspaces = (Workspace(), Workspace())
+    recorded = _RecordedInputs(max_memory, offload, who, sums)
     accs = {
         name: _PairedAccumulator(
             name, m, torch.device("cpu") if offload else _module_device(m), sample_fraction, seed + i, not offload,
-            product_dtype, torch.device("cpu") if offload else _module_device(m), workspaces, who,
+            product_dtype, torch.device("cpu") if offload else _module_device(m), workspaces, who, recorded,
         )
         for i, (name, m) in enumerate(modules.items())
     }

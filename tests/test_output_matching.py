@@ -556,3 +556,17 @@ def test_callback_takes_match_outputs(tmp_path):
     assert OBCQuantize(bits=3, sequential=True).config.calibration.matches_outputs
     with pytest.raises(ValueError, match=r"OBCQuantize: match_outputs=True needs sequential=True"):
         OBCQuantize(bits=3, match_outputs=True)
+
+
+def test_recorded_inputs_past_the_memory_budget_are_refused_and_the_model_restored():
+    model, xs = Chain().double(), chain_data()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    # with offload the sums of fc2's pass need 3 x 16 x 16 float64 (6 KiB); its recorded inputs 3 x 64 x 16
+    # float64 (24 KiB) do not fit 20 KB with them
+    error = (r"compress_model: output matching keeps each module's inputs .* module 'fc2' they reached "
+             r"\d+\.\d KiB on cpu with the sums, above the budget of 19\.5 KiB; use fewer calibration")
+    with pytest.raises(MemoryError, match=error):
+        compress_model(model, xs, bits=3, sequential=True, offload=True, max_memory=20_000)
+    for k, v in model.state_dict().items():
+        assert torch.equal(v, before[k]), k
+    compress_model(model, xs, bits=3, sequential=True, offload=True, max_memory=40_000)  # both fit
