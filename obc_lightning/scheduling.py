@@ -140,22 +140,18 @@ def matched_target(name: str, m: nn.Module, lh: LayerHessian, damp: float) -> Te
     return torch.cat(blocks).reshape(W.shape)
 
 
-def matched_losses(lh: MatchedHessian, Q: Tensor, target: Tensor) -> tuple[float, float, float]:
-    """(loss of Q, loss of the target W*, signal) against the full-precision outputs: per row
-    1/2 * 2/N ||X w - X̃ q||^2 (:func:`~obc_lightning.solvers.match.matched_objective`), and
-    sum_rows 2/N ||X w||^2 = trace(W H W^T)."""
-    loss = at_target = 0.0
-    for i, (Qb, Tb) in enumerate(zip(lh.weight_blocks(Q), lh.weight_blocks(target))):
-        loss += float(matched_objective(Qb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
-        at_target += float(matched_objective(Tb, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
-    return loss, at_target, float(lh.energy.sum())
+def matched_loss(lh: MatchedHessian, weight: Tensor) -> float:
+    """The loss of ``weight`` against the full-precision outputs, summed over rows and conv groups:
+    1/2 * 2/N ||X w - X̃ q||^2 per row (:func:`~obc_lightning.solvers.match.matched_objective`)."""
+    return sum(float(matched_objective(b, lh.cross[i], lh.energy[i], lh.hessians[i]).sum())
+               for i, b in enumerate(lh.weight_blocks(weight)))
 
 
 def _report_matched(rep: ModuleReport, lh: LayerHessian, Q: Tensor, target: Tensor | None) -> None:
     """With output matching, the report's loss is against the full-precision outputs (+ drift_loss)."""
     if target is not None:
-        rep.loss, rep.drift_loss, signal = matched_losses(lh, Q, target)
-        rep.rel_error = relative_error(rep.loss, signal)
+        rep.loss, rep.drift_loss = matched_loss(lh, Q), matched_loss(lh, target)
+        rep.rel_error = relative_error(rep.loss, float(lh.energy.sum()))  # signal: trace(W H W^T)
 
 
 def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None,
@@ -346,8 +342,7 @@ def tied_objective(W: Tensor, Q: Tensor, lh: LayerHessian) -> tuple[float, float
     """(1/2 trace((Q - W) H (Q - W)^T), trace(W H W^T)) of one module's Hessians, in float64; with output
     matching (a drifted MatchedHessian) the objective against its full-precision outputs."""
     if isinstance(lh, MatchedHessian) and lh.drift:
-        loss, _, signal = matched_losses(lh, Q, W)
-        return loss, signal
+        return matched_loss(lh, Q), float(lh.energy.sum())
     loss = signal = 0.0
     for i, (Wb, Qb) in enumerate(zip(lh.weight_blocks(W), lh.weight_blocks(Q))):
         H = lh.hessians[i].to(device=W.device, dtype=torch.float64)
