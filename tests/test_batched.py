@@ -4,6 +4,7 @@ import warnings
 
 import pytest
 import torch
+from breakdown import force_float32_breakdown, rows_with_positive_last_weight
 
 import obc_lightning.solvers.obc as obc
 from obc_lightning.kernels import ENV
@@ -82,17 +83,19 @@ def test_fused_kernels_batched_equal_one_layer_at_a_time(monkeypatch):
 
 
 def test_float64_fallback_per_layer(monkeypatch):
-    # cond(H) ~ 1e6 at damp=0: some float32 rows break down and are solved again in float64, each layer's
-    # with its own inverse, and each layer warns as when solved alone
+    # rows broken in float32 are solved again in float64, each layer's with its own inverse, and each
+    # layer warns as when solved alone
     monkeypatch.setenv(ENV, "torch")
+    force_float32_breakdown(monkeypatch)
     g = torch.Generator().manual_seed(0)
     d = 576
     W = torch.randn(32, d, generator=g)
-    X = torch.randn(2000, d, generator=g) @ (torch.eye(d) + 0.3 * torch.randn(d, d, generator=g))
+    X = torch.randn(2000, d, generator=g)  # cond(H) ~ 10: only the forced rows break down, on any CPU
     H = 2 * X.T @ X / X.shape[0]
     # two layers of 3 rows, the second with H scaled (its own inverse) and a row with pruned weights
     Ws = [W[:3], W[3:6].clone()]
     Ws[1][0, ::3] = 0
+    assert all(rows_with_positive_last_weight(W).any() for W in Ws)
     preps = [prepare_hessian(h, 0.0, fn="test", matrix_shape=(3, d)) for h in (H, 2 * H)]
     from obc_lightning.grids import fit_grid
 

@@ -2,6 +2,7 @@
 
 import pytest
 import torch
+from breakdown import force_float32_breakdown, rows_with_positive_last_weight
 
 import obc_lightning.solvers.obc as obc
 from obc_lightning import compress_model, exact_obc, quantize_weight
@@ -51,14 +52,17 @@ def test_small_budget_batches_rows_with_the_same_result(monkeypatch):
 
 
 def test_float64_fallback_is_row_batched(monkeypatch):
-    # cond(H) ~ 1e6 at damp=0: some float32 rows break down and are solved again in float64
-    W, H = problem(32, 576, seed=0, dtype=torch.float32, samples=2000)
+    # cond(H) ~ 10: only the forced rows break down in float32, on any CPU
+    g = torch.Generator().manual_seed(0)
+    W, X = torch.randn(32, 576, generator=g), torch.randn(2000, 576, generator=g)
+    H = 2 * X.T @ X / X.shape[0]
+    force_float32_breakdown(monkeypatch)
     sizes = spy_batches(monkeypatch)
     budget = 4 * _row_bytes(576, torch.float64, "fast")
     with pytest.warns(UserWarning, match="solved again in float64"):
         res = exact_obc(W, H, 4, batch_size=None, max_memory=budget, block_size=64)
     redo = [n for n, dt in sizes if dt == torch.float64]
-    assert sum(redo) >= 1 and max(redo) <= 4
+    assert sum(redo) == int(rows_with_positive_last_weight(W).sum()) and max(redo) <= 4
     assert torch.isfinite(res.loss).all()
 
 

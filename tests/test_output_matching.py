@@ -85,10 +85,13 @@ def test_dead_inputs_and_pruned_weights():
 
 
 def test_singular_hessian_escalates_damping_with_the_module_named():
-    X, Xt, W, _, _ = problem(N=4, d=6)  # 4 samples for 6 inputs: H̃ singular
-    Ht, C = 2 / 4 * Xt.T @ Xt, 2 / 4 * Xt.T @ X
+    # H̃ exactly singular (inputs 0 and 1 identical) with small-integer entries: Cholesky's pivot for input
+    # 1 is 4 - 2 * 2 = 0 exactly, whatever the CPU's rounding; C = H̃ (no drift) so W* = W
+    Ht = 4 * torch.eye(6, dtype=torch.float64)
+    Ht[0, 1] = Ht[1, 0] = 4
+    W = torch.randn(3, 6, generator=torch.Generator().manual_seed(0), dtype=torch.float64)
     with pytest.warns(HessianDampingWarning, match="output matching of module 'blk.fc'.*used damp=1e-06"):
-        Wstar, used = matched_weight(W, W @ C.T, Ht, damp=0.0, fn="compress_model", what="module 'blk.fc'")
+        Wstar, used = matched_weight(W, W @ Ht, Ht, damp=0.0, fn="compress_model", what="module 'blk.fc'")
     assert used == 1e-6 and torch.isfinite(Wstar).all()
 
 
