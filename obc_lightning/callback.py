@@ -142,6 +142,7 @@ class OBCQuantize(Callback):
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
         self._monitor_checked = False
+        self._code_path_said: str | None = None
         self.loaded_report: dict | None = None
         self.loaded_config: dict = {}
 
@@ -162,6 +163,8 @@ class OBCQuantize(Callback):
             check_against_model(self.config, targets, self.who)
             if self.config.finetune is not None:
                 self._check_finetuning(trainer, targets)
+            if not trainer.enable_validation:
+                self._no_validation_data()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the optimizers exist, before their state is restored from a checkpoint
@@ -429,7 +432,7 @@ class OBCQuantize(Callback):
         bn_batches = self._bn_batches(trainer) if self.config.recalibrate_bn else []
         probe = (batches or bn_batches or [None])[0]
         forward_fn = (
-            None if probe is None else glue.user_code_path(trainer, pl_module, probe, self.calibration_step, self.who)
+            None if probe is None else self._user_code_path(trainer, pl_module, probe)
         )
         return compress_stage(
             pl_module, batches, self.config, who=self.who,
@@ -438,6 +441,16 @@ class OBCQuantize(Callback):
             forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
             progress=glue.trainer_progress(trainer, self.who, self.config.reporting.verbose),
         )
+
+    def _user_code_path(self, trainer: Trainer, pl_module: LightningModule, probe) -> Callable:
+        """The user's code that runs a batch; which one is said once (at info level), not at every stage."""
+
+        def say_once(line: str) -> None:
+            if line != self._code_path_said:
+                self._code_path_said = line
+                rank_zero_info(line)
+
+        return glue.user_code_path(trainer, pl_module, probe, self.calibration_step, self.who, say=say_once)
 
     def _record(self, stage: Stage) -> None:
         self.report = stage.report
@@ -465,7 +478,7 @@ class OBCQuantize(Callback):
         batches = self._bn_batches(trainer)
         if not batches:
             return {}
-        forward_fn = glue.user_code_path(trainer, pl_module, batches[0], self.calibration_step, self.who)
+        forward_fn = self._user_code_path(trainer, pl_module, batches[0])
         n = reestimate_batchnorm(pl_module, batches, forward_fn=forward_fn, reduce_fn=glue.all_reduce_fn(trainer))
         lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over {len(batches)} training batches")
         return {"obc/bn_recalibrated": float(n)}
@@ -546,6 +559,20 @@ class OBCQuantize(Callback):
                 f"{who}: finetune='ternary' with ternary_skip_first_last=True leaves none of the {len(targets)} "
                 "target modules to ternarize; pass ternary_skip_first_last=False"
             )
+
+    def _no_validation_data(self) -> None:
+        """Without validation data nothing measures the drop: an error before training if ``monitor`` needs
+        it, else one line."""
+        ft = self.config.finetune
+        where = "no val_dataloaders, no val_dataloader / validation_step in the module, or limit_val_batches=0"
+        if ft is not None and ft.monitor is not None:
+            raise ValueError(
+                f"{self.who}: monitor={ft.monitor!r} needs validation data ({where}): pass val_dataloaders to "
+                "fit, or set monitor=None (fine-tuning then runs without a budget)"
+            )
+        if self.config.reporting.evaluate:
+            rank_zero_info(f"{self.who}: no validation data ({where}): nothing to compare before and after "
+                           "compression; the report gives the per-module errors only")
 
     def _compress_epoch(self, trainer: Trainer) -> int:
         """K: the epoch at whose end the model is compressed when fine-tuning (-1: at the start of fit)."""

@@ -2,7 +2,8 @@
 compression carries the modules' quantization formats beside its (plain) state dict, so a model restored
 from it (``load_from_checkpoint`` + ``load_checkpoint_formats``, or ``fit`` / ``test(ckpt_path=...)`` with
 the callback) exports the same bytes as the model in memory; a run that leaves nothing compressed on disk
-says where the model is."""
+says where the model is. Item 4: no validation data with ``monitor`` is an error before training, without
+it one line."""
 
 import logging
 
@@ -111,3 +112,22 @@ def test_a_run_with_nothing_on_disk_says_where_the_model_is(tmp_path, caplog):
         fit(tmp_path / "b", OBCQuantize(bits=4, calibration_batches=1, verbose=False, plot=False,
                                         export_path=str(tmp_path / "m.safetensors")))
     assert not [r for r in caplog.records if "in memory only" in r.getMessage()]
+
+
+# ------------------------------------------------------------------ item 4: validation data
+def test_monitor_without_validation_data_is_an_error_before_training(tmp_path):
+    model = LitNet()
+    w0 = model.head.weight.detach().clone()
+    cb = OBCQuantize(bits=4, finetune="ste", finetune_epochs=1, monitor="val_acc", max_drop=0.01)
+    t = quiet_trainer(tmp_path, callbacks=[cb], max_epochs=2)
+    with pytest.raises(ValueError, match=r"OBCQuantize: monitor='val_acc' needs validation data \(no val_dataloaders"):
+        t.fit(model, DataLoader(data(), batch_size=8))
+    assert t.global_step == 0 and torch.equal(model.head.weight, w0)
+
+
+def test_without_monitor_one_line_says_there_is_nothing_to_compare(tmp_path, caplog):
+    with caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        t = quiet_trainer(tmp_path, callbacks=[OBCQuantize(bits=4, calibration_batches=1, plot=False)])
+        t.fit(LitNet(), DataLoader(data(), batch_size=8))
+    said = [r.getMessage() for r in caplog.records if "no validation data" in r.getMessage()]
+    assert len(said) == 1 and "nothing to compare" in said[0]
