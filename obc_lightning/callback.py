@@ -638,5 +638,6 @@ class OBCPrune(OBCQuantize):
 # LightningCLI's --trainer.callbacks.<option>) and in the docstring, generated from the dataclasses
 OBCQuantize.__init__.__signature__ = flat_signature(OBCQuantize.__init__)
 OBCPrune.__init__.__signature__ = flat_signature(OBCPrune.__init__, skip=("bits",))
-OBCQuantize.__doc__ += "\n    Options:\n" + options_doc() + "\n"
-OBCPrune.__doc__ += "\n    Options:\n" + options_doc(skip=("bits", "sparsity", "n_m")) + "\n"
+if OBCQuantize.__doc__ and OBCPrune.__doc__:  # (python -OO strips docstrings)
+    OBCQuantize.__doc__ += "\n    Options:\n" + options_doc() + "\n"
+    OBCPrune.__doc__ += "\n    Options:\n" + options_doc(skip=("bits", "sparsity", "n_m")) + "\n"

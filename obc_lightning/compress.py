@@ -673,8 +673,9 @@ def compress_model(
 # every flat keyword of the two sections, with type and default, in the signature and the docstring
 compress_model.__signature__ = flat_signature(compress_model, ("quantization", "calibration"),
                                               defaults={"bits": DEFAULT_BITS})
-compress_model.__doc__ += "\n    Options:\n" + options_doc(("quantization", "calibration"),
-                                                          skip=("calibration_batches",)) + "\n"
+if compress_model.__doc__:  # (python -OO strips docstrings)
+    compress_model.__doc__ += "\n    Options:\n" + options_doc(("quantization", "calibration"),
+                                                              skip=("calibration_batches",)) + "\n"
 
 
 def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, **kw):

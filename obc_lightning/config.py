@@ -756,7 +756,8 @@ def flat_options(sections: Sequence[str] | None = None) -> list[FlatOption]:
             annotation, type_text, default = hints[f.name], f.type, field_default(kind, f.name)
             if _SWITCHES.get(section) == f.name:  # off by default: the switch is None
                 annotation, type_text, default = annotation | None, f"{f.type} | None", None
-            out.append(FlatOption(_flat(f), section, f.name, annotation, type_text, _plain(default), docs[f.name]))
+            out.append(FlatOption(_flat(f), section, f.name, annotation, type_text, _plain(default),
+                                  docs.get(f.name, "")))  # (no docstrings under python -OO)
     return out
 
 
