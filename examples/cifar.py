@@ -26,16 +26,18 @@ one codebook of ``--n-centroids`` per layer (the first conv and the classifier s
 
 Data:
 
-* ``--subset PATH`` (default ``../shared/data/cifar10_subset.npz`` next to the repository): an npz with
-  ``train_x`` (N, 3, 32, 32) uint8, ``train_y``, ``test_x``, ``test_y`` -- for machines without internet.
-* ``--data-dir DIR``: the full CIFAR-10 via ``torchvision.datasets.CIFAR10(DIR, download=True)``
-  (torchvision is needed only for this path and imported only there).
+* by default the full CIFAR-10 (50,000 / 10,000 images) through
+  ``torchvision.datasets.CIFAR10(--data-dir, download=True)`` (``--data-dir`` defaults to ``data/cifar10``;
+  torchvision is needed only for this path and imported only there; the download needs internet once);
+* ``--subset PATH``: an npz with ``train_x`` (N, 3, 32, 32) uint8, ``train_y``, ``test_x``, ``test_y``,
+  for machines without internet (the tests and CI pass the project's ``cifar10_subset.npz``).
 
 The test split is the validation set, as is usual for CIFAR (there is no separate held-out split).
 
 Examples::
 
-    python examples/cifar.py --model resnet20 --epochs 30 --bits 4
+    python examples/cifar.py --model resnet20 --epochs 30 --bits 4      # downloads CIFAR-10 (torchvision)
+    python examples/cifar.py --subset cifar10_subset.npz --epochs 30     # offline, from an npz
     python examples/cifar.py --model resnet20 --epochs 30 --bits 4 3 2 --rtn --out results.json
     python examples/cifar.py --data-dir ~/data --model resnet18 --epochs 30 --accelerator gpu --bits 4 3
     python examples/cifar.py --load-fp32 fp32.pt --bits 2 --solvers obc --finetune ste --finetune-epochs 3
@@ -65,8 +67,9 @@ from torch.utils.data import DataLoader, TensorDataset
 
 from obc_lightning.models import resnet18, resnet20
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
-DEFAULT_SUBSET = REPO_ROOT.parent / "shared" / "data" / "cifar10_subset.npz"
+DEFAULT_DATA_DIR = Path("data") / "cifar10"
+# the project's offline subset (benchmarks/ read it from here; the example itself takes it with --subset)
+DEFAULT_SUBSET = Path(__file__).resolve().parents[2] / "shared" / "data" / "cifar10_subset.npz"
 MODELS = {"resnet20": resnet20, "resnet18": resnet18}
 
 # Per-channel statistics of the CIFAR-10 training set (0..1 scale), the usual normalisation constants.
@@ -94,7 +97,8 @@ def load_subset(path: str | Path) -> CifarArrays:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(
-            f"CIFAR-10 subset not found at {path}; pass --subset PATH, or --data-dir DIR to download CIFAR-10"
+            f"CIFAR-10 subset not found at {path}; pass the path of an npz with --subset PATH, or leave --subset "
+            "out to download CIFAR-10 with torchvision (into --data-dir DIR)"
         )
     with np.load(path) as z:
         arrays = CifarArrays(*(torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y")))
@@ -108,11 +112,16 @@ def load_torchvision(data_dir: str | Path) -> CifarArrays:
     """The full CIFAR-10 (50k / 10k) through torchvision's downloader (needs internet once)."""
     try:
         import torchvision  # lazily: only this path needs it
-    except ImportError as e:
-        raise ImportError("--data-dir needs torchvision (pip install torchvision); or use --subset PATH") from e
+    except ImportError:
+        raise SystemExit("downloading CIFAR-10 needs torchvision (pip install torchvision); offline, pass "
+                         "--subset PATH to an npz of CIFAR-10 images") from None
     out = []
     for train in (True, False):
-        ds = torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
+        try:
+            ds = torchvision.datasets.CIFAR10(str(data_dir), train=train, download=True)
+        except (OSError, RuntimeError) as e:  # no network (URLError is an OSError), a broken archive
+            raise SystemExit(f"could not download CIFAR-10 into {data_dir} ({e}); offline, pass --subset PATH "
+                             "to an npz of CIFAR-10 images") from None
         # ds.data is (N, 32, 32, 3) uint8 HWC; keep uint8 and go CHW like the npz
         out += [torch.from_numpy(ds.data).permute(0, 3, 1, 2).contiguous(), torch.tensor(ds.targets, dtype=torch.long)]
     return CifarArrays(*out)
@@ -558,8 +567,10 @@ def build_parser() -> argparse.ArgumentParser:
         description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter
     )
     src = p.add_mutually_exclusive_group()
-    src.add_argument("--subset", type=Path, default=None, help=f"npz subset (default {DEFAULT_SUBSET})")
-    src.add_argument("--data-dir", type=Path, default=None, help="download full CIFAR-10 here with torchvision")
+    src.add_argument("--subset", type=Path, default=None,
+                     help="an npz of CIFAR-10 images (offline); default: download CIFAR-10 with torchvision")
+    src.add_argument("--data-dir", type=Path, default=DEFAULT_DATA_DIR,
+                     help=f"where torchvision downloads CIFAR-10 (default {DEFAULT_DATA_DIR})")
     p.add_argument("--model", choices=sorted(MODELS), default="resnet20")
     p.add_argument("--epochs", type=int, default=30)
     p.add_argument("--bits", type=int, nargs="+", default=[4], help="one or more bit widths, e.g. --bits 4 3")
@@ -640,7 +651,7 @@ def build_parser() -> argparse.ArgumentParser:
 def run(args: argparse.Namespace) -> dict:
     """Everything ``main`` does, returning the results dict (importable for tests)."""
     L.seed_everything(args.seed, workers=True)
-    arrays = load_torchvision(args.data_dir) if args.data_dir else load_subset(args.subset or DEFAULT_SUBSET)
+    arrays = load_subset(args.subset) if args.subset is not None else load_torchvision(args.data_dir)
     arrays = arrays.limit(args.limit_train, args.limit_test)
     dm = CifarDataModule(arrays, args.batch_size, args.num_workers)
     lit = CifarClassifier(args.model, lr=args.lr)
@@ -665,7 +676,7 @@ def run(args: argparse.Namespace) -> dict:
         n_batches = max(1, math.ceil(args.calibration_images / args.batch_size))
         solver = args.solvers[0] if args.solvers else "auto"
         quantizer = OBCQuantize(
-            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=not args.quiet,
+            bits=args.bits[0], solver=solver, calibration_batches=n_batches, verbose=False,  # table printed below
             plot=args.log_dir is not None,
             recalibrate_bn=args.recalibrate_bn, export_path=args.export,
             sample_fraction=args.sample_fraction, product_dtype=args.product_dtype, sequential=args.sequential,

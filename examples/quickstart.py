@@ -1,6 +1,6 @@
 """Quickstart: train a small CNN with Lightning, and let ``OBCQuantize`` make it 4-bit when ``fit`` ends.
 
-Runs offline in about a minute on a laptop CPU: the data is scikit-learn's bundled handwritten digits
+Runs offline in under a minute on a CPU: the data is scikit-learn's bundled handwritten digits
 (1,797 8x8 grey images, 10 classes; ``sklearn.datasets.load_digits`` reads it from the wheel, no
 download). Install the extra first::
 
@@ -10,7 +10,9 @@ download). Install the extra first::
 The only compression-specific line is ``Trainer(callbacks=[OBCQuantize(bits=4)])``: at the end of
 training the callback calibrates on ~1024 training images, quantizes every Conv2d / Linear in place,
 runs ``validation_step`` before and after (so it compares the ``val_acc`` this module logs), and sends
-``obc/val_acc_before`` / ``obc/val_acc_after`` and the sizes to the Trainer's loggers.
+``obc/val_acc_before`` / ``obc/val_acc_after``, the per-layer errors, the sizes and a per-layer error
+chart to the Trainer's logger: TensorBoard when it is installed (``tensorboard --logdir runs/quickstart``),
+else CSV files under ``runs/quickstart`` (``--log-dir none``: no logger).
 """
 
 from __future__ import annotations
@@ -51,7 +53,8 @@ class DigitsCNN(L.LightningModule):
     """conv 1->16 -> conv 16->32 -> pool -> fc 512->64 -> fc 64->10, logging ``val_acc`` / ``val_loss``.
 
     Small on purpose: ExactOBC costs rows * d^3 per layer (d = input width), so the 512-wide Linear
-    quantizes in about a second on a CPU, where a 1024-wide one would take half a minute.
+    quantizes in seconds on a CPU, where a 1024-wide one would take about 8 times as long (measured
+    times: docs/results.md, "Quickstart").
     """
 
     def __init__(self, lr: float = 2e-3):
@@ -87,6 +90,21 @@ class DigitsCNN(L.LightningModule):
         return torch.optim.AdamW(self.parameters(), lr=self.hparams.lr, weight_decay=1e-4)
 
 
+def make_logger(log_dir: str | None):
+    """TensorBoard when it is installed (tensorboard or tensorboardX), else CSV files; ``None``: no logger."""
+    if log_dir is None:
+        return False
+    from lightning.pytorch.loggers import CSVLogger, TensorBoardLogger
+
+    for module in ("tensorboard", "tensorboardX"):
+        try:
+            __import__(module)
+            return TensorBoardLogger(log_dir, name="quickstart")
+        except ImportError:
+            continue
+    return CSVLogger(log_dir, name="quickstart")
+
+
 def main(argv: list[str] | None = None) -> dict:
     p = argparse.ArgumentParser(description="Train a digits CNN and quantize it with OBCQuantize.")
     p.add_argument("--bits", type=int, default=4)
@@ -94,17 +112,21 @@ def main(argv: list[str] | None = None) -> dict:
     p.add_argument("--epochs", type=int, default=15)
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--quiet", action="store_true", help="no progress bar")
+    p.add_argument("--log-dir", default="runs",
+                   help="TensorBoard (when installed) or CSV logs with the obc/ metrics; 'none': no logger")
     args = p.parse_args(argv)
+    log_dir = None if args.log_dir == "none" else args.log_dir
 
     L.seed_everything(args.seed, verbose=False)
     train, val = digits_loaders(seed=args.seed)
     model = DigitsCNN()
-    quantizer = OBCQuantize(bits=args.bits, solver=args.solver, verbose=False, plot=False)
+    # verbose=False: the table is printed once, below; plot: the per-layer error chart goes to the logger
+    quantizer = OBCQuantize(bits=args.bits, solver=args.solver, verbose=False, plot=log_dir is not None)
     trainer = L.Trainer(
         max_epochs=args.epochs,
         accelerator="cpu",
         callbacks=[quantizer],  # <- the one line that quantizes the trained model
-        logger=False,
+        logger=make_logger(log_dir),
         enable_checkpointing=False,
         enable_progress_bar=not args.quiet,
         enable_model_summary=False,

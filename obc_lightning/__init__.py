@@ -18,7 +18,14 @@ from obc_lightning.config import (
     QuantizationConfig,
     ReportingConfig,
 )
-from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
+from obc_lightning.export import (
+    load_checkpoint_formats,
+    load_quantized,
+    pack_model,
+    prepare_for_load,
+    save_quantized,
+    unpack_model,
+)
 from obc_lightning.finetune import CentroidQuantizer, FinetuneSession, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
@@ -92,6 +99,7 @@ __all__ = [
     "fit_grid",
     "gptq",
     "layer_objective",
+    "load_checkpoint_formats",
     "load_quantized",
     "obs_prune",
     "pack_model",

@@ -39,8 +39,9 @@ from obc_lightning import trainer_glue as glue
 from obc_lightning.attention import split_attention_projections
 from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.compress import check_against_model, config_of, tied_weights
-from obc_lightning.config import DEFAULT_BITS, CompressionConfig
+from obc_lightning.config import DEFAULT_BITS, CompressionConfig, explicit_options, flat_signature, options_doc
 from obc_lightning.finetune import FinetuneSession
+from obc_lightning.formats.record import CHECKPOINT_KEY, formats_state, load_formats_state, model_formats
 from obc_lightning.pipeline import (
     ModelSnapshot,
     Stage,
@@ -57,16 +58,11 @@ class OBCQuantize(Callback):
     r"""Quantize the model's Linear / Conv1d / Conv2d weights to ``bits`` bits at the end of ``fit``.
 
     ``OBCQuantize(bits=4, group_size=128, finetune="ste", ...)`` takes every field of
-    :class:`~obc_lightning.config.CompressionConfig`'s sections as a keyword (their meaning is documented
-    there and in the README): quantization (``bits``, ``method``, ``solver``, ``group_size``,
-    ``symmetric``, ``mse``, ``damp``, ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``,
-    ``include``, ``exclude``, ``seed``, ``target_bits``, ``target_size_mb``, ``target_sparsity``,
-    ``allocation_metric``, ``allocation_steps``), calibration (``calibration_batches``, ``sequential``,
-    ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``), fine-tuning
-    (``finetune``, ``finetune_epochs``, ``monitor``, ``mode``, ``max_drop``, ``ternary_*``, ``noise_*``,
-    ``pq_noise_rate``), ``export_path``, reporting (``evaluate``, ``plot``, ``verbose``),
-    ``recalibrate_bn`` and ``split_attention``; ``OBCQuantize(config=CompressionConfig(...))`` takes them
-    whole (the form a LightningCLI YAML uses).
+    :class:`~obc_lightning.config.CompressionConfig`'s sections as a flat keyword (listed with their types
+    and defaults under "Options" below, generated from the dataclasses; the signature, ``help()`` and
+    LightningCLI's ``--trainer.callbacks.<option>`` flags show them too); ``OBCQuantize(config=...)``
+    takes them whole (the form a LightningCLI YAML uses; flat keywords left at their defaults beside it
+    are ignored).
 
     Without fine-tuning, compression happens in ``on_train_end``, where the model is still on its
     training device: calibration batches from ``calibration_dataloader`` (default: the train dataloader)
@@ -103,7 +99,7 @@ class OBCQuantize(Callback):
         calibration_dataloader: any iterable of batches; ``None``: the trainer's train dataloader.
         calibration_step: ``fn(module, batch)`` running a batch through the module (for batches the
             forward cannot take); its return value is ignored.
-        **options: the configuration's keywords (above).
+        **options: the configuration's flat keywords ("Options" below).
     """
 
     def __init__(
@@ -116,6 +112,8 @@ class OBCQuantize(Callback):
         **options,
     ) -> None:
         who = type(self).__name__
+        if config is not None:  # LightningCLI passes every flat keyword, at its default, beside config
+            options = explicit_options(options)
         if config is None or bits != DEFAULT_BITS:  # with config, bits keeps its default (it is config's)
             options = {"bits": bits, **options}
         self.config = config_of(who, config, options)
@@ -144,6 +142,7 @@ class OBCQuantize(Callback):
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
         self._monitor_checked = False
+        self._code_path_said: str | None = None
         self.loaded_report: dict | None = None
         self.loaded_config: dict = {}
 
@@ -164,6 +163,8 @@ class OBCQuantize(Callback):
             check_against_model(self.config, targets, self.who)
             if self.config.finetune is not None:
                 self._check_finetuning(trainer, targets)
+            if not trainer.enable_validation:
+                self._no_validation_data()
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the optimizers exist, before their state is restored from a checkpoint
@@ -220,7 +221,10 @@ class OBCQuantize(Callback):
             )
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
         if self.quantized_modules:
-            glue.rewrite_last_checkpoints(trainer)
+            written = glue.rewrite_last_checkpoints(trainer)
+            weights_only = {cb.last_model_path for cb in trainer.checkpoint_callbacks
+                            if getattr(cb, "save_weights_only", False)}
+            self._say_where_the_model_is([p for p in written if p not in weights_only])
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._recover(exception)
@@ -228,8 +232,12 @@ class OBCQuantize(Callback):
     def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
         if self.session is not None:  # plain weights: the module as the user defined it loads them
             checkpoint["state_dict"] = self.session.plain_state_dict(checkpoint["state_dict"])
+        elif model_formats(pl_module):  # beside the state dict, which stays loadable into the plain module
+            checkpoint[CHECKPOINT_KEY] = formats_state(pl_module)
 
     def on_load_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # the weights are the checkpoint's now: so are the formats (none: the records would be stale)
+        load_formats_state(pl_module, checkpoint.get(CHECKPOINT_KEY) or {}, who=self.who)
         state = (checkpoint.get("callbacks") or {}).get(self.state_key) or {}
         if self.quantized_modules and not state.get("quantized_modules"):
             rank_zero_warn(
@@ -372,6 +380,19 @@ class OBCQuantize(Callback):
             raise
         rank_zero_info(f"{self.who}: resumed fine-tuning ({self.session.mode}) of {len(self.quantizers)} modules")
 
+    def _say_where_the_model_is(self, written: list[str]) -> None:
+        """Once per run: where the compressed model is when nothing compressed was written to disk."""
+        if self.config.export is not None or written:
+            return
+        rank_zero_info(
+            f"{self.who}: the compressed model is in memory only (trainer.lightning_module): there is no export_path "
+            "and no ModelCheckpoint(save_last=True, save_weights_only=False) whose 'last' checkpoint would carry it "
+            "with its quantization formats. Keep it with "
+            "obc_lightning.save_quantized(model, 'model.safetensors') (packed) or "
+            "trainer.save_checkpoint('compressed.ckpt') (restored by load_from_checkpoint + load_checkpoint_formats), "
+            "or pass export_path=..."
+        )
+
     # ================================================================== failures
     def _guarded(self, trainer: Trainer, pl_module: LightningModule, work: Callable, **kwargs) -> None:
         """Run a stage of the callback's work; on any failure put the model back and re-raise. The snapshot
@@ -411,7 +432,7 @@ class OBCQuantize(Callback):
         bn_batches = self._bn_batches(trainer) if self.config.recalibrate_bn else []
         probe = (batches or bn_batches or [None])[0]
         forward_fn = (
-            None if probe is None else glue.user_code_path(trainer, pl_module, probe, self.calibration_step, self.who)
+            None if probe is None else self._user_code_path(trainer, pl_module, probe)
         )
         return compress_stage(
             pl_module, batches, self.config, who=self.who,
@@ -420,6 +441,16 @@ class OBCQuantize(Callback):
             forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
             progress=glue.trainer_progress(trainer, self.who, self.config.reporting.verbose),
         )
+
+    def _user_code_path(self, trainer: Trainer, pl_module: LightningModule, probe) -> Callable:
+        """The user's code that runs a batch; which one is said once (at info level), not at every stage."""
+
+        def say_once(line: str) -> None:
+            if line != self._code_path_said:
+                self._code_path_said = line
+                rank_zero_info(line)
+
+        return glue.user_code_path(trainer, pl_module, probe, self.calibration_step, self.who, say=say_once)
 
     def _record(self, stage: Stage) -> None:
         self.report = stage.report
@@ -447,7 +478,7 @@ class OBCQuantize(Callback):
         batches = self._bn_batches(trainer)
         if not batches:
             return {}
-        forward_fn = glue.user_code_path(trainer, pl_module, batches[0], self.calibration_step, self.who)
+        forward_fn = self._user_code_path(trainer, pl_module, batches[0])
         n = reestimate_batchnorm(pl_module, batches, forward_fn=forward_fn, reduce_fn=glue.all_reduce_fn(trainer))
         lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over {len(batches)} training batches")
         return {"obc/bn_recalibrated": float(n)}
@@ -529,6 +560,20 @@ class OBCQuantize(Callback):
                 "target modules to ternarize; pass ternary_skip_first_last=False"
             )
 
+    def _no_validation_data(self) -> None:
+        """Without validation data nothing measures the drop: an error before training if ``monitor`` needs
+        it, else one line."""
+        ft = self.config.finetune
+        where = "no val_dataloaders, no val_dataloader / validation_step in the module, or limit_val_batches=0"
+        if ft is not None and ft.monitor is not None:
+            raise ValueError(
+                f"{self.who}: monitor={ft.monitor!r} needs validation data ({where}): pass val_dataloaders to "
+                "fit, or set monitor=None (fine-tuning then runs without a budget)"
+            )
+        if self.config.reporting.evaluate:
+            rank_zero_info(f"{self.who}: no validation data ({where}): nothing to compare before and after "
+                           "compression; the report gives the per-module errors only")
+
     def _compress_epoch(self, trainer: Trainer) -> int:
         """K: the epoch at whose end the model is compressed when fine-tuning (-1: at the start of fit)."""
         return trainer.max_epochs - self.config.finetune.epochs - 1
@@ -560,21 +605,39 @@ class OBCPrune(OBCQuantize):
         sparsity: fraction of each module's weights to remove (unstructured); with ``target_sparsity``
             the candidate levels (default 0, 0.05, ..., 0.95).
         n_m: (N, M): at most N non-zeros in every M consecutive inputs.
-        **kwargs: the calibration, evaluation, reporting and export keywords of :class:`OBCQuantize`
-            (``export_path``: the pruned weights in float16 with their N:M positions or a bitmask).
+        calibration_dataloader, calibration_step: as for :class:`OBCQuantize`.
+        **options: the flat keywords of :class:`OBCQuantize` but ``bits`` ("Options" below;
+            ``export_path``: the pruned weights in float16 with their N:M positions or a bitmask).
     """
 
-    def __init__(self, sparsity: float | list[float] | None = None, n_m: tuple[int, int] | None = None,
-                 **kwargs) -> None:
-        target = kwargs.get("target_sparsity", kwargs.get("target_size_mb"))
-        if target is None and (sparsity is None) == (n_m is None):
+    def __init__(
+        self,
+        sparsity: float | list[float] | None = None,
+        n_m: tuple[int, int] | None = None,
+        *,
+        calibration_dataloader: Iterable | None = None,
+        calibration_step: Callable[[LightningModule, Any], Any] | None = None,
+        **options,
+    ) -> None:
+        targets = (options.get("target_sparsity"), options.get("target_size_mb"))
+        if all(t is None for t in targets) and (sparsity is None) == (n_m is None):
             raise ValueError(f"OBCPrune: give exactly one of sparsity=... or n_m=(N, M), got {sparsity=!r}, {n_m=!r}")
-        if kwargs.get("finetune") not in (None, "masked"):
+        if options.get("finetune") not in (None, "masked"):
             raise ValueError(
                 f"OBCPrune: finetune must be 'masked' (train the kept weights with the mask fixed) or None, got "
-                f"{kwargs['finetune']!r}"
+                f"{options['finetune']!r}"
             )
-        if kwargs.get("bits") is not None:
+        if options.get("bits") is not None:
             raise ValueError("OBCPrune: bits is not an argument of OBCPrune (use OBCQuantize for quantization)")
-        kwargs.pop("bits", None)
-        super().__init__(bits=None, sparsity=sparsity, n_m=n_m, **kwargs)
+        options.pop("bits", None)
+        super().__init__(bits=None, sparsity=sparsity, n_m=n_m, calibration_dataloader=calibration_dataloader,
+                         calibration_step=calibration_step, **options)
+
+
+# every flat keyword of the configuration, with its type and default, in the signature (help(), IDEs,
+# LightningCLI's --trainer.callbacks.<option>) and in the docstring, generated from the dataclasses
+OBCQuantize.__init__.__signature__ = flat_signature(OBCQuantize.__init__)
+OBCPrune.__init__.__signature__ = flat_signature(OBCPrune.__init__, skip=("bits",))
+if OBCQuantize.__doc__ and OBCPrune.__doc__:  # (python -OO strips docstrings)
+    OBCQuantize.__doc__ += "\n    Options:\n" + options_doc() + "\n"
+    OBCPrune.__doc__ += "\n    Options:\n" + options_doc(skip=("bits", "sparsity", "n_m")) + "\n"

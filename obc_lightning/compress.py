@@ -30,7 +30,7 @@ from obc_lightning.calibration import (
     input_hooks,
 )
 from obc_lightning.checks import check_flags
-from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
+from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig, flat_signature, options_doc
 from obc_lightning.formats.bits import FP32_BYTES
 from obc_lightning.formats.record import drop_format, set_format
 from obc_lightning.formats.schemes import StorageScheme
@@ -289,7 +289,7 @@ _UNSET = object()
 def compress_model(
     model: nn.Module,
     calibration_batches: Iterable,
-    bits: int | None = _UNSET,
+    bits: int | dict[str, int] | list[int] | None = _UNSET,
     *,
     config: CompressionConfig | None = None,
     forward_fn: Callable | None = None,
@@ -304,10 +304,8 @@ def compress_model(
 
     ``compress_model(model, batches, bits=4, group_size=128)`` takes the fields of
     :class:`~obc_lightning.config.QuantizationConfig` and :class:`~obc_lightning.config.CalibrationConfig`
-    as keywords (``bits``, ``method``, ``solver``, ``group_size``, ``symmetric``, ``mse``, ``damp``,
-    ``sparsity``, ``n_m``, ``block_size``, ``n_centroids``, ``include``, ``exclude``, ``seed``,
-    ``sequential``, ``match_outputs``, ``sample_fraction``, ``product_dtype``, ``offload``, ``max_memory``;
-    their meaning is documented there); ``compress_model(model, batches, config=CompressionConfig(...))``
+    as keywords (listed with their types and defaults under "Options" below and in the signature, both
+    generated from the dataclasses); ``compress_model(model, batches, config=CompressionConfig(...))``
     takes them whole (its ``quantization`` and ``calibration`` parts). Per module the solver minimises the
     layer objective 1/2 * sum_rows (w - q) H (w - q)^T with H = 2/N X^T X from
     :func:`~obc_lightning.calibration.collect_hessians`.
@@ -669,6 +667,15 @@ def compress_model(
     if report.skipped:
         warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
     return report
+
+
+
+# every flat keyword of the two sections, with type and default, in the signature and the docstring
+compress_model.__signature__ = flat_signature(compress_model, ("quantization", "calibration"),
+                                              defaults={"bits": DEFAULT_BITS})
+if compress_model.__doc__:  # (python -OO strips docstrings)
+    compress_model.__doc__ += "\n    Options:\n" + options_doc(("quantization", "calibration"),
+                                                              skip=("calibration_batches",)) + "\n"
 
 
 def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, **kw):

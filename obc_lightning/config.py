@@ -696,3 +696,114 @@ def _names(config: CompressionConfig):
 def field_default(kind: type, name: str):
     f = next(f for f in fields(kind) if f.name == name)
     return f.default if f.default is not MISSING else f.default_factory()
+
+
+# ------------------------------------------------------------------------------------- the flat options
+# a section that is off unless its switch is given: the switch's flat keyword defaults to None
+_SWITCHES = {"finetune": "mode", "export": "path"}
+
+
+@dataclass(frozen=True)
+class FlatOption:
+    """One flat keyword of the entry points: where it lives in the configuration, its type, default and
+    documentation (all read from the dataclasses: nothing is listed twice)."""
+
+    name: str  # the flat keyword
+    section: str  # "quantization", ..., "" (CompressionConfig's own fields)
+    field: str  # the dataclass field
+    annotation: object  # the resolved type (signatures, LightningCLI)
+    type_text: str  # the type as written in the source (documentation)
+    default: object
+    doc: str
+
+
+def field_docs(kind: type) -> dict[str, str]:
+    """{field: description} of the ``Args:`` section of a dataclass's Google-style docstring."""
+    lines = (kind.__doc__ or "").splitlines()
+    try:
+        start = next(i for i, line in enumerate(lines) if line.strip() == "Args:") + 1
+    except StopIteration:
+        return {}
+    docs: dict[str, list[str]] = {}
+    indent, current = None, None
+    for line in lines[start:]:
+        if not line.strip():
+            continue
+        depth = len(line) - len(line.lstrip())
+        indent = depth if indent is None else indent
+        if depth < indent:
+            break
+        if depth == indent:
+            current, _, text = line.strip().partition(":")
+            docs[current] = [text.strip()]
+        elif current is not None:
+            docs[current].append(line.strip())
+    return {name: " ".join(words).strip() for name, words in docs.items()}
+
+
+def flat_options(sections: Sequence[str] | None = None) -> list[FlatOption]:
+    """Every flat keyword of the given sections (all by default), in the dataclasses' order."""
+    import typing
+
+    out = []
+    for section, kind in SECTIONS.items():
+        if sections is not None and section not in sections:
+            continue
+        hints, docs = typing.get_type_hints(kind), field_docs(kind)
+        for f in fields(kind):
+            if section == "" and f.name in SECTIONS:
+                continue
+            annotation, type_text, default = hints[f.name], f.type, field_default(kind, f.name)
+            if _SWITCHES.get(section) == f.name:  # off by default: the switch is None
+                annotation, type_text, default = annotation | None, f"{f.type} | None", None
+            out.append(FlatOption(_flat(f), section, f.name, annotation, type_text, _plain(default),
+                                  docs.get(f.name, "")))  # (no docstrings under python -OO)
+    return out
+
+
+def flat_signature(function, sections: Sequence[str] | None = None, *, skip: Sequence[str] = (),
+                   defaults: Mapping | None = None):
+    """``function``'s signature with its ``**options`` replaced by one keyword-only parameter per flat
+    keyword of ``sections`` (type, default), less those in ``skip`` and those it names itself: what
+    ``help()``, IDEs and LightningCLI (jsonargparse) show and accept. ``defaults``: the defaults to show
+    for the function's own parameters (in place of a sentinel)."""
+    import inspect
+    import typing
+
+    own = inspect.signature(function)
+    try:  # the function's own annotations resolved too (they are strings under postponed evaluation)
+        hints = typing.get_type_hints(function)
+    except (NameError, TypeError):
+        hints = {}
+    defaults = dict(defaults or {})
+    kept = [p.replace(annotation=hints.get(p.name, p.annotation), default=defaults.get(p.name, p.default))
+            for p in own.parameters.values() if p.kind is not inspect.Parameter.VAR_KEYWORD]
+    names = {p.name for p in kept} | set(skip)
+    extra = [
+        inspect.Parameter(o.name, inspect.Parameter.KEYWORD_ONLY, default=o.default, annotation=o.annotation)
+        for o in flat_options(sections) if o.name not in names
+    ]
+    return own.replace(parameters=kept + extra, return_annotation=hints.get("return", own.return_annotation))
+
+
+def options_doc(sections: Sequence[str] | None = None, *, skip: Sequence[str] = (), indent: str = "    ") -> str:
+    """The flat keywords of ``sections`` as a Google-style ``Args:`` list (type, default, meaning), for the
+    generated part of an entry point's docstring."""
+    import textwrap
+
+    out = []
+    for o in flat_options(sections):
+        if o.name in skip:
+            continue
+        head = f"{o.name} ({o.type_text}, default {o.default!r}): "
+        where = f" [{o.section}.{o.field}]" if o.section else ""
+        out.append(textwrap.fill(head + o.doc + where, 110, initial_indent=indent,
+                                 subsequent_indent=indent + "    "))
+    return "\n".join(out)
+
+
+def explicit_options(options: Mapping, sections: Sequence[str] | None = None) -> dict:
+    """``options`` less the flat keywords left at their defaults (LightningCLI passes every parameter,
+    so a ``config=...`` arrives with the flat defaults beside it)."""
+    defaults = {o.name: o.default for o in flat_options(sections)}
+    return {k: v for k, v in options.items() if k not in defaults or _plain(v) != defaults[k]}

@@ -241,8 +241,11 @@ class CompressionReport:
         lines += [fmt.format(*r) for r in rows]
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
+        pruned = any(m.sparsity for m in self.modules)
+        quantized = any(m.bits is not None or m.method != "scalar" for m in self.modules) or not pruned
+        done = "pruned and quantized" if pruned and quantized else "pruned" if pruned else "quantized"
         lines.append(
-            f"{len(self.modules)} quantized, {len(self.skipped)} skipped | size "
+            f"{len(self.modules)} {done}, {len(self.skipped)} skipped | size "
             f"{self.bytes_before / 2**20:.3f} MB -> {self.bytes_after / 2**20:.3f} MB "
             f"(x{self.compression_ratio:.2f}, {self.avg_bits:.2f} bits/weight"
             + (f", {self.sparsity:.1%} pruned" if self.pruned_weights else "") + ") | "

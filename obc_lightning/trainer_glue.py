@@ -134,11 +134,14 @@ def _forward_binds(module: LightningModule, batch) -> str | None:
 
 
 def user_code_path(
-    trainer: Trainer, pl_module: LightningModule, probe, calibration_step: Callable | None, who: str
+    trainer: Trainer, pl_module: LightningModule, probe, calibration_step: Callable | None, who: str,
+    say: Callable[[str], None] = rank_zero_info,
 ) -> Callable:
     """``fn(module, batch)`` that runs a batch through the user's own code: ``calibration_step`` if given,
     else ``forward`` when its signature takes the batch, else ``validation_step`` / ``training_step``
-    with ``self.log`` muted (announced with the reason). Always in the precision context."""
+    with ``self.log`` muted. Which one (and why) goes to ``say``, at info level: ``forward(x)`` with
+    ``(x, y)`` batches, calibrated through ``validation_step``, is the ordinary case, not a problem.
+    Always in the precision context."""
     precision = trainer.precision_plugin
 
     def wrapped(run: Callable) -> Callable:
@@ -149,11 +152,13 @@ def user_code_path(
         return forward_fn
 
     if calibration_step is not None:
+        say(f"{who}: calibrating through calibration_step")
         return wrapped(calibration_step)
     why = "it defines no forward"
     if is_overridden("forward", pl_module, parent=LightningModule):
         why = _forward_binds(pl_module, probe)
         if why is None:
+            say(f"{who}: calibrating through forward")
             return wrapped(call_model)
     name = "validation_step" if is_overridden("validation_step", pl_module) else "training_step"
     if not is_overridden(name, pl_module):
@@ -161,7 +166,7 @@ def user_code_path(
             f"{who}: cannot run the calibration batches: the module has no usable forward ({why}) and no "
             "validation_step / training_step; pass calibration_step=fn(module, batch)"
         )
-    rank_zero_warn(f"{who}: calibrating through {name}, not forward: {why}")
+    say(f"{who}: calibrating through {name} ({why}; pass calibration_step=fn(module, batch) to choose)")
     step = getattr(pl_module, name)
     counter = iter(range(1 << 62))
     return wrapped(lambda module, batch: step(batch, next(counter)))

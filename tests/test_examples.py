@@ -78,8 +78,29 @@ def test_random_crop_flip_is_a_shifted_possibly_flipped_crop():
 
 
 def test_missing_subset_says_how_to_get_data(tmp_path):
-    with pytest.raises(FileNotFoundError, match="--data-dir"):
+    with pytest.raises(FileNotFoundError, match="--subset PATH, or leave --subset out to download"):
         cifar.load_subset(tmp_path / "nope.npz")
+
+
+def test_the_default_is_the_torchvision_download_and_offline_says_what_to_do(tmp_path, monkeypatch):
+    """Without --subset the example downloads CIFAR-10 through torchvision (imported only then); without
+    torchvision, or offline, it stops with the remedy (--subset PATH)."""
+    import types
+
+    args = cifar.build_parser().parse_args(["--data-dir", str(tmp_path)])
+    assert args.subset is None and args.data_dir == tmp_path
+    monkeypatch.setitem(sys.modules, "torchvision", None)  # not installed
+    with pytest.raises(SystemExit, match="needs torchvision .* --subset PATH"):
+        cifar.run(args)
+
+    def offline(root, train, download):
+        raise OSError("<urlopen error [Errno -3] Temporary failure in name resolution>")
+
+    fake = types.ModuleType("torchvision")
+    fake.datasets = types.SimpleNamespace(CIFAR10=offline)
+    monkeypatch.setitem(sys.modules, "torchvision", fake)
+    with pytest.raises(SystemExit, match="could not download CIFAR-10 .* --subset PATH"):
+        cifar.run(args)
 
 
 def test_torchvision_path_converts_to_the_npz_layout(tmp_path, monkeypatch):
@@ -138,10 +159,11 @@ def test_datamodule_batches():
 
 
 @needs_subset
-def test_cifar_callback_path(tmp_path):
+def test_cifar_callback_path(tmp_path, capsys):
     logs = tmp_path / "logs"
     res = cifar.main(QUICK + ["--bits", "4", "--solvers", "gptq", "--export", str(tmp_path / "r20.safetensors")]
                      + ["--log-dir", str(logs), "--sequential"])
+    assert capsys.readouterr().out.count("quantized, 0 skipped | size") == 1  # the table, once
     assert res["method"] == "callback/gptq" and res["bits"] == 4
     # --sequential: calibrated layer by layer, fitted to the fp32 outputs (two passes per layer after the first)
     assert res["calibration_passes"] == 1 + 2 * 19
@@ -170,10 +192,13 @@ def test_cifar_multi_bit_comparison_save_and_reload(tmp_path):
     assert "round-to-nearest" in table and "GPTQ" in table
 
 
-def test_quickstart_runs_and_keeps_accuracy():
+def test_quickstart_runs_keeps_accuracy_and_logs(tmp_path, capsys):
     pytest.importorskip("sklearn", reason="quickstart needs the optional extra: pip install obc_lightning[examples]")
     quickstart = _load_example("quickstart")
-    res = quickstart.main(["--epochs", "5", "--quiet", "--solver", "gptq"])
+    res = quickstart.main(["--epochs", "5", "--quiet", "--solver", "gptq", "--log-dir", str(tmp_path)])
+    assert capsys.readouterr().out.count("4 quantized, 0 skipped") == 1  # the table, once
+    logged = list((tmp_path / "quickstart" / "version_0").iterdir())  # TensorBoard here (tensorboardX), or CSV
+    assert any(p.name.startswith("events.out.tfevents") or p.name == "metrics.csv" for p in logged)
     assert res["before"] > 0.85  # 5 epochs on the digits already separate them well
     assert res["after"] > res["before"] - 0.05
     assert len(res["report"].modules) == 4

@@ -7,6 +7,7 @@ Each test is one scenario of issue 23, run end to end on the CPU.
 import copy
 import logging
 import signal
+import warnings
 
 import lightning.pytorch as pl
 import pytest
@@ -329,14 +330,17 @@ def test_a_type_error_inside_forward_is_the_users_error(tmp_path):
     assert_same(weights(model), trained)
 
 
-def test_falling_back_from_forward_warns_with_the_reason(tmp_path):
+def test_falling_back_from_forward_is_said_once_at_info_level_with_the_reason(tmp_path, caplog):
     class XOnly(MetricsNet):
         def forward(self, x):
             return super().forward(x)
 
     cb = OBCQuantize(bits=4, calibration_batches=2, plot=False)
-    with pytest.warns(UserWarning, match=r"calibrating through validation_step, not forward: forward\(x\) cannot be"):
+    with warnings.catch_warnings(), caplog.at_level(logging.INFO, logger="lightning.pytorch"):
+        warnings.filterwarnings("error", message=".*calibrating")  # the ordinary (x, y) case: no warning
         fit(tmp_path, [cb], XOnly())
+    said = [r.getMessage() for r in caplog.records if "calibrating through" in r.getMessage()]
+    assert len(said) == 1 and said[0].startswith("OBCQuantize: calibrating through validation_step (forward(x) cannot")
     assert cb.quantized_modules == ["fc1", "fc2"]
 
 

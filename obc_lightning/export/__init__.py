@@ -108,6 +108,7 @@ from obc_lightning.export.file import (
 )
 from obc_lightning.export.read import (
     UnverifiedFileWarning,
+    load_checkpoint_formats,
     load_quantized,
     prepare_for_load,
     read_file,
@@ -123,6 +124,7 @@ __all__ = [
     "FORMAT_VERSION",
     "METADATA_DIGEST",
     "UnverifiedFileWarning",
+    "load_checkpoint_formats",
     "load_quantized",
     "metadata_digest",
     "pack_model",

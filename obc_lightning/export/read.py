@@ -26,7 +26,7 @@ from obc_lightning.export.file import (
     tensor_digest,
 )
 from obc_lightning.formats.bits import dtype_name
-from obc_lightning.formats.record import set_format
+from obc_lightning.formats.record import CHECKPOINT_KEY, load_formats_state, set_format
 from obc_lightning.formats.schemes import (
     buffer_names,
     buffer_specs,
@@ -294,3 +294,27 @@ def prepare_for_load(model: nn.Module, checkpoint_or_state_dict) -> list[str]:
     for name in todo:
         swap_module(model, name, _placeholder(model.get_submodule(name), configs[name]))
     return todo
+
+
+def load_checkpoint_formats(model: nn.Module, checkpoint) -> list[str]:
+    """Record on ``model``'s modules the quantization formats a checkpoint written after compression
+    carries, so that :func:`~obc_lightning.export.save_quantized` exports the restored model exactly as it
+    exported the model in memory. Returns the names of the modules given a format (none: the checkpoint
+    was written before compression, or by a Trainer without the callback).
+
+    ``checkpoint``: a Lightning checkpoint's path or its loaded dict. The callback writes the formats into
+    every checkpoint saved after compression (the rewritten ``last``, ``trainer.save_checkpoint``) and
+    restores them itself on ``fit`` / ``validate`` / ``test(ckpt_path=...)``; after
+    ``Module.load_from_checkpoint(path)`` call ``load_checkpoint_formats(model, path)``, or once in the
+    module's ``on_load_checkpoint(self, checkpoint)`` hook. The weights themselves are the state dict's.
+    """
+    if isinstance(checkpoint, (str, os.PathLike)):
+        checkpoint = torch.load(checkpoint, map_location="cpu", weights_only=True)
+    if not isinstance(checkpoint, Mapping):
+        raise ValueError(
+            f"load_checkpoint_formats: expected a checkpoint's path or its dict, got {type(checkpoint).__name__}"
+        )
+    state = checkpoint.get(CHECKPOINT_KEY)
+    if not state:
+        return []
+    return load_formats_state(model, state, who="load_checkpoint_formats")

@@ -52,7 +52,8 @@ from obc_lightning.version import __version__
 
 NOTHING_TO_EXPORT = (
     "nothing to export: no module carries a quantization format (compress the model with compress_model, or "
-    "load a file with load_quantized; a model loaded from a checkpoint carries none), none is packed "
+    "load a file with load_quantized; a model restored with load_from_checkpoint gets the formats of a "
+    "checkpoint written after compression from load_checkpoint_formats(model, ckpt_path)), none is packed "
     "(pack_model), and no report of compress_model(..., keep_results=True) or pruned float modules "
     "(sparse=...) were given"
 )
