@@ -44,6 +44,7 @@ from obc_lightning.finetune import FinetuneSession
 from obc_lightning.pipeline import (
     ModelSnapshot,
     Stage,
+    WeightSeal,
     compress_stage,
     export_stage,
     start_finetuning,
@@ -126,6 +127,11 @@ class OBCQuantize(Callback):
                 f"{who}: calibration_dataloader must be an iterable of batches (a DataLoader), got "
                 f"{type(calibration_dataloader).__name__}"
             )
+        if calibration_dataloader is not None and _is_empty(calibration_dataloader):
+            raise ValueError(
+                f"{who}: calibration_dataloader is empty ({type(calibration_dataloader).__name__} of length 0); give "
+                "it calibration batches, or leave it out to calibrate on the train dataloader"
+            )
         if calibration_step is not None and not callable(calibration_step):
             raise ValueError(f"{who}: calibration_step must be callable(module, batch), got {calibration_step!r}")
         self.calibration_dataloader, self.calibration_step = calibration_dataloader, calibration_step
@@ -140,6 +146,7 @@ class OBCQuantize(Callback):
         self.session: FinetuneSession | None = None
         self.quantizers: dict[str, torch.nn.Module] = {}  # the last session's (kept for inspection)
         self._snapshot: ModelSnapshot | None = None  # the weights to put back while the work is unfinished
+        self._seal: WeightSeal | None = None  # checksums of the compressed weights, to tell if anything rewrote them
         self._keep_snapshot = False  # held beyond the current stage (fine-tuning continues)
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
@@ -159,6 +166,7 @@ class OBCQuantize(Callback):
                 rank_zero_info(f"{self.who}: split the q, k, v projections of {len(split)} MultiheadAttention "
                                f"module(s) into Linears: {', '.join(split)}")
         if stage == "fit":  # a typo, a layout that does not fit a module: before training, not after it
+            _AfterOtherCallbacks.attach(trainer, self)
             q = self.config.quantization
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
             check_against_model(self.config, targets, self.who)
@@ -172,6 +180,7 @@ class OBCQuantize(Callback):
         if trainer.ckpt_path is None:  # state loaded by an earlier validate / test, not by this fit
             resume, restored = None, False
         self._monitor_checked = False
+        self._seal = None
         if resume is not None:
             self._resume_finetuning(trainer, pl_module, resume)
         elif not restored and self.phase != "idle":
@@ -209,6 +218,15 @@ class OBCQuantize(Callback):
             self.session.before_optimizer_step(glue.amp_scale(trainer))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the work is done by the hook of _AfterOtherCallbacks, after every other callback's on_train_end
+        if not _AfterOtherCallbacks.attached(trainer, self):
+            self._train_end(trainer, pl_module)
+
+    def _train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Post-training compression, or the end of fine-tuning, after every other callback's ``on_train_end``
+        (weight averaging copies its average into the model there, ``ModelPruning`` makes its pruning
+        permanent there): what is compressed is the model those callbacks leave."""
+        changed = self._seal.changed(pl_module) if self._seal is not None and self.phase == "done" else []
         if self.config.finetune is None:
             self._guarded(trainer, pl_module, self._post_training)
         elif self.phase == "finetuning":
@@ -219,8 +237,30 @@ class OBCQuantize(Callback):
                 "for fine-tuning was planned; compressing now without fine-tuning"
             )
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
+        elif changed:
+            rank_zero_warn(
+                f"{self.who}: the compressed weights of {', '.join(changed)} were changed after compression (at the "
+                f"end of epoch {self.start_epoch}) by another callback's on_train_end (weight averaging, pruning); "
+                "compressing the model again as it leaves training"
+            )
+            self._forget()
+            self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
         if self.quantized_modules:
             glue.rewrite_last_checkpoints(trainer)
+
+    def _check_weights_kept(self, pl_module: LightningModule) -> None:
+        """At the end of fit: raise (and forget the report) if a hook that ran after the compression (the
+        LightningModule's ``on_train_end`` / ``on_fit_end``, a callback's ``on_fit_end``) changed the weights."""
+        seal, self._seal = self._seal, None
+        changed = seal.changed(pl_module) if seal is not None and self.quantized_modules else []
+        if changed:
+            self._forget()
+            raise RuntimeError(
+                f"{self.who}: the weights of {', '.join(changed)} changed after compression, in a hook that runs after "
+                "every callback's on_train_end (the LightningModule's on_train_end or on_fit_end, a callback's "
+                "on_fit_end); the model leaving fit is not the compressed model: the report is withdrawn. Change the "
+                "weights before on_train_end (or compress with compress_model after fit)"
+            )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._recover(exception)
@@ -401,7 +441,7 @@ class OBCQuantize(Callback):
         self._forget()
 
     def _forget(self) -> None:
-        self.session, self._snapshot = None, None
+        self.session, self._snapshot, self._seal = None, None, None
         self.report, self.quantized_modules, self.skipped_modules, self.metrics = None, [], {}, {}
         self.phase, self.start_epoch, self.quantizers = "idle", None, {}
 
@@ -432,8 +472,14 @@ class OBCQuantize(Callback):
             self.skipped_modules = {n: reason for n, (reason, _) in left.items()}
 
     def _calibration_batches(self, trainer: Trainer) -> list:
-        return glue.calibration_batches(trainer, self.calibration_dataloader, self.config.calibration.batches,
-                                        self.who)
+        batches = glue.calibration_batches(trainer, self.calibration_dataloader, self.config.calibration.batches,
+                                           self.who)
+        if not batches and self.calibration_dataloader is not None:
+            raise ValueError(
+                f"{self.who}: calibration_dataloader ({type(self.calibration_dataloader).__name__}) gave no batch; "
+                "the model was not compressed"
+            )
+        return batches
 
     def _bn_batches(self, trainer: Trainer) -> list:
         """The first ``recalibrate_bn`` training batches (the distribution BatchNorm's statistics describe)."""
@@ -480,6 +526,8 @@ class OBCQuantize(Callback):
         """Metrics to every logger, the summary through rank_zero_info, the error chart to every logger
         that takes images."""
         self.metrics = dict(metrics)
+        if self.session is None and self.quantized_modules:  # the compressed weights, final
+            self._seal = WeightSeal(trainer.lightning_module, self.quantized_modules)
         glue.log_metrics(trainer, metrics)
         if self.config.reporting.verbose:
             rank_zero_info("\n".join(lines))
@@ -535,6 +583,47 @@ class OBCQuantize(Callback):
 
     def _compresses_now(self, trainer: Trainer, epoch: int) -> bool:
         return self.config.finetune is not None and self.phase == "idle" and epoch == self._compress_epoch(trainer)
+
+
+def _is_empty(loader: Iterable) -> bool:
+    """Whether ``loader`` has a length and it is 0 (a DataLoader over an iterable dataset has none)."""
+    try:
+        return len(loader) == 0
+    except TypeError:
+        return False
+
+
+class _AfterOtherCallbacks(Callback):
+    """The end of an :class:`OBCQuantize`'s work, put last in ``trainer.callbacks`` (in ``setup``, for the
+    fit): Lightning calls the callbacks in list order, so its ``on_train_end`` runs after every other
+    callback's, whatever the order the user listed them in, and its ``teardown`` checks, after every
+    ``on_fit_end``, that the compressed weights are still those the report describes. It takes itself out
+    of the list in ``teardown``; it has no state of its own."""
+
+    def __init__(self, owner: OBCQuantize) -> None:
+        self.owner = owner
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.owner.state_key}:after_other_callbacks"
+
+    @staticmethod
+    def attached(trainer: Trainer, owner: OBCQuantize) -> bool:
+        return any(isinstance(cb, _AfterOtherCallbacks) and cb.owner is owner for cb in trainer.callbacks)
+
+    @classmethod
+    def attach(cls, trainer: Trainer, owner: OBCQuantize) -> None:
+        if not cls.attached(trainer, owner):
+            trainer.callbacks.append(cls(owner))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.owner._train_end(trainer, pl_module)
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self in trainer.callbacks:
+            trainer.callbacks.remove(self)
+        if stage == "fit":
+            self.owner._check_weights_kept(pl_module)
 
 
 class OBCPrune(OBCQuantize):

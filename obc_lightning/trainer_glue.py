@@ -91,9 +91,21 @@ def first_loader(loaders):
     return loaders
 
 
+def loop_batch(trainer: Trainer, batch, dataloader_idx: int = 0):
+    """``batch`` as Lightning's loops hand it to a step: converted to the Trainer's precision
+    (``precision_plugin.convert_input``: float inputs to bfloat16 / float16 / float64 under the "-true"
+    precisions), through ``on_before_batch_transfer``, then moved by the strategy (``transfer_batch_to_device``,
+    ``on_after_batch_transfer``), as ``evaluation_loop`` and ``training_epoch_loop`` do."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    module = trainer.lightning_module
+    if module is not None:
+        batch = module.on_before_batch_transfer(batch, dataloader_idx)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+
+
 def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None, who: str) -> list:
-    """The calibration batches on the module's device (a list: every pass sees the same batches); ``n``
-    ``None``: about 1024 samples over all ranks."""
+    """The calibration batches as the training loop prepares them (:func:`loop_batch`), a list: every pass
+    sees the same batches; ``n`` ``None``: about 1024 samples over all ranks."""
     if loader is None:
         loader = first_loader(trainer.train_dataloader)
     if loader is None:
@@ -104,7 +116,7 @@ def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None
         if wanted is None:
             bs = batch_size_of(batch)
             wanted = math.ceil(CALIBRATION_SAMPLES / (bs * trainer.world_size)) if bs else UNKNOWN_BATCH_SIZE_BATCHES
-        batches.append(trainer.strategy.batch_to_device(batch))
+        batches.append(loop_batch(trainer, batch))
         if len(batches) >= wanted:
             break
     if isinstance(loader, Sized) and n and len(batches) < n:
@@ -248,7 +260,7 @@ def replay_validation(trainer: Trainer, pl_module: LightningModule, who: str) ->
             for i, batch in enumerate(loader):
                 if i >= limit:
                     break
-                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
+                batch = loop_batch(trainer, batch, dl_idx)
                 current.update(bs=batch_size_of(batch) or 1, phase="step")
                 extra = (dl_idx,) if len(loaders) > 1 else ()
                 hook("on_validation_batch_start", batch, i, *extra)
