@@ -166,12 +166,12 @@ class OBCQuantize(Callback):
                 rank_zero_info(f"{self.who}: split the q, k, v projections of {len(split)} MultiheadAttention "
                                f"module(s) into Linears: {', '.join(split)}")
         if stage == "fit":  # a typo, a layout that does not fit a module: before training, not after it
-            _AfterOtherCallbacks.attach(trainer, self)
             q = self.config.quantization
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
             check_against_model(self.config, targets, self.who)
             if self.config.finetune is not None:
                 self._check_finetuning(trainer, targets)
+            _AfterOtherCallbacks.attach(trainer, self)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the optimizers exist, before their state is restored from a checkpoint

@@ -51,6 +51,8 @@ from obc_lightning.selection import (
     REASON_ATTENTION_PROJECTION,
     attention_projections,
     check_patterns_match,
+    full_precision_modules,
+    parameter_bytes,
     per_module,
     select_modules,
     unquantized_projections,
@@ -649,6 +651,8 @@ def compress_model(
     for _, size in projections.values():
         report.bytes_before += size
         report.bytes_after += size
+    report.full_precision = full_precision_modules(model, all_targets, projections)
+    report.model_bytes = parameter_bytes(model)
     if isinstance(bits, Mapping) or (allocator is not None and bits is not None):
         report.bits = {r.name: r.bits for r in report.modules}
     if report.allocation is not None:  # what the target measures, from the report's own totals

@@ -212,3 +212,45 @@ def test_calibration_dataloader_yielding_nothing_is_an_error(tmp_path):
     with pytest.raises(ValueError, match=r"calibration_dataloader \(tuple_iterator\) gave no batch"):
         fit(tmp_path, [cb], model=model, limit_train_batches=1)
     assert not cb.quantized_modules and all(format_of(m) is None for m in model.modules())
+
+
+# ------------------------------------------------------------------ 5. what stays in full precision
+class Tokens(nn.Module):
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.emb = nn.Embedding(50, 8)
+        self.kind = nn.Embedding(3, 8)
+        self.pos = nn.Parameter(torch.randn(4, 8))
+        self.norm = nn.LayerNorm(8)
+        self.rnn = nn.GRU(8, 8, batch_first=True)
+        self.proj = nn.Linear(8, 8)
+        self.head = nn.Linear(8, 50)
+        self.head.weight = self.emb.weight  # tied: quantized with the head, so not left in full precision
+
+    def forward(self, x):
+        h = self.norm(self.emb(x) + self.kind(torch.zeros_like(x)) + self.pos)
+        return self.head(self.proj(self.rnn(h)[0]))
+
+
+def test_report_lists_every_module_left_in_full_precision_with_its_share():
+    model = Tokens()
+    x = torch.randint(0, 50, (4, 4), generator=torch.Generator().manual_seed(0))
+    with pytest.warns(UserWarning):  # the tied Embedding: a user of the quantized weight no Hessian measured
+        report = compress_model(model, [x], bits=BITS, exclude="proj")
+    assert report.quantized == ["head"]
+    fp = report.full_precision
+    assert list(fp) == ["<model>", "kind", "norm", "rnn", "proj"]  # model order; not emb (tied to head)
+    assert {n: (kind, size) for n, (kind, _, size) in fp.items()} == {
+        "<model>": ("Tokens", 4 * 32), "kind": ("Embedding", 4 * 24), "norm": ("LayerNorm", 4 * 16),
+        "rnn": ("GRU", 4 * (2 * 3 * 8 * 8 + 2 * 3 * 8)), "proj": ("Linear", 4 * (64 + 8)),
+    }
+    assert "embedding table" in fp["kind"][1] and "recurrent" in fp["rnn"][1] and "exclude" in fp["proj"][1]
+    total = 4 * sum(p.numel() for p in model.parameters())  # the tied weight once
+    assert report.model_bytes == total
+    assert report.full_precision_share == pytest.approx(sum(size for _, _, size in fp.values()) / total)
+    assert report.metrics()["obc/full_precision_share"] == report.full_precision_share
+    table = report.table()
+    share = fp["rnn"][2] / total
+    assert f"full precision rnn: {share:.1%} of the model's parameters; a recurrent layer (GRU" in table
+    assert f"full precision outside the targets: {sum(s for *_, s in fp.values()) / 2**20:.3f} MB" in table
