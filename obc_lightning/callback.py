@@ -25,6 +25,9 @@ is Lightning-specific (the user's validation replayed, calibration batches, DDP,
 
 from __future__ import annotations
 
+import atexit
+import os
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -135,6 +138,9 @@ class OBCQuantize(Callback):
         if calibration_step is not None and not callable(calibration_step):
             raise ValueError(f"{who}: calibration_step must be callable(module, batch), got {calibration_step!r}")
         self.calibration_dataloader, self.calibration_step = calibration_dataloader, calibration_step
+        # a fit in processes started for it (ddp_spawn) sends its results back under this name
+        self._home_pid, self._token = os.getpid(), uuid.uuid4().hex
+        atexit.register(glue.remove_unread, self._token)
         # what the last compression did (empty: nothing compressed)
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -158,6 +164,76 @@ class OBCQuantize(Callback):
     def who(self) -> str:
         return type(self).__name__
 
+    # ================================================================== results
+    # Also in the main process after a fit in processes started for it (ddp_spawn, ddp_fork): rank zero's
+    # copy of the callback sends them at the end of fit, read here the first time they are asked for.
+    @property
+    def report(self) -> CompressionReport | None:
+        """What the last compression did (``None``: nothing compressed)."""
+        if self._report is None:
+            self._receive()
+        return self._report
+
+    @report.setter
+    def report(self, value: CompressionReport | None) -> None:
+        self._report = value
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        if not self._quantized_modules:
+            self._receive()
+        return self._quantized_modules
+
+    @quantized_modules.setter
+    def quantized_modules(self, value: list[str]) -> None:
+        self._quantized_modules = value
+
+    @property
+    def skipped_modules(self) -> dict[str, str]:
+        if not self._skipped_modules:
+            self._receive()
+        return self._skipped_modules
+
+    @skipped_modules.setter
+    def skipped_modules(self, value: dict[str, str]) -> None:
+        self._skipped_modules = value
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if not self._metrics:
+            self._receive()
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, value: dict[str, float]) -> None:
+        self._metrics = value
+
+    def _results(self) -> dict[str, Any]:
+        return {
+            "quantized_modules": list(self._quantized_modules),
+            "skipped_modules": dict(self._skipped_modules),
+            "metrics": dict(self._metrics),
+            "report": None if self._report is None else self._report.to_dict(),
+            "phase": self.phase,
+            "start_epoch": self.start_epoch,
+        }
+
+    def _receive(self) -> None:
+        """The results a copy of this callback sent from the process it ran fit in (in the main process)."""
+        if os.getpid() != self.__dict__.get("_home_pid") or "_metrics" not in self.__dict__:
+            return
+        state = glue.receive_from_worker(self._token)
+        if state is None:
+            return
+        self._quantized_modules, self._skipped_modules = state["quantized_modules"], state["skipped_modules"]
+        self._metrics, self.phase, self.start_epoch = state["metrics"], state["phase"], state["start_epoch"]
+        self._report = None if state["report"] is None else CompressionReport.from_dict(state["report"])
+
+    def _send_to_main_process(self, trainer: Trainer) -> None:
+        """In the rank-zero process a spawning strategy started: the results to the main process."""
+        if os.getpid() != self._home_pid and trainer.global_rank == 0:
+            glue.send_to_main_process(self._token, self._results())
+
     # ================================================================== Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.config.split_attention:  # before configure_optimizers and the checkpoint restore, every stage
@@ -165,6 +241,8 @@ class OBCQuantize(Callback):
             if split:
                 rank_zero_info(f"{self.who}: split the q, k, v projections of {len(split)} MultiheadAttention "
                                f"module(s) into Linears: {', '.join(split)}")
+        if os.getpid() == self._home_pid:  # results of an earlier fit in spawned processes, never read: stale
+            glue.remove_unread(self._token)
         if stage == "fit":  # a typo, a layout that does not fit a module: before training, not after it
             q = self.config.quantization
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
@@ -624,6 +702,7 @@ class _AfterOtherCallbacks(Callback):
             trainer.callbacks.remove(self)
         if stage == "fit":
             self.owner._check_weights_kept(pl_module)
+            self.owner._send_to_main_process(trainer)
 
 
 class OBCPrune(OBCQuantize):

@@ -236,6 +236,17 @@ class CompressionReport:
         d["sparsity"] = self.sparsity
         return d
 
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionReport:
+        """The report of a :meth:`to_dict` (``results`` are not in it)."""
+        d = {k: v for k, v in d.items() if k not in ("compression_ratio", "avg_bits", "sparsity", "results")}
+        d["modules"] = [ModuleReport(**{**m, "shape": tuple(m["shape"]), "tied": tuple(m.get("tied", ()))})
+                        for m in d.get("modules", [])]
+        if d.get("allocation") is not None:
+            d["allocation"] = AllocationSummary(**d["allocation"])
+        d["full_precision"] = {n: tuple(v) for n, v in d.get("full_precision", {}).items()}
+        return cls(**d)
+
     def table(self) -> str:
         """A fixed-width text table: one line per module, then skipped modules and the totals."""
         head = ("module", "type", "shape", "bits", "loss", "rel_err", "obc/gptq", "sec")

@@ -11,9 +11,10 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -360,6 +361,46 @@ def amp_scale(trainer: Trainer) -> float:
     """The AMP gradient scaler's current scale (1 without one)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+# ------------------------------------------------------------------------- spawned processes
+# Under ddp_spawn / ddp_fork / ddp_notebook, fit runs in processes started for it, each with a copy of the
+# callback; Lightning sends back to the main process only the weights, the trainer state and
+# trainer.callback_metrics. The callback's own state goes by a file that rank zero writes, whose name only
+# the callback object and its copies know (a random token), and that the main process's object reads
+# (and removes) the first time its results are asked for.
+def state_file(token: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"obc_lightning-{token}.pt")
+
+
+def send_to_main_process(token: str, state: dict) -> None:
+    """Written atomically (a private temporary file renamed), so a reader never sees half of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".obc_lightning-{token}-", dir=tempfile.gettempdir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, state_file(token))
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def receive_from_worker(token: str) -> dict | None:
+    """The state a worker sent (removing the file), or ``None``."""
+    path = state_file(token)
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    with suppress(OSError):
+        os.remove(path)
+    return state
+
+
+def remove_unread(token: str) -> None:
+    with suppress(OSError):
+        os.remove(state_file(token))
 
 
 # ------------------------------------------------------------------------------------- progress

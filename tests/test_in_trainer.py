@@ -2,6 +2,11 @@
 (weight averaging, pruning) in either order, every precision Lightning accepts on CPU, torch.compile'd
 modules, an empty calibration loader."""
 
+import os
+import subprocess
+import sys
+import textwrap
+
 import lightning.pytorch as pl
 import pytest
 import torch
@@ -254,3 +259,50 @@ def test_report_lists_every_module_left_in_full_precision_with_its_share():
     share = fp["rnn"][2] / total
     assert f"full precision rnn: {share:.1%} of the model's parameters; a recurrent layer (GRU" in table
     assert f"full precision outside the targets: {sum(s for *_, s in fp.values()) / 2**20:.3f} MB" in table
+
+
+# ------------------------------------------------------------------ 4. ddp_spawn
+SPAWN_SCRIPT = textwrap.dedent(
+    """
+    import os, sys, tempfile, warnings
+    sys.path.insert(0, {tests_dir!r})
+    sys.path.insert(0, os.path.dirname({tests_dir!r}))  # this checkout's obc_lightning
+    warnings.simplefilter("ignore")
+    import lightning.pytorch as pl
+    import torch
+    from torch.utils.data import DataLoader
+    from test_callback import Net, data
+    from obc_lightning.callback import OBCQuantize
+    from obc_lightning.trainer_glue import state_file
+
+    if __name__ == "__main__":
+        cb = OBCQuantize(bits=3, calibration_batches=2, plot=False, verbose=False)
+        model = Net()
+        trainer = pl.Trainer(max_epochs=1, limit_train_batches=2, limit_val_batches=1, accelerator="cpu", devices=2,
+                             strategy="ddp_spawn", callbacks=[cb], logger=False, enable_progress_bar=False,
+                             enable_model_summary=False, enable_checkpointing=False, default_root_dir=sys.argv[1])
+        trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
+        sent = os.path.exists(state_file(cb._token))
+        report = cb.report  # read here, in the main process
+        torch.save({{"sent": sent, "left": os.path.exists(state_file(cb._token)),
+                    "quantized": cb.quantized_modules, "metrics": cb.metrics,
+                    "report": None if report is None else report.to_dict(), "head": model.head.weight.detach()}},
+                   os.path.join(sys.argv[1], "main.pt"))
+    """
+)
+
+
+@pytest.mark.slow
+def test_ddp_spawn_results_reach_the_main_process(tmp_path):
+    script = tmp_path / "spawn_run.py"
+    script.write_text(SPAWN_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
+    env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
+    proc = subprocess.run([sys.executable, str(script), str(tmp_path)], env=env, cwd=tmp_path, capture_output=True,
+                          text=True, timeout=240)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    out = torch.load(tmp_path / "main.pt", weights_only=True)
+    assert out["sent"] and not out["left"]  # rank zero sent its results, the main process took them
+    assert out["quantized"] == ["conv", "head"] and out["report"]["bits"] == 3
+    assert [m["name"] for m in out["report"]["modules"]] == ["conv", "head"]
+    assert out["metrics"]["obc/modules_quantized"] == 2 and "obc/head/loss" in out["metrics"]
+    assert all(row.unique().numel() <= 2**3 for row in out["head"])  # the weights came back quantized
