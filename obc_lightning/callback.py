@@ -13,7 +13,11 @@ hook                                  what happens
 ``on_after_backward``, ``on_before_   the fine-tuning session's steps (DiffQ's size penalty, bit widths)
 optimizer_step``
 ``on_train_end``                      post-training compression, or the end of fine-tuning; export;
-                                      the ``last`` checkpoints rewritten with the compressed model
+                                      the ``last`` checkpoints rewritten with the compressed model (run
+                                      after every other callback's ``on_train_end``: SWA / EMA averages,
+                                      ``ModelPruning``'s permanent pruning are in the model by then)
+``teardown``                          the compressed weights checked unchanged since (else an error);
+                                      under ``ddp_spawn`` the results sent to the main process
 ``on_save_checkpoint``                checkpoints hold plain weights (loadable into the module as defined)
 ``on_load_checkpoint``                a checkpoint older than the compression is announced
 ``on_exception``                      the model put back as it was before the callback touched it
@@ -153,6 +157,7 @@ class OBCQuantize(Callback):
         self.quantizers: dict[str, torch.nn.Module] = {}  # the last session's (kept for inspection)
         self._snapshot: ModelSnapshot | None = None  # the weights to put back while the work is unfinished
         self._seal: WeightSeal | None = None  # checksums of the compressed weights, to tell if anything rewrote them
+        self._rewriting_last = False
         self._keep_snapshot = False  # held beyond the current stage (fine-tuning continues)
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
@@ -324,7 +329,11 @@ class OBCQuantize(Callback):
             self._forget()
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
         if self.quantized_modules:
-            glue.rewrite_last_checkpoints(trainer)
+            self._rewriting_last = True  # see _AfterOtherCallbacks.on_save_checkpoint
+            try:
+                glue.rewrite_last_checkpoints(trainer)
+            finally:
+                self._rewriting_last = False
 
     def _check_weights_kept(self, pl_module: LightningModule) -> None:
         """At the end of fit: raise (and forget the report) if a hook that ran after the compression (the
@@ -696,6 +705,12 @@ class _AfterOtherCallbacks(Callback):
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         self.owner._train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # the last on_save_checkpoint: the rewritten 'last' checkpoints hold the compressed model, whatever an
+        # earlier callback put in their place (WeightAveraging stores its average there)
+        if self.owner._rewriting_last:
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
 
     def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self in trainer.callbacks:

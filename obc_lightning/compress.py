@@ -421,7 +421,8 @@ def compress_model(
         if not isinstance(m.weight, nn.Parameter):
             skipped[name] = (
                 "weight is not a Parameter (reparametrized, e.g. torch.nn.utils.prune); "
-                "make it permanent (prune.remove) before quantizing"
+                "make it permanent (prune.remove, or ModelPruning's default make_pruning_permanent=True) before "
+                "quantizing"
             )
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}

@@ -10,7 +10,7 @@ import textwrap
 import lightning.pytorch as pl
 import pytest
 import torch
-from lightning.pytorch.callbacks import ModelPruning, StochasticWeightAveraging, WeightAveraging
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning, StochasticWeightAveraging, WeightAveraging
 from quiet_trainer import quiet_trainer
 from test_callback import Net, data
 from torch import nn
@@ -75,8 +75,12 @@ def test_weight_averaging_in_either_order_is_compressed_after_it(tmp_path, kind,
             averaged.update({n: p.detach().clone() for n, p in pl_module.named_parameters()})
 
     callbacks = [cb, avg] if obc_first else [avg, cb]
-    model = fit(tmp_path, [*callbacks, Spy()])
+    last = ModelCheckpoint(dirpath=tmp_path, save_last=True)
+    model = fit(tmp_path, [*callbacks, Spy(), last], enable_checkpointing=True)
     assert_compressed_as_reported(cb, model, tmp_path)
+    # the 'last' checkpoint holds the compressed model (WeightAveraging would store its average there)
+    saved = torch.load(last.last_model_path, weights_only=True)["state_dict"]
+    assert all(torch.equal(saved[n], p) for n, p in model.state_dict().items())
     # what was compressed is the average: compressing it again gives the same weights, bit for bit
     again = Net()
     again.load_state_dict({**again.state_dict(), **averaged})
