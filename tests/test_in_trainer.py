@@ -98,7 +98,8 @@ def test_model_pruning_in_either_order_is_made_permanent_then_compressed(tmp_pat
     assert_compressed_as_reported(cb, model, tmp_path)
 
 
-def test_a_callback_after_it_that_removes_torch_pruning_is_compressed_after(tmp_path):
+@pytest.mark.parametrize("obc_first", [True, False])
+def test_a_callback_that_makes_torch_pruning_permanent_in_either_order(tmp_path, obc_first):
     class MakePermanent(pl.Callback):
         def on_train_end(self, trainer, pl_module):
             prune.remove(pl_module.head, "weight")
@@ -106,7 +107,7 @@ def test_a_callback_after_it_that_removes_torch_pruning_is_compressed_after(tmp_
     model = Net()
     prune.l1_unstructured(model.head, "weight", amount=0.5)
     cb = quantize()
-    fit(tmp_path, [cb, MakePermanent()], model=model)
+    fit(tmp_path, [cb, MakePermanent()] if obc_first else [MakePermanent(), cb], model=model)
     assert_compressed_as_reported(cb, model, tmp_path)
 
 
