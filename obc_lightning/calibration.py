@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import math
 import os
+import sys
 import warnings
 from collections import deque
 from collections.abc import Callable, Iterable, Mapping
@@ -49,6 +50,11 @@ REASON_OWNER_NOT_RUN = (
 REASON_NOT_RUN = (
     "not called as a module during calibration (not on the forward path of the calibration batches, "
     "or its weight used functionally, e.g. F.linear(x, module.weight))"
+)
+REASON_COMPILED = (
+    "inside the torch.compile'd module '{owner}', whose compiled graph ran without the calibration's forward "
+    "hooks (compiled modules are calibrated eagerly with torch.compiler.set_stance, torch >= 2.6); upgrade "
+    "torch, or compress the module before compiling it"
 )
 
 
@@ -496,11 +502,38 @@ def _functional_owner(model: nn.Module, name: str) -> str | None:
     return parent if isinstance(owner, nn.MultiheadAttention) else None
 
 
+def compiled_owner(name: str) -> str | None:
+    """Name of the ``torch.compile``'d module (an ``OptimizedModule``, whose original is ``_orig_mod``)
+    that holds the module ``name``, if any ("<model>": the model itself is compiled)."""
+    parts = name.split(".")
+    if "_orig_mod" not in parts:
+        return None
+    return ".".join(parts[: parts.index("_orig_mod")]) or "<model>"
+
+
 def never_ran_reason(model: nn.Module, name: str) -> str:
     owner = _functional_owner(model, name)
     if owner is not None:
         return REASON_OWNER_NOT_RUN.format(owner=owner or "<model>")
+    compiled = compiled_owner(name)
+    if compiled is not None and not hasattr(torch.compiler, "set_stance"):
+        return REASON_COMPILED.format(owner=compiled)
     return REASON_NOT_RUN
+
+
+@contextmanager
+def compiled_code_eager():
+    """Within the block, ``torch.compile``'d modules and functions run their Python code eagerly
+    (``torch.compiler.set_stance("force_eager")``, torch >= 2.6): a graph compiled before calibration (in
+    training or validation) holds no forward hooks, so the hooks on the modules inside it would never
+    fire. Nothing is compiled unless ``torch._dynamo`` was imported, which is checked first (importing it
+    costs seconds)."""
+    set_stance = getattr(torch.compiler, "set_stance", None)
+    if sys.modules.get("torch._dynamo") is None or set_stance is None:
+        yield
+        return
+    with set_stance("force_eager"):
+        yield
 
 
 class _IdentityProjection(nn.Module):
@@ -555,8 +588,9 @@ def input_hooks(model: nn.Module, hooks: Mapping[str, tuple[nn.Module, Callable[
     """Within the block, ``fn(x)`` sees the input of every ``{name: (module, fn)}`` (see
     :func:`register_input_hook`), with the model in eval mode and the fused attention fast path off: the
     fused MHA / TransformerEncoderLayer path bypasses the Linear submodules, the slow path calls them as
-    modules (MultiheadAttention.out_proj excepted: see :func:`out_proj_input`). On exit, even by an
-    error, the hooks are removed, the fast path setting and every submodule's train / eval mode restored.
+    modules (MultiheadAttention.out_proj excepted: see :func:`out_proj_input`), and ``torch.compile``'d
+    code run eagerly (:func:`compiled_code_eager`). On exit, even by an error, the hooks are removed, the
+    fast path setting and every submodule's train / eval mode restored.
     """
     modes = {m: m.training for m in model.modules()}
     fastpath = torch.backends.mha.get_fastpath_enabled()
@@ -566,7 +600,8 @@ def input_hooks(model: nn.Module, hooks: Mapping[str, tuple[nn.Module, Callable[
             handles.append(register_input_hook(model, name, module, fn))
         model.eval()
         torch.backends.mha.set_fastpath_enabled(False)
-        yield
+        with compiled_code_eager():
+            yield
     finally:
         for h in handles:
             h.remove()

@@ -13,7 +13,11 @@ hook                                  what happens
 ``on_after_backward``, ``on_before_   the fine-tuning session's steps (DiffQ's size penalty, bit widths)
 optimizer_step``
 ``on_train_end``                      post-training compression, or the end of fine-tuning; export;
-                                      the ``last`` checkpoints rewritten with the compressed model
+                                      the ``last`` checkpoints rewritten with the compressed model (run
+                                      after every other callback's ``on_train_end``: SWA / EMA averages,
+                                      ``ModelPruning``'s permanent pruning are in the model by then)
+``teardown``                          the compressed weights checked unchanged since (else an error);
+                                      under ``ddp_spawn`` the results sent to the main process
 ``on_save_checkpoint``                checkpoints hold plain weights (loadable into the module as defined)
 ``on_load_checkpoint``                a checkpoint older than the compression is announced
 ``on_exception``                      the model put back as it was before the callback touched it
@@ -25,6 +29,9 @@ is Lightning-specific (the user's validation replayed, calibration batches, DDP,
 
 from __future__ import annotations
 
+import atexit
+import os
+import uuid
 from collections.abc import Callable, Iterable
 from typing import Any
 
@@ -45,6 +52,7 @@ from obc_lightning.formats.record import CHECKPOINT_KEY, formats_state, load_for
 from obc_lightning.pipeline import (
     ModelSnapshot,
     Stage,
+    WeightSeal,
     compress_stage,
     export_stage,
     start_finetuning,
@@ -124,9 +132,17 @@ class OBCQuantize(Callback):
                 f"{who}: calibration_dataloader must be an iterable of batches (a DataLoader), got "
                 f"{type(calibration_dataloader).__name__}"
             )
+        if calibration_dataloader is not None and _is_empty(calibration_dataloader):
+            raise ValueError(
+                f"{who}: calibration_dataloader is empty ({type(calibration_dataloader).__name__} of length 0); give "
+                "it calibration batches, or leave it out to calibrate on the train dataloader"
+            )
         if calibration_step is not None and not callable(calibration_step):
             raise ValueError(f"{who}: calibration_step must be callable(module, batch), got {calibration_step!r}")
         self.calibration_dataloader, self.calibration_step = calibration_dataloader, calibration_step
+        # a fit in processes started for it (ddp_spawn) sends its results back under this name
+        self._home_pid, self._token = os.getpid(), uuid.uuid4().hex
+        atexit.register(glue.remove_unread, self._token)
         # what the last compression did (empty: nothing compressed)
         self.report: CompressionReport | None = None
         self.quantized_modules: list[str] = []
@@ -138,6 +154,8 @@ class OBCQuantize(Callback):
         self.session: FinetuneSession | None = None
         self.quantizers: dict[str, torch.nn.Module] = {}  # the last session's (kept for inspection)
         self._snapshot: ModelSnapshot | None = None  # the weights to put back while the work is unfinished
+        self._seal: WeightSeal | None = None  # checksums of the compressed weights, to tell if anything rewrote them
+        self._rewriting_last = False
         self._keep_snapshot = False  # held beyond the current stage (fine-tuning continues)
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
@@ -150,6 +168,76 @@ class OBCQuantize(Callback):
     def who(self) -> str:
         return type(self).__name__
 
+    # ================================================================== results
+    # Also in the main process after a fit in processes started for it (ddp_spawn, ddp_fork): rank zero's
+    # copy of the callback sends them at the end of fit, read here the first time they are asked for.
+    @property
+    def report(self) -> CompressionReport | None:
+        """What the last compression did (``None``: nothing compressed)."""
+        if self._report is None:
+            self._receive()
+        return self._report
+
+    @report.setter
+    def report(self, value: CompressionReport | None) -> None:
+        self._report = value
+
+    @property
+    def quantized_modules(self) -> list[str]:
+        if not self._quantized_modules:
+            self._receive()
+        return self._quantized_modules
+
+    @quantized_modules.setter
+    def quantized_modules(self, value: list[str]) -> None:
+        self._quantized_modules = value
+
+    @property
+    def skipped_modules(self) -> dict[str, str]:
+        if not self._skipped_modules:
+            self._receive()
+        return self._skipped_modules
+
+    @skipped_modules.setter
+    def skipped_modules(self, value: dict[str, str]) -> None:
+        self._skipped_modules = value
+
+    @property
+    def metrics(self) -> dict[str, float]:
+        if not self._metrics:
+            self._receive()
+        return self._metrics
+
+    @metrics.setter
+    def metrics(self, value: dict[str, float]) -> None:
+        self._metrics = value
+
+    def _results(self) -> dict[str, Any]:
+        return {
+            "quantized_modules": list(self._quantized_modules),
+            "skipped_modules": dict(self._skipped_modules),
+            "metrics": dict(self._metrics),
+            "report": None if self._report is None else self._report.to_dict(),
+            "phase": self.phase,
+            "start_epoch": self.start_epoch,
+        }
+
+    def _receive(self) -> None:
+        """The results a copy of this callback sent from the process it ran fit in (in the main process)."""
+        if os.getpid() != self.__dict__.get("_home_pid") or "_metrics" not in self.__dict__:
+            return
+        state = glue.receive_from_worker(self._token)
+        if state is None:
+            return
+        self._quantized_modules, self._skipped_modules = state["quantized_modules"], state["skipped_modules"]
+        self._metrics, self.phase, self.start_epoch = state["metrics"], state["phase"], state["start_epoch"]
+        self._report = None if state["report"] is None else CompressionReport.from_dict(state["report"])
+
+    def _send_to_main_process(self, trainer: Trainer) -> None:
+        """In the rank-zero process a spawning strategy started: the results to the main process."""
+        if os.getpid() != self._home_pid and trainer.global_rank == 0:
+            glue.send_to_main_process(self._token, self._results())
+
     # ================================================================== Lightning hooks
     def setup(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
         if self.config.split_attention:  # before configure_optimizers and the checkpoint restore, every stage
@@ -157,6 +245,8 @@ class OBCQuantize(Callback):
             if split:
                 rank_zero_info(f"{self.who}: split the q, k, v projections of {len(split)} MultiheadAttention "
                                f"module(s) into Linears: {', '.join(split)}")
+        if os.getpid() == self._home_pid:  # results of an earlier fit in spawned processes, never read: stale
+            glue.remove_unread(self._token)
         if stage == "fit":  # a typo, a layout that does not fit a module: before training, not after it
             q = self.config.quantization
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
@@ -165,6 +255,7 @@ class OBCQuantize(Callback):
                 self._check_finetuning(trainer, targets)
             if not trainer.enable_validation:
                 self._no_validation_data()
+            _AfterOtherCallbacks.attach(trainer, self)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # after the optimizers exist, before their state is restored from a checkpoint
@@ -173,6 +264,7 @@ class OBCQuantize(Callback):
         if trainer.ckpt_path is None:  # state loaded by an earlier validate / test, not by this fit
             resume, restored = None, False
         self._monitor_checked = False
+        self._seal = None
         if resume is not None:
             self._resume_finetuning(trainer, pl_module, resume)
         elif not restored and self.phase != "idle":
@@ -210,6 +302,15 @@ class OBCQuantize(Callback):
             self.session.before_optimizer_step(glue.amp_scale(trainer))
 
     def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        # the work is done by the hook of _AfterOtherCallbacks, after every other callback's on_train_end
+        if not _AfterOtherCallbacks.attached(trainer, self):
+            self._train_end(trainer, pl_module)
+
+    def _train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Post-training compression, or the end of fine-tuning, after every other callback's ``on_train_end``
+        (weight averaging copies its average into the model there, ``ModelPruning`` makes its pruning
+        permanent there): what is compressed is the model those callbacks leave."""
+        changed = self._seal.changed(pl_module) if self._seal is not None and self.phase == "done" else []
         if self.config.finetune is None:
             self._guarded(trainer, pl_module, self._post_training)
         elif self.phase == "finetuning":
@@ -220,11 +321,37 @@ class OBCQuantize(Callback):
                 "for fine-tuning was planned; compressing now without fine-tuning"
             )
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
+        elif changed:
+            rank_zero_warn(
+                f"{self.who}: the compressed weights of {', '.join(changed)} were changed after compression (at the "
+                f"end of epoch {self.start_epoch}) by another callback's on_train_end (weight averaging, pruning); "
+                "compressing the model again as it leaves training"
+            )
+            self._forget()
+            self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
         if self.quantized_modules:
-            written = glue.rewrite_last_checkpoints(trainer)
+            self._rewriting_last = True  # see _AfterOtherCallbacks.on_save_checkpoint
+            try:
+                written = glue.rewrite_last_checkpoints(trainer)
+            finally:
+                self._rewriting_last = False
             weights_only = {cb.last_model_path for cb in trainer.checkpoint_callbacks
                             if getattr(cb, "save_weights_only", False)}
             self._say_where_the_model_is([p for p in written if p not in weights_only])
+
+    def _check_weights_kept(self, pl_module: LightningModule) -> None:
+        """At the end of fit: raise (and forget the report) if a hook that ran after the compression (the
+        LightningModule's ``on_train_end`` / ``on_fit_end``, a callback's ``on_fit_end``) changed the weights."""
+        seal, self._seal = self._seal, None
+        changed = seal.changed(pl_module) if seal is not None and self.quantized_modules else []
+        if changed:
+            self._forget()
+            raise RuntimeError(
+                f"{self.who}: the weights of {', '.join(changed)} changed after compression, in a hook that runs after "
+                "every callback's on_train_end (the LightningModule's on_train_end or on_fit_end, a callback's "
+                "on_fit_end); the model leaving fit is not the compressed model: the report is withdrawn. Change the "
+                "weights before on_train_end (or compress with compress_model after fit)"
+            )
 
     def on_exception(self, trainer: Trainer, pl_module: LightningModule, exception: BaseException) -> None:
         self._recover(exception)
@@ -422,7 +549,7 @@ class OBCQuantize(Callback):
         self._forget()
 
     def _forget(self) -> None:
-        self.session, self._snapshot = None, None
+        self.session, self._snapshot, self._seal = None, None, None
         self.report, self.quantized_modules, self.skipped_modules, self.metrics = None, [], {}, {}
         self.phase, self.start_epoch, self.quantizers = "idle", None, {}
 
@@ -463,8 +590,14 @@ class OBCQuantize(Callback):
             self.skipped_modules = {n: reason for n, (reason, _) in left.items()}
 
     def _calibration_batches(self, trainer: Trainer) -> list:
-        return glue.calibration_batches(trainer, self.calibration_dataloader, self.config.calibration.batches,
-                                        self.who)
+        batches = glue.calibration_batches(trainer, self.calibration_dataloader, self.config.calibration.batches,
+                                           self.who)
+        if not batches and self.calibration_dataloader is not None:
+            raise ValueError(
+                f"{self.who}: calibration_dataloader ({type(self.calibration_dataloader).__name__}) gave no batch; "
+                "the model was not compressed"
+            )
+        return batches
 
     def _bn_batches(self, trainer: Trainer) -> list:
         """The first ``recalibrate_bn`` training batches (the distribution BatchNorm's statistics describe)."""
@@ -511,6 +644,8 @@ class OBCQuantize(Callback):
         """Metrics to every logger, the summary through rank_zero_info, the error chart to every logger
         that takes images."""
         self.metrics = dict(metrics)
+        if self.session is None and self.quantized_modules:  # the compressed weights, final
+            self._seal = WeightSeal(trainer.lightning_module, self.quantized_modules)
         glue.log_metrics(trainer, metrics)
         if self.config.reporting.verbose:
             rank_zero_info("\n".join(lines))
@@ -580,6 +715,54 @@ class OBCQuantize(Callback):
 
     def _compresses_now(self, trainer: Trainer, epoch: int) -> bool:
         return self.config.finetune is not None and self.phase == "idle" and epoch == self._compress_epoch(trainer)
+
+
+def _is_empty(loader: Iterable) -> bool:
+    """Whether ``loader`` has a length and it is 0 (a DataLoader over an iterable dataset has none)."""
+    try:
+        return len(loader) == 0
+    except TypeError:
+        return False
+
+
+class _AfterOtherCallbacks(Callback):
+    """The end of an :class:`OBCQuantize`'s work, put last in ``trainer.callbacks`` (in ``setup``, for the
+    fit): Lightning calls the callbacks in list order, so its ``on_train_end`` runs after every other
+    callback's, whatever the order the user listed them in, and its ``teardown`` checks, after every
+    ``on_fit_end``, that the compressed weights are still those the report describes. It takes itself out
+    of the list in ``teardown``; it has no state of its own."""
+
+    def __init__(self, owner: OBCQuantize) -> None:
+        self.owner = owner
+
+    @property
+    def state_key(self) -> str:
+        return f"{self.owner.state_key}:after_other_callbacks"
+
+    @staticmethod
+    def attached(trainer: Trainer, owner: OBCQuantize) -> bool:
+        return any(isinstance(cb, _AfterOtherCallbacks) and cb.owner is owner for cb in trainer.callbacks)
+
+    @classmethod
+    def attach(cls, trainer: Trainer, owner: OBCQuantize) -> None:
+        if not cls.attached(trainer, owner):
+            trainer.callbacks.append(cls(owner))
+
+    def on_train_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        self.owner._train_end(trainer, pl_module)
+
+    def on_save_checkpoint(self, trainer: Trainer, pl_module: LightningModule, checkpoint: dict) -> None:
+        # the last on_save_checkpoint: the rewritten 'last' checkpoints hold the compressed model, whatever an
+        # earlier callback put in their place (WeightAveraging stores its average there)
+        if self.owner._rewriting_last:
+            checkpoint["state_dict"] = trainer.strategy.lightning_module_state_dict()
+
+    def teardown(self, trainer: Trainer, pl_module: LightningModule, stage: str) -> None:
+        if self in trainer.callbacks:
+            trainer.callbacks.remove(self)
+        if stage == "fit":
+            self.owner._check_weights_kept(pl_module)
+            self.owner._send_to_main_process(trainer)
 
 
 class OBCPrune(OBCQuantize):

@@ -51,6 +51,8 @@ from obc_lightning.selection import (
     REASON_ATTENTION_PROJECTION,
     attention_projections,
     check_patterns_match,
+    full_precision_modules,
+    parameter_bytes,
     per_module,
     select_modules,
     unquantized_projections,
@@ -417,7 +419,8 @@ def compress_model(
         if not isinstance(m.weight, nn.Parameter):
             skipped[name] = (
                 "weight is not a Parameter (reparametrized, e.g. torch.nn.utils.prune); "
-                "make it permanent (prune.remove) before quantizing"
+                "make it permanent (prune.remove, or ModelPruning's default make_pruning_permanent=True) before "
+                "quantizing"
             )
     all_targets = targets
     targets = {n: m for n, m in targets.items() if n not in skipped}
@@ -647,6 +650,8 @@ def compress_model(
     for _, size in projections.values():
         report.bytes_before += size
         report.bytes_after += size
+    report.full_precision = full_precision_modules(model, all_targets, projections)
+    report.model_bytes = parameter_bytes(model)
     if isinstance(bits, Mapping) or (allocator is not None and bits is not None):
         report.bits = {r.name: r.bits for r in report.modules}
     if report.allocation is not None:  # what the target measures, from the report's own totals

@@ -70,6 +70,38 @@ class ModelSnapshot:
         restore_formats(self.model, self.formats)
 
 
+class WeightSeal:
+    """An exact checksum of the weight of each named module, to tell later whether any of them changed (a
+    compressed model that something else rewrote no longer is what its report describes).
+
+    Per weight, sum_k (k mod 65521 + 1) * b_k over its bytes b_k, summed in int64 on the weight's device:
+    exact, so equal on any device and in any summation order, and changed by any change of one byte.
+    Costs one pass over the weights, no copy of them."""
+
+    CHUNK = 1 << 22  # bytes per step (the int64 products: 8x that, transient)
+
+    def __init__(self, model: nn.Module, names: Iterable[str]) -> None:
+        self.sums = {name: self.checksum(model, name) for name in names}
+
+    @classmethod
+    def checksum(cls, model: nn.Module, name: str) -> tuple | None:
+        try:
+            weight = model.get_submodule(name).weight
+        except AttributeError:  # the module is gone (or holds no weight any more)
+            return None
+        b = weight.detach().contiguous().reshape(-1).view(torch.uint8)
+        total = 0
+        for start in range(0, b.numel(), cls.CHUNK):
+            chunk = b[start : start + cls.CHUNK]
+            k = torch.arange(start, start + chunk.numel(), device=chunk.device, dtype=torch.int64)
+            total += int((chunk.to(torch.int64) * (k % 65521 + 1)).sum())
+        return tuple(weight.shape), weight.dtype, total
+
+    def changed(self, model: nn.Module) -> list[str]:
+        """The modules whose weight is not bit for bit what it was (or is gone)."""
+        return [name for name, value in self.sums.items() if value is None or self.checksum(model, name) != value]
+
+
 @contextmanager
 def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], FinetuneSession | None] = lambda: None):
     """Within the block, any exception (KeyboardInterrupt included) first aborts the fine-tuning session

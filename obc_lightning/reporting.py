@@ -128,6 +128,12 @@ class CompressionReport:
     ``bits``: the width of every module, or ``{module: bits}`` when they differ (per-module ``bits`` or a
     size target: ``compress_model(..., bits=report.bits)`` repeats the assignment); ``allocation``: what a
     size target decided (:class:`AllocationSummary`).
+
+    What stays in full precision: ``skipped`` names the targets (and attention projections) left as they
+    were, with the reason; ``full_precision`` every other module holding parameters of its own
+    (embeddings, recurrent layers, norms, excluded layers: ``{name: (type, reason, fp32 bytes)}``), and
+    ``model_bytes`` all the model's parameters at fp32, so that ``full_precision_share`` is their share
+    of the model (an embedding can be most of a small transformer).
     """
 
     modules: list[ModuleReport] = field(default_factory=list)
@@ -146,6 +152,8 @@ class CompressionReport:
     calibration_passes: int = 0  # passes over the calibration batches (sequential: one per group)
     seconds: float = 0.0
     allocation: AllocationSummary | None = None
+    full_precision: dict[str, tuple[str, str, int]] = field(default_factory=dict)  # name -> (type, reason, bytes)
+    model_bytes: int = 0  # all the model's parameters at fp32
     results: dict | None = field(default=None, repr=False, compare=False)
 
     @property
@@ -160,6 +168,14 @@ class CompressionReport:
     @property
     def compression_ratio(self) -> float:
         return self.bytes_before / self.bytes_after if self.bytes_after else float("nan")
+
+    def share_of_model(self, nbytes: int) -> float:
+        return nbytes / self.model_bytes if self.model_bytes else float("nan")
+
+    @property
+    def full_precision_share(self) -> float:
+        """Share of the model's parameters (fp32 bytes) in :attr:`full_precision` modules."""
+        return self.share_of_model(sum(size for _, _, size in self.full_precision.values()))
 
     @property
     def avg_bits(self) -> float:
@@ -200,6 +216,9 @@ class CompressionReport:
         out[f"{prefix}seconds"] = self.seconds
         out[f"{prefix}modules_quantized"] = float(len(self.modules))
         out[f"{prefix}modules_skipped"] = float(len(self.skipped))
+        if self.full_precision:
+            out[f"{prefix}full_precision_mb"] = sum(size for _, _, size in self.full_precision.values()) / 2**20
+            out[f"{prefix}full_precision_share"] = self.full_precision_share
         a = self.allocation
         if a is not None:
             if a.error is not None:
@@ -216,6 +235,17 @@ class CompressionReport:
         d["avg_bits"] = self.avg_bits
         d["sparsity"] = self.sparsity
         return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> CompressionReport:
+        """The report of a :meth:`to_dict` (``results`` are not in it)."""
+        d = {k: v for k, v in d.items() if k not in ("compression_ratio", "avg_bits", "sparsity", "results")}
+        d["modules"] = [ModuleReport(**{**m, "shape": tuple(m["shape"]), "tied": tuple(m.get("tied", ()))})
+                        for m in d.get("modules", [])]
+        if d.get("allocation") is not None:
+            d["allocation"] = AllocationSummary(**d["allocation"])
+        d["full_precision"] = {n: tuple(v) for n, v in d.get("full_precision", {}).items()}
+        return cls(**d)
 
     def table(self) -> str:
         """A fixed-width text table: one line per module, then skipped modules and the totals."""
@@ -241,6 +271,7 @@ class CompressionReport:
         lines += [fmt.format(*r) for r in rows]
         for name, reason in self.skipped.items():
             lines.append(f"skipped {name}: {reason}")
+        lines += self._full_precision_lines()
         pruned = any(m.sparsity for m in self.modules)
         quantized = any(m.bits is not None or m.method != "scalar" for m in self.modules) or not pruned
         done = "pruned and quantized" if pruned and quantized else "pruned" if pruned else "quantized"
@@ -256,6 +287,27 @@ class CompressionReport:
         if self.allocation is not None:
             lines.append(self.allocation.line())
         return "\n".join(lines)
+
+    def _full_precision_lines(self, min_share: float = 0.005) -> list[str]:
+        """One line per module left in full precision holding at least ``min_share`` of the model; the
+        smaller ones (norms, mostly) counted together by type."""
+        lines, small = [], {}
+        for name, (kind, reason, size) in self.full_precision.items():
+            share = self.share_of_model(size)
+            if share >= min_share:
+                lines.append(f"full precision {name}: {share:.1%} of the model's parameters; {reason}")
+            else:
+                small.setdefault(kind, []).append(size)
+        if small:
+            n = sum(len(v) for v in small.values())
+            kinds = ", ".join(f"{k} x{len(v)}" for k, v in small.items())
+            lines.append(f"full precision: {n} smaller module(s) ({kinds}), together "
+                         f"{self.share_of_model(sum(map(sum, small.values()))):.1%} of the model's parameters")
+        if self.full_precision:
+            total = sum(size for _, _, size in self.full_precision.values())
+            lines.append(f"full precision outside the targets: {total / 2**20:.3f} MB at fp32, "
+                         f"{self.full_precision_share:.1%} of the model's parameters")
+        return lines
 
     def __str__(self) -> str:
         return self.table()

@@ -8,7 +8,7 @@ typo would otherwise compress everything, or nothing.
 from __future__ import annotations
 
 import fnmatch
-from collections.abc import Mapping, Sequence
+from collections.abc import Iterable, Mapping, Sequence
 
 from torch import nn
 
@@ -99,6 +99,56 @@ def unquantized_projections(model: nn.Module, include=None, exclude=None) -> dic
     attention or a parent selects them too): the weights of layers the report names as full precision."""
     inc, exc = as_patterns(include, "include"), as_patterns(exclude, "exclude")
     return {n: v for n, v in attention_projections(model).items() if _selected(n, inc, exc)}
+
+
+NORMS = tuple(
+    t for t in (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, getattr(nn, "RMSNorm", None)) if t
+)
+
+
+def full_precision_reason(module: nn.Module) -> str:
+    """Why the parameters of a module that is not a target stay in full precision, by its type."""
+    kind = type(module).__name__
+    if isinstance(module, SUPPORTED_MODULES):
+        return f"a {kind} that include / exclude leave out of the targets"
+    if isinstance(module, (nn.Embedding, nn.EmbeddingBag)):
+        return f"an embedding table ({kind}: looked up, not multiplied with the input); only Linear / Conv1d / " \
+               "Conv2d weights are quantized"
+    if isinstance(module, nn.RNNBase):
+        return f"a recurrent layer ({kind}: its weights are used inside the fused recurrent kernel, not by Linear " \
+               "modules); only Linear / Conv1d / Conv2d weights are quantized"
+    if isinstance(module, NORMS):
+        return f"normalization scale and shift ({kind}, one per channel): kept in full precision"
+    return f"parameters held by a {kind} itself (not a Linear / Conv1d / Conv2d module): not quantized"
+
+
+def full_precision_modules(
+    model: nn.Module, targets: Mapping[str, nn.Module], projections: Iterable[str] = ()
+) -> dict[str, tuple[str, str, int]]:
+    """``{name: (module type, reason, fp32 bytes)}`` of every module that holds parameters of its own (not through a
+    submodule) that are neither a target's (weight, bias, parametrizations) nor an attention projection
+    (``projections``, reported with the skipped targets): embeddings, recurrent layers, norms, excluded
+    layers, bare ``nn.Parameter`` attributes (under the name of the module that holds them, ``"<model>"``
+    for the model itself). A Parameter shared by several modules is counted once, under the first; one
+    shared with a target is the target's. Bytes at fp32, as the rest of the report counts them."""
+    accounted = {id(p) for m in targets.values() for p in m.parameters()}
+    for name in projections:
+        owner, _, attr = name.rpartition(".")
+        mha = model.get_submodule(owner) if owner else model
+        accounted |= {id(p) for p in (getattr(mha, attr, None), mha.in_proj_bias) if p is not None}
+    out: dict[str, tuple[str, str, int]] = {}
+    for name, m in model.named_modules():
+        own = [p for p in m.parameters(recurse=False) if id(p) not in accounted]
+        accounted |= {id(p) for p in own}
+        if own:
+            size = sum(p.numel() for p in own) * FP32_BYTES
+            out[name or "<model>"] = (type(m).__name__, full_precision_reason(m), size)
+    return out
+
+
+def parameter_bytes(model: nn.Module) -> int:
+    """fp32 bytes of all the model's parameters, each shared one once."""
+    return sum(p.numel() for p in model.parameters()) * FP32_BYTES
 
 
 def per_module(value, name: str, what: str, who: str = "compress_model"):

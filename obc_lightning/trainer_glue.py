@@ -11,9 +11,10 @@ import inspect
 import math
 import os
 import sys
+import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from typing import Any
 
 import torch
@@ -91,9 +92,21 @@ def first_loader(loaders):
     return loaders
 
 
+def loop_batch(trainer: Trainer, batch, dataloader_idx: int = 0):
+    """``batch`` as Lightning's loops hand it to a step: converted to the Trainer's precision
+    (``precision_plugin.convert_input``: float inputs to bfloat16 / float16 / float64 under the "-true"
+    precisions), through ``on_before_batch_transfer``, then moved by the strategy (``transfer_batch_to_device``,
+    ``on_after_batch_transfer``), as ``evaluation_loop`` and ``training_epoch_loop`` do."""
+    batch = trainer.precision_plugin.convert_input(batch)
+    module = trainer.lightning_module
+    if module is not None:
+        batch = module.on_before_batch_transfer(batch, dataloader_idx)
+    return trainer.strategy.batch_to_device(batch, dataloader_idx=dataloader_idx)
+
+
 def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None, who: str) -> list:
-    """The calibration batches on the module's device (a list: every pass sees the same batches); ``n``
-    ``None``: about 1024 samples over all ranks."""
+    """The calibration batches as the training loop prepares them (:func:`loop_batch`), a list: every pass
+    sees the same batches; ``n`` ``None``: about 1024 samples over all ranks."""
     if loader is None:
         loader = first_loader(trainer.train_dataloader)
     if loader is None:
@@ -104,7 +117,7 @@ def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None
         if wanted is None:
             bs = batch_size_of(batch)
             wanted = math.ceil(CALIBRATION_SAMPLES / (bs * trainer.world_size)) if bs else UNKNOWN_BATCH_SIZE_BATCHES
-        batches.append(trainer.strategy.batch_to_device(batch))
+        batches.append(loop_batch(trainer, batch))
         if len(batches) >= wanted:
             break
     if isinstance(loader, Sized) and n and len(batches) < n:
@@ -253,7 +266,7 @@ def replay_validation(trainer: Trainer, pl_module: LightningModule, who: str) ->
             for i, batch in enumerate(loader):
                 if i >= limit:
                     break
-                batch = trainer.strategy.batch_to_device(batch, dataloader_idx=dl_idx)
+                batch = loop_batch(trainer, batch, dl_idx)
                 current.update(bs=batch_size_of(batch) or 1, phase="step")
                 extra = (dl_idx,) if len(loaders) > 1 else ()
                 hook("on_validation_batch_start", batch, i, *extra)
@@ -353,6 +366,46 @@ def amp_scale(trainer: Trainer) -> float:
     """The AMP gradient scaler's current scale (1 without one)."""
     scaler = getattr(trainer.precision_plugin, "scaler", None)
     return float(scaler.get_scale()) if scaler is not None and scaler.is_enabled() else 1.0
+
+
+# ------------------------------------------------------------------------- spawned processes
+# Under ddp_spawn / ddp_fork / ddp_notebook, fit runs in processes started for it, each with a copy of the
+# callback; Lightning sends back to the main process only the weights, the trainer state and
+# trainer.callback_metrics. The callback's own state goes by a file that rank zero writes, whose name only
+# the callback object and its copies know (a random token), and that the main process's object reads
+# (and removes) the first time its results are asked for.
+def state_file(token: str) -> str:
+    return os.path.join(tempfile.gettempdir(), f"obc_lightning-{token}.pt")
+
+
+def send_to_main_process(token: str, state: dict) -> None:
+    """Written atomically (a private temporary file renamed), so a reader never sees half of it."""
+    fd, tmp = tempfile.mkstemp(prefix=f".obc_lightning-{token}-", dir=tempfile.gettempdir())
+    try:
+        with os.fdopen(fd, "wb") as f:
+            torch.save(state, f)
+        os.replace(tmp, state_file(token))
+    except BaseException:
+        with suppress(OSError):
+            os.remove(tmp)
+        raise
+
+
+def receive_from_worker(token: str) -> dict | None:
+    """The state a worker sent (removing the file), or ``None``."""
+    path = state_file(token)
+    try:
+        state = torch.load(path, weights_only=True)
+    except FileNotFoundError:
+        return None
+    with suppress(OSError):
+        os.remove(path)
+    return state
+
+
+def remove_unread(token: str) -> None:
+    with suppress(OSError):
+        os.remove(state_file(token))
 
 
 # ------------------------------------------------------------------------------------- progress
