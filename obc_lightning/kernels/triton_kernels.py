@@ -177,7 +177,7 @@ def gptq_block(
     tile = tl.load(wptr, mask=m2, other=0.0)
     etile = tile * 0.0
     for i in range(nb):
-        c = i1 + i
+        c = tl.cast(i1 + i, tl.int64)  # c * stride_u passes 2^31 once d > 46,340
         sel = cb[None, :] == i
         wi = tl.reduce(tl.where(sel, tile, 0.0), 1, tl.standard._sum_combine)
         s = tl.load(S + rows * stride_w + c, mask=rm, other=1.0)
@@ -224,7 +224,7 @@ def polish_block(
     dt = gt * 0.0
     act = (tl.load(ACTIVE + rows, mask=rm, other=0) != 0) & rm
     for i in range(nb):
-        j = i1 + i
+        j = tl.cast(i1 + i, tl.int64)  # j * stride_h passes 2^31 once d > 46,340
         sel = cb[None, :] == i
         g = tl.reduce(tl.where(sel, gt, 0.0), 1, tl.standard._sum_combine)
         q = tl.reduce(tl.where(sel, qt, 0.0), 1, tl.standard._sum_combine)
