@@ -59,6 +59,18 @@ def test_exact_obc_kernels_equal_torch_float64(shape, bits, opts, kind, monkeypa
         assert torch.allclose(fused.loss, ref.loss, rtol=1e-9, atol=1e-12)
 
 
+
+def test_exact_obc_kernels_symmetric_flush_float64(monkeypatch):
+    # the flush's lower block triangle and its mirror (the CUDA default) against the one-step loop
+    import obc_lightning.solvers.obc as obc
+
+    W, H = variant(*problem(5, 32, seed=3), "pruned")
+    ref = exact_obc(W, H, 3, method="reference")
+    monkeypatch.setattr(obc, "symmetric_blocks", lambda device: 3)
+    monkeypatch.setenv(ENV, "triton")
+    fused = exact_obc(W, H, 3, block_size=4)
+    assert torch.equal(fused.codes, ref.codes)
+
 @pytest.mark.parametrize("kind", ["plain", "pruned"])
 def test_exact_obc_kernels_float32_total_loss(kind, monkeypatch):
     W, H = variant(*problem(8, 32, seed=4, dtype=torch.float32), kind)
