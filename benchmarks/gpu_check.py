@@ -427,9 +427,9 @@ def part_launches(rec: Recorder, device, smoke: bool) -> None:
     W = torch.randn(rows, d, generator=torch.Generator().manual_seed(0)).to(device)
     solvers = (("exact_obc", lambda: exact_obc(W, H, 4, damp=0.01)), ("auto", lambda: quantize_weight(W, H, 4)))
     for solver, fn in solvers:
-        fn()  # compile outside the profile
-        sync(device)
         if device.type == "cuda":
+            fn()  # compile outside the profile
+            sync(device)
             from torch.profiler import ProfilerActivity, profile
 
             with profile(activities=[ProfilerActivity.CUDA]) as prof:

@@ -251,12 +251,19 @@ def test_bad_inputs(matrix, hessian, kwargs, match):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu_float64():
+    # compiled float64 contracts to FMA and cuBLAS sums in its own order: H^-1 agrees with the CPU's to
+    # ~1e-13, not bit for bit, so a row's codes agree unless two of its candidates tie to ~1e-12 (then the
+    # rest of that row may differ). What float64 promises: nearly every row identical, the objective equal
+    # to ~1e-9 where codes are, and the total within 1e-6.
     W, H = correlated_problem(40, 96, seed=9)
     cpu = exact_obc(W, H, 4)
     gpu = exact_obc(W.cuda(), H.cuda(), 4)
     assert gpu.quantized_matrix.device.type == "cuda"
-    assert torch.equal(gpu.codes.cpu(), cpu.codes)
+    same = (gpu.codes.cpu() == cpu.codes).all(dim=1)
+    assert int(same.sum()) >= 38, int(same.sum())
+    assert torch.allclose(gpu.loss.cpu()[same], cpu.loss[same], rtol=1e-9, atol=0)
+    assert abs(gpu.loss.sum().item() / cpu.loss.sum().item() - 1) < 1e-6
 
 
 # codes of exact_obc(W, H, 3, block_size=4 or 16) for correlated_problem(6, 40, seed=35) in float64, computed

@@ -14,8 +14,9 @@ Two implementations of the same greedy loop:
 - :func:`greedy_reference`: one step at a time, the downdate applied at once (in place, batched over
   rows). Short, obviously the paper's loop: the test oracle and the benchmark baseline.
 - :func:`greedy_fast`: the same steps with the downdates deferred and applied every ``block_size``
-  steps as one batched matrix product, the finished columns dropped from the working set at each flush
-  (the working set shrinks from d x d to 0, so the flushes cost ~d^3/3 per row instead of d^3).
+  steps as one batched matrix product on the live columns only, the finished ones dropped at each flush
+  (the working set shrinks from d x d to 0: ~2 d^3 / 3 FLOPs per row, ~d^3 / 3 using the symmetry of
+  H^-1, where one rank-1 downdate per step costs 2 d^3).
 """
 
 from __future__ import annotations
@@ -218,9 +219,10 @@ def greedy_loop_fast(
     H^-1 = Hf - U U^T, with Hf the last flushed matrix and U (n x t) the pending scaled columns
     u = H^-1[:, p] / sqrt([H^-1]_pp); the column needed at a step is Hf[:, p] - U U[p, :]^T.
     Every ``block_size`` steps the finished columns are dropped and U is flushed into the live block:
-    Hf <- Hf[keep, keep] - U[keep] U[keep]^T (:func:`flush_live`; ``rule.shrink(keep)``), so the flushes
-    cost ~2 d^3 / 3 per row (~d^3 / 3 with the symmetric ``blocks``) where a rank-B update of the whole
-    working set costs ~2 d^3 B / B... (:func:`flush_flops` counts both).
+    Hf <- Hf[keep, keep] - U[keep] U[keep]^T (:func:`flush_live`; ``rule.shrink(keep)``). The flushes
+    cost sum_k 2 (d - kB)^2 B ~ 2 d^3 / 3 FLOPs per row (~d^3 / 3 with ``blocks`` > 1: the lower block
+    triangle), against ~1.05 d^3 for in-place updates of the whole working set with the finished
+    columns dropped only when they are half of it (:func:`flush_flops` counts both).
 
     Returns the per-row loss (NaN: broken row), and the weights still in the working set (R, n) with
     their global columns (R, n); finished weights sit at the targets the rule recorded.
@@ -304,12 +306,12 @@ def greedy_fast(
 def _row_bytes(d: int, dtype: torch.dtype, method: str, masked: bool = False) -> int:
     """Peak working-set bytes per row of a batch, counting every d x d copy the path makes.
 
-    fast: the flushed inverse H_f, plus at a shrink the gathered rows, their transposed copy and the
-    new H_f (1.25 d^2 at the first shrink), plus a per-row source when the rows have their own inverse
+    fast: two reused buffers, the flushed inverse H_f (n2 x n2) and the gathered rows of the next one
+    (n2 x n), under 2 d^2 together, plus a per-row source when the rows have their own inverse
     (zero-aware path: ``masked_inverses`` holds 3 copies while it factors: H repeated, L, the inverse);
     reference: the gathered inverse and its working clone; vectors: U (<= 256 x d) and ~64 d more."""
     el = torch.finfo(dtype).bits // 8
-    copies = (2.25 if method == "fast" else 2.0) + (1.0 if masked else 0.0)
+    copies = 2.0 + (1.0 if masked else 0.0)
     return int(el * (copies * d * d + (256 + 64) * d))
 
 
