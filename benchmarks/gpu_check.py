@@ -26,8 +26,9 @@ Parts, in order:
 - ``reference``: the fused engine against the in-place one-step loop (``method="reference"``, a row
   subset, scaled to all rows).
 - ``launches``: kernel launches per column step (``torch.profiler``) on one layer.
-- ``tests``: ``pytest -m cuda tests/test_cuda.py`` (fp32 kernels against the plain loop's fp32 error,
-  no host sync in the step loops, the memory budget, the callback on one GPU), pass/fail counts.
+- ``tests``: the ``cuda``-marked tests (fp32 kernels held to the plain loop's fp32 error, no host sync in
+  the step loops, the memory budget, float64 CPU/GPU, the TF32 guard, the callback on one GPU), with
+  pass/fail counts and the name of every failure.
 - ``sharded``: with more than one GPU, the default solver over each layer set shared out over all GPUs
   (NCCL, one process per GPU) against one GPU batched by width (``--cpu-smoke``: 2 gloo processes).
 Nothing here is a pass/fail of speed: it records what it measured, with the machine.
@@ -363,8 +364,8 @@ def part_flush(rec: Recorder, device, smoke: bool) -> None:
             continue
         B = default_block_size(n)
         g = torch.Generator(device="cpu").manual_seed(0)
-        A = torch.randn(n, n, generator=g)
-        src = (A @ A.T / n + torch.eye(n)).to(device).unsqueeze(0)
+        A = torch.randn(n, n, generator=g).to(device)
+        src = (A @ A.T / n + torch.eye(n, device=device)).unsqueeze(0)
         ut = (0.01 * torch.randn(R, B, n, generator=g)).to(device)
         keep = torch.arange(B, n, device=device).expand(R, n - B).contiguous()
         uk = ut.gather(2, keep.unsqueeze(1).expand(R, B, n - B))
@@ -446,7 +447,8 @@ def part_launches(rec: Recorder, device, smoke: bool) -> None:
 
 
 def part_tests(rec: Recorder, smoke: bool) -> None:
-    cmd = [sys.executable, "-m", "pytest", "-q", "-m", "cuda", "-p", "no:cacheprovider", "tests/test_cuda.py"]
+    files = ["tests/test_cuda.py", "tests/test_obc.py", "tests/test_precision.py"]  # where `cuda` tests live
+    cmd = [sys.executable, "-m", "pytest", "-q", "-rs", "-m", "cuda", "-p", "no:cacheprovider", *files]
     try:
         r = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=max(10, min(200, left() - 40)))
     except subprocess.TimeoutExpired:
