@@ -37,6 +37,7 @@ Nothing here is a pass/fail of speed: it records what it measured, with the mach
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import os
 import platform
@@ -116,6 +117,9 @@ def run_part(rec: Recorder, name: str, need_s: float, fn, fail: str | None, *arg
         return None
     finally:
         rec.figure("part_seconds", time.perf_counter() - t, "s")
+        gc.collect()  # an out-of-memory error's frames hold tensors: free them for the next part
+        if torch.cuda.is_available():
+            torch.cuda.empty_cache()  # and the cache, for the tests' own process
 
 
 def sync(device) -> None:
@@ -281,6 +285,9 @@ def by_width(probs: list) -> dict[int, list[int]]:
 def part_warmup(rec: Recorder, device, smoke: bool, hess: dict) -> None:
     """Every kernel variant the timed parts use, compiled once: each layer on few rows, every mode."""
     for net, layers in net_sets(smoke).items():
+        if not smoke and left() < 240:
+            rec.note(f"stopped before {net}: {left():.0f} s left; its timings will include compilation", skipped=True)
+            break
         probs = layer_problems(layers, device, hess, 4 if smoke else None)
         if smoke:  # nothing compiles in the interpreter: the code path on one layer is enough
             probs = probs[:1]
