@@ -240,22 +240,25 @@ def part_machine(rec: Recorder, device) -> None:
             rec.figure(key, val.strip())
 
 
+def spec_class(n: int) -> str:
+    """How Triton specialises an integer argument: equal to 1, divisible by 16, or neither."""
+    return "one" if n == 1 else "div16" if n % 16 == 0 else "other"
+
+
 def warm_rows(rows: int) -> int:
-    """Fewest rows in the same Triton specialisation class as ``rows`` (1, divisible by 16, other)."""
-    if rows == 1 or rows % 16 == 0:
-        return min(rows, 16)
-    return rows % 16 if rows % 16 != 1 else 17
+    """Fewest rows in the specialisation class of ``rows`` (the kernels' row-count argument)."""
+    return {"one": 1, "div16": 16, "other": 2}[spec_class(rows)]
 
 
 def batched_warm_rows(counts: list[int]) -> list[int]:
-    """Rows per layer for a batched warm-up whose total is in the class of ``sum(counts)``."""
-    small = [warm_rows(c) for c in counts]
-    want = warm_rows(sum(counts))
-    for extra in range(0, 33):
-        if warm_rows(sum(small) + extra) == want:
-            small[-1] += extra
-            return [min(s, c) for s, c in zip(small, counts)] if sum(small) <= sum(counts) else small
-    return small
+    """Rows per layer (at most each layer's) for a batched warm-up whose total has the class of
+    ``sum(counts)``: the batched kernels see the stacked rows of all layers."""
+    want = spec_class(sum(counts))
+    first = [min(c, 16) for c in counts[:-1]]
+    for last in range(1, min(counts[-1], 32) + 1):
+        if spec_class(sum(first) + last) == want:
+            return first + [last]
+    return list(counts)
 
 
 def net_sets(smoke: bool) -> dict:
