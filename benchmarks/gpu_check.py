@@ -134,13 +134,12 @@ def compiled_kernels() -> int | None:
     except Exception:
         return None
     total = 0
-    for (_, interpret), fn in tk._CACHE.items():
-        caches = getattr(fn, "device_caches", None)
-        if interpret:
-            continue
-        if caches is None:
-            return None
-        total += sum(len(v[0]) for v in caches.values())
+    try:
+        for (_, interpret), fn in tk._CACHE.items():
+            if not interpret:  # Triton 3.x: device -> (kernel cache, ...)
+                total += sum(len(v[0]) for v in fn.device_caches.values())
+    except Exception:  # another cache layout: unknown, not an error of the run
+        return None
     return total
 
 
