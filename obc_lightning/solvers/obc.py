@@ -152,7 +152,7 @@ class FlushBuffers:
 def symmetric_blocks(device: torch.device) -> int:
     """Row blocks of the flush's product: the lower block triangle is computed and mirrored (about
     (1 + 1/k) / 2 of the full product's FLOPs). On CPU the strided mirror copy costs more than the
-    FLOPs it saves (benchmarks/solver.py), so the full product there."""
+    FLOPs it saves (measured, docs/gpu.md), so the full product there; on CUDA gpu_check.py times both."""
     return 4 if device.type == "cuda" else 1
 
 
@@ -189,6 +189,8 @@ def flush_flops(d: int, block_size: int, schedule: str = "live", blocks: int = 1
     2 B sum_i (a1_i - a0_i) a1_i). ``half`` (the engine before issue 35): a rank-B update of the whole
     n x n working set, in place, and the finished columns dropped only at the flush where they are half
     of it (that flush updates the n2 x n2 block)."""
+    if schedule not in ("live", "half"):
+        raise ValueError(f"flush_flops: schedule must be 'live' or 'half', got {schedule!r}")
     n, step, n_done, flops = d, 0, 0, 0
     while step + block_size < d:  # a flush follows every full block but the last
         step += block_size
