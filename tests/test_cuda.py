@@ -22,21 +22,37 @@ def problem(rows, cols, seed=0, samples=None):
     return W, 2 * X.T @ X / X.shape[0]
 
 
+def fp32_tolerance(solver, W, H) -> tuple[float, float]:
+    """(total loss in float64, tolerance on a float32 total's relative deviation from it), on the CPU.
+
+    A compiled float32 path cannot match the CPU bit for bit (approximate division and square root, FMA
+    contraction, cuBLAS's summation order), and float32 greedy paths part at the first near-tie. What it
+    can promise is the accuracy of float32 itself: the plain float32 loop (ExactOBC's one-step loop; for
+    ``auto`` the torch path) deviates from the float64 result by some amount; the GPU may deviate by
+    twice that (at least 3e-3). (In float64 the fast engine's codes are the one-step loop's: tested.)"""
+    exact = run_solver(solver)(W.double(), H.double()).loss.sum().item()
+    plain = run_solver(solver, **({"method": "reference"} if solver == "exact_obc" else {}))(W, H).loss.sum().item()
+    return exact, max(3e-3, 2 * abs(plain / exact - 1))
+
+
+def run_solver(solver, **kw):
+    if solver == "exact_obc":
+        return lambda W, H: exact_obc(W, H, 4, damp=0.01, **kw)
+    return lambda W, H: quantize_weight(W, H, 4, **kw)
+
+
 def test_default_path_on_cuda_is_triton():
     pytest.importorskip("triton")
     assert use_triton(torch.zeros(1, device="cuda"))
 
 
 @pytest.mark.parametrize("solver", ["exact_obc", "auto"])
-def test_float32_fused_path_matches_cpu_total_loss(solver):
+def test_float32_fused_path_is_as_accurate_as_the_plain_float32_loop(solver):
     W, H = problem(128, 576, seed=1, samples=2000)
-    def run(W, H):
-        return exact_obc(W, H, 4, damp=0.01) if solver == "exact_obc" else quantize_weight(W, H, 4)
-
-    cpu = run(W, H)  # the torch loops on the CPU
-    gpu = run(W.cuda(), H.cuda())  # the fused kernels
+    exact, tol = fp32_tolerance(solver, W, H)
+    gpu = run_solver(solver)(W.cuda(), H.cuda())  # the fused kernels
     assert gpu.quantized_matrix.device.type == "cuda"
-    assert abs(gpu.loss.sum().item() / cpu.loss.sum().item() - 1) < 1e-3
+    assert abs(gpu.loss.sum().item() / exact - 1) <= tol, (gpu.loss.sum().item(), exact, tol)
 
 
 def test_no_host_sync_inside_the_step_loops():
@@ -74,31 +90,38 @@ def test_no_host_sync_inside_the_step_loops():
 
 
 def test_batched_layers_match_one_layer_at_a_time_on_cuda():
-    # float32 on the GPU: the per-row kernel code is the same either way, but the per-layer products act
-    # on row slices at other offsets (cuBLAS may pick another kernel), so codes are compared through the
-    # total loss; gpu_check.py reports whether they were bit-identical
+    # the per-row kernel code is the same either way, but the per-layer products act on row slices at
+    # other offsets (cuBLAS may pick another kernel): float32 rounding differs, so totals are held to the
+    # plain float32 loop's own deviation from float64; gpu_check.py reports whether codes were identical
     from obc_lightning.solvers.quantize import quantize_weights
 
     pairs = [problem(rows, 288, seed=10 + i) for i, rows in enumerate((32, 64, 48))]
+    tols = [fp32_tolerance("auto", W, H)[1] for W, H in pairs]
     pairs = [(W.cuda(), H.cuda()) for W, H in pairs]
     one = [quantize_weight(W, H, 4) for W, H in pairs]
     many = quantize_weights(pairs, 4)
-    for a, b in zip(one, many):
-        assert abs(b.loss.sum().item() / a.loss.sum().item() - 1) < 1e-4
+    for a, b, tol in zip(one, many, tols):
+        assert abs(b.loss.sum().item() / a.loss.sum().item() - 1) <= tol
 
 
 def test_memory_budget_is_respected():
     W, H = problem(256, 1152, seed=3)
     W, H = W.cuda(), H.cuda()
     budget = 64 << 20
+    # first a small solve: the cuBLAS / cuSOLVER workspaces (32 MiB for cuBLAS on Hopper) and the Triton
+    # kernels exist before the baseline is read, so the peak above it is the solver's alone
+    exact_obc(W[:16], H, 4, damp=0.01)
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     base = torch.cuda.memory_allocated()
     exact_obc(W, H, 4, batch_size=None, max_memory=budget, damp=0.01)
+    torch.cuda.synchronize()
     peak = torch.cuda.max_memory_allocated() - base
-    # the budget bounds the row batches' working set; the solver also holds a few d x d matrices of its
-    # own (H damped, its inverse, Cholesky factor) and the (rows, d) matrices of the layer
-    fixed = 4 * (4 * 1152 * 1152 + 8 * 256 * 1152)
+    # the budget bounds the row batches' working set; the solver also holds d x d matrices of its own
+    # (H damped, its Cholesky factor, the inverse, one spare) and (rows, d) matrices of the layer (W, its
+    # copy, codes, grid per column, Q, the objective's product: 8)
+    d, rows = 1152, 256
+    fixed = 4 * (4 * d * d + 8 * rows * d)
     assert peak <= budget + fixed, (peak / 2**20, budget / 2**20, fixed / 2**20)
 
 

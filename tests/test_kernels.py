@@ -59,6 +59,18 @@ def test_exact_obc_kernels_equal_torch_float64(shape, bits, opts, kind, monkeypa
         assert torch.allclose(fused.loss, ref.loss, rtol=1e-9, atol=1e-12)
 
 
+
+def test_exact_obc_kernels_symmetric_flush_float64(monkeypatch):
+    # the flush's lower block triangle and its mirror (the CUDA default) against the one-step loop
+    import obc_lightning.solvers.obc as obc
+
+    W, H = variant(*problem(5, 32, seed=3), "pruned")
+    ref = exact_obc(W, H, 3, method="reference")
+    monkeypatch.setattr(obc, "symmetric_blocks", lambda device: 3)
+    monkeypatch.setenv(ENV, "triton")
+    fused = exact_obc(W, H, 3, block_size=4)
+    assert torch.equal(fused.codes, ref.codes)
+
 @pytest.mark.parametrize("kind", ["plain", "pruned"])
 def test_exact_obc_kernels_float32_total_loss(kind, monkeypatch):
     W, H = variant(*problem(8, 32, seed=4, dtype=torch.float32), kind)
@@ -202,3 +214,63 @@ def test_kernels_compile_for_sm90(name):
                                     constexprs={(fn.arg_names.index(k),): v for k, v in consts.items()})
     compiled = triton.compile(src, target=GPUTarget("cuda", 90, 32))
     assert "cubin" in compiled.asm
+
+
+# Column c of a d-column layer sits c * d elements into U (GPTQ) or H (polish): past 2^31 once
+# d > 46,340. One block of columns at the end of a 46,352-column layer must give what the same block
+# gives as a layer of its own. The big matrix is allocated but never filled (only the block's rows
+# are written: the pages touched are those rows), so this needs 8 GiB of address space, not of memory.
+BIG_D, NB = 46352, 16
+
+
+def _big(numel):
+    try:
+        return torch.empty(numel, dtype=torch.float32)
+    except RuntimeError:  # the OS refuses the address space
+        pytest.skip("no 8 GiB of address space for the 46,352-column layer")
+
+
+def _block_problem(d, i1, mat):
+    """(R=2, d) tensors with the block's values at columns i1 .. i1 + NB; mat (1, d, d): its block rows."""
+    g = torch.Generator().manual_seed(0)
+    w = torch.randn(2, NB, generator=g)
+    a = torch.randn(NB, NB, generator=g)
+    block = torch.triu(a @ a.T / NB + torch.eye(NB))  # an upper factor (GPTQ) / a symmetric H's rows (polish)
+    cols = slice(i1, i1 + NB)
+    W = torch.zeros(2, d)
+    W[:, cols] = w
+    S, Z = torch.full((2, d), 0.3), torch.full((2, d), 7.0)
+    for r in range(NB):
+        mat[0, i1 + r, cols] = block[r] + block[:, r] - torch.diag(block)[r] * (torch.arange(NB) == r)
+    return W, S, Z
+
+
+@pytest.mark.parametrize("name", ["gptq_block", "polish_block"])
+def test_kernel_addresses_past_two_to_the_31(name):
+    from obc_lightning.kernels.fused import _launch
+
+    out = {}
+    for d, i1 in ((NB, 0), (BIG_D, BIG_D - NB)):
+        mat = (_big(d * d) if d == BIG_D else torch.zeros(d * d)).view(1, d, d)
+        assert (i1 + NB - 1) * d + i1 + NB > 2**31 or d == NB
+        W, S, Z = _block_problem(d, i1, mat)
+        K = torch.zeros(2, d)
+        D = torch.zeros(2, NB)
+        lid = torch.zeros(2, dtype=torch.int64)
+        if name == "gptq_block":
+            _launch(name, W, (1,), W, S, Z, W, K, D, mat, lid, 2, i1, NB, d, d * d, d, 15.0,
+                    HAS_FZ=False, BLOCK_R=2, BLOCK_B=NB)
+            out[d] = (K[:, i1:], D, W[:, i1:])
+        else:
+            hd = torch.zeros(1, d)
+            hd[0, i1:] = mat[0, torch.arange(i1, i1 + NB), torch.arange(i1, i1 + NB)]
+            inv_h, half_h = torch.where(hd > 0, 1 / hd, 0.0), hd / 2
+            Q = torch.zeros(2, d)
+            act, moved = torch.ones(2, dtype=torch.int8), torch.zeros(2, dtype=torch.int8)
+            _launch(name, W, (1,), W, Q, K, S, Z, K, act, moved, mat, hd, inv_h, half_h, D, lid,
+                    2, i1, NB, d, d * d, d, d, 15.0, HAS_FROZEN=False, BLOCK_R=2, BLOCK_B=NB)
+            out[d] = (K[:, i1:], D, W[:, i1:], Q[:, i1:])
+        del mat
+    assert bool(out[NB][1].abs().sum() > 0)  # the block did something
+    for small, big in zip(out[NB], out[BIG_D]):
+        assert torch.equal(small, big)

@@ -271,9 +271,70 @@ def test_bad_inputs(matrix, hessian, kwargs, match):
 
 @pytest.mark.cuda
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA GPU")
-def test_cuda_matches_cpu():
+def test_cuda_matches_cpu_float64():
+    # compiled float64 contracts to FMA and cuBLAS sums in its own order: H^-1 agrees with the CPU's to
+    # ~1e-13, not bit for bit, so a row's codes agree unless two of its candidates tie to ~1e-12 (then the
+    # rest of that row may differ). What float64 promises: nearly every row identical, the objective equal
+    # to ~1e-9 where codes are, and the total within 1e-6.
     W, H = correlated_problem(40, 96, seed=9)
     cpu = exact_obc(W, H, 4)
     gpu = exact_obc(W.cuda(), H.cuda(), 4)
     assert gpu.quantized_matrix.device.type == "cuda"
-    assert torch.equal(gpu.codes.cpu(), cpu.codes)
+    same = (gpu.codes.cpu() == cpu.codes).all(dim=1)
+    assert int(same.sum()) >= 38, int(same.sum())
+    assert torch.allclose(gpu.loss.cpu()[same], cpu.loss[same], rtol=1e-9, atol=0)
+    assert abs(gpu.loss.sum().item() / cpu.loss.sum().item() - 1) < 1e-6
+
+
+# codes of exact_obc(W, H, 3, block_size=4 or 16) for correlated_problem(6, 40, seed=35) in float64, computed
+# by the engine before issue 35 (in-place flushes of the whole working set, finished columns dropped when
+# half of it): the live-block flush must not change them (they also equal the one-step loop's)
+CODES_BEFORE_ISSUE_35 = [
+    "4235747144334301315265431235036463344467", "3645533535460225746417532224457340452425",
+    "4123324231423231332220433343652423061170", "4527230003472151332424674524553143011650",
+    "3233523144157334050267355623520422226270", "3230142532356544724144115672755034030243",
+]
+
+
+@pytest.mark.parametrize("blocks", [1, 2, 3])
+def test_live_block_flush_keeps_the_codes_float64(blocks, monkeypatch):
+    import obc_lightning.solvers.obc as obc
+
+    monkeypatch.setattr(obc, "symmetric_blocks", lambda device: blocks)
+    W, H = correlated_problem(6, 40, seed=35)
+    before = torch.tensor([[int(c) for c in row] for row in CODES_BEFORE_ISSUE_35], dtype=torch.int32)
+    ref = exact_obc(W, H, 3, method="reference")
+    assert torch.equal(ref.codes, before)
+    for block in (4, 16):
+        assert torch.equal(exact_obc(W, H, 3, block_size=block).codes, before)
+    # rows with pruned weights read their own masked inverse (per-row sources of the first flush)
+    W[torch.rand(W.shape, generator=torch.Generator().manual_seed(2)) < 0.3] = 0
+    ref = exact_obc(W, H, 3, method="reference")
+    assert torch.equal(exact_obc(W, H, 3, block_size=4).codes, ref.codes)
+
+
+@pytest.mark.parametrize("blocks", [1, 3])
+def test_flush_flops_counts_the_products_the_engine_runs(blocks):
+    from torch.utils._python_dispatch import TorchDispatchMode
+
+    from obc_lightning.solvers.obc import GridRule, flush_flops, greedy_loop_fast
+
+    class Products(TorchDispatchMode):  # the flush products are the engine's only baddbmm calls
+        flops = 0
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            if func.__name__.startswith("baddbmm"):
+                b, m, k = args[1].shape
+                Products.flops += 2 * b * m * k * args[2].shape[2]
+            return func(*args, **(kwargs or {}))
+
+    W, H = correlated_problem(3, 50, seed=1)
+    hinv = torch.cholesky_inverse(torch.linalg.cholesky(H)).unsqueeze(0)
+    rule = GridRule(torch.full_like(W, 0.2), torch.full_like(W, 8.0), 15)
+    with Products():
+        greedy_loop_fast(W, hinv, torch.zeros(3, dtype=torch.long), rule, block_size=8, blocks=blocks)
+    assert Products.flops == 3 * flush_flops(50, 8, "live", blocks) > 0
+    # the schedule before issue 35, by hand: flushes after 8, 16, 24 steps update the whole 50 x 50 set in
+    # place, the one after 32 drops the 32 finished columns (18 x 18 block), after 40 in place (18 x 18),
+    # after 48 drops 16 (2 x 2); the engine of that time ran exactly this count (checked when it changed)
+    assert flush_flops(50, 8, "half") == 2 * 8 * (3 * 50**2 + 2 * 18**2 + 2**2)

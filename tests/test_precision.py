@@ -87,7 +87,9 @@ def test_cuda_tf32_guard(high_precision_setting):
     W, H = problem("cuda")
     with full_fp32_matmul():
         assert not torch.backends.cuda.matmul.allow_tf32
-    ref = exact_obc(W.cpu(), H.cpu(), 4)
+    # TF32 products (10-bit mantissa) would leave the float32 accuracy the plain CPU loop reaches
+    exact = exact_obc(W.cpu().double(), H.cpu().double(), 4).loss.sum().item()
+    plain = exact_obc(W.cpu(), H.cpu(), 4, method="reference").loss.sum().item()
     got = exact_obc(W, H, 4)
     assert torch.backends.cuda.matmul.allow_tf32  # restored
-    assert abs(got.loss.sum().item() / ref.loss.sum().item() - 1) < 1e-3
+    assert abs(got.loss.sum().item() / exact - 1) <= max(3e-3, 2 * abs(plain / exact - 1))

@@ -56,10 +56,12 @@ def greedy_fast_fused(
     zero: Tensor,
     maxq: int,
     block_size: int | None = None,
+    blocks: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ExactOBC as :func:`~obc_lightning.solvers.obc.greedy_fast` (same arguments, same result), each block
-    of ``block_size`` steps one launch of ``obc_block``; flushes and shrinks as in ``greedy_loop_fast``."""
-    from obc_lightning.solvers.common import default_block_size, take_symmetric
+    of ``block_size`` steps one launch of ``obc_block``; flushes as in ``greedy_loop_fast``."""
+    from obc_lightning.solvers.common import default_block_size
+    from obc_lightning.solvers.obc import FlushBuffers, flush_live, symmetric_blocks
 
     R, d = w.shape
     dev, dt = w.device, w.dtype
@@ -70,8 +72,9 @@ def greedy_fast_fused(
     cols = torch.arange(d, device=dev).expand(R, d).contiguous()
     codes = torch.zeros(R, d, dtype=dt, device=dev)
     hinv_src = hinv_src.contiguous()
-    shared = hinv_src.shape[0] == 1
     row_src = row_src.contiguous()
+    blocks = symmetric_blocks(dev) if blocks is None else blocks
+    bufs = FlushBuffers()
     ar = torch.arange(R, device=dev)
     hf = None
     diag = hinv_src.diagonal(dim1=1, dim2=2)[row_src].contiguous()
@@ -97,24 +100,17 @@ def greedy_fast_fused(
         step += steps
         if steps < B or step == d:
             break
-        # flush the B pending columns; drop the finished ones once they are half the working set
-        # (every row has finished the same number of weights: same shapes for all rows)
-        n_done = n - (d - step)
-        if 2 * n_done >= n:
-            n2 = n - n_done
-            keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
-            src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
-            uk = ut.gather(2, keep.unsqueeze(1).expand(R, B, n2))
-            hf = take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
-            w, cols = w.gather(1, keep), cols.gather(1, keep)
-            scale, zero, outl = scale.gather(1, keep), zero.gather(1, keep), outl.gather(1, keep)
-            done = torch.zeros(R, n2, dtype=torch.int8, device=dev)
-            ut = torch.empty(R, B, n2, dtype=dt, device=dev)
-            n = n2
-        else:
-            if hf is None:
-                hf = hinv_src.expand(R, d, d).clone() if shared else hinv_src[row_src]
-            hf.baddbmm_(ut.transpose(1, 2), ut, alpha=-1)
+        # drop the B finished columns and flush the pending downdates into the live block (same
+        # shapes for every row: each has finished B more weights)
+        n2 = n - B
+        keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
+        uk = ut.gather(2, keep.unsqueeze(1).expand(R, B, n2))
+        hf = flush_live(src, src_row, keep, uk, bufs, blocks)
+        w, cols = w.gather(1, keep), cols.gather(1, keep)
+        scale, zero, outl = scale.gather(1, keep), zero.gather(1, keep), outl.gather(1, keep)
+        done = torch.zeros(R, n2, dtype=torch.int8, device=dev)
+        ut = torch.empty(R, B, n2, dtype=dt, device=dev)
+        n = n2
         diag = hf.diagonal(dim1=1, dim2=2).contiguous()  # resync the running diagonal with the matrix
     return codes, loss.masked_fill_(broken.bool(), float("nan"))
 

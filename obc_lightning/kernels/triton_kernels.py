@@ -56,7 +56,9 @@ def obc_block(
       fetch   c = H_f[j, :] - sum_t u_t[j] u_t, 0 where done (kept in U's row t until scaled);
       step    e = (w_j - q_j) / max(c_j, floor), loss += (w_j - q_j) e / 2, w -= c e, w_j = q_j,
               u = c / sqrt(max(c_j, floor)), diag -= u^2.
-    Rows are processed BLOCK_R at a time (vectors over rows), each row's columns BLOCK at a time.
+    Rows are processed BLOCK_R at a time (vectors over rows), each row's columns BLOCK at a time. Two
+    barriers per step: w_j is read before any thread overwrites it, and the next step's choice reads
+    what every thread wrote.
     """
     pid = tl.program_id(0)
     rows = (pid * BLOCK_R + tl.arange(0, BLOCK_R)).to(tl.int64)
@@ -108,8 +110,10 @@ def obc_block(
         qj = sj * (kj - zj)
         gj = tl.load(COLS + rows * n + j, mask=rm, other=0)
         tl.store(CODES + rows * d + gj, kj, mask=rm)
-        # --- fetch the corrected column c = H_f[j, :] - U U[j, :]^T into U's row t
+        # --- fetch the corrected column c = H_f[j, :] - U U[j, :]^T into U's row t; c_j kept on the way
+        # (a masked sum of one value: exact), not read back from memory after a barrier
         tm0 = toffs[None, :] + tl.full((BLOCK_R, BLOCK_T), 0, tl.int32)
+        cj = tl.full((BLOCK_R,), 0.0, LOSS.dtype.element_ty)
         for c0 in range(0, n, BLOCK):
             idx = c0 + offs
             m = rm[:, None] & (idx < n)[None, :]
@@ -123,15 +127,17 @@ def obc_block(
                 acc += tl.reduce(a[:, :, None] * u3, 1, tl.standard._sum_combine)
             dn = tl.load(DONE + rr * n + idx[None, :], mask=m, other=1) != 0
             c = tl.load(HF + hbase[:, None] + j[:, None] * stride_hr + idx[None, :], mask=m, other=0.0) - acc
-            tl.store(UT + ubase[:, None] + t * n + idx[None, :], tl.where(dn, 0.0, c), mask=m)
-        tl.debug_barrier()  # c_j is read across threads
-        cj = tl.load(UT + ubase + t * n + j, mask=rm, other=1.0)
+            c = tl.where(dn, 0.0, c)
+            tl.store(UT + ubase[:, None] + t * n + idx[None, :], c, mask=m)
+            hit = (idx[None, :] == j[:, None]) & m
+            cj += tl.reduce(tl.where(hit, c, 0.0), 1, tl.standard._sum_combine)
+        cj = tl.where(rm, cj, 1.0)
         broken = broken | (cj <= floor)
         dj = tl.where(cj < floor, floor, cj)  # clamp_min(floor), NaN kept
         e = (wj - qj) / dj
         loss += 0.5 * (wj - qj) * e
         rs = 1.0 / tl.sqrt(dj)
-        tl.debug_barrier()  # every thread has read w_j, c_j before any is overwritten
+        tl.debug_barrier()  # every thread has read w_j before the thread holding it overwrites it
         # --- compensate, record, queue the downdate u = c / sqrt(d_j)
         for c0 in range(0, n, BLOCK):
             idx = c0 + offs
@@ -177,7 +183,7 @@ def gptq_block(
     tile = tl.load(wptr, mask=m2, other=0.0)
     etile = tile * 0.0
     for i in range(nb):
-        c = i1 + i
+        c = tl.cast(i1 + i, tl.int64)  # c * stride_u passes 2^31 once d > 46,340
         sel = cb[None, :] == i
         wi = tl.reduce(tl.where(sel, tile, 0.0), 1, tl.standard._sum_combine)
         s = tl.load(S + rows * stride_w + c, mask=rm, other=1.0)
@@ -224,7 +230,7 @@ def polish_block(
     dt = gt * 0.0
     act = (tl.load(ACTIVE + rows, mask=rm, other=0) != 0) & rm
     for i in range(nb):
-        j = i1 + i
+        j = tl.cast(i1 + i, tl.int64)  # j * stride_h passes 2^31 once d > 46,340
         sel = cb[None, :] == i
         g = tl.reduce(tl.where(sel, gt, 0.0), 1, tl.standard._sum_combine)
         q = tl.reduce(tl.where(sel, qt, 0.0), 1, tl.standard._sum_combine)

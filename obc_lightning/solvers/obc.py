@@ -14,8 +14,9 @@ Two implementations of the same greedy loop:
 - :func:`greedy_reference`: one step at a time, the downdate applied at once (in place, batched over
   rows). Short, obviously the paper's loop: the test oracle and the benchmark baseline.
 - :func:`greedy_fast`: the same steps with the downdates deferred and applied every ``block_size``
-  steps as one batched matrix product, the finished columns dropped from the working set at each flush
-  (the working set shrinks from d x d to 0, so the flushes cost ~d^3/3 per row instead of d^3).
+  steps as one batched matrix product on the live columns only, the finished ones dropped at each flush
+  (the working set shrinks from d x d to 0: ~2 d^3 / 3 FLOPs per row, ~d^3 / 3 using the symmetry of
+  H^-1, where one rank-1 downdate per step costs 2 d^3).
 """
 
 from __future__ import annotations
@@ -43,7 +44,6 @@ from obc_lightning.solvers.common import (
     row_factors,
     scaled_grid,
     symmetric_hessian,
-    take_symmetric,
 )
 
 
@@ -130,6 +130,81 @@ def greedy_reference(w: Tensor, hinv: Tensor, scale: Tensor, zero: Tensor, maxq:
     return rule.codes, loss
 
 
+class FlushBuffers:
+    """Two reused (R, n, n) buffers for the flushed inverse and the gathered rows of the next one.
+
+    Fresh multi-megabyte tensors cost page faults on every flush (on CPU a new 60 MB tensor takes longer
+    than the rank-B product written into it); the working set only shrinks, so two buffers sized at
+    the first flush serve every later one."""
+
+    def __init__(self):
+        self.hf: Tensor | None = None
+        self.rows: Tensor | None = None
+
+    def take(self, name: str, numel: int, like: Tensor) -> Tensor:
+        buf = getattr(self, name)
+        if buf is None or buf.numel() < numel:
+            buf = torch.empty(numel, dtype=like.dtype, device=like.device)
+            setattr(self, name, buf)
+        return buf[:numel]
+
+
+def symmetric_blocks(device: torch.device) -> int:
+    """Row blocks of the flush's product: the lower block triangle is computed and mirrored (about
+    (1 + 1/k) / 2 of the full product's FLOPs). On CPU the strided mirror copy costs more than the
+    FLOPs it saves (measured, docs/gpu.md), so the full product there; on CUDA gpu_check.py times both."""
+    return 4 if device.type == "cuda" else 1
+
+
+def flush_live(src: Tensor, src_row: Tensor, keep: Tensor, uk: Tensor, bufs: FlushBuffers,
+               blocks: int = 1) -> Tensor:
+    """The flushed inverse on the live columns only: H_f[keep, keep] - U[keep] U[keep]^T per row.
+
+    src (L, n, n) symmetric, row r's at src[src_row[r]]; keep (R, n2) the live local columns (sorted);
+    uk (R, t, n2) the pending scaled columns restricted to them. Rows are gathered whole (a memcpy each),
+    then their live columns; the product is the batched rank-t update of the n2 x n2 block, its lower
+    block triangle only when ``blocks`` > 1 (H^-1 is symmetric: the upper blocks are copies)."""
+    R, n2 = keep.shape
+    n = src.shape[-1]
+    flat = (src_row.unsqueeze(1) * n + keep).reshape(-1)
+    rows = torch.index_select(src.reshape(-1, n), 0, flat, out=bufs.take("rows", R * n2 * n, src).view(R * n2, n))
+    hf = bufs.take("hf", R * n2 * n2, src).view(R, n2, n2)  # may alias src: its rows are taken already
+    torch.gather(rows.view(R, n2, n), 2, keep.unsqueeze(1).expand(R, n2, n2), out=hf)
+    ukt = uk.transpose(1, 2)
+    if blocks <= 1:
+        return hf.baddbmm_(ukt, uk, alpha=-1)
+    b = [round(n2 * i / blocks) for i in range(blocks + 1)]
+    for a0, a1 in zip(b[:-1], b[1:]):  # block row [a0, a1): columns [0, a1)
+        hf[:, a0:a1, :a1].baddbmm_(ukt[:, a0:a1], uk[:, :, :a1], alpha=-1)
+    for a0, a1 in zip(b[1:-1], b[2:]):
+        hf[:, :a0, a0:a1].copy_(hf[:, a0:a1, :a0].transpose(1, 2))
+    return hf
+
+
+def flush_flops(d: int, block_size: int, schedule: str = "live", blocks: int = 1) -> int:
+    """Multiply-adds x 2 of the flushes of one row of width d (the per-step corrections not counted).
+
+    ``live`` (this engine): every ``block_size`` steps the finished columns are dropped and the live
+    n2 x n2 block takes the rank-B update, 2 n2^2 B (with ``blocks`` > 1: the lower block triangle,
+    2 B sum_i (a1_i - a0_i) a1_i). ``half`` (the engine before issue 35): a rank-B update of the whole
+    n x n working set, in place, and the finished columns dropped only at the flush where they are half
+    of it (that flush updates the n2 x n2 block)."""
+    if schedule not in ("live", "half"):
+        raise ValueError(f"flush_flops: schedule must be 'live' or 'half', got {schedule!r}")
+    n, step, n_done, flops = d, 0, 0, 0
+    while step + block_size < d:  # a flush follows every full block but the last
+        step += block_size
+        n_done += block_size
+        if schedule == "live" or 2 * n_done >= n:
+            n, n_done = n - n_done, 0
+            if blocks > 1:
+                b = [round(n * i / blocks) for i in range(blocks + 1)]
+                flops += 2 * block_size * sum((a1 - a0) * a1 for a0, a1 in zip(b[:-1], b[1:]))
+                continue
+        flops += 2 * n * n * block_size
+    return flops
+
+
 def greedy_loop_fast(
     w: Tensor,
     hinv_src: Tensor,
@@ -137,16 +212,19 @@ def greedy_loop_fast(
     rule,
     n_steps: int | None = None,
     block_size: int | None = None,
+    blocks: int | None = None,
 ) -> tuple[Tensor, Tensor, Tensor]:
-    """The same greedy steps as :func:`greedy_loop_reference`, with deferred downdates and a shrinking set.
+    """The same greedy steps as :func:`greedy_loop_reference`, with deferred downdates on the live columns.
 
     Row r starts from ``hinv_src[row_src[r]]`` (hinv_src: (L, d, d); one shared inverse, per-row masked
     inverses, or the inverses of several layers with the same d). Between flushes the current inverse is
     H^-1 = Hf - U U^T, with Hf the last flushed matrix and U (n x t) the pending scaled columns
     u = H^-1[:, p] / sqrt([H^-1]_pp); the column needed at a step is Hf[:, p] - U U[p, :]^T.
-    Every ``block_size`` steps U is flushed into Hf with one batched product; once half of the working
-    set is finished (every row has finished the same number of weights) the finished columns are
-    dropped: Hf <- Hf[keep, keep] - U[keep] U[keep]^T (and ``rule.shrink(keep)``).
+    Every ``block_size`` steps the finished columns are dropped and U is flushed into the live block:
+    Hf <- Hf[keep, keep] - U[keep] U[keep]^T (:func:`flush_live`; ``rule.shrink(keep)``). The flushes
+    cost sum_k 2 (d - kB)^2 B ~ 2 d^3 / 3 FLOPs per row (~d^3 / 3 with ``blocks`` > 1: the lower block
+    triangle), against ~1.05 d^3 for in-place updates of the whole working set with the finished
+    columns dropped only when they are half of it (:func:`flush_flops` counts both).
 
     Returns the per-row loss (NaN: broken row), and the weights still in the working set (R, n) with
     their global columns (R, n); finished weights sit at the targets the rule recorded.
@@ -155,18 +233,20 @@ def greedy_loop_fast(
     dev, dt = w.device, w.dtype
     n_steps = d if n_steps is None else n_steps
     block_size = block_size or default_block_size(d)
+    blocks = symmetric_blocks(dev) if blocks is None else blocks
     ar = torch.arange(R, device=dev)
     w = w.clone()
     cols = torch.arange(d, device=dev).expand(R, d).contiguous()  # global column of each local one
     shared = hinv_src.shape[0] == 1
     hf = None  # (R, n, n) per-row flushed inverse, once materialised
+    bufs = FlushBuffers()
     diag = hinv_src.diagonal(dim1=1, dim2=2)[row_src].clone()
     floor = (torch.finfo(dt).eps * diag.amax(dim=1)).clamp_min(torch.finfo(dt).tiny)  # (R,)
     broken = torch.zeros(R, dtype=torch.bool, device=dev)
     ut = torch.empty(R, block_size, d, dtype=dt, device=dev)  # U^T: pending columns as rows
     done = torch.zeros(R, d, dtype=torch.bool, device=dev)
     loss = torch.zeros(R, dtype=dt, device=dev)
-    n, t, n_done = d, 0, 0
+    n, t = d, 0
     for step in range(n_steps):
         j, qj = rule.choose(w, diag, done)
         if hf is not None:
@@ -191,24 +271,19 @@ def greedy_loop_fast(
         ut[:, t] = u
         diag.addcmul_(u, u, value=-1)
         t += 1
-        n_done += 1
         if t < block_size or step == n_steps - 1:
             continue
-        if 2 * n_done >= n:  # drop the finished columns (stable sort: same order, same tie-breaks)
-            n2 = n - n_done
-            keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
-            src = hf if hf is not None else hinv_src if shared else hinv_src[row_src]
-            uk = ut.gather(2, keep.unsqueeze(1).expand(R, t, n2))
-            hf = take_symmetric(src, keep).baddbmm_(uk.transpose(1, 2), uk, alpha=-1)
-            w, cols = w.gather(1, keep), cols.gather(1, keep)
-            rule.shrink(keep)
-            done = torch.zeros(R, n2, dtype=torch.bool, device=dev)
-            ut = torch.empty(R, block_size, n2, dtype=dt, device=dev)
-            n, n_done = n2, 0
-        else:  # flush in place
-            if hf is None:
-                hf = hinv_src.expand(R, d, d).clone() if shared else hinv_src[row_src]
-            hf.baddbmm_(ut.transpose(1, 2), ut, alpha=-1)
+        # drop the t finished columns (stable sort: same order, same tie-breaks) and flush the rest
+        n2 = n - t
+        keep = torch.argsort(done.to(torch.uint8), dim=1, stable=True)[:, :n2]
+        uk = ut.gather(2, keep.unsqueeze(1).expand(R, t, n2))
+        src, src_row = (hf, ar) if hf is not None else (hinv_src, row_src)
+        hf = flush_live(src, src_row, keep, uk, bufs, blocks)
+        w, cols = w.gather(1, keep), cols.gather(1, keep)
+        rule.shrink(keep)
+        done = torch.zeros(R, n2, dtype=torch.bool, device=dev)
+        ut = torch.empty(R, block_size, n2, dtype=dt, device=dev)
+        n = n2
         diag = hf.diagonal(dim1=1, dim2=2).clone()  # resync the running diagonal with the matrix
         t = 0
     return loss.masked_fill_(broken, float("nan")), w, cols
@@ -222,22 +297,23 @@ def greedy_fast(
     zero: Tensor,
     maxq: int,
     block_size: int | None = None,
+    blocks: int | None = None,
 ) -> tuple[Tensor, Tensor]:
     """ExactOBC on the fast engine (:func:`greedy_loop_fast`): the codes (R, d) and per-row loss (R,)."""
     rule = GridRule(scale, zero, maxq)
-    loss, _, _ = greedy_loop_fast(w, hinv_src, row_src, rule, block_size=block_size)
+    loss, _, _ = greedy_loop_fast(w, hinv_src, row_src, rule, block_size=block_size, blocks=blocks)
     return rule.codes, loss
 
 
 def _row_bytes(d: int, dtype: torch.dtype, method: str, masked: bool = False) -> int:
     """Peak working-set bytes per row of a batch, counting every d x d copy the path makes.
 
-    fast: the flushed inverse H_f, plus at a shrink the gathered rows, their transposed copy and the
-    new H_f (1.25 d^2 at the first shrink), plus a per-row source when the rows have their own inverse
+    fast: two reused buffers, the flushed inverse H_f (n2 x n2) and the gathered rows of the next one
+    (n2 x n), under 2 d^2 together, plus a per-row source when the rows have their own inverse
     (zero-aware path: ``masked_inverses`` holds 3 copies while it factors: H repeated, L, the inverse);
     reference: the gathered inverse and its working clone; vectors: U (<= 256 x d) and ~64 d more."""
     el = torch.finfo(dtype).bits // 8
-    copies = (2.25 if method == "fast" else 2.0) + (1.0 if masked else 0.0)
+    copies = 2.0 + (1.0 if masked else 0.0)
     return int(el * (copies * d * d + (256 + 64) * d))
 
 
