@@ -262,7 +262,7 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
             if isinstance(m, QuantizedModule):
                 for k, t in packed_t.items():
                     getattr(m, k).copy_(t)
-                m._weight_cache = None
+                m.clear_caches()
             elif packed:
                 dev = m.weight.device
                 cfg = dict(cfg, dtype=dtype_name(m.weight.dtype))
