@@ -258,7 +258,9 @@ class QuantizedLinear(QuantizedModule):
         """What forward runs for activations of ``dtype`` on ``device`` (default: the module's own) without
         gradients: the kernel's op, or "dequantize" and the reason."""
         device = self.weight_codes.device if device is None else device
-        lw = "kernel = 'dequantize'" if self.kernel == "dequantize" else self.lowbit_weight(device, dtype or self._dtype)
+        if self.kernel == "dequantize":
+            return "dequantize (kernel = 'dequantize')"
+        lw = self.lowbit_weight(device, dtype or self._dtype)
         return f"dequantize ({lw})" if isinstance(lw, str) else lw.op
 
     def _shape_repr(self) -> str:

@@ -170,7 +170,7 @@ def _agrees(make, kind: str, device, dtype) -> bool:
     except (RuntimeError, NotImplementedError, AttributeError, TypeError, ValueError):
         return False
     cols = codes.shape[1]
-    g = torch.zeros(cols, dtype=torch.long, device=device) if group_size is None else torch.arange(cols, device=device) // group_size
+    g = torch.arange(cols, device=device) // (cols if group_size is None else group_size)
     s, z = scales[:, g], zeros[:, g].float()
     w = (s * (codes.float() - z)).to(dtype)
     ref = x @ w.T
