@@ -10,8 +10,9 @@ dtypes.
 
 ``QuantizedLinear.kernel = "auto"`` (or :func:`set_kernel`) lets a Linear with a scalar grid run one of
 torch's low-bit matmul kernels instead (:mod:`obc_lightning.kernels.lowbit`: int4 on CPU and CUDA, int8
-per-row grids), where torch provides one for the device and activation dtype and no gradient is needed;
-the outputs then equal the dequantize path's within float rounding (the bound in
+per-row grids), where torch provides one for the device and activation dtype, it is not known to be slow
+there (float32 activations on CPU are), and no gradient is needed; ``"kernel"`` uses one wherever it runs.
+The outputs then equal the dequantize path's within float rounding (the bound in
 :func:`obc_lightning.kernels.lowbit.rounding_bound`). The default, ``"dequantize"``, is exact.
 
 This module knows only torch. The names of the formats layer that were defined here
@@ -65,7 +66,8 @@ from obc_lightning.formats.schemes import (  # noqa: F401  (re-exported)
 from obc_lightning.kernels import lowbit
 
 PACKED_FORMAT = "obc_lightning.packed"
-KERNELS = ("dequantize", "auto")  # QuantizedLinear.kernel: the exact reference, or a low-bit kernel where one serves
+# QuantizedLinear.kernel: the exact reference; a low-bit kernel where one serves and is fast; wherever one runs
+KERNELS = ("dequantize", "auto", "kernel")
 # every buffer name any scheme uses (and the tensors an export file holds per module)
 ALL_BUFFERS = (
     "weight_codes",
@@ -252,7 +254,10 @@ class QuantizedLinear(QuantizedModule):
         if self.weight_codes.device != device:
             return f"activations on {device}, the module on {self.weight_codes.device}"
         codes = ScalarScheme.dense_codes(self.config, self.packed_tensors())
-        return lowbit.prepare(codes, self.weight_scales, self.weight_zeros, self.bits, self.group_size, dtype)
+        return lowbit.prepare(
+            codes, self.weight_scales, self.weight_zeros, self.bits, self.group_size, dtype,
+            include_slow=self.kernel == "kernel",
+        )
 
     def kernel_path(self, device=None, dtype=None) -> str:
         """What forward runs for activations of ``dtype`` on ``device`` (default: the module's own) without
@@ -362,9 +367,10 @@ PACKED_CLASSES = {"Linear": QuantizedLinear, "Conv1d": QuantizedConv1d, "Conv2d"
 
 
 def set_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
-    """Set ``kernel`` (``"auto"``: torch's low-bit kernels where they serve; ``"dequantize"``: the exact path)
-    on every :class:`QuantizedLinear` of ``model``; returns {module name: what its forward runs} for the
-    module's own device and dtype (:meth:`QuantizedLinear.kernel_path`). Convolutions always dequantize."""
+    """Set ``kernel`` on every :class:`QuantizedLinear` of ``model``: ``"auto"`` (torch's low-bit kernels where
+    they serve and are fast), ``"kernel"`` (wherever they run) or ``"dequantize"`` (the exact path). Returns
+    {module name: what its forward runs} for the module's own device and dtype
+    (:meth:`QuantizedLinear.kernel_path`). Convolutions always dequantize."""
     if kernel not in KERNELS:
         raise ValueError(f"set_kernel: kernel must be one of {KERNELS}, got {kernel!r}")
     paths = {}

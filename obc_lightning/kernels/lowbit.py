@@ -201,13 +201,32 @@ def _detect(kind: str, device: torch.device, dtype: torch.dtype):
     return _PROBED[key]
 
 
+# (device type, activation dtype) where torch's kernels run but are slower than the float matmul, so that
+# "auto" dequantizes instead: on CPU their float32 path (AVX2, torch 2.13: 3-10x slower than float at batch 1,
+# 17-70x at batch 64, where bfloat16 activations are 1.5-3x faster than float32; benchmarks/packed_inference.py)
+SLOW = {("cpu", torch.float32)}
+
+
 def prepare(
-    codes: Tensor, scales: Tensor, zeros: Tensor, bits: int, group_size: int | None, dtype: torch.dtype
+    codes: Tensor,
+    scales: Tensor,
+    zeros: Tensor,
+    bits: int,
+    group_size: int | None,
+    dtype: torch.dtype,
+    *,
+    include_slow: bool = False,
 ) -> LowbitWeight | str:
     """The weight ``W = s * (q - z)`` (codes (out, in) uint8 on the target device, scales / zeros (out,
-    n_groups)) in the layout of the kernel that serves it for ``dtype`` activations, or why none does."""
+    n_groups)) in the layout of the kernel that serves it for ``dtype`` activations, or why none does.
+    Where the kernels are known to be slow (:data:`SLOW`) only with ``include_slow``."""
     rows, cols = codes.shape
     device = codes.device
+    if not include_slow and (device.type, dtype) in SLOW:
+        return (
+            f"torch's low-bit kernels on {device.type} are slow with {dtype_str(dtype)} activations: run the model in "
+            "bfloat16 to use them (or kernel='kernel' to force them)"
+        )
     reasons = []
     if bits <= 4:
         block = _int4_block(cols, group_size)
