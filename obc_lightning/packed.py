@@ -104,6 +104,10 @@ class QuantizedModule(nn.Module):
         self.kernel = "dequantize"
         self._lowbit: dict[tuple, lowbit.LowbitWeight | str] = {}  # (device, dtype) -> kernel layout, or why none
 
+    def __getstate__(self):
+        # pickling and deepcopy: the kernel layouts hold closures over this module's tensors; rebuilt on demand
+        return {**self.__dict__, "_lowbit": {}}
+
     def clear_caches(self) -> None:
         """Forget the cached dense weight and kernel layouts (after writing into the buffers in place)."""
         self._weight_cache = None

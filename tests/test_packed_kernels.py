@@ -2,6 +2,8 @@
 exact dequantize path within the rounding bound of the arithmetic; the dequantize path is the default and
 the fallback, and it never holds more than one module's dense weight."""
 
+import copy
+import pickle
 import weakref
 
 import pytest
@@ -91,6 +93,9 @@ def test_kernel_layouts_follow_the_buffers_device_moves_and_dtype_changes():
         m.load_state_dict(new.state_dict())  # new codes: the held layout is rebuilt
         new_out = new(x)
         assert torch.allclose(m(x), new_out, rtol=0, atol=1e-4)
+        clone = pickle.loads(pickle.dumps(m))  # the held layout (closures) is not part of the state
+        assert clone._lowbit == {} and torch.equal(clone(x), m(x))
+        assert torch.equal(copy.deepcopy(m)(x), m(x))
         m.double()  # no float64 kernel: the dequantize path, exact
         assert m.kernel_path().startswith("dequantize (no int4 kernel for float64")
         assert torch.equal(m(x.double()), new.double()(x.double()))
