@@ -54,7 +54,7 @@ def main() -> None:
     args = ap.parse_args()
 
     lit = CifarClassifier(args.model)
-    lit.load_state_dict(torch.load(args.fp32, map_location="cpu"))
+    lit.load_state_dict(torch.load(args.fp32, map_location="cpu", weights_only=True))
     dm = CifarDataModule(load_subset(args.subset))
     val, calib = dm.val_dataloader(), dm.calibration_batches(1024)
     fp32 = evaluate(lit, val)

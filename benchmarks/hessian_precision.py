@@ -57,7 +57,7 @@ def main() -> None:
 
     dm = cifar.CifarDataModule(cifar.load_subset(args.subset), 128, 0)
     lit = cifar.CifarClassifier(args.model)
-    lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+    lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu", weights_only=True))
     lit.eval()
     with torch.no_grad():
         xs, ys = map(torch.cat, zip(*dm.val_dataloader()))

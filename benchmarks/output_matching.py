@@ -92,7 +92,7 @@ def main() -> None:
     if args.from_json is None:
         dm = cifar.CifarDataModule(cifar.load_subset(args.subset), 128, 0)
         lit = cifar.CifarClassifier(args.model)
-        lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+        lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu", weights_only=True))
         lit.eval()
         with torch.no_grad():
             xs, ys = map(torch.cat, zip(*dm.val_dataloader()))
@@ -204,7 +204,7 @@ def cost(args) -> None:
             raise SystemExit("--cost on a CIFAR model needs --load-fp32")
         dm = cifar.CifarDataModule(cifar.load_subset(args.subset), 128, 0)
         model = cifar.CifarClassifier(args.model)
-        model.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+        model.load_state_dict(torch.load(args.load_fp32, map_location="cpu", weights_only=True))
         calib = dm.calibration_batches(args.calibration_images, seed=0)
         what = f"{args.model}, {sum(map(len, calib))} calibration images in {len(calib)} batches"
     model.eval()

@@ -55,7 +55,7 @@ def resnet_layers(path: str, subset: str):
     from obc_lightning.compress import select_modules
 
     lit = CifarClassifier("resnet20")
-    lit.load_state_dict(torch.load(path, map_location="cpu"))
+    lit.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
     lit.eval()
     dm = CifarDataModule(load_subset(subset))
     targets = {n: m for n, m in select_modules(lit).items() if n.startswith("net.layer")}

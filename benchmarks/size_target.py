@@ -119,7 +119,7 @@ def main() -> None:
     args = ap.parse_args()
 
     lit = CifarClassifier("resnet20")
-    lit.load_state_dict(torch.load(args.fp32, map_location="cpu"))
+    lit.load_state_dict(torch.load(args.fp32, map_location="cpu", weights_only=True))
     lit.eval()
     dm = CifarDataModule(load_subset(args.subset))
     val = dm.val_dataloader()

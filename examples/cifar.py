@@ -701,7 +701,7 @@ def run(args: argparse.Namespace) -> dict:
     }
     t0 = time.perf_counter()
     if args.load_fp32 is not None:
-        lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu"))
+        lit.load_state_dict(torch.load(args.load_fp32, map_location="cpu", weights_only=True))
     else:
         trainer.fit(lit, datamodule=dm)
     results["train_seconds"] = time.perf_counter() - t0

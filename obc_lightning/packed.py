@@ -3,9 +3,17 @@
 A packed module keeps, instead of a float weight, the buffers of its storage scheme (the layouts, sizes,
 checks and dequantization of every scheme are in :mod:`obc_lightning.formats.schemes`) and its
 description (``config``, also its ``_extra_state``). It dequantizes the weight on every forward (or once,
-with ``cache_weight=True``) and computes exactly what the dense module would with that weight. The
-stored precision is part of the format: ``.half()`` or ``.to(dtype)`` change the dtype the weight is
-dequantized to, never the buffers' dtypes.
+with ``cache_weight=True``) and computes exactly what the dense module would with that weight: one
+module's dense weight exists at a time, for the length of its forward. The stored precision is part of
+the format: ``.half()`` or ``.to(dtype)`` change the dtype the weight is dequantized to, never the buffers'
+dtypes.
+
+``QuantizedLinear.kernel = "auto"`` (or :func:`set_kernel`) lets a Linear with a scalar grid run one of
+torch's low-bit matmul kernels instead (:mod:`obc_lightning.kernels.lowbit`: int4 on CPU and CUDA, int8
+per-row grids), where torch provides one for the device and activation dtype, it is not known to be slow
+there (float32 activations on CPU are), and no gradient is needed; ``"kernel"`` uses one wherever it runs.
+The outputs then equal the dequantize path's within float rounding (the bound in
+:func:`obc_lightning.kernels.lowbit.rounding_bound`). The default, ``"dequantize"``, is exact.
 
 This module knows only torch. The names of the formats layer that were defined here
 (:func:`pack_bits`, :func:`check_config`, :func:`payload_nbytes`, the key tuples, ...) are re-exported.
@@ -29,6 +37,7 @@ from obc_lightning.formats.bits import (  # noqa: F401  (re-exported)
 )
 from obc_lightning.formats.bits import STORAGE_DTYPES as SCALE_DTYPES
 from obc_lightning.formats.nm import MAX_NM_M, nm_position_bits  # noqa: F401  (re-exported)
+from obc_lightning.formats.scalar import ScalarScheme
 from obc_lightning.formats.schemes import (  # noqa: F401  (re-exported)
     DENSE_CLASSES,
     KINDS,
@@ -54,8 +63,11 @@ from obc_lightning.formats.schemes import (  # noqa: F401  (re-exported)
     pq_code_bits,
     scheme_of,
 )
+from obc_lightning.kernels import lowbit
 
 PACKED_FORMAT = "obc_lightning.packed"
+# QuantizedLinear.kernel: the exact reference; a low-bit kernel where one serves and is fast; wherever one runs
+KERNELS = ("dequantize", "auto", "kernel")
 # every buffer name any scheme uses (and the tensors an export file holds per module)
 ALL_BUFFERS = (
     "weight_codes",
@@ -89,6 +101,17 @@ class QuantizedModule(nn.Module):
         self._dtype = SCALE_DTYPES[config["dtype"]]  # the dense weight's dtype; follows .to(dtype)
         self.cache_weight = False
         self._weight_cache: Tensor | None = None
+        self.kernel = "dequantize"
+        self._lowbit: dict[tuple, lowbit.LowbitWeight | str] = {}  # (device, dtype) -> kernel layout, or why none
+
+    def __getstate__(self):
+        # pickling and deepcopy: the kernel layouts hold closures over this module's tensors; rebuilt on demand
+        return {**self.__dict__, "_lowbit": {}}
+
+    def clear_caches(self) -> None:
+        """Forget the cached dense weight and kernel layouts (after writing into the buffers in place)."""
+        self._weight_cache = None
+        self._lowbit = {}
 
     @property
     def weight(self) -> Tensor:
@@ -152,7 +175,7 @@ class QuantizedModule(nn.Module):
                 setattr(self, name, t.to(now.device))
         self._dtype = fn(torch.empty(0, dtype=self._dtype)).dtype
         self.config = dict(self.config, dtype=dtype_name(self._dtype))
-        self._weight_cache = None
+        self.clear_caches()
         return self
 
     def get_extra_state(self) -> dict:
@@ -173,7 +196,7 @@ class QuantizedModule(nn.Module):
     def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs):
         if prefix + "_extra_state" in state_dict:  # refuse another layout before any buffer is copied
             self.set_extra_state(state_dict[prefix + "_extra_state"])
-        self._weight_cache = None
+        self.clear_caches()
         return super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     def extra_repr(self) -> str:
@@ -208,7 +231,46 @@ class QuantizedLinear(QuantizedModule):
         self._init_packed(dict(config, shape=[out_features, in_features]), tensors, bias, check)
 
     def forward(self, input: Tensor) -> Tensor:
+        if self.kernel != "dequantize" and not (
+            torch.is_grad_enabled() and (input.requires_grad or (self.bias is not None and self.bias.requires_grad))
+        ):
+            lw = self.lowbit_weight(input.device, input.dtype)
+            if not isinstance(lw, str):
+                return lw.linear(input, self.bias)
         return F.linear(input, self.weight, self.bias)
+
+    def lowbit_weight(self, device: torch.device, dtype: torch.dtype) -> lowbit.LowbitWeight | str:
+        """This weight in the layout of the low-bit kernel that serves ``dtype`` activations on ``device``
+        (built at the first call, then held: about half a byte per weight for int4, one for int8), or why
+        none does (then forward dequantizes)."""
+        key = (torch.device(device), dtype)
+        if key not in self._lowbit:
+            self._lowbit[key] = self._make_lowbit(*key)
+        return self._lowbit[key]
+
+    def _make_lowbit(self, device: torch.device, dtype: torch.dtype) -> lowbit.LowbitWeight | str:
+        if self.kernel not in KERNELS:
+            raise ValueError(f"{type(self).__name__}.kernel must be one of {KERNELS}, got {self.kernel!r}")
+        if self.scheme not in SCALAR_SCHEMES or self.n_m is not None:
+            return f"no kernel for the {self.scheme}{' N:M' if self.n_m else ''} scheme"
+        if dtype != self._dtype:
+            return f"activations in {dtype_name(dtype)}, the module in {dtype_name(self._dtype)}"
+        if self.weight_codes.device != device:
+            return f"activations on {device}, the module on {self.weight_codes.device}"
+        codes = ScalarScheme.dense_codes(self.config, self.packed_tensors())
+        return lowbit.prepare(
+            codes, self.weight_scales, self.weight_zeros, self.bits, self.group_size, dtype,
+            include_slow=self.kernel == "kernel",
+        )
+
+    def kernel_path(self, device=None, dtype=None) -> str:
+        """What forward runs for activations of ``dtype`` on ``device`` (default: the module's own) without
+        gradients: the kernel's op, or "dequantize" and the reason."""
+        device = self.weight_codes.device if device is None else device
+        if self.kernel == "dequantize":
+            return "dequantize (kernel = 'dequantize')"
+        lw = self.lowbit_weight(device, dtype or self._dtype)
+        return f"dequantize ({lw})" if isinstance(lw, str) else lw.op
 
     def _shape_repr(self) -> str:
         return f"in_features={self.in_features}, out_features={self.out_features}"
@@ -306,6 +368,21 @@ class QuantizedConv2d(_QuantizedConv):
 _QuantizedBase = QuantizedModule  # the former name
 
 PACKED_CLASSES = {"Linear": QuantizedLinear, "Conv1d": QuantizedConv1d, "Conv2d": QuantizedConv2d}
+
+
+def set_kernel(model: nn.Module, kernel: str = "auto") -> dict[str, str]:
+    """Set ``kernel`` on every :class:`QuantizedLinear` of ``model``: ``"auto"`` (torch's low-bit kernels where
+    they serve and are fast), ``"kernel"`` (wherever they run) or ``"dequantize"`` (the exact path). Returns
+    {module name: what its forward runs} for the module's own device and dtype
+    (:meth:`QuantizedLinear.kernel_path`). Convolutions always dequantize."""
+    if kernel not in KERNELS:
+        raise ValueError(f"set_kernel: kernel must be one of {KERNELS}, got {kernel!r}")
+    paths = {}
+    for name, m in model.named_modules():
+        if isinstance(m, QuantizedLinear):
+            m.kernel = kernel
+            paths[name] = m.kernel_path()
+    return paths
 
 
 def swap_module(model: nn.Module, name: str, new: nn.Module, who: str = "") -> None:

@@ -1,10 +1,21 @@
 """Issue 23, "files": every changed bit of an export file is refused before the model is touched; scales and
 ranges are validated on load and on save; two saves give the same bytes; format_version 1 files (no
-checksums) still load, with a warning."""
+checksums) still load, with a warning.
 
+Issue 33, "files": what is not a regular file is refused without blocking; an unreadable file is reported as
+unreadable; overwriting keeps the file's mode; the temporary file of a killed save is removed by the next save
+to its folder; examples and benchmarks load pickles with an explicit ``weights_only``."""
+
+import ast
+import errno
 import json
+import os
 import random
+import signal
+import stat
+import time
 import warnings
+from pathlib import Path
 
 import pytest
 import torch
@@ -12,7 +23,8 @@ from safetensors.torch import save_file
 from torch import nn
 
 from obc_lightning import compress_model, load_quantized, save_quantized
-from obc_lightning.export import pack_model
+from obc_lightning.export import pack_model, prepare_for_load, read_metadata
+from obc_lightning.export import write as export_write
 from obc_lightning.solvers import product_quantize
 
 pytestmark = pytest.mark.filterwarnings("ignore::obc_lightning.calibration.CalibrationWarning")
@@ -202,3 +214,142 @@ def test_save_refuses_a_file_that_would_not_load(tmp_path):
     with pytest.raises(ValueError, match=r"save_quantized: module 'fc1': weight_scales must be finite and > 0"):
         save_quantized(model, path)
     assert not path.exists()
+
+
+# ------------------------------------------------------------------ issue 33: what is not a file, modes, leftovers
+def forked(fn, timeout: float):
+    """fn() run in a forked child (torch-free work only): ("returned" | "ExceptionName: message"), or None if
+    it was still running after ``timeout`` seconds (then killed). A child, so that a call blocked in native
+    code holding the GIL cannot hang the test process."""
+    r, w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a process with threads
+        pid = os.fork()
+    if pid == 0:
+        try:
+            try:
+                fn()
+                outcome = "returned"
+            except BaseException as e:  # reported to the parent
+                outcome = f"{type(e).__name__}: {e}"
+            os.write(w, outcome.encode()[:4000])
+        finally:
+            os._exit(0)
+    os.close(w)
+    deadline = time.monotonic() + timeout
+    while os.waitpid(pid, os.WNOHANG) == (0, 0):
+        if time.monotonic() > deadline:
+            os.kill(pid, signal.SIGKILL)
+            os.waitpid(pid, 0)
+            os.close(r)
+            return None
+        time.sleep(0.02)
+    with os.fdopen(r, "rb") as f:
+        return f.read().decode()
+
+
+@pytest.mark.skipif(not hasattr(os, "mkfifo") or not hasattr(os, "fork"), reason="no named pipes or no fork")
+def test_a_fifo_or_a_directory_is_refused_without_blocking(tmp_path):
+    fifo = tmp_path / "m.safetensors"
+    os.mkfifo(fifo)
+    outcome = forked(lambda: read_metadata(fifo), timeout=20)
+    assert outcome is not None, "read_metadata blocked on a FIFO"
+    fifo_message = "m.safetensors is a named pipe (FIFO), not a regular file"
+    assert outcome.startswith("ValueError: read_metadata: ") and fifo_message in outcome
+    with pytest.raises(ValueError, match=r"load_quantized: .*m.safetensors is a named pipe \(FIFO\)"):
+        load_quantized(fifo, Net())  # does not block: the same check
+    with pytest.raises(ValueError, match=r"read_metadata: .* is a directory, not a regular file"):
+        read_metadata(tmp_path)
+
+
+def test_an_unreadable_file_is_reported_as_unreadable_and_the_model_is_untouched(saved, tmp_path, monkeypatch):
+    path = tmp_path / "m.safetensors"
+    path.write_bytes(saved[1])
+    path.chmod(0)
+    if os.access(path, os.R_OK):
+        # a privileged process (root in CI, CAP_DAC_OVERRIDE) reads a mode-000 file: the kernel's answer to every
+        # other user is given by the open that reads the file (os.open, the only way in: safetensors opens it later)
+        real_open = os.open
+
+        def denied(p, flags, *args, **kwargs):
+            if os.fspath(p) == str(path):
+                raise PermissionError(errno.EACCES, os.strerror(errno.EACCES), os.fspath(p))
+            return real_open(p, flags, *args, **kwargs)
+
+        monkeypatch.setattr(os, "open", denied)
+    model = Net()
+    before = state(model)
+    with pytest.raises(PermissionError, match=r"load_quantized: .*m.safetensors exists but cannot be read"):
+        load_quantized(path, model)
+    assert_untouched(model, before)
+    with pytest.raises(PermissionError, match=r"prepare_for_load: .*m.safetensors exists but cannot be read"):
+        prepare_for_load(model, path)
+    assert_untouched(model, before)
+
+
+@pytest.mark.skipif(os.name != "posix", reason="POSIX file modes")
+def test_overwriting_a_file_keeps_its_mode_and_a_new_file_follows_the_umask(tmp_path):
+    model, results = quantized_net()
+    path = tmp_path / "m.safetensors"
+    umask = os.umask(0o027)
+    try:
+        save_quantized(model, path, results)
+        assert stat.S_IMODE(path.stat().st_mode) == 0o640
+        for mode in (0o600, 0o644, 0o444):
+            path.chmod(mode)
+            save_quantized(model, path, results)
+            assert stat.S_IMODE(path.stat().st_mode) == mode
+    finally:
+        os.umask(umask)
+    load_quantized(path, Net())
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="needs fork to kill a save in progress")
+def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next_save_and_a_running_one_is_kept(tmp_path):
+    model, results = quantized_net()
+    target = tmp_path / "killed.safetensors"
+    ready_r, ready_w = os.pipe()
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", DeprecationWarning)  # fork of a process with threads: the child runs no torch
+        pid = os.fork()
+    if pid == 0:  # the child: a save that is killed while it writes
+        try:
+            def write_then_hang(tmp):
+                Path(tmp).write_bytes(b"half a file")
+                os.write(ready_w, b"1")
+                time.sleep(60)
+
+            export_write._atomic_write(str(target), write_then_hang)
+        finally:
+            os._exit(1)
+    try:
+        os.close(ready_w)
+        assert os.read(ready_r, 1) == b"1"
+        (partial,) = [p for p in tmp_path.iterdir() if p.name.startswith(".killed.safetensors.")]
+        save_quantized(model, tmp_path / "other.safetensors", results)  # while the save runs: its file is kept
+        assert partial.exists()
+    finally:
+        os.kill(pid, signal.SIGKILL)
+        os.waitpid(pid, 0)
+        os.close(ready_r)
+    assert partial.exists()  # what a killed save leaves
+    save_quantized(model, tmp_path / "other.safetensors", results)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["other.safetensors"]
+
+
+def test_examples_and_benchmarks_call_torch_load_with_an_explicit_weights_only():
+    root = Path(__file__).resolve().parents[1]
+    calls = []
+    for path in sorted([*root.glob("examples/*.py"), *root.glob("benchmarks/*.py")]):
+        for node in ast.walk(ast.parse(path.read_text())):
+            if (
+                isinstance(node, ast.Call)
+                and isinstance(node.func, ast.Attribute)
+                and node.func.attr == "load"
+                and isinstance(node.func.value, ast.Name)
+                and node.func.value.id == "torch"
+            ):
+                explicit = any(k.arg == "weights_only" for k in node.keywords)
+                calls.append((f"{path.relative_to(root)}:{node.lineno}", explicit))
+    assert len(calls) >= 7
+    assert [where for where, explicit in calls if not explicit] == []

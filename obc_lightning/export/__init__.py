@@ -93,7 +93,7 @@ first; in the LightningModule::
         obc_lightning.export.prepare_for_load(self, checkpoint)
 
 (Lightning calls it before ``load_state_dict``, both in ``load_from_checkpoint`` and in
-``trainer.fit/validate/test(ckpt_path=...)``), or call ``prepare_for_load(model, torch.load(path))``
+``trainer.fit/validate/test(ckpt_path=...)``), or call ``prepare_for_load(model, torch.load(path, weights_only=True))``
 yourself before ``model.load_state_dict``.
 """
 

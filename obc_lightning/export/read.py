@@ -7,8 +7,10 @@ the model; the dense modules a file quantizes then carry the file's formats
 
 from __future__ import annotations
 
+import errno
 import json
 import os
+import stat
 import warnings
 from collections.abc import Mapping
 from typing import Any
@@ -44,9 +46,47 @@ class UnverifiedFileWarning(UserWarning):
     """A file written before checksums (format_version "1") was loaded: its integrity cannot be verified."""
 
 
-def read_file(path: str) -> tuple[dict[str, dict], dict[str, Tensor]]:
+# what a path that is not a regular file is, for the message
+_FILE_TYPES = (
+    (stat.S_ISDIR, "a directory"),
+    (stat.S_ISFIFO, "a named pipe (FIFO)"),
+    (stat.S_ISSOCK, "a socket"),
+    (stat.S_ISCHR, "a character device"),
+    (stat.S_ISBLK, "a block device"),
+)
+
+
+def check_readable_file(path: str, who: str) -> None:
+    """Refuse, before anything reads it, what :func:`read_file` must not open: a path that is not a regular
+    file (``ValueError``; a FIFO would block the reader forever, a device never end) or one this process may
+    not read (``PermissionError`` saying so). A missing file raises ``FileNotFoundError``.
+
+    The path is opened non-blocking (a FIFO opens at once) and the opened file's type checked, so the answer is
+    about the file that was opened, not one a link pointed at a moment before.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0))
+    except PermissionError:
+        raise PermissionError(
+            errno.EACCES,
+            f"{who}: {path} exists but cannot be read by this process (permission denied: check the file's "
+            "mode and owner, and that its folders can be entered)",
+            path,
+        ) from None
+    try:
+        mode = os.fstat(fd).st_mode
+    finally:
+        os.close(fd)
+    if not stat.S_ISREG(mode):
+        what = next((name for test, name in _FILE_TYPES if test(mode)), "not a regular file")
+        raise ValueError(f"{who}: {path} is {what}, not a regular file: only a file written by save_quantized loads")
+
+
+def read_file(path: str, who: str = "load_quantized") -> tuple[dict[str, dict], dict[str, Tensor]]:
     """(module configs, all tensors) of a file, verified and checked, or a ValueError saying what is wrong
-    with it."""
+    with it (``PermissionError`` / ``FileNotFoundError`` for a file that cannot be read / does not exist,
+    :func:`check_readable_file`)."""
+    check_readable_file(path, who)
     try:
         with safe_open(path, framework="pt") as f:
             meta = f.metadata()
@@ -126,13 +166,13 @@ def _verify(path: str, meta: Mapping[str, str], tensors: Mapping[str, Tensor]) -
 
 def read_metadata(path) -> dict[str, dict]:
     """The per-module descriptions of a file (validated), without touching any model."""
-    return read_file(os.fspath(path))[0]
+    return read_file(os.fspath(path), "read_metadata")[0]
 
 
 def theoretical_bytes(path) -> int:
     """The payload a file should hold, no header: the packed tensors of every module (its scheme's size
     formula) + the other tensors."""
-    configs, tensors = read_file(os.fspath(path))
+    configs, tensors = read_file(os.fspath(path), "theoretical_bytes")
     total = 0
     quantized = set()
     for name, cfg in configs.items():
@@ -176,11 +216,13 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
     ``QuantizedConv2d`` holding the packed tensors (the memory saving at inference). Modules already
     packed in ``model`` receive the packed tensors either way.
 
-    Raises ``ValueError`` naming the problem (unreadable, truncated or corrupted file; a tensor or the
-    metadata that does not match its checksum; bad metadata; tensor of the wrong size; scales not finite
-    and > 0; module missing or of another shape; tensors missing or unexpected) before anything in
+    Raises ``ValueError`` naming the problem (a path that is not a regular file: a FIFO, a directory, a
+    device; a truncated or corrupted file; a tensor or the metadata that does not match its checksum; bad
+    metadata; tensor of the wrong size; scales not finite and > 0; module missing or of another shape;
+    tensors missing or unexpected) before anything in
     ``model`` is written. A format_version "1" file (no checksums) loads with an
-    :class:`UnverifiedFileWarning`.
+    :class:`UnverifiedFileWarning`. A file this process may not read raises ``PermissionError`` saying so,
+    a missing one ``FileNotFoundError``.
     """
     path = os.fspath(path)
     configs, tensors = read_file(path)
@@ -220,7 +262,7 @@ def load_quantized(path, model: nn.Module, *, packed: bool = False) -> nn.Module
             if isinstance(m, QuantizedModule):
                 for k, t in packed_t.items():
                     getattr(m, k).copy_(t)
-                m._weight_cache = None
+                m.clear_caches()
             elif packed:
                 dev = m.weight.device
                 cfg = dict(cfg, dtype=dtype_name(m.weight.dtype))
@@ -266,7 +308,7 @@ def prepare_for_load(model: nn.Module, checkpoint_or_state_dict) -> list[str]:
     """
     src: Any = checkpoint_or_state_dict
     if isinstance(src, (str, os.PathLike)):
-        configs = read_metadata(src)
+        configs = read_file(os.fspath(src), "prepare_for_load")[0]
         where = os.fspath(src)
     else:
         if isinstance(src, Mapping) and isinstance(src.get("state_dict"), Mapping):

@@ -11,7 +11,9 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import tempfile
+import warnings
 from collections.abc import Callable, Iterable, Mapping
 from contextlib import suppress
 from typing import Any
@@ -49,6 +51,11 @@ from obc_lightning.packed import ALL_BUFFERS, PACKED_CLASSES, QuantizedModule, s
 from obc_lightning.selection import matches
 from obc_lightning.solvers.pq import PQResult
 from obc_lightning.version import __version__
+
+try:  # advisory locks on the temporary file of a save in progress (POSIX)
+    import fcntl
+except ImportError:  # Windows
+    fcntl = None  # type: ignore[assignment]
 
 NOTHING_TO_EXPORT = (
     "nothing to export: no module carries a quantization format (compress the model with compress_model, or "
@@ -251,28 +258,113 @@ def _write_safetensors(f, header: bytes, tensors: list[Tensor]) -> None:
         f.write(raw_bytes(t).data)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+# a save writes ".<file name>.<random>" + PARTIAL_SUFFIX next to its file, then renames it over the file
+PARTIAL_SUFFIX = ".obc-partial"
+
+
+def abandoned_partial_files(directory: str, *, remove: bool) -> list[str]:
+    """The temporary files of saves into ``directory`` that were killed before their rename (removed when
+    ``remove``): the files named as :func:`_atomic_write` names them that no save holds.
+
+    A save holds an exclusive ``flock`` on its temporary file from its creation to its rename; the kernel
+    releases the lock of a killed process, so a file of ours that can be locked belongs to no living save.
+    Without ``fcntl`` (Windows) nothing can tell a dead save from a running one: the files are listed, never
+    removed.
+    """
+    try:
+        names = sorted(os.listdir(directory))
+    except OSError:
+        return []
+    found = []
+    for name in names:
+        if not (name.startswith(".") and name.endswith(PARTIAL_SUFFIX)):
+            continue
+        p = os.path.join(directory, name)
+        if fcntl is None:
+            found.append(p)
+            continue
+        try:
+            fd = os.open(p, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | os.O_NONBLOCK)
+        except OSError:
+            continue  # renamed or removed meanwhile, a link, or not ours to read
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                continue
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                continue  # a save in progress holds it
+            if os.stat(p, follow_symlinks=False).st_ino != st.st_ino:
+                continue  # the name now belongs to another file
+            if remove:
+                os.unlink(p)  # while locked: a save that opens it meanwhile sees st_nlink == 0 and starts over
+            found.append(p)
+        except OSError:
+            continue
+        finally:
+            os.close(fd)
+    return found
+
+
+def _new_partial_file(directory: str, base: str) -> tuple[int, str]:
+    """(descriptor, path) of a new temporary file for ``base``, locked (:func:`abandoned_partial_files`)."""
+    while True:
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{base}.", suffix=PARTIAL_SUFFIX)
+        if fcntl is None:
+            return fd, tmp
+        fcntl.flock(fd, fcntl.LOCK_EX)  # waits only while another save's cleanup is looking at it
+        if os.fstat(fd).st_nlink:
+            return fd, tmp
+        os.close(fd)  # that cleanup took it for abandoned in the moment before the lock: take another
+
+
+def _atomic_write(path: str, write: Callable[[str], None], who: str = "save_quantized") -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``.
+
+    The new file gets the mode of the file it replaces (a 0600 file stays 0600), else the usual one
+    (0666 & ~umask). Temporary files that killed saves left in the folder are removed first
+    (:func:`abandoned_partial_files`).
+    """
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {path}: directory {directory} does not exist")
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=f".{os.path.basename(path)}.", suffix=".tmp")
-    os.close(fd)
+    left = abandoned_partial_files(directory, remove=fcntl is not None)
+    if left and fcntl is None:
+        warnings.warn(
+            f"{who}: {directory} holds temporary files of saves that were interrupted or are still running "
+            f"(this platform cannot tell which): {left}; delete them when no save is running",
+            stacklevel=3,
+        )
     try:
-        write(tmp)
-        fd = os.open(tmp, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
+        st = os.stat(path)
+        mode = stat.S_IMODE(st.st_mode) if stat.S_ISREG(st.st_mode) else None
+    except OSError:
+        mode = None
+    if mode is None:
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)  # mkstemp creates 0600; give the file the usual permissions
+        mode = 0o666 & ~umask  # mkstemp creates 0600; a new file gets the usual permissions
+    fd, tmp = _new_partial_file(directory, os.path.basename(path))
+    if fcntl is None:
+        os.close(fd)  # Windows renames no open file
+        fd = -1
+    try:
+        write(tmp)
+        sync = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(sync)
+        finally:
+            os.close(sync)
+        os.chmod(tmp, mode)
         os.replace(tmp, path)
     except BaseException:
         with suppress(OSError):
             os.unlink(tmp)
         raise
+    finally:
+        if fd >= 0:
+            os.close(fd)  # releases the lock
     if hasattr(os, "O_DIRECTORY"):  # make the rename itself durable (POSIX)
         with suppress(OSError):
             dfd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)

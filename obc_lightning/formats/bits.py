@@ -77,6 +77,9 @@ def unpack_bits(data: Tensor, bits: int, n: int) -> Tensor:
         )
     if bits == 8:
         return data
+    if 8 % bits == 0:  # whole values per byte: value t of byte j at bits [t * bits, (t + 1) * bits)
+        shifts = torch.arange(0, 8, bits, device=data.device, dtype=torch.uint8)
+        return ((data.unsqueeze(1) >> shifts) & (2**bits - 1)).view(-1)[:n]
     n_words = -(-n // 8)
     d = F.pad(data, (0, n_words * bits - data.numel())).view(n_words, bits)
     shifts = torch.arange(8, device=d.device, dtype=torch.int64) * bits

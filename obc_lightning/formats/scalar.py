@@ -114,12 +114,16 @@ class ScalarScheme(StorageScheme):
         compute = torch.float64 if torch.float64 in (dtype, scales.dtype) else torch.float32
         k = cls.dense_codes(config, tensors).to(compute)
         s, z = scales.to(compute), zeros.to(compute)
-        gs, cols = config["group_size"], rows_cols(config)[1]
+        gs, (rows, cols) = config["group_size"], rows_cols(config)
         if gs is not None and s.shape[1] > 1:
-            g = torch.arange(cols, device=k.device) // gs
-            s, z = s[:, g], z[:, g]
-        # the same expression, in the same order, as Grid.dequantize: s * (k - z)
-        return (s * (k - z)).to(dtype).view(config["shape"])
+            if cols % gs == 0:  # groups as a dimension: broadcast, no (rows, cols) copies of s and z
+                k, s, z = k.view(rows, cols // gs, gs), s.unsqueeze(-1), z.unsqueeze(-1)
+            else:
+                g = torch.arange(cols, device=k.device) // gs
+                s, z = s[:, g], z[:, g]
+        # the same expression, in the same order, as Grid.dequantize: s * (k - z), in place in k (one
+        # (rows, cols) temporary in the compute dtype: the dequantized weight)
+        return k.sub_(z).mul_(s).to(dtype).view(config["shape"])
 
     @classmethod
     def layout(cls, config):
