@@ -220,11 +220,11 @@ def test_singular_hessian_escalates_damping_with_one_warning():
     assert layer_objective(W, res.quantized_matrix, H).sum() < 0.5 * layer_objective(W, rtn, H).sum()
 
 
-def test_indefinite_hessian_is_damped():
-    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3, -1
-    with pytest.warns(HessianDampingWarning):
-        res = exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
-    assert res.damp >= 1.0
+def test_indefinite_hessian_is_refused():
+    """Not a covariance (eigenvalues 3, -1): refused, not damped into a negative reported loss."""
+    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+    with pytest.raises(ValueError, match=r"exact_obc: hessian of shape \(2, 2\) is not positive semi-definite"):
+        exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
 
 
 @pytest.mark.parametrize(
@@ -241,7 +241,7 @@ def test_indefinite_hessian_is_damped():
         (torch.randn(2, 3), torch.eye(3), {"damp": -1.0}, "damp"),
         (torch.randn(2, 3), torch.eye(3), {"group_size": 4}, "group_size"),
         (torch.randint(0, 3, (2, 3)), torch.eye(3), {}, "floating"),
-        (torch.randn(2, 3), -torch.eye(3), {}, "mean diagonal"),
+        (torch.randn(2, 3), -torch.eye(3), {}, "not positive semi-definite"),
     ],
 )
 def test_bad_inputs(matrix, hessian, kwargs, match):
