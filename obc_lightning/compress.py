@@ -33,8 +33,8 @@ from obc_lightning.checks import check_flags
 from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConfig
 from obc_lightning.formats.bits import FP32_BYTES
 from obc_lightning.formats.record import drop_format, set_format
-from obc_lightning.grids import check_scale_dtype
 from obc_lightning.formats.schemes import StorageScheme
+from obc_lightning.grids import check_scale_dtype
 from obc_lightning.reporting import CompressionReport, Progress, progress_of
 from obc_lightning.scheduling import (
     Solved,

@@ -30,8 +30,8 @@ from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
-    PreparedHessian,
     HessianBreakdown,
+    PreparedHessian,
     QuantResult,
     check_problem,
     checked_cholesky,
@@ -41,7 +41,6 @@ from obc_lightning.solvers.common import (
     layer_index,
     masked_inverses,
     objective,
-    prepare_hessian,
     row_factors,
     scaled_grid,
     solve_with_damping,
