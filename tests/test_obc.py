@@ -220,9 +220,16 @@ def test_singular_hessian_escalates_damping_with_one_warning():
     assert layer_objective(W, res.quantized_matrix, H).sum() < 0.5 * layer_objective(W, rtn, H).sum()
 
 
-def test_indefinite_hessian_is_refused():
-    """Not a covariance (eigenvalues 3, -1): refused, not damped into a negative reported loss."""
-    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)
+def test_indefinite_hessian_is_damped():
+    # every 2x2 minor positive (no Cauchy-Schwarz violation, which is refused), eigenvalues 1.9, 1.9, -0.8
+    H = torch.tensor([[1.0, 0.9, 0.9], [0.9, 1.0, -0.9], [0.9, -0.9, 1.0]], dtype=torch.float64)
+    with pytest.warns(HessianDampingWarning):
+        res = exact_obc(torch.tensor([[0.3, -0.7, 0.2]], dtype=torch.float64), H, 4)
+    assert res.damp >= 1.0
+
+
+def test_hessian_violating_cauchy_schwarz_is_refused():
+    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # |H_01| > sqrt(H_00 H_11): no X^T X
     with pytest.raises(ValueError, match=r"exact_obc: hessian of shape \(2, 2\) is not positive semi-definite"):
         exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
 
