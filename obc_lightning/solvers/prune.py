@@ -327,8 +327,8 @@ def obs_prune(
         block_size: unstructured only: remove b consecutive inputs together (group OBS step); k is
             counted in blocks, round(sparsity * rows * d / b). Reference speed (one step per block).
         damp: the solver uses H_d = H + damp * mean(diag H) * I on the live inputs (escalated with a
-            warning if not positive definite; ``result.damp``). Dead inputs (H_pp == 0) are pruned first
-            at no cost.
+            warning if not positive definite; ``result.damp``). Dead inputs (H_pp <= 1.4e-14 max diag H)
+            are pruned first at no cost.
         batch_size: rows solved together (a speed knob; the result does not depend on it).
         method: ``"fast"`` (the deferred-downdate engine of ExactOBC) or ``"reference"`` (one rank-1
             downdate per step; the oracle).

@@ -61,8 +61,8 @@ def quantize_weight(
     Weights that are exactly 0 (pruned; not dead inputs) stay 0 in every solver and in the polish.
 
     The grid is fitted once (:func:`obc_lightning.grids.fit_grid` on ``matrix`` with the dead columns,
-    H_pp == 0, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do not depend on
-    which solver won a row.
+    H_pp <= 1.4e-14 max diag H, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do
+    not depend on which solver won a row.
 
     Args:
         solver: ``"obc"`` (ExactOBC, greedy), ``"gptq"`` (GPTQ, act-order by default) or ``"auto"``
