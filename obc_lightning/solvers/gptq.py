@@ -159,9 +159,10 @@ def gptq(
 
     The grid is :func:`obc_lightning.grids.fit_grid` on ``matrix`` with its dead columns (H_pp <= 1.4e-14
     max diag H) set to 0, exactly as :func:`exact_obc` fits it. The solver uses ``hessian`` with dead
-    inputs isolated (their rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I`` (``damp_used`` is ``result.damp``,
-    escalated from ``damp`` with a warning if H is not positive definite or a later factorization fails;
-    a Hessian that is not positive semi-definite beyond rounding is refused). ``loss`` (per row) is the
+    inputs isolated (their rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I``
+    (``damp_used`` is ``result.damp``, escalated from ``damp`` with a warning if H is not positive
+    definite or a later factorization fails; a Hessian that no X^T X can be, even rounded, is refused:
+    see :func:`~obc_lightning.solvers.common.check_covariance`). ``loss`` (per row) is the
     objective 1/2 (q - w) H (q - w)^T with the caller's ``matrix`` and undamped ``hessian`` (as
     :func:`exact_obc`, whose notes on symmetry and row magnitudes apply here too).
 
