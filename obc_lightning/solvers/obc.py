@@ -430,7 +430,8 @@ def exact_obc(
         damp: adds ``damp * mean(diag H)`` to the diagonal; escalated with a warning if H is not
             positive definite, or a later factorization (the float64 re-solve of rows that broke down
             in float32) fails (:func:`~obc_lightning.solvers.common.solve_with_damping`). A Hessian that
-            is not positive semi-definite beyond rounding is refused (``ValueError``).
+            no X^T X can be, even rounded, is refused (``ValueError``; see
+            :func:`~obc_lightning.solvers.common.check_covariance`).
         method: ``"fast"`` (deferred, blocked downdates with a shrinking working set) or
             ``"reference"`` (one rank-1 downdate per step; the oracle).
         block_size: steps between two flushes of the deferred downdates (``method="fast"``);

@@ -73,9 +73,10 @@ def quantize_weight(
         damp: the solvers see H + damp * mean(diag H) * I (escalated with a warning if not positive
             definite, or if a later factorization breaks down: one mechanism for every solver,
             :func:`~obc_lightning.solvers.common.solve_with_damping`; the value used is ``result.damp``).
-            The polish and the reported loss do not. A ``hessian`` that is not positive semi-definite
-            beyond rounding (a negative diagonal, |H_ij| > sqrt(H_ii H_jj), a negative eigenvalue) is
-            refused with a ``ValueError``.
+            The polish and the reported loss do not. A ``hessian`` that no X^T X can be, even rounded
+            (a negative diagonal, |H_ij| > sqrt(H_ii H_jj): :func:`~obc_lightning.solvers.common.
+            check_covariance`), is refused with a ``ValueError``; one that is merely not positive
+            definite is damped as above (with an indefinite H a row's reported loss can be < 0).
         act_order: GPTQ visits columns by decreasing H_ii.
         batch_size, max_memory: ExactOBC row batching (see :func:`exact_obc`); block_size: GPTQ's lazy
             blocks and the polish's blocks.
