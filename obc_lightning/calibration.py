@@ -478,7 +478,8 @@ def activation_exponent(x: Tensor, not_finite: Callable[[], None], who: str) -> 
 
 
 def times_power_of_two(x: Tensor, k: int) -> Tensor:
-    """x * 2^k, exactly, as a new tensor (two factors, each inside float32's range, for |k| up to 298)."""
+    """x * 2^k, exactly, as a new tensor: two factors 2^(k/2), inside x's range for every k that
+    :func:`activation_exponent` gives x (|k| <= 149 for float32, where 2^149 itself would overflow)."""
     half = k // 2
     return (x * 2.0**half) * 2.0 ** (k - half)
 
