@@ -261,3 +261,35 @@ def test_weights_without_values_are_named(make, match, later):
     else:
         with pytest.raises(ValueError, match="OBCQuantize: " + match):
             check_against_model(CompressionConfig(), targets, "OBCQuantize", before_fit=True)
+
+
+def test_callback_refuses_an_empty_weight_before_training(tmp_path):
+    """At setup: a zero-size layer (a lazy or meta weight may still be materialized by training, and is
+    checked when the callback compresses: test_weights_without_values_are_named, before_fit)."""
+    import lightning.pytorch as pl
+    from quiet_trainer import quiet_trainer
+    from torch.utils.data import DataLoader, TensorDataset
+
+    from obc_lightning import OBCQuantize
+
+    class Net(pl.LightningModule):
+        def __init__(self):
+            super().__init__()
+            self.body = nn.Linear(16, 16)
+            with warnings.catch_warnings():
+                warnings.simplefilter("ignore")  # Linear(16, 0)'s init
+                self.head = nn.Linear(16, 0)
+
+        def training_step(self, batch, batch_idx):
+            return self.head(self.body(batch[0])).sum() + self.body(batch[0]).square().mean()
+
+        def configure_optimizers(self):
+            return torch.optim.SGD(self.parameters(), lr=0.01)
+
+    model = Net()
+    w0 = model.body.weight.detach().clone()
+    data = DataLoader(TensorDataset(torch.randn(16, 16)), batch_size=8)
+    cb = OBCQuantize(bits=4, calibration_batches=1, evaluate=False)
+    with pytest.raises(ValueError, match=r"OBCQuantize: module 'head' \(Linear\) has an empty weight"):
+        quiet_trainer(tmp_path, max_steps=1, callbacks=[cb]).fit(model, data)
+    assert torch.equal(model.body.weight, w0)  # refused before training
