@@ -41,6 +41,11 @@ SUPPORTED_MODULES = (nn.Linear, nn.Conv1d, nn.Conv2d)
 SYMMETRIC_MIN_BLOCK, SYMMETRIC_MAX_BLOCKS = 128, 8
 # samples a module may buffer beyond d (see _Accumulator), in bytes of float32 samples
 PENDING_BYTES = 2 * 2**20
+# Activations are multiplied as they are while max|x| lies in [2^-32, 2^32]: every product of X^T X then
+# stays far inside float32's range. Outside it, x is divided by 2^e (max|x| / 2^e in [1, 2): exact) and
+# its products are multiplied by 4^e in the float64 sum, so activations of any magnitude give the Hessian
+# of the rescaled ones times 4^e: no products underflowing to 0 (every input "dead"), none overflowing.
+ACTIVATION_EXPONENT_RANGE = 32
 
 # Reasons a target module gets no Hessian (reported, never silent).
 REASON_OWNER_NOT_RUN = (
@@ -359,6 +364,7 @@ class _Accumulator:
         self.block = -(-d // max(1, min(SYMMETRIC_MAX_BLOCKS, d // SYMMETRIC_MIN_BLOCK)))
         self.pending: list[Tensor] = []
         self.n_pending = 0
+        self.exponent = 0  # the pending samples are x / 2^exponent (see activation_exponent)
 
     def draw_units(self, x: Tensor) -> Tensor | None:
         """The units of ``x`` (tokens, conv output rows) this call samples; None: all of them."""
@@ -381,11 +387,14 @@ class _Accumulator:
         if units is not None:
             n_units = len(units)
         dtype = self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
+        # one min / max reduction over x: NaN / Inf, and the scale (X is a part of x plus zero padding)
+        e = activation_exponent(x, self._raise_not_finite, f"collect_hessians: module '{self.name}'")
+        if e != self.exponent and self.pending:  # pending samples share one scale
+            self._fold(None)
+        self.exponent = e
+        if e:
+            x = times_power_of_two(x, -e)
         buffered = self.n_pending + n_units * per_unit < self.buffer_samples
-        # X is a part of x (plus zero padding): unless all of X is folded at once, whose diagonal
-        # x_i^2 holds every entry (see _fold), x itself is checked for NaN / Inf (one reduction)
-        if (buffered or units is not None) and not all_finite(x):
-            self._raise_not_finite()
         # patches folded right away (nothing pending) can live in the reused workspace
         workspace = None if buffered or self.pending else self.workspace
         Xt = layer_inputs(self.module, x, units, dtype, workspace)  # (g, d, N)
@@ -425,23 +434,24 @@ class _Accumulator:
         # the product in the activations' precision (fast matmul), the running sum in float64: the sum
         # over thousands of batches is what loses precision, not one product. X^T X is symmetric: block
         # row i is multiplied only up to the end of its diagonal block (the block-lower triangle, about
-        # half the arithmetic for d >> block) and the sum is mirrored once, in collect_hessians
-        d, diagonal = Xt.shape[1], []
+        # half the arithmetic for d >> block) and the sum is mirrored once, in collect_hessians. Samples
+        # divided by 2^e add their products times 4^e (exact, in float64)
+        d = Xt.shape[1]
+        factor = math.ldexp(1.0, 2 * self.exponent)
         for r0 in range(0, d, self.block):
             r1 = min(d, r0 + self.block)
             if Xt.shape[0] == 1:  # a 2-D mm: CPU bfloat16 bmm misses oneDNN's kernel (3-8x slower)
                 part = (Xt[0, r0:r1] @ Xt[0, :r1].T).unsqueeze(0)
             else:
                 part = Xt[:, r0:r1] @ Xt[:, :r1].transpose(1, 2)  # (g, r1 - r0, r1)
-            diagonal.append(part[:, :, r0:r1].diagonal(dim1=1, dim2=2))
+            block = self.sum[:, r0:r1, :r1]
             if self.folded:
-                self.sum[:, r0:r1, :r1].add_(part.to(self.sum.device))  # converted to float64 by add_
+                block.add_(part.to(self.sum.device), alpha=factor)  # converted to float64 by add_
             else:
-                self.sum[:, r0:r1, :r1].copy_(part)
+                block.copy_(part)
+                if factor != 1.0:
+                    block.mul_(factor)
         self.folded = True
-        # a NaN or Inf anywhere in X reaches the diagonal sum x_i^2: d checks instead of N * d
-        if not all_finite(torch.cat(diagonal, dim=1)):
-            self._raise_not_finite()
 
     def _raise_not_finite(self):
         raise ValueError(
@@ -449,6 +459,35 @@ class _Accumulator:
             f"contains NaN or Inf at calibration batch {self.batch_index}; check the model and the "
             f"calibration data (no Hessian can be built from non-finite activations)"
         )
+
+
+def activation_exponent(x: Tensor, not_finite: Callable[[], None], who: str) -> int:
+    """e with max|x| / 2^e in [1, 2) when max|x| lies outside [2^-32, 2^32], else 0 (the activations are
+    multiplied as they are). ``not_finite()`` raises for NaN or Inf, which the one min / max reduction
+    reaches; ``ValueError`` naming ``who`` where 4^e is beyond float64 (float64 activations beyond
+    ~1e±150), which then cannot hold their Hessian."""
+    if x.numel() == 0:
+        return 0
+    lo, hi = torch.stack(torch.aminmax(x)).tolist()
+    if not (math.isfinite(lo) and math.isfinite(hi)):
+        not_finite()
+    top = max(-lo, hi)
+    if top == 0 or 2.0**-ACTIVATION_EXPONENT_RANGE <= top <= 2.0**ACTIVATION_EXPONENT_RANGE:
+        return 0
+    e = math.frexp(top)[1] - 1
+    if abs(2 * e) > 1000:
+        raise ValueError(
+            f"{who}: its activations reach {top:.3g}: their squares, and so its Hessian 2/N X^T X, are beyond "
+            "float64's range; rescale the model's activations (e.g. its input) towards 1"
+        )
+    return e
+
+
+def times_power_of_two(x: Tensor, k: int) -> Tensor:
+    """x * 2^k, exactly, as a new tensor: two factors 2^(k/2), inside x's range for every k that
+    :func:`activation_exponent` gives x (|k| <= 149 for float32, where 2^149 itself would overflow)."""
+    half = k // 2
+    return (x * 2.0**half) * 2.0 ** (k - half)
 
 
 def all_finite(x: Tensor) -> bool:
@@ -838,6 +877,7 @@ class _PairedAccumulator:
         self.n_pending = 0
         self.drift = False
         self._weight: Tensor | None = None
+        self.exponents = (0, 0)  # the pending pairs are (x̃ / 2^eq, x / 2^ef) (see activation_exponent)
 
     def _dtype(self, x: Tensor) -> torch.dtype:
         return self.product_dtype or (x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32)
@@ -858,6 +898,12 @@ class _PairedAccumulator:
             self.recorded_inputs.add(saved, self.name)
         self.stored.append((tuple(x.shape), units, saved))
         self.recorded += 1
+
+    def _raise_full_not_finite(self):
+        raise ValueError(
+            f"{self.who}: the input of module '{self.name}' ({type(self.module).__name__}) in the full-precision "
+            f"model contains NaN or Inf; check the model and the calibration data"
+        )
 
     def _mismatch(self, what: str) -> ValueError:
         return ValueError(
@@ -882,9 +928,20 @@ class _PairedAccumulator:
         if units is not None:
             n_units = len(units)
         n = n_units * per_unit
+        # NaN / Inf and the scale of x̃ and of x (see activation_exponent); pending pairs share the scales
+        eq = activation_exponent(x, self.quant._raise_not_finite, f"{self.who}: module '{self.name}'")
+        ef = activation_exponent(saved, self._raise_full_not_finite, f"{self.who}: module '{self.name}'")
+        if (eq, ef) != self.exponents and self.pending:
+            self._fold(None, None)
+        self.quant.exponent, self.exponents = eq, (eq, ef)
+        if self.full is not None:
+            self.full.exponent = ef
+        drift = eq != ef  # different largest entries: the inputs differ
+        if eq:
+            x = times_power_of_two(x, -eq)
+        if ef:
+            saved = times_power_of_two(saved, -ef)
         buffered = self.n_pending + n < self.quant.buffer_samples
-        if (buffered or units is not None) and not all_finite(x):
-            self.quant._raise_not_finite()
         dtype = self._dtype(x)
         ws_q, ws_f = (None, None) if buffered or self.pending else self.workspaces
         Xq = layer_inputs(self.module, x, units, dtype, ws_q)  # (g, d, N)
@@ -892,7 +949,7 @@ class _PairedAccumulator:
             Xf = saved.to(x.device)
         else:
             Xf = layer_inputs(self.module, saved.to(x.device), units, dtype, ws_f)
-        if not self.drift and not torch.equal(Xq, Xf):
+        if not self.drift and (drift or not torch.equal(Xq, Xf)):
             self.drift = True
         self.quant.n += n
         if buffered:
@@ -909,17 +966,18 @@ class _PairedAccumulator:
             Xq = torch.cat([q for q, _ in pairs], dim=2)
             Xf = torch.cat([f for _, f in pairs], dim=2)
             self.pending, self.n_pending = [], 0
-        self.quant._fold(Xq)  # S̃ += X̃^T X̃ (and the NaN / Inf check of X̃)
+        self.quant._fold(Xq)  # S̃ += X̃^T X̃
+        eq, ef = self.exponents  # X̃ and X were divided by 2^eq and 2^ef: products times 2^(eq + ef)
         if self.full is not None:
             self.full._fold(Xf)  # S += X^T X
-            self.cross.add_(_products(Xq, Xf))  # sum x̃ x^T
+            self.cross.add_(_products(Xq, Xf), alpha=math.ldexp(1.0, eq + ef))  # sum x̃ x^T
             return
         if self._weight is None:
             g, d = self.cross.shape[0], self.cross.shape[2]
             self._weight = self.module.weight.detach().reshape(g, self.rows, d).to(Xf.dtype)
-        Y = _products(self._weight, Xf.transpose(1, 2))  # (g, rows, N): the full-precision outputs W x
-        self.cross.add_(_products(Y, Xq))  # sum (W x) x̃^T
-        self.energy.add_(Y.square().sum(dim=2, dtype=torch.float64))
+        Y = _products(self._weight, Xf.transpose(1, 2))  # (g, rows, N): the full-precision outputs W x / 2^ef
+        self.cross.add_(_products(Y, Xq), alpha=math.ldexp(1.0, eq + ef))  # sum (W x) x̃^T
+        self.energy.add_(Y.square().sum(dim=2, dtype=torch.float64), alpha=math.ldexp(1.0, 2 * ef))
 
     def flush(self) -> None:
         if self.pending:

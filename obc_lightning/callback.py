@@ -250,7 +250,7 @@ class OBCQuantize(Callback):
         if stage == "fit":  # a typo, a layout that does not fit a module: before training, not after it
             q = self.config.quantization
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
-            check_against_model(self.config, targets, self.who)
+            check_against_model(self.config, targets, self.who, before_fit=True)  # lazy weights: after training
             if self.config.finetune is not None:
                 self._check_finetuning(trainer, targets)
             if not trainer.enable_validation:

@@ -34,6 +34,7 @@ from obc_lightning.config import DEFAULT_BITS, METHODS, SOLVERS, CompressionConf
 from obc_lightning.formats.bits import FP32_BYTES
 from obc_lightning.formats.record import drop_format, set_format
 from obc_lightning.formats.schemes import StorageScheme
+from obc_lightning.grids import check_scale_dtype
 from obc_lightning.reporting import CompressionReport, Progress, progress_of
 from obc_lightning.scheduling import (
     Solved,
@@ -71,16 +72,43 @@ def full_precision_message(who: str, skipped: Mapping[str, str]) -> str:
     return f"{who}: {len(skipped)} layer weight(s) left in full precision:\n{lines}"
 
 
+def check_weights_exist(targets: Mapping[str, nn.Module], who: str = "compress_model", *,
+                        before_fit: bool = False) -> dict[str, nn.Module]:
+    """Target weights with values to solve for, else a ``ValueError`` naming the module: not a lazy module
+    before its first call (``nn.LazyLinear``: no shape yet), not on the meta device (a shape without
+    values), not empty (``nn.Linear(16, 0)``). ``before_fit``: lazy and meta weights may still be
+    materialized (by training, by the strategy); they are returned out of the further checks instead."""
+    ready = {}
+    for name, m in targets.items():
+        w = m.weight
+        if nn.parameter.is_lazy(w) or w.is_meta:
+            if before_fit:
+                continue
+            what = ("a lazy module whose weight is not initialized yet (its shape comes from its first call): "
+                    "run the model on one batch first" if nn.parameter.is_lazy(w) else
+                    "on the meta device (a shape without values): materialize and load its weights first, e.g. "
+                    "model.to_empty(device=...) and load_state_dict")
+            raise ValueError(f"{who}: module '{name}' ({type(m).__name__}) is {what}, or exclude it")
+        if w.numel() == 0:
+            raise ValueError(f"{who}: module '{name}' ({type(m).__name__}) has an empty weight of shape "
+                             f"{tuple(w.shape)}: nothing to quantize; exclude it")
+        ready[name] = m
+    return ready
+
+
 def check_against_model(
-    config: CompressionConfig, targets: Mapping[str, nn.Module], who: str = "compress_model"
+    config: CompressionConfig, targets: Mapping[str, nn.Module], who: str = "compress_model", *,
+    before_fit: bool = False,
 ) -> None:
-    """The checks of ``config`` that need the target modules, before any of them is touched: N:M groups
+    """The checks of ``config`` that need the target modules, before any of them is touched: weights with
+    values (:func:`check_weights_exist`; ``before_fit``: lazy and meta ones are left for later), N:M groups
     that divide each module's inputs, product-quantization layouts that fit, floating-point weights."""
     q = config.quantization
     check_patterns_match(q.bits, "bits", targets, who)
     if isinstance(q.bits, Mapping):
         for name in targets:
             per_module(q.bits, name, "bits", who)
+    targets = check_weights_exist(targets, who, before_fit=before_fit)  # the modules whose weights can be read
     if q.target is not None:  # every target solved, biases only fixed: the widest range a calibration allows
         check_reachable(q, targets, who, fixed_bytes(targets))
     for name, m in targets.items():
@@ -403,6 +431,7 @@ def compress_model(
     )
     match_outputs = c.matches_outputs
     check_flags("compress_model", keep_results=keep_results)
+    check_scale_dtype("compress_model", "scale_dtype", scale_dtype)
     check_distributed("compress_model", distributed, reduce_fn)
     pq = method != "scalar"
     batches = _materialize(calibration_batches)
@@ -512,8 +541,9 @@ def compress_model(
             m = targets[name]
             W = m.weight.detach()
             dt = torch.float64 if W.dtype == torch.float64 else torch.float32
-            traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device, dtype=dt), damp=damp)
-                      for i, Wb in enumerate(lh.weight_blocks(W))]  # one greedy pass gives every level
+            # one greedy pass gives every level; the float64 Hessians: the solver scales them into float32
+            traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device), damp=damp)
+                      for i, Wb in enumerate(lh.weight_blocks(W))]
             progress.step(name)
             allocator.add(
                 name, m, signals[name], [allocator.option_cost(m, s) for s in levels],

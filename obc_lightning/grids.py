@@ -44,6 +44,20 @@ def row_factors(W: Tensor) -> Tensor | None:
     return torch.where(far, torch.ldexp(one, e), one)
 
 
+# the dtypes scales (and codebooks) may be rounded to: those a file stores them in
+SCALE_DTYPES = (torch.float16, torch.bfloat16, torch.float32, torch.float64)
+
+
+def check_scale_dtype(who: str, name: str, dtype) -> None:
+    """``ValueError`` naming ``who`` and the argument ``name`` unless ``dtype`` is None or a floating dtype
+    of :data:`SCALE_DTYPES` (a bool or integer dtype would turn every scale into 1 or an integer)."""
+    if dtype is not None and dtype not in SCALE_DTYPES:
+        raise ValueError(
+            f"{who}: {name} must be None or a floating dtype, one of "
+            f"{', '.join(str(t) for t in SCALE_DTYPES)} (the scales are rounded to values it holds), got {dtype!r}"
+        )
+
+
 def check_bits(n_bits: int) -> None:
     if isinstance(n_bits, bool) or not isinstance(n_bits, int) or not MIN_BITS <= n_bits <= MAX_BITS:
         raise ValueError(f"n_bits must be an integer in [{MIN_BITS}, {MAX_BITS}], got {n_bits!r}")
@@ -203,6 +217,7 @@ def fit_grid(
     back: the grid of ``s * w`` is exactly ``s`` times the grid of ``w`` for any power of two s.
     """
     check_bits(n_bits)
+    check_scale_dtype("fit_grid", "scale_dtype", scale_dtype)
     if matrix.dim() != 2:
         raise ValueError(f"fit_grid expects a 2-D matrix, got shape {tuple(matrix.shape)}")
     rows, cols = matrix.shape

@@ -43,7 +43,7 @@ from obc_lightning.formats.nm import conv_nm_group_index
 from obc_lightning.formats.schemes import PQScheme, ScalarScheme, SparseMaskScheme, StorageScheme, kind_of, scheme_of
 from obc_lightning.reporting import ModuleReport
 from obc_lightning.selection import per_module
-from obc_lightning.solvers.common import default_memory_budget, layer_objective
+from obc_lightning.solvers.common import default_memory_budget, hessian_unit, layer_objective
 from obc_lightning.solvers.match import matched_objective, matched_weight
 from obc_lightning.solvers.pq import product_quantize
 from obc_lightning.solvers.prune import obs_prune
@@ -124,6 +124,7 @@ class PreparedModule:
     damp: float
     seconds: float  # spent on this module alone so far
     target: Tensor | None = None  # output matching: W* (the weight's shape), which the blocks hold
+    unit: float = 1.0  # the blocks hold H / unit (see hessians_in): their losses are in units of ``unit``
 
 
 def matched_target(name: str, m: nn.Module, lh: LayerHessian, damp: float) -> Tensor | None:
@@ -154,6 +155,15 @@ def _report_matched(rep: ModuleReport, lh: LayerHessian, Q: Tensor, target: Tens
         rep.rel_error = relative_error(rep.loss, float(lh.energy.sum()))  # signal: trace(W H W^T)
 
 
+def hessians_in(lh: LayerHessian, dtype: torch.dtype, device: torch.device) -> tuple[list[Tensor], float]:
+    """The module's Hessians in the solvers' ``dtype`` and the unit they are in: divided by the power of 4
+    :func:`~obc_lightning.solvers.common.hessian_unit` of all of them (in float64, exact) before they are
+    rounded, so that activations of any scale (1e-23 or 1e20) reach the solvers as the same problem
+    instead of underflowing or overflowing float32. Losses on them are multiplied back by ``unit``."""
+    unit = hessian_unit(lh.hessians)
+    return [(h if unit == 1.0 else h / unit).to(device=device, dtype=dtype) for h in lh.hessians], unit
+
+
 def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n_m=None,
                    traces=None) -> PreparedModule:
     """Every group's (W_i, H_i) in the compute dtype, pruned first with OBS when ``sparsity`` / ``n_m``
@@ -169,16 +179,18 @@ def prepare_module(name, m, lh: LayerHessian, group_size, damp, sparsity=None, n
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     group_index = nm_group_index_of(m, n_m)
     blocks, pruned, damp_used = [], 0, 0.0
+    hessians, unit = hessians_in(lh, dt, W.device)
     for i, Wb in enumerate(lh.weight_blocks(W)):
         Wb = Wb.to(dt)
-        H = lh.hessians[i].to(device=W.device, dtype=dt)
+        H = hessians[i]
         Pb = Wb
         if sparsity is not None or n_m is not None:
             pres = (traces[i].at(sparsity) if traces is not None else
                     obs_prune(Wb, H, sparsity=sparsity, n_m=n_m, damp=damp, group_index=group_index))
             Pb, pruned, damp_used = pres.pruned_matrix, pruned + int((~pres.mask).sum()), max(damp_used, pres.damp)
         blocks.append((Wb, Pb, H))
-    return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0, target)
+    return PreparedModule(name, m, lh, group_size, blocks, pruned, damp_used, time.perf_counter() - t0, target,
+                          unit)
 
 
 def finish_module(p: PreparedModule, results: list, bits, n_m, prune: bool, solve_seconds: float):
@@ -202,9 +214,11 @@ def finish_module(p: PreparedModule, results: list, bits, n_m, prune: bool, solv
             for k, v in res.solver_rows.items():
                 rows_won[k] = rows_won.get(k, 0) + int(v)
         Qs.append(Qb)
-        # the objective against the caller's weights: 1/2 trace((Q - W) H (Q - W)^T)
-        loss += float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.sum())
-        signal += float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+        # the objective against the caller's weights: 1/2 trace((Q - W) H (Q - W)^T), H = unit * (the block's)
+        loss += p.unit * (float(layer_objective(Wb, Qb, H).sum()) if prune else float(res.loss.double().sum()))
+        signal += p.unit * float(2 * layer_objective(Wb, torch.zeros_like(Wb), H).sum())
+        if bits is not None and p.unit != 1.0:  # the result's loss in the units of the module's Hessian
+            res.loss = (res.loss.double() * p.unit).to(res.loss.dtype)
     Q = torch.cat(Qs, dim=0).reshape(W.shape)
     rel = relative_error(loss, signal)
     pruned = p.pruned
@@ -292,7 +306,7 @@ def pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, 
     W = m.weight.detach() if target is None else target
     dt = torch.float64 if W.dtype == torch.float64 else torch.float32
     Wm = W.reshape(W.shape[0], -1).to(dt)
-    H = lh.hessians[0].to(device=W.device, dtype=dt)
+    (H,), unit = hessians_in(lh, dt, W.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         res = product_quantize(
@@ -308,8 +322,8 @@ def pq_module(name, m, lh: LayerHessian, method, block_size, n_centroids, damp, 
         text = str(w.message).replace("product_quantize: ", "").replace("codebook_dtype=", "scale_dtype=")
         warnings.warn(f"compress_model: module '{name}': {text}", w.category, stacklevel=4)
     Q = res.quantized_matrix
-    loss = float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
-    signal = float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
+    loss = unit * float(layer_objective(Wm, Q, H).sum())  # pq-kmeans' own loss is Euclidean: price it with H
+    signal = unit * float(2 * layer_objective(Wm, torch.zeros_like(Wm), H).sum())
     fmt = PQScheme(res.codebook.detach().cpu(), block_size)
     # the codebook as it is exactly representable: in scale_dtype (float32 when not rounded)
     nbytes, nbits = stored_size(fmt, m, Q.reshape(W.shape), dtype_name(scale_dtype or torch.float32))

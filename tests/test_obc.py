@@ -241,10 +241,17 @@ def test_singular_hessian_escalates_damping_with_one_warning():
 
 
 def test_indefinite_hessian_is_damped():
-    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # eigenvalues 3, -1
+    # every 2x2 minor positive (no Cauchy-Schwarz violation, which is refused), eigenvalues 1.9, 1.9, -0.8
+    H = torch.tensor([[1.0, 0.9, 0.9], [0.9, 1.0, -0.9], [0.9, -0.9, 1.0]], dtype=torch.float64)
     with pytest.warns(HessianDampingWarning):
-        res = exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
+        res = exact_obc(torch.tensor([[0.3, -0.7, 0.2]], dtype=torch.float64), H, 4)
     assert res.damp >= 1.0
+
+
+def test_hessian_violating_cauchy_schwarz_is_refused():
+    H = torch.tensor([[1.0, 2.0], [2.0, 1.0]], dtype=torch.float64)  # |H_01| > sqrt(H_00 H_11): no X^T X
+    with pytest.raises(ValueError, match=r"exact_obc: hessian of shape \(2, 2\) is not positive semi-definite"):
+        exact_obc(torch.tensor([[0.3, -0.7]], dtype=torch.float64), H, 4)
 
 
 @pytest.mark.parametrize(
@@ -261,7 +268,7 @@ def test_indefinite_hessian_is_damped():
         (torch.randn(2, 3), torch.eye(3), {"damp": -1.0}, "damp"),
         (torch.randn(2, 3), torch.eye(3), {"group_size": 4}, "group_size"),
         (torch.randint(0, 3, (2, 3)), torch.eye(3), {}, "floating"),
-        (torch.randn(2, 3), -torch.eye(3), {}, "mean diagonal"),
+        (torch.randn(2, 3), -torch.eye(3), {}, "not positive semi-definite"),
     ],
 )
 def test_bad_inputs(matrix, hessian, kwargs, match):

@@ -21,25 +21,26 @@ from obc_lightning.grids import dequantize, fit_grid, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
+    PreparedHessian,
     QuantResult,
     check_problem,
+    checked_cholesky,
     compute_dtype,
     layer_index,
     objective,
-    prepare_hessian,
     row_bounds,
     row_factors,
     scaled_grid,
-    symmetric_hessian,
+    solve_with_damping,
+    solver_hessian,
 )
 
 
-def upper_cholesky_of_inverse(hinv: Tensor) -> Tensor:
-    """U upper triangular with U^T U = H^-1; retried in float64 if the factorization fails in float32."""
-    U, info = torch.linalg.cholesky_ex(hinv, upper=True)
-    if int(info) != 0 or not torch.isfinite(U).all():
-        U = torch.linalg.cholesky(hinv.double(), upper=True).to(hinv.dtype)
-    return U
+def upper_cholesky_of_inverse(hinv: Tensor, problem: int = 0) -> Tensor:
+    """U upper triangular with U^T U = H^-1; retried in float64 if the factorization fails in float32
+    (:func:`~obc_lightning.solvers.common.checked_cholesky`: a failure there too is ``problem``'s
+    :class:`~obc_lightning.solvers.common.HessianBreakdown`, answered with more damping)."""
+    return checked_cholesky(hinv, upper=True, problem=problem, what="GPTQ's factor of the inverse Hessian")
 
 
 def gptq_order(hessian: Tensor, act_order: bool) -> Tensor:
@@ -100,7 +101,8 @@ def gptq_codes_layers(
     perm = torch.cat([p.expand(n, d) for p, n in zip(perms, counts)]) if L > 1 else perms[0]
     # U_l upper with U_l^T U_l = H_l^-1 in layer l's order: (L, d, d)
     U = torch.stack([
-        upper_cholesky_of_inverse(torch.cholesky_inverse(torch.linalg.cholesky(hessians[i][p][:, p])))
+        upper_cholesky_of_inverse(torch.cholesky_inverse(
+            checked_cholesky(hessians[i][p][:, p], problem=i, what="the Hessian in GPTQ's column order")), i)
         for i, p in enumerate(perms)
     ])
 
@@ -155,10 +157,12 @@ def gptq(
 ) -> QuantResult:
     """Quantize ``matrix`` (rows x cols) to ``n_bits`` with GPTQ, given the layer Hessian (cols x cols).
 
-    The grid is :func:`obc_lightning.grids.fit_grid` on ``matrix`` with its dead columns (H_pp == 0) set to
-    0, exactly as :func:`exact_obc` fits it. The solver uses ``hessian`` with dead inputs isolated (their
-    rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I`` (``damp_used`` is ``result.damp``,
-    escalated from ``damp`` with a warning if H is not positive definite). ``loss`` (per row) is the
+    The grid is :func:`obc_lightning.grids.fit_grid` on ``matrix`` with its dead columns (H_pp <= 1.4e-14
+    max diag H) set to 0, exactly as :func:`exact_obc` fits it. The solver uses ``hessian`` with dead
+    inputs isolated (their rows/columns 0, diagonal 1) plus ``damp_used * mean(diag H) * I``
+    (``damp_used`` is ``result.damp``, escalated from ``damp`` with a warning if H is not positive
+    definite or a later factorization fails; a Hessian that no X^T X can be, even rounded, is refused:
+    see :func:`~obc_lightning.solvers.common.check_covariance`). ``loss`` (per row) is the
     objective 1/2 (q - w) H (q - w)^T with the caller's ``matrix`` and undamped ``hessian`` (as
     :func:`exact_obc`, whose notes on symmetry and row magnitudes apply here too).
 
@@ -170,17 +174,20 @@ def gptq(
     check_problem("gptq", matrix, hessian, n_bits, group_size)
     check_positive_int("gptq", "block_size", block_size)
     dt = compute_dtype(matrix)
-    W = matrix.detach().to(dt).clone()
-    H = symmetric_hessian("gptq", hessian, dt)
-    prep = prepare_hessian(H, damp, fn="gptq", matrix_shape=tuple(matrix.shape))
-    W[:, prep.dead] = 0
-    factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
-    if factors is not None:
-        W /= factors
-    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
-    s, z = grid.per_column()
-    codes = gptq_codes(W, prep.hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
-    grid = scaled_grid(grid, factors)
+    H, unit = solver_hessian("gptq", hessian, dt)
+
+    def solve(preps: list[PreparedHessian]):
+        W = matrix.detach().to(dt).clone()
+        W[:, preps[0].dead] = 0
+        factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+        if factors is not None:
+            W /= factors
+        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+        s, z = grid.per_column()
+        codes = gptq_codes(W, preps[0].hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
+        return preps[0], scaled_grid(grid, factors), codes
+
+    prep, grid, codes = solve_with_damping("gptq", [H], damp, [tuple(matrix.shape)], solve)
     out = matrix.dtype
     Q = grid.dequantize(codes).to(out)
     return QuantResult(
@@ -188,7 +195,7 @@ def gptq(
         scales=grid.scales.to(out),
         rounded_zeros=grid.zeros.to(out),
         codes=codes.to(torch.int32),
-        loss=objective("gptq", matrix, Q, H, dt),
+        loss=objective("gptq", matrix, Q, H, dt, unit),
         grid=grid,
         damp=prep.damp,
         solver_rows={"gptq": matrix.shape[0]},

@@ -31,19 +31,21 @@ from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
+    HessianBreakdown,
     PreparedHessian,
     QuantResult,
     check_problem,
+    checked_cholesky,
     compute_dtype,
     default_block_size,
     default_memory_budget,
     layer_index,
     masked_inverses,
     objective,
-    prepare_hessian,
     row_factors,
     scaled_grid,
-    symmetric_hessian,
+    solve_with_damping,
+    solver_hessian,
 )
 
 
@@ -408,7 +410,7 @@ def solve_obc_layers(
             sel = (own & (lid[idx] == li)).nonzero().squeeze(1)
             for c in range(0, len(sel), chunk):
                 part = sel[c : c + chunk]
-                src[k : k + len(part)] = masked_inverses(hessians[li], pruned[idx[part]])
+                src[k : k + len(part)] = masked_inverses(hessians[li], pruned[idx[part]], problem=li)
                 row_src[part] = torch.arange(k, k + len(part), device=W.device)
                 k += len(part)
         return src, row_src
@@ -431,7 +433,8 @@ def solve_obc_layers(
         # the float64 inverse of each layer with a broken row that has no pruned weight
         need = [li for li in hit if not bool(has_pruned[idx[lid[idx] == li]].all())]
         slot = [need.index(li) if li in need else 0 for li in range(L)]
-        inv64 = torch.stack([torch.cholesky_inverse(torch.linalg.cholesky(H64[li])) for li in need]) if need else None
+        inv64 = torch.stack([torch.cholesky_inverse(checked_cholesky(H64[li], problem=li, what=REDO))
+                             for li in need]) if need else None
         # row-batched like the float32 pass, sized for float64
         R64 = obc_row_batch(len(idx), d, torch.float64, W.device, method, batch_size,
                             max(0, budget - len(need) * d * d * 8), masked)
@@ -440,6 +443,8 @@ def solve_obc_layers(
             src, row_src = sources(ib, inv64, slot, H64)
             c64, l64 = _greedy(method, W[ib].double(), src, row_src, scale_c[ib].double(), zero_c[ib].double(),
                                maxq, block_size)
+            if not bool(torch.isfinite(l64).all()):  # float64 could not carry it either: more damping
+                raise HessianBreakdown(int(lid[ib[~torch.isfinite(l64)][0]]), REDO)
             codes[ib], loss[ib] = c64.to(W.dtype), l64.to(W.dtype)
         for li in hit:
             warnings.warn(
@@ -448,6 +453,10 @@ def solve_obc_layers(
                 stacklevel=4,
             )
     return codes, loss
+
+
+# what broke down when the float64 re-solve of a layer's broken rows fails (HessianBreakdown)
+REDO = "the float64 re-solve of rows that broke down in float32"
 
 
 def _greedy(method, w, src, row_src, scale, zero, maxq, block_size):
@@ -495,7 +504,10 @@ def exact_obc(
             ``None`` sizes the batch to ``max_memory`` (default: half the free GPU memory, 1 GiB on CPU).
         symmetric / mse / group_size: the grid (see :func:`obc_lightning.grids.fit_grid`).
         damp: adds ``damp * mean(diag H)`` to the diagonal; escalated with a warning if H is not
-            positive definite.
+            positive definite, or a later factorization (the float64 re-solve of rows that broke down
+            in float32) fails (:func:`~obc_lightning.solvers.common.solve_with_damping`). A Hessian that
+            no X^T X can be, even rounded, is refused (``ValueError``; see
+            :func:`~obc_lightning.solvers.common.check_covariance`).
         method: ``"fast"`` (deferred, blocked downdates with a shrinking working set) or
             ``"reference"`` (one rank-1 downdate per step; the oracle).
         block_size: steps between two flushes of the deferred downdates (``method="fast"``);
@@ -507,19 +519,22 @@ def exact_obc(
         raise ValueError(f"exact_obc: method must be 'fast' or 'reference', got {method!r}")
     check_positive_int("exact_obc", "block_size", block_size, optional=True)
     dt = compute_dtype(matrix)
-    W = matrix.detach().to(dt).clone()
-    H = symmetric_hessian("exact_obc", hessian, dt)
-    prep = prepare_hessian(H, damp, fn="exact_obc", matrix_shape=tuple(matrix.shape))
-    W[:, prep.dead] = 0
-    factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
-    if factors is not None:
-        W /= factors
-    grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
-    codes, _ = solve_obc_rows(
-        W, prep, grid,
-        method=method, batch_size=batch_size, block_size=block_size, max_memory=max_memory,
-    )
-    grid = scaled_grid(grid, factors)
+    H, unit = solver_hessian("exact_obc", hessian, dt)
+
+    def solve(preps: list[PreparedHessian]):
+        W = matrix.detach().to(dt).clone()
+        W[:, preps[0].dead] = 0
+        factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
+        if factors is not None:
+            W /= factors
+        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+        codes, _ = solve_obc_rows(
+            W, preps[0], grid,
+            method=method, batch_size=batch_size, block_size=block_size, max_memory=max_memory,
+        )
+        return preps[0], scaled_grid(grid, factors), codes
+
+    prep, grid, codes = solve_with_damping("exact_obc", [H], damp, [tuple(matrix.shape)], solve)
     out = matrix.dtype
     Q = grid.dequantize(codes).to(out)
     return QuantResult(
@@ -527,7 +542,7 @@ def exact_obc(
         scales=grid.scales.to(out),
         rounded_zeros=grid.zeros.to(out),
         codes=codes.to(torch.int32),
-        loss=objective("exact_obc", matrix, Q, H, dt),
+        loss=objective("exact_obc", matrix, Q, H, dt, unit),
         grid=grid,
         damp=prep.damp,
     )

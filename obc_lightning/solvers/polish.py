@@ -25,7 +25,7 @@ from obc_lightning.solvers.common import (
     objective,
     row_bounds,
     row_factors,
-    symmetric_hessian,
+    solver_hessian,
 )
 
 
@@ -211,7 +211,8 @@ def polish(
     codes = quantized.to(dt) if not quantized.is_floating_point() else g.codes(quantized.to(dt)).to(dt)
     if codes.min() < 0 or codes.max() > grid.maxq:
         raise ValueError(f"polish: codes must lie in [0, {grid.maxq}]")
-    W, H = matrix.detach().to(dt), symmetric_hessian("polish", hessian, dt)
+    W = matrix.detach().to(dt)
+    H, unit = solver_hessian("polish", hessian, dt)
     s, z = g.per_column()
     factors = row_factors(W)  # rows far from |w| ~ 1 are polished scaled by a power of two (codes unchanged)
     if factors is not None:
@@ -224,7 +225,7 @@ def polish(
         scales=g.scales.to(out),
         rounded_zeros=g.zeros.to(out),
         codes=K.to(torch.int32),
-        loss=objective("polish", matrix, Q, H, dt),
+        loss=objective("polish", matrix, Q, H, dt, unit),
         grid=g,
         solver_rows={"polish": rows},
     )

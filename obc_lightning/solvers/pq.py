@@ -37,15 +37,17 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int, check_positive_int
+from obc_lightning.grids import check_scale_dtype
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
+    PreparedHessian,
     compute_dtype,
     layer_objective,
     loss_in,
     objective,
-    prepare_hessian,
     row_factors,
-    symmetric_hessian,
+    solve_with_damping,
+    solver_hessian,
 )
 from obc_lightning.solvers.gptq import upper_cholesky_of_inverse
 
@@ -403,6 +405,7 @@ def product_quantize(
     """
     fn = "product_quantize"
     _check(fn, matrix, hessian, block_size, n_centroids, n_iter, seed)
+    check_scale_dtype(fn, "codebook_dtype", codebook_dtype)
     check_int(fn, "n_rounds", n_rounds, 1)
     dt = compute_dtype(matrix)
     W = matrix.detach().to(dt)
@@ -424,35 +427,41 @@ def product_quantize(
         D = Q.to(torch.float64) - matrix.to(torch.float64)
         return PQResult(Q, codes, C, loss_in(fn, 0.5 * (D * D).sum(dim=1), dt), b, K, False)
 
-    H = symmetric_hessian(fn, hessian, dt)
-    prep = prepare_hessian(H, damp, fn=fn, matrix_shape=tuple(matrix.shape))
-    Hd = prep.hessian
-    W = W.masked_fill(prep.dead.unsqueeze(0), 0.0)  # a dead input's weight never reaches the output
-    # 1. codebook from k-means weighted by each input's curvature H_tt
-    diag = torch.diagonal(Hd).reshape(1, J, b).expand(rows, J, b).reshape(-1, b)
-    C, _ = kmeans(W.reshape(-1, b), K, n_iter=n_iter, seed=seed, weights=diag, fn=fn)
-    # 2.-4. compensated assignment <-> codebook update, in block visiting order
-    order = block_order(Hd, b, act_order)
-    perm = (order.unsqueeze(1) * b + torch.arange(b, device=W.device)).reshape(-1)
-    U = upper_cholesky_of_inverse(prep.inverse[perm][:, perm])
-    Wp = W[:, perm]
-    best = None
-    for _ in range(n_rounds):
-        C = _round_to(C, codebook_dtype, factor)
-        codes_p = assign_with_compensation(Wp, U, C, b)
-        codes = torch.empty_like(codes_p)
-        codes[:, order] = codes_p
-        obj = float(layer_objective(W, _gather(C, codes), H).sum())
-        if best is None or obj < best[0]:
-            best = (obj, C, codes)
-        C = _round_to(update_codebook(W, Hd, codes, C), codebook_dtype, factor)
-        obj = float(layer_objective(W, _gather(C, codes), H).sum())
-        if obj < best[0]:
-            best = (obj, C, codes)
-    _, C, codes = best
+    H, unit = solver_hessian(fn, hessian, dt)
+    W0 = W
+
+    def solve(preps: list[PreparedHessian]):
+        prep = preps[0]
+        Hd = prep.hessian
+        W = W0.masked_fill(prep.dead.unsqueeze(0), 0.0)  # a dead input's weight never reaches the output
+        # 1. codebook from k-means weighted by each input's curvature H_tt
+        diag = torch.diagonal(Hd).reshape(1, J, b).expand(rows, J, b).reshape(-1, b)
+        C, _ = kmeans(W.reshape(-1, b), K, n_iter=n_iter, seed=seed, weights=diag, fn=fn)
+        # 2.-4. compensated assignment <-> codebook update, in block visiting order
+        order = block_order(Hd, b, act_order)
+        perm = (order.unsqueeze(1) * b + torch.arange(b, device=W.device)).reshape(-1)
+        U = upper_cholesky_of_inverse(prep.inverse[perm][:, perm])
+        Wp = W[:, perm]
+        best = None
+        for _ in range(n_rounds):
+            C = _round_to(C, codebook_dtype, factor)
+            codes_p = assign_with_compensation(Wp, U, C, b)
+            codes = torch.empty_like(codes_p)
+            codes[:, order] = codes_p
+            obj = float(layer_objective(W, _gather(C, codes), H).sum())
+            if best is None or obj < best[0]:
+                best = (obj, C, codes)
+            C = _round_to(update_codebook(W, Hd, codes, C), codebook_dtype, factor)
+            obj = float(layer_objective(W, _gather(C, codes), H).sum())
+            if obj < best[0]:
+                best = (obj, C, codes)
+        return prep, best
+
+    # a breakdown of the factor of the inverse gets more damping, as in every solver
+    prep, (_, C, codes) = solve_with_damping(fn, [H], damp, [tuple(matrix.shape)], solve)
     C = _unscaled(fn, C, factor, codebook_dtype)
     Q = _gather(C, codes).to(matrix.dtype)
-    return PQResult(Q, codes, C, objective(fn, matrix, Q, H, dt), b, K, True, prep.damp)
+    return PQResult(Q, codes, C, objective(fn, matrix, Q, H, dt, unit), b, K, True, prep.damp)
 
 
 def _unscaled(fn: str, codebook: Tensor, factor: Tensor | None, dtype: torch.dtype | None) -> Tensor:

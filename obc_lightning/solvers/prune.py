@@ -28,14 +28,16 @@ from obc_lightning.checks import check_positive_int
 from obc_lightning.formats.nm import conv_nm_group_index, nm_group_index  # noqa: F401  (the formats' layout)
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
+    HessianBreakdown,
     PreparedHessian,
     check_problem,
+    checked_cholesky,
     compute_dtype,
     masked_inverses,
     objective,
-    prepare_hessian,
     row_factors,
-    symmetric_hessian,
+    solve_with_damping,
+    solver_hessian,
 )
 from obc_lightning.solvers.obc import greedy_loop_fast, greedy_loop_reference
 
@@ -245,7 +247,8 @@ def compensate(W: Tensor, H: Tensor, removed: Tensor, batch_size: int) -> Tensor
         Hm = H.expand(w.shape[0], *H.shape).masked_fill(rm.unsqueeze(2) | rm.unsqueeze(1), 0)
         Hm.diagonal(dim1=1, dim2=2).masked_fill_(rm, 1)
         rhs = (s @ H).masked_fill_(rm, 0)  # (H_KS w_S) on K, 0 on S
-        x = torch.cholesky_solve(rhs.unsqueeze(2), torch.linalg.cholesky(Hm)).squeeze(2)
+        L = checked_cholesky(Hm, what="the compensation of the kept weights")
+        x = torch.cholesky_solve(rhs.unsqueeze(2), L).squeeze(2)
         out[sl] = (w - s + x).masked_fill_(rm, 0)
     return out
 
@@ -324,8 +327,8 @@ def obs_prune(
         block_size: unstructured only: remove b consecutive inputs together (group OBS step); k is
             counted in blocks, round(sparsity * rows * d / b). Reference speed (one step per block).
         damp: the solver uses H_d = H + damp * mean(diag H) * I on the live inputs (escalated with a
-            warning if not positive definite; ``result.damp``). Dead inputs (H_pp == 0) are pruned first
-            at no cost.
+            warning if not positive definite; ``result.damp``). Dead inputs (H_pp <= 1.4e-14 max diag H)
+            are pruned first at no cost.
         batch_size: rows solved together (a speed knob; the result does not depend on it).
         method: ``"fast"`` (the deferred-downdate engine of ExactOBC) or ``"reference"`` (one rank-1
             downdate per step; the oracle).
@@ -340,18 +343,22 @@ def obs_prune(
     """
     _check(matrix, hessian, sparsity, n_m, block_size, batch_size, method, group_index)
     dt = compute_dtype(matrix)
-    W = matrix.detach().to(dt).clone()
-    H = symmetric_hessian("obs_prune", hessian, dt)
-    prep = prepare_hessian(H, damp, fn="obs_prune", matrix_shape=tuple(matrix.shape))
-    W[:, prep.dead] = 0
-    zero0 = W == 0  # already pruned, dead inputs included
-    rows, d = W.shape
-    # rows far from |w| ~ 1 are solved scaled by s_r (a power of two): weights scale by s_r, step losses
-    # by s_r^2, the removal order not at all
-    factors = row_factors(W)
-    if factors is not None:
-        W /= factors
-    if n_m is not None:
+    H, unit = solver_hessian("obs_prune", hessian, dt)
+    shape = tuple(matrix.shape)
+
+    def solve(preps: list[PreparedHessian]) -> PruneResult:
+        prep = preps[0]
+        W = matrix.detach().to(dt).clone()
+        W[:, prep.dead] = 0
+        zero0 = W == 0  # already pruned, dead inputs included
+        rows, d = W.shape
+        # rows far from |w| ~ 1 are solved scaled by s_r (a power of two): weights scale by s_r, step
+        # losses by s_r^2, the removal order not at all
+        factors = row_factors(W)
+        if factors is not None:
+            W /= factors
+        if n_m is None:
+            return _trace(matrix, H, unit, damp, W, prep, factors, zero0, block_size, method, batch_size).at(sparsity)
         N, M = n_m
         group = (nm_group_index(d, M) if group_index is None else group_index.long()).to(W.device)
         quota = torch.full((rows, d // M), M - N, dtype=torch.long, device=W.device)
@@ -360,8 +367,10 @@ def obs_prune(
         )
         mask = ~(removed | zero0)
         P.masked_fill_(~mask, 0)
-        return _result(matrix, H, _unscale(P, factors), mask, _unscale(steps, factors, 2).cumsum(dim=1), order, prep)
-    return _trace(matrix, H, W, prep, factors, zero0, block_size, method, batch_size).at(sparsity)
+        return _result(matrix, H, unit, _unscale(P, factors), mask, _unscale(steps, factors, 2).cumsum(dim=1),
+                       order, prep)
+
+    return solve_with_damping("obs_prune", [H], damp, [shape], solve)
 
 
 @dataclass
@@ -374,13 +383,15 @@ class PruneTrace:
     ``obs_prune_trace(W, H).at(s)``, bit for bit."""
 
     matrix: Tensor
-    hessian: Tensor  # the caller's H, symmetrised, compute dtype
+    hessian: Tensor  # the caller's H, symmetrised, divided by ``unit``, compute dtype
+    unit: float  # the caller's H is unit * hessian (see solver_hessian)
+    damp: float  # the damping asked for
     W: Tensor  # rows divided by ``factors``, dead inputs zeroed
     prep: PreparedHessian
     factors: Tensor | None
     zero0: Tensor
     order: Tensor
-    steps: Tensor  # (rows, d / b) step losses in the caller's units (damped H on the live inputs)
+    steps: Tensor  # (rows, d / b) step losses in the caller's units (damped H on the live inputs, times unit)
     block_size: int
     batch_size: int
 
@@ -410,12 +421,20 @@ class PruneTrace:
         unit_removed = torch.zeros(rows, d // b, dtype=torch.bool, device=dev)
         unit_removed.scatter_(1, self.order, torch.arange(d // b, device=dev).unsqueeze(0) < levels.unsqueeze(1))
         removed = unit_removed.repeat_interleave(b, dim=1) | self.zero0
-        P = compensate(self.W, self.prep.hessian, removed, self.batch_size)
+
+        def solve(preps: list[PreparedHessian]) -> tuple[Tensor, PreparedHessian]:
+            return compensate(self.W, preps[0].hessian, removed, self.batch_size), preps[0]
+
+        # the compensation factors principal submatrices of the damped H: if one breaks down, more damping
+        # for it (warned), the removals staying those of the trace
+        P, prep = solve_with_damping("obs_prune", [self.hessian], self.prep.damp, [tuple(self.matrix.shape)], solve,
+                                     preps=[self.prep])
         trace = self.steps.cumsum(dim=1).to(self.W.dtype)
-        return _result(self.matrix, self.hessian, _unscale(P, self.factors), ~removed, trace, self.order, self.prep)
+        return _result(self.matrix, self.hessian, self.unit, _unscale(P, self.factors), ~removed, trace, self.order,
+                       prep)
 
 
-def _trace(matrix, H, W, prep, factors, zero0, b, method, batch_size) -> PruneTrace:
+def _trace(matrix, H, unit, damp, W, prep, factors, zero0, b, method, batch_size) -> PruneTrace:
     rows, d = W.shape
     if b == 1:
         trace_fn = lambda W_, p_: greedy_prune_rows(  # noqa: E731
@@ -426,7 +445,9 @@ def _trace(matrix, H, W, prep, factors, zero0, b, method, batch_size) -> PruneTr
     order, steps = _with_float64_retry(W, prep, trace_fn)
     if factors is not None:  # the global selection compares rows: their step losses in the caller's units
         steps = steps.double() * factors.double().square()
-    return PruneTrace(matrix, H, W, prep, factors, zero0, order, steps, b, batch_size)
+    if unit != 1.0:  # and the caller's H (float64: a tiny or huge unit would leave float32's range)
+        steps = steps.double() * unit
+    return PruneTrace(matrix, H, unit, damp, W, prep, factors, zero0, order, steps, b, batch_size)
 
 
 @torch.no_grad()
@@ -444,15 +465,19 @@ def obs_prune_trace(
     :meth:`PruneTrace.at` give every sparsity level from one greedy pass (arguments as :func:`obs_prune`)."""
     _check(matrix, hessian, 0.0, None, block_size, batch_size, method, None)
     dt = compute_dtype(matrix)
-    W = matrix.detach().to(dt).clone()
-    H = symmetric_hessian("obs_prune", hessian, dt)
-    prep = prepare_hessian(H, damp, fn="obs_prune", matrix_shape=tuple(matrix.shape))
-    W[:, prep.dead] = 0
-    zero0 = W == 0
-    factors = row_factors(W)
-    if factors is not None:
-        W /= factors
-    return _trace(matrix, H, W, prep, factors, zero0, block_size, method, batch_size)
+    H, unit = solver_hessian("obs_prune", hessian, dt)
+
+    def solve(preps: list[PreparedHessian]) -> PruneTrace:
+        prep = preps[0]
+        W = matrix.detach().to(dt).clone()
+        W[:, prep.dead] = 0
+        zero0 = W == 0
+        factors = row_factors(W)
+        if factors is not None:
+            W /= factors
+        return _trace(matrix, H, unit, damp, W, prep, factors, zero0, block_size, method, batch_size)
+
+    return solve_with_damping("obs_prune", [H], damp, [tuple(matrix.shape)], solve)
 
 
 def _unscale(x: Tensor, factors: Tensor | None, power: int = 1) -> Tensor:
@@ -472,8 +497,11 @@ def _with_float64_retry(W: Tensor, prep: PreparedHessian, fn):
         return out
     idx = broken.nonzero().squeeze(1)
     H64 = prep.hessian.double()
-    prep64 = PreparedHessian(H64, torch.cholesky_inverse(torch.linalg.cholesky(H64)), prep.dead, prep.damp)
+    what = "the float64 re-solve of rows that broke down in float32"
+    prep64 = PreparedHessian(H64, torch.cholesky_inverse(checked_cholesky(H64, what=what)), prep.dead, prep.damp)
     redo = fn(W[idx].double(), prep64)
+    if not bool(torch.isfinite(redo[-1]).all()):  # float64 could not carry it either: more damping
+        raise HessianBreakdown(0, what)
     for o, r in zip(out, redo):
         o[idx] = r.to(o.dtype)
     warnings.warn(
@@ -484,9 +512,9 @@ def _with_float64_retry(W: Tensor, prep: PreparedHessian, fn):
     return out
 
 
-def _result(matrix, hessian, P, mask, trace, order, prep) -> PruneResult:
+def _result(matrix, hessian, unit, P, mask, trace, order, prep) -> PruneResult:
     P = P.to(matrix.dtype)
-    loss = objective("obs_prune", matrix, P, hessian, compute_dtype(matrix))
+    loss = objective("obs_prune", matrix, P, hessian, compute_dtype(matrix), unit)
     return PruneResult(pruned_matrix=P, mask=mask, loss=loss, loss_trace=trace, order=order, damp=prep.damp)
 
 

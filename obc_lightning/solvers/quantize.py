@@ -14,7 +14,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_int
-from obc_lightning.grids import fit_grid, round_scales
+from obc_lightning.grids import check_scale_dtype, fit_grid, round_scales
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
     QuantResult,
@@ -26,7 +26,8 @@ from obc_lightning.solvers.common import (
     row_bounds,
     row_factors,
     scaled_grid,
-    symmetric_hessian,
+    solve_with_damping,
+    solver_hessian,
 )
 from obc_lightning.solvers.gptq import gptq_codes_layers
 from obc_lightning.solvers.obc import solve_obc_layers
@@ -60,8 +61,8 @@ def quantize_weight(
     Weights that are exactly 0 (pruned; not dead inputs) stay 0 in every solver and in the polish.
 
     The grid is fitted once (:func:`obc_lightning.grids.fit_grid` on ``matrix`` with the dead columns,
-    H_pp == 0, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do not depend on
-    which solver won a row.
+    H_pp <= 1.4e-14 max diag H, set to 0) and shared by every solver, so ``scales``/``rounded_zeros`` do
+    not depend on which solver won a row.
 
     Args:
         solver: ``"obc"`` (ExactOBC, greedy), ``"gptq"`` (GPTQ, act-order by default) or ``"auto"``
@@ -70,7 +71,12 @@ def quantize_weight(
             on the caller's undamped H, at most ``max_passes`` passes.
         group_size, symmetric, mse, scale_dtype: the grid (see :func:`obc_lightning.grids.fit_grid`).
         damp: the solvers see H + damp * mean(diag H) * I (escalated with a warning if not positive
-            definite; the value used is ``result.damp``). The polish and the reported loss do not.
+            definite, or if a later factorization breaks down: one mechanism for every solver,
+            :func:`~obc_lightning.solvers.common.solve_with_damping`; the value used is ``result.damp``).
+            The polish and the reported loss do not. A ``hessian`` that no X^T X can be, even rounded
+            (a negative diagonal, |H_ij| > sqrt(H_ii H_jj): :func:`~obc_lightning.solvers.common.
+            check_covariance`), is refused with a ``ValueError``; one that is merely not positive
+            definite is damped as above (with an indefinite H a row's reported loss can be < 0).
         act_order: GPTQ visits columns by decreasing H_ii.
         batch_size, max_memory: ExactOBC row batching (see :func:`exact_obc`); block_size: GPTQ's lazy
             blocks and the polish's blocks.
@@ -133,6 +139,7 @@ def quantize_weights(
     check_int(fn, "max_passes", max_passes, 1)
     check_int(fn, "block_size", block_size, 1)
     check_int(fn, "batch_size", batch_size, 1, optional=True)
+    check_scale_dtype(fn, "scale_dtype", scale_dtype)
     m0 = problems[0][0]
     for m, _ in problems[1:]:
         if m.shape[1] != m0.shape[1] or compute_dtype(m) != compute_dtype(m0) or m.device != m0.device:
@@ -141,11 +148,12 @@ def quantize_weights(
                 f"{tuple(m0.shape)} {m0.dtype} on {m0.device} and {tuple(m.shape)} {m.dtype} on {m.device}"
             )
     dt = compute_dtype(m0)
-    W0s, H0s, preps, grids, Ws, frozens, factor_list = [], [], [], [], [], [], []
+    W0s, H0s, units, preps, grids, Ws, frozens, factor_list = [], [], [], [], [], [], [], []
     for matrix, hessian in problems:
         W0 = matrix.detach().to(dt)  # the caller's W: the true objective is measured against it
-        H0 = symmetric_hessian(fn, hessian, dt)  # the caller's undamped H
-        prep = prepare_hessian(H0, damp, fn=fn, matrix_shape=tuple(matrix.shape))
+        H0, unit = solver_hessian(fn, hessian, dt)  # the caller's undamped H, divided by unit
+        units.append(unit)
+        prep = prepare_hessian(H0, damp, fn=fn, matrix_shape=tuple(matrix.shape), warn=False)
         W = W0.clone()
         W[:, prep.dead] = 0
         factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
@@ -171,16 +179,23 @@ def quantize_weights(
     maxq = grids[0].maxq
 
     names = ["obc", "gptq"] if solver == "auto" else [solver]
-    solutions = []
-    for name in names:
-        if name == "obc":
-            codes, _ = solve_obc_layers(W, counts, preps, s, z, maxq, batch_size=batch_size, max_memory=max_memory)
-        else:
-            codes = gptq_codes_layers(
-                W, torch.stack([p.hessian for p in preps]), counts, s, z, maxq, act_order=act_order,
-                block_size=block_size, frozen=frozen,
-            )
-        solutions.append(codes)
+
+    def solve(preps: list) -> tuple[list[Tensor], list]:
+        solutions = []
+        for name in names:
+            if name == "obc":
+                codes, _ = solve_obc_layers(W, counts, preps, s, z, maxq, batch_size=batch_size,
+                                            max_memory=max_memory)
+            else:
+                codes = gptq_codes_layers(
+                    W, torch.stack([p.hessian for p in preps]), counts, s, z, maxq, act_order=act_order,
+                    block_size=block_size, frozen=frozen,
+                )
+            solutions.append(codes)
+        return solutions, preps
+
+    # a layer whose damped H breaks down in a later factorization is solved again with more damping
+    solutions, preps = solve_with_damping(fn, H0s, damp, [tuple(m.shape) for m, _ in problems], solve, preps)
     n = len(solutions)
     bounds = row_bounds(counts)
     if polish:
@@ -206,7 +221,7 @@ def quantize_weights(
         best_codes, best_loss, winner = None, None, None
         for i, codes in enumerate(solutions):
             codes = codes[a:b]
-            loss = objective(fn, matrix, grid.dequantize(codes).to(dtype), H0, torch.float64)  # true objective
+            loss = objective(fn, matrix, grid.dequantize(codes).to(dtype), H0, torch.float64, units[li])  # true
             if best_codes is None:
                 best_codes, best_loss = codes, loss
                 winner = torch.zeros(matrix.shape[0], dtype=torch.long, device=matrix.device)
