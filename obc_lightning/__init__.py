@@ -19,6 +19,7 @@ from obc_lightning.config import (
     ReportingConfig,
 )
 from obc_lightning.export import load_quantized, pack_model, prepare_for_load, save_quantized, unpack_model
+from obc_lightning.export.onnx import OnnxExport, export_onnx, inference_session
 from obc_lightning.finetune import CentroidQuantizer, FinetuneSession, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
@@ -74,6 +75,7 @@ __all__ = [
     "HessianDampingWarning",
     "LayerHessian",
     "ModuleReport",
+    "OnnxExport",
     "NoiseQuantizer",
     "OBCPrune",
     "OBCQuantize",
@@ -89,8 +91,10 @@ __all__ = [
     "collect_hessians",
     "compress_model",
     "exact_obc",
+    "export_onnx",
     "fit_grid",
     "gptq",
+    "inference_session",
     "layer_objective",
     "load_quantized",
     "obs_prune",

@@ -213,7 +213,7 @@ def packed_entries(
 # ------------------------------------------------------------------ the file
 def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file with a ``sha256`` metadata entry (checksums of every tensor and of the other
-    metadata), atomically (:func:`_atomic_write`).
+    metadata), atomically (:func:`atomic_write`).
 
     Deterministic bytes: the header is canonical JSON (sorted keys, no spaces) padded with spaces to a
     multiple of 8 bytes, as safetensors pads it; the tensors follow in decreasing element size, then by
@@ -239,7 +239,7 @@ def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, 
         with open(tmp, "wb") as f:
             _write_safetensors(f, head, [tensors[key] for key in order])
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(f, header: bytes, tensors: list[Tensor]) -> None:
@@ -250,8 +250,9 @@ def _write_safetensors(f, header: bytes, tensors: list[Tensor]) -> None:
         f.write(raw_bytes(t).data)
 
 
-def _atomic_write(path: str, write: Callable[[str], None]) -> None:
-    """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``."""
+def atomic_write(path: str, write: Callable[[str], None]) -> None:
+    """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path`` (an
+    existing file at ``path`` is untouched if anything fails; shared by every file the library writes)."""
     directory = os.path.dirname(os.path.abspath(path))
     if not os.path.isdir(directory):
         raise ValueError(f"cannot write {path}: directory {directory} does not exist")

@@ -1,0 +1,252 @@
+"""ONNX export (issue 31): every storage scheme runs in ONNX Runtime with the PyTorch compressed model's
+outputs (1e-5 relative, float32), the file passes onnx.checker's full check and is within 10 % of
+save_quantized's file where the codes keep their width (the wider containers are named and counted), and
+bad input fails before anything is written, the model left as it was."""
+
+import math
+import os
+
+import pytest
+import torch
+from torch import nn
+from torch.nn import functional as F
+
+onnx = pytest.importorskip("onnx")
+ort = pytest.importorskip("onnxruntime")
+pytest.importorskip("onnxscript")
+
+from obc_lightning import compress_model, export_onnx, inference_session, save_quantized  # noqa: E402
+from obc_lightning.export import packed_entries  # noqa: E402
+from obc_lightning.export.onnx import container_bits  # noqa: E402
+from obc_lightning.formats.schemes import scheme_of  # noqa: E402
+from obc_lightning.models import CifarResNet  # noqa: E402
+
+pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
+
+
+def small_resnet():
+    """ResNet-20 (3x3 stem, option-A shortcuts, stages of 16 / 32 / 64 channels, pooled Linear) with one
+    block per stage instead of three."""
+    torch.manual_seed(0)
+    return CifarResNet((16, 32, 64), (1, 1, 1), shortcut="A").eval()
+
+
+def images(n=8, seed=1):
+    return torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(seed))
+
+
+def run_ort(path, *inputs, **kw):
+    session = inference_session(path, threads=1, **kw)
+    feed = {i.name: x.numpy() for i, x in zip(session.get_inputs(), inputs)}
+    return torch.from_numpy(session.run(None, feed)[0])
+
+
+def rel_error(y, ref):
+    return float((y - ref).norm() / ref.norm())
+
+
+def container_extra(model, containers):
+    """Bytes the wider containers add: the codes dense at their container's width against the packed
+    codes (and N:M positions) of save_quantized."""
+    extra = 0
+    for name, (config, _, _) in packed_entries(model).items():
+        if name in containers and config["scheme"] in ("affine", "symmetric"):
+            buffers = scheme_of(config).buffers(config)
+            packed = sum(buffers[k].nbytes for k in ("weight_codes", "weight_positions") if k in buffers)
+            extra += math.prod(config["shape"]) * container_bits(config["bits"]) // 8 - packed
+    return extra
+
+
+def check_export(model, tmp_path, x, name, **kw):
+    """Export, full check, ORT equal to PyTorch within 1e-5, size against save_quantized; the report."""
+    path = tmp_path / f"{name}.onnx"
+    report = export_onnx(model, path, x, **kw)
+    onnx.checker.check_model(onnx.load(path), full_check=True)
+    with torch.no_grad():
+        ref = model(*x) if isinstance(x, tuple) else model(x)
+    y = run_ort(path, *(x if isinstance(x, tuple) else (x,)))
+    assert rel_error(y, ref) < 1e-5
+    packed = save_quantized(model, tmp_path / f"{name}.safetensors")
+    assert report.nbytes == os.path.getsize(path)
+    assert report.nbytes <= 1.10 * (packed + container_extra(model, report.containers)), (report.nbytes, packed)
+    return report, path
+
+
+def test_resnet_at_2_3_4_8_bits_and_fast_mode(tmp_path):
+    model = small_resnet()
+    compress_model(model, [images(16)], bits={"conv1": 8, "layer1*": 2, "layer2*": 3, "layer3*": 4, "fc": 3},
+                   solver="gptq", progress=False)
+    report, path = check_export(model, tmp_path, images(), "widths")
+    assert report.opset == 25  # uint2 codes
+    assert report.modules["layer1.0.conv1"] == "Cast-Sub-Mul uint2 + Conv"
+    assert report.modules["fc"].startswith("MatMulNBits 4-bit")  # 3-bit codes in a 4-bit MatMulNBits
+    assert set(report.containers) == {"layer2.0.conv1", "layer2.0.conv2", "fc"}
+    assert "3-bit codes in 4-bit containers" in report.containers["fc"]
+    # fast: int8 activations inside MatMulNBits, the file unchanged; the same predictions here
+    with torch.no_grad():
+        ref = model(images())
+    fast = run_ort(path, images(), mode="fast")
+    assert rel_error(fast, ref) < 5e-2
+    assert torch.equal(fast.argmax(1), ref.argmax(1))
+
+
+def test_size_target_mixed_widths(tmp_path):
+    model = small_resnet()
+    report = compress_model(model, [images(16)], target_bits=3.0, bits=(2, 4, 8), solver="gptq", progress=False)
+    assert len(set(report.bits.values())) > 1  # the widths differ per module
+    check_export(model, tmp_path, images(), "target")
+
+
+def test_two_four_sparse_quantized_and_qdq_form(tmp_path):
+    model = small_resnet()
+    compress_model(model, [images(16)], bits=4, n_m=(2, 4), solver="gptq", progress=False)
+    report, path = check_export(model, tmp_path, images(), "nm")
+    assert "2:4 sparse codes stored dense" in report.containers["layer1.0.conv1"]
+    # the QDQ form: DequantizeLinear on uint4 weights, folded by the session inference_session opens
+    qdq = export_onnx(model, tmp_path / "qdq.onnx", images(), qdq=True)
+    assert qdq.modules["layer1.0.conv1"] == "DequantizeLinear uint4 + Conv"
+    onnx.checker.check_model(onnx.load(tmp_path / "qdq.onnx"), full_check=True)
+    with torch.no_grad():
+        assert rel_error(run_ort(tmp_path / "qdq.onnx", images()), model(images())) < 1e-5
+
+
+def test_product_quantization(tmp_path):
+    model = small_resnet()
+    compress_model(model, [images(16)], method="pq", block_size=4, n_centroids=16, exclude=["conv1", "fc"],
+                   progress=False)
+    report, _ = check_export(model, tmp_path, images(), "pq")
+    assert report.modules["layer1.0.conv1"].startswith("Gather of a codebook by uint4 codes")
+
+
+class ConvZoo(nn.Module):
+    """The conv attributes torch has: stride, reflect / circular padding, 'same', dilation, depthwise and
+    grouped convs, Conv1d; grouped grids (group_size) on them."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.stem = nn.Conv2d(3, 8, 3, stride=2, padding=1, padding_mode="reflect")
+        self.depthwise = nn.Conv2d(8, 8, 3, padding="same", dilation=2, groups=8, bias=False)
+        self.grouped = nn.Conv2d(8, 16, (1, 3), padding=(0, 1), groups=2)
+        self.seq = nn.Conv1d(16, 16, 3, padding=1, padding_mode="circular")
+        self.head = nn.Linear(16 * 16, 10)
+
+    def forward(self, x):
+        x = F.relu(self.grouped(F.relu(self.depthwise(F.relu(self.stem(x))))))
+        x = F.relu(self.seq(x.mean(dim=3)))
+        return self.head(x.flatten(1))
+
+
+def test_conv_attributes_and_groups(tmp_path):
+    model = ConvZoo().eval()
+    compress_model(model, [images(16)], bits={"head": 4, "*": 3}, group_size=24, solver="gptq", progress=False)
+    report, _ = check_export(model, tmp_path, images(), "zoo")
+    assert report.modules["head"] == "MatMulNBits 4-bit, block 16" or report.modules["head"].startswith("Cast")
+
+
+class Encoder(nn.Module):
+    """A MiniLM-shaped encoder layer (hidden 384, 12 heads, intermediate 1536, post-LayerNorm, GELU,
+    key-padding mask, mean pooling): the shapes and ops of all-MiniLM-L6-v2, one layer, random weights."""
+
+    def __init__(self, vocab=512, hidden=384, heads=12, inter=1536):
+        super().__init__()
+        torch.manual_seed(0)
+        self.heads = heads
+        self.embed = nn.Embedding(vocab, hidden)
+        self.query, self.key, self.value = (nn.Linear(hidden, hidden) for _ in range(3))
+        self.attn_out = nn.Linear(hidden, hidden)
+        self.norm1, self.norm2 = nn.LayerNorm(hidden), nn.LayerNorm(hidden)
+        self.up, self.down = nn.Linear(hidden, inter), nn.Linear(inter, hidden)
+
+    def forward(self, input_ids, attention_mask):
+        h = self.embed(input_ids)
+        B, T, D = h.shape
+        q, k, v = (lin(h).view(B, T, self.heads, D // self.heads).transpose(1, 2)
+                   for lin in (self.query, self.key, self.value))
+        ctx = F.scaled_dot_product_attention(q, k, v, attn_mask=attention_mask.bool()[:, None, None, :])
+        h = self.norm1(h + self.attn_out(ctx.transpose(1, 2).reshape(B, T, D)))
+        h = self.norm2(h + self.down(F.gelu(self.up(h))))
+        m = attention_mask.unsqueeze(-1).to(h.dtype)
+        return F.normalize((h * m).sum(1) / m.sum(1), dim=-1)
+
+
+def test_minilm_shaped_encoder_4_bit(tmp_path):
+    model = Encoder().eval()
+    g = torch.Generator().manual_seed(0)
+    ids = torch.randint(0, 512, (4, 16), generator=g)
+    mask = torch.ones(4, 16, dtype=torch.long)
+    mask[1, 10:] = 0
+    compress_model(model, [{"input_ids": ids, "attention_mask": mask}], bits=4, solver="gptq", progress=False)
+    report, path = check_export(model, tmp_path, (ids, mask), "encoder")
+    assert all(form.startswith("MatMulNBits 4-bit") for form in report.modules.values())
+    assert not report.containers
+    # another batch size and sequence length than traced
+    ids2, mask2 = torch.randint(0, 512, (3, 9), generator=g), torch.ones(3, 9, dtype=torch.long)
+    with torch.no_grad():
+        assert rel_error(run_ort(path, ids2, mask2), model(ids2, mask2)) < 1e-5
+
+
+# ------------------------------------------------------------------ bad input
+def tiny():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+
+
+def test_never_compressed_model_is_refused(tmp_path):
+    with pytest.raises(ValueError, match="export_onnx: nothing to export.*compress_model"):
+        export_onnx(tiny(), tmp_path / "m.onnx", torch.randn(2, 32))
+    assert not os.listdir(tmp_path)
+
+
+class Doubled(nn.Linear):
+    def forward(self, x):
+        return 2 * super().forward(x)
+
+
+def test_unsupported_module_is_named_with_its_remedy(tmp_path):
+    model = nn.Sequential(Doubled(32, 16), nn.ReLU(), nn.Linear(16, 4)).eval()
+    compress_model(model, [torch.randn(8, 32)], bits=4, solver="gptq", progress=False)
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    with pytest.raises(ValueError, match=r"module '0' is a Doubled whose forward is not nn.Linear's.*exclude=\['0'\]"):
+        export_onnx(model, tmp_path / "m.onnx", torch.randn(2, 32))
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert isinstance(model[0], Doubled) and not os.listdir(tmp_path)
+
+
+def test_opset_too_old_names_the_module_and_the_opset(tmp_path):
+    model = small_resnet()
+    compress_model(model, [images(4)], bits=4, solver="gptq", progress=False)
+    with pytest.raises(ValueError, match=r"opset=18 is too old for module 'conv1'.*uint4.*opset 21; pass opset=21"):
+        export_onnx(model, tmp_path / "m.onnx", images(2), opset=18)
+    assert not os.listdir(tmp_path)
+
+
+def test_failing_write_leaves_the_existing_file_and_the_model(tmp_path, monkeypatch):
+    model = tiny()
+    compress_model(model, [torch.randn(8, 32)], bits=4, solver="gptq", progress=False)
+    path = tmp_path / "m.onnx"
+    path.write_bytes(b"the previous file")
+
+    def disk_full(fd):
+        raise OSError(28, "No space left on device")
+
+    monkeypatch.setattr(os, "fsync", disk_full)
+    with pytest.raises(OSError, match="No space left"):
+        export_onnx(model, path, torch.randn(2, 32))
+    assert path.read_bytes() == b"the previous file" and os.listdir(tmp_path) == ["m.onnx"]
+    assert isinstance(model[0], nn.Linear)  # the markers are gone again
+    monkeypatch.undo()
+    with torch.no_grad():
+        x = torch.randn(3, 32)
+        assert export_onnx(model, path, x).modules == {"0": "MatMulNBits 4-bit, block 32",
+                                                       "2": "MatMulNBits 4-bit, block 16"}
+        assert rel_error(run_ort(path, x), model(x)) < 1e-5
+
+
+def test_bad_arguments():
+    with pytest.raises(ValueError, match="mode must be one of"):
+        export_onnx(tiny(), "m.onnx", torch.randn(2, 32), mode="quick")
+    with pytest.raises(ValueError, match="example_input must be a tensor or a tuple of tensors"):
+        export_onnx(tiny(), "m.onnx", [1, 2])
+    with pytest.raises(ValueError, match="directory .* does not exist"):
+        export_onnx(tiny(), "/nonexistent/dir/m.onnx", torch.randn(2, 32))
