@@ -486,6 +486,7 @@ def export_onnx(
     opset: int | None = None,
     qdq: bool = False,
     dynamic_batch: bool = True,
+    dynamic_shapes: Any = None,
     input_names: Sequence[str] | None = None,
     output_names: Sequence[str] | None = None,
 ) -> OnnxExport:
@@ -508,6 +509,8 @@ def export_onnx(
             ``session.disable_quant_qdq=1`` to run them at float speed (:func:`inference_session` sets it).
         dynamic_batch: the first dimension of every input is dynamic (torch's exporter keeps a dimension of
             size 1 static: give a batch of two or more rows).
+        dynamic_shapes: torch.export's ``dynamic_shapes`` for the inputs (e.g. ``({0: Dim.AUTO, 1: Dim.AUTO},)``
+            for a batch of sequences of any length); overrides ``dynamic_batch``.
         input_names, output_names: names of the graph's inputs and outputs.
 
     Returns an :class:`OnnxExport` (size, opset, the form of every module, the modules whose codes take
@@ -548,8 +551,8 @@ def export_onnx(
         )
     elif opset < MIN_OPSET:
         raise ValueError(f"export_onnx: opset={opset} is too old for torch's exporter; pass opset={MIN_OPSET} or later")
-    dynamic = None
-    if dynamic_batch:
+    dynamic = dynamic_shapes
+    if dynamic is None and dynamic_batch:
         auto = torch.export.Dim.AUTO
         dynamic = tuple({0: auto} if a.dim() else None for a in args)
     with _swapped(model, markers), warnings.catch_warnings():
