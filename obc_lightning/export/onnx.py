@@ -448,6 +448,8 @@ def _lower(onnx_mod, plan: _Plan, node, qdq: bool, mode: str) -> _Builder:
 
 # ------------------------------------------------------------------ the public functions
 def _import_onnx():
+    if not hasattr(torch.onnx, "ops"):
+        raise ImportError(f"export_onnx needs torch >= 2.8 (torch.onnx.ops.symbolic), this is {torch.__version__}")
     try:
         import onnx
         import onnxscript  # noqa: F401  (torch's dynamo exporter needs it)
