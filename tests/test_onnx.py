@@ -15,10 +15,11 @@ onnx = pytest.importorskip("onnx")
 ort = pytest.importorskip("onnxruntime")
 pytest.importorskip("onnxscript")
 
-from obc_lightning import compress_model, export_onnx, inference_session, save_quantized  # noqa: E402
+from obc_lightning import compress_model, export_onnx, inference_session, pack_model, save_quantized  # noqa: E402
 from obc_lightning.export import packed_entries  # noqa: E402
 from obc_lightning.export.onnx import container_bits  # noqa: E402
-from obc_lightning.formats.schemes import scheme_of  # noqa: E402
+from obc_lightning.formats import MixedScheme, scheme_of, set_format  # noqa: E402
+from obc_lightning.grids import MixedGrid  # noqa: E402
 from obc_lightning.models import CifarResNet  # noqa: E402
 
 pytestmark = pytest.mark.filterwarnings("ignore::UserWarning", "ignore::FutureWarning", "ignore::DeprecationWarning")
@@ -245,6 +246,9 @@ def test_failing_write_leaves_the_existing_file_and_the_model(tmp_path, monkeypa
         assert export_onnx(model, path, x).modules == {"0": "MatMulNBits 4-bit, block 16",  # two groups
                                                        "2": "MatMulNBits 4-bit, block 16"}
         assert rel_error(run_ort(path, x), model(x)) < 1e-5
+        pack_model(model)  # packed modules export from their own buffers (float16 scales: their outputs)
+        assert export_onnx(model, path, x).modules["0"] == "MatMulNBits 4-bit, block 16"
+        assert rel_error(run_ort(path, x), model(x)) < 1e-5
 
 
 def test_bad_arguments():
@@ -291,3 +295,21 @@ def test_callback_export_path_onnx_runs_in_onnxruntime(tmp_path):
         ref = model(x)
     y_ort = run_ort(path, x)
     assert rel_error(y_ort, ref) < 1e-5 and torch.equal(y_ort.argmax(1), ref.argmax(1))
+
+
+def test_pruned_float_and_mixed_precision_modules(tmp_path):
+    """A 2:4 OBS-pruned float Linear (stored dense at float16) and a DiffQ Linear (2 ... 5 bits per group)."""
+    model = tiny()
+    compress_model(model, [torch.randn(16, 32)], bits=None, n_m=(2, 4), include=["0"], progress=False)
+    with torch.no_grad():  # the values as the file keeps them (value_dtype float16): the comparison is exact
+        model[0].weight.copy_(model[0].weight.half().float())
+    w = model[2].weight.detach()
+    widths = torch.tensor([[2.0, 3.0], [4.0, 5.0], [5.0, 2.0], [3.0, 3.0]])
+    grid = MixedGrid.from_weight(w, widths, 8, torch.float16)
+    with torch.no_grad():
+        model[2].weight.copy_(grid.dequantize(grid.codes(w)))
+    set_format(model[2], MixedScheme(grid, 2, 5, torch.float16))
+    x = torch.randn(5, 32)
+    report, _ = check_export(model, tmp_path, x, "pruned_mixed", size=False)
+    assert report.modules == {"0": "dense float16 + Cast + MatMul", "2": "Cast-Mul-Add uint8 + MatMul"}
+    assert report.containers["0"] == "pruned weights stored dense in float16"
