@@ -7,8 +7,9 @@ Per model and width: the file (``export_onnx`` against ``torch.onnx.export`` of 
 resident memory of a process that opens an ONNX Runtime session and runs one serving batch (minus the same
 process before the session: Python, numpy, onnxruntime), the median latency at batch 1 and at a serving
 batch, for the float ONNX, the compressed file in exact mode (``MatMulNBits`` ``accuracy_level=0``) and in
-fast mode (``accuracy_level=4``: int8 activations inside the op), all measured in the same run, sessions
-interleaved, one intra-op thread. Task metrics: CIFAR-10 accuracy on the real test subset
+fast mode (``export_onnx(..., mode="fast")``: ``accuracy_level=4``, int8 activations inside the op), all
+measured in the same run, sessions interleaved, one intra-op thread. Task metrics: CIFAR-10 accuracy on the
+real test subset
 (``shared/data/cifar10_subset.npz``, a ResNet-20 trained here for ``--epochs`` on its 4,660 training
 images), the mean cosine between the fast and exact sentence embeddings of the MiniLM-shaped encoder
 (random weights: its shapes and ops, not its training), the relative error of the MLP's fast outputs.
@@ -189,16 +190,18 @@ def main() -> None:
             for bits in widths:
                 model.load_state_dict(state)
                 compress_model(model, calib, bits=bits, solver="gptq", progress=False)
-                qpath = os.path.join(tmp, f"{name}_{bits}.onnx")
+                qpath, fast_path = (os.path.join(tmp, f"{name}_{bits}_{m}.onnx") for m in ("exact", "fast"))
                 export_onnx(model, qpath, serving, dynamic_shapes=dyn)
+                export_onnx(model, fast_path, serving, dynamic_shapes=dyn, mode="fast")
                 sessions = {"float": inference_session(fpath, threads=1),
-                            "exact": inference_session(qpath, threads=1, mode="exact"),
-                            "fast": inference_session(qpath, threads=1, mode="fast")}
+                            "exact": inference_session(qpath, threads=1),
+                            "fast": inference_session(fast_path, threads=1)}
                 names = [i.name for i in sessions["float"].get_inputs()]
                 feed1 = {n: x.numpy() for n, x in zip(names, one)}
                 feedn = {n: x.numpy() for n, x in zip(names, serving)}
                 t1, tn = median_ms(sessions, feed1, args.runs), median_ms(sessions, feedn, max(5, args.runs // 3))
-                rss = {k: session_rss_mb(pth, feedn, tmp) for k, pth in (("float", fpath), ("q", qpath))}
+                rss = {k: session_rss_mb(pth, feedn, tmp)
+                       for k, pth in (("float", fpath), ("q", qpath), ("fast", fast_path))}
                 if name == "resnet20":
                     acc = {}
                     for k, s in sessions.items():
@@ -218,7 +221,7 @@ def main() -> None:
                 fmb, qmb = os.path.getsize(fpath) / 2**20, os.path.getsize(qpath) / 2**20
                 rows.append(
                     f"| {name} | {bits} | {fmb:.2f} / {qmb:.2f} ({fmb / qmb:.1f}x) | "
-                    f"{rss['float']:.0f} / {rss['q']:.0f} | "
+                    f"{rss['float']:.0f} / {rss['q']:.0f} / {rss['fast']:.0f} | "
                     f"{t1['float']:.3f} / {t1['exact']:.3f} / {t1['fast']:.3f} | "
                     f"{t1['float'] / t1['exact']:.2f}x / {t1['float'] / t1['fast']:.2f}x | {serve_label}: "
                     f"{tn['float']:.2f} / {tn['exact']:.2f} / {tn['fast']:.2f} | "
@@ -226,7 +229,7 @@ def main() -> None:
                 )
                 print(rows[-1], flush=True)
     print()
-    print("| model | bits | file MB float / compressed | session peak RSS MB float / compressed | batch 1 ms "
+    print("| model | bits | file MB float / compressed | session peak RSS MB float / exact / fast | batch 1 ms "
           "float / exact / fast | speed-up exact / fast | serving batch ms float / exact / fast | speed-up exact / "
           "fast | task (float / exact / fast) |")
     print("|---|---|---|---|---|---|---|---|---|")

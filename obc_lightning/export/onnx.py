@@ -18,11 +18,11 @@ points ``z``):
 =====================================  =================================================================
 module, scheme                         ONNX
 =====================================  =================================================================
-Linear, scalar grid, 2 / 3 / 4 / 5-8   ``com.microsoft::MatMulNBits`` (bits 2, 4 or 8: 3-bit codes in
-bits, per row or groups of a multiple  4-bit containers, 5-7-bit in 8-bit); block = the group (a per-row
-of 16                                  scale repeated over blocks of 16 ... 256 inputs); zero points
-                                       packed (left out when the grid is symmetric); bias input
-Linear, any other scalar grid          ``Cast(k) - z) * s`` on a uint2 / uint4 / uint8 initializer, then
+Linear, scalar grid of 2-4 bits, or    ``com.microsoft::MatMulNBits``: bits 4 (2- and 3-bit codes in 4-bit
+5-8 bits with ``mode="fast"``; per     containers) or 8 (5-7-bit codes in 8-bit containers); block = the
+row or in groups of a multiple of 16   group (a per-row scale repeated over blocks of 16 ... 256 inputs);
+                                       zero points packed (left out when the grid is symmetric); bias input
+Linear, any other scalar grid          ``(Cast(k) - z) * s`` on a uint2 / uint4 / uint8 initializer, then
                                        ``MatMul`` (+ ``Add``)
 Conv1d / Conv2d, scalar grid           the same weight subgraph, reshaped, then ``Conv`` (groups,
                                        stride, dilation, padding as torch; padding modes as ``Pad``)
@@ -195,6 +195,10 @@ class _Plan:
     matmulnbits: tuple[int, int] | None = None  # (bits, block) when a MatMulNBits serves it
 
 
+def _matmulnbits_bits(bits: int) -> int:
+    return max(4, container_bits(bits))
+
+
 def _matmulnbits_block(config: Mapping) -> int | None:
     """The MatMulNBits block for a scalar Linear, or None: a group size must be a multiple of a block
     length (the group's scale repeated over its blocks); a per-row grid takes the block of the smallest
@@ -204,7 +208,7 @@ def _matmulnbits_block(config: Mapping) -> int | None:
     if gs is not None and gs < cols:
         fits = [b for b in MATMULNBITS_BLOCKS if gs % b == 0]
         return max(fits) if fits else None
-    cb = container_bits(config["bits"])
+    cb = _matmulnbits_bits(config["bits"])
 
     def nbytes(b):
         nb = -(-cols // b)
@@ -213,7 +217,7 @@ def _matmulnbits_block(config: Mapping) -> int | None:
     return min(MATMULNBITS_BLOCKS, key=lambda b: (nbytes(b), -b))
 
 
-def _plan(name: str, config: dict, tensors: dict, module: nn.Module, qdq: bool) -> _Plan:
+def _plan(name: str, config: dict, tensors: dict, module: nn.Module, qdq: bool, mode: str) -> _Plan:
     plan = _Plan(name, config, tensors, module)
     scheme, kind = config["scheme"], config["kind"]
     if config["dtype"] != "float32":
@@ -223,8 +227,13 @@ def _plan(name: str, config: dict, tensors: dict, module: nn.Module, qdq: bool) 
         )
     if scheme in ("affine", "symmetric"):
         bits = config["bits"]
-        cb = container_bits(bits)
-        block = _matmulnbits_block(config) if kind == "Linear" and not qdq else None
+        # 5-8-bit codes: MatMulNBits in fast mode only (its 8-bit float path ran 8x slower than float on one
+        # row); in exact mode the weight folds to float at load
+        served = kind == "Linear" and not qdq and (bits <= 4 or mode == "fast")
+        block = _matmulnbits_block(config) if served else None
+        # MatMulNBits: 2-bit codes in its 4-bit form (ONNX Runtime 1.32's 2-bit CPU kernel ran 35x slower
+        # than float on one row, docs/deploy.md); elsewhere the narrowest ONNX integer type
+        cb = _matmulnbits_bits(bits) if block is not None else container_bits(bits)
         if block is not None:
             plan.matmulnbits = (cb, block)
             plan.form = f"MatMulNBits {cb}-bit, block {block}"
@@ -503,8 +512,10 @@ def export_onnx(
         path: the ``.onnx`` file, written atomically (an existing file is replaced only by a complete one).
         example_input: the forward arguments for torch's exporter (a tensor or a tuple of tensors).
         mode: ``"exact"``: ``MatMulNBits`` computes in float32 (outputs equal the PyTorch compressed model's
-            to float32 rounding); ``"fast"``: ``accuracy_level=4`` (int8 activations inside the op). Only
-            ``MatMulNBits`` nodes differ; :func:`inference_session` can switch a file's mode when it opens it.
+            to float32 rounding), and Linears of 5-8 bits fold to float at load (ONNX Runtime's float path of
+            8-bit ``MatMulNBits`` is slower than float); ``"fast"``: every scalar Linear a ``MatMulNBits``
+            with ``accuracy_level=4`` (int8 activations inside the op). :func:`inference_session` can switch
+            the ``MatMulNBits`` nodes of a file between the modes when it opens it.
         opset: the ONNX opset; ``None``: the lowest that holds the codes (21 for uint4 codes, 25 for uint2).
         qdq: the scalar weights of convolutions and of Linears without ``MatMulNBits`` as
             ``DequantizeLinear`` (the QDQ form) instead of ``Cast``/``Sub``/``Mul``; ONNX Runtime then needs
@@ -537,7 +548,7 @@ def export_onnx(
                 f"form would compute nn.{kind}'s, not its own; leave it out of the compression (exclude=['{name}']) "
                 f"or give it nn.{kind}'s forward"
             )
-        plan = _plan(name, config, {k: t.detach().cpu() for k, t in tensors.items()}, m, qdq)
+        plan = _plan(name, config, {k: t.detach().cpu() for k, t in tensors.items()}, m, qdq, mode)
         markers[name] = _Marker(len(plans), m, kind)
         plan.module = markers[name]
         plans.append(plan)
