@@ -67,9 +67,9 @@ def encoder() -> nn.Module:
     return model
 
 
-def cifar(epochs: int, cache: Path) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
+def cifar(subset: Path, epochs: int, cache: Path) -> tuple[nn.Module, torch.Tensor, torch.Tensor, torch.Tensor]:
     """A ResNet-20 trained on the subset (cached), the calibration images, the test images and labels."""
-    with np.load(SUBSET) as z:
+    with np.load(subset) as z:
         tx, ty, vx, vy = (torch.from_numpy(z[k]) for k in ("train_x", "train_y", "test_x", "test_y"))
     norm = lambda x: (x.float() / 255 - 0.5) / 0.25  # noqa: E731
     model = resnet20()
@@ -155,6 +155,7 @@ def main() -> None:
     p.add_argument("--models", nargs="+", default=["mlp", "resnet20", "encoder"])
     p.add_argument("--bits", type=int, nargs="+", default=None, help="widths (default: per model)")
     p.add_argument("--runs", type=int, default=30)
+    p.add_argument("--subset", type=Path, default=SUBSET, help=f"CIFAR-10 subset npz (default {SUBSET})")
     p.add_argument("--epochs", type=int, default=4, help="ResNet-20 training epochs on the subset")
     p.add_argument("--cache", type=Path, default=Path(tempfile.gettempdir()) / "deploy_resnet20.pt")
     args = p.parse_args()
@@ -172,7 +173,7 @@ def main() -> None:
                 one, serving = (torch.randn(1, 384, generator=g),), (torch.randn(128, 384, generator=g),)
                 dyn, serve_label = ({0: torch.export.Dim.AUTO},), "128 rows"
             elif name == "resnet20":
-                model, calib_x, vx, vy = cifar(args.epochs, args.cache)
+                model, calib_x, vx, vy = cifar(args.subset, args.epochs, args.cache)
                 widths = args.bits or [2, 4, 8]
                 calib = [calib_x[i : i + 64] for i in range(0, 512, 64)]
                 one, serving = (vx[:1],), (vx[:32],)

@@ -183,12 +183,13 @@ def _swapped(model: nn.Module, markers: Mapping[str, nn.Module]):
 # ------------------------------------------------------------------ what each module becomes
 @dataclass
 class _Plan:
-    """One compressed module: its description, packed tensors, conv attributes, and the ONNX form."""
+    """One compressed module: its description, packed tensors, its marker (the conv attributes), and the
+    ONNX form."""
 
     name: str
     config: dict
     tensors: dict[str, Tensor]
-    module: nn.Module
+    module: nn.Module  # the marker
     form: str = ""
     container: str = ""
     opset: int = 1
@@ -548,9 +549,8 @@ def export_onnx(
                 f"form would compute nn.{kind}'s, not its own; leave it out of the compression (exclude=['{name}']) "
                 f"or give it nn.{kind}'s forward"
             )
-        plan = _plan(name, config, {k: t.detach().cpu() for k, t in tensors.items()}, m, qdq, mode)
         markers[name] = _Marker(len(plans), m, kind)
-        plan.module = markers[name]
+        plan = _plan(name, config, {k: t.detach().cpu() for k, t in tensors.items()}, markers[name], qdq, mode)
         plans.append(plan)
     needed = max([MIN_OPSET, *(p.opset for p in plans)])
     if opset is None:
