@@ -99,18 +99,12 @@ def test_size_target_mixed_widths(tmp_path):
     check_export(model, tmp_path, images(), "target")
 
 
-def test_two_four_sparse_quantized_and_qdq_form(tmp_path):
+def test_two_four_sparse_quantized(tmp_path):
     model = small_resnet()
     compress_model(model, [images(16)], bits=4, n_m=(2, 4), exclude=["conv1"], solver="gptq",
                    progress=False)
     report, path = check_export(model, tmp_path, images(), "nm")
     assert "2:4 sparse codes stored dense" in report.containers["layer1.0.conv1"]
-    # the QDQ form: DequantizeLinear on uint4 weights, folded by the session inference_session opens
-    qdq = export_onnx(model, tmp_path / "qdq.onnx", images(), qdq=True)
-    assert qdq.modules["layer1.0.conv1"] == "DequantizeLinear uint4 + Conv"
-    onnx.checker.check_model(onnx.load(tmp_path / "qdq.onnx"), full_check=True)
-    with torch.no_grad():
-        assert rel_error(run_ort(tmp_path / "qdq.onnx", images()), model(images())) < 1e-5
 
 
 def test_product_quantization(tmp_path):
@@ -146,6 +140,14 @@ def test_conv_attributes_and_groups(tmp_path):
     report, _ = check_export(model, tmp_path, images(), "zoo", size=False)
     assert report.modules["head"] == "Cast-Sub-Mul uint4 + MatMul"  # groups of 24: no MatMulNBits block
     assert report.modules["depthwise"] == "Cast-Sub-Mul uint4 + Conv"
+    # the QDQ form: DequantizeLinear on uint4 weights (blocked by the groups of 24), folded by the session
+    # inference_session opens
+    qdq = export_onnx(model, tmp_path / "qdq.onnx", images(), qdq=True)
+    assert qdq.modules["depthwise"] == "DequantizeLinear uint4 + Conv"
+    assert qdq.modules["head"] == "DequantizeLinear uint4 + MatMul"
+    onnx.checker.check_model(onnx.load(tmp_path / "qdq.onnx"), full_check=True)
+    with torch.no_grad():
+        assert rel_error(run_ort(tmp_path / "qdq.onnx", images()), model(images())) < 1e-5
 
 
 class Encoder(nn.Module):
