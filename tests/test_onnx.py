@@ -315,3 +315,18 @@ def test_pruned_float_and_mixed_precision_modules(tmp_path):
     report, _ = check_export(model, tmp_path, x, "pruned_mixed", size=False)
     assert report.modules == {"0": "dense float16 + Cast + MatMul", "2": "Cast-Mul-Add uint8 + MatMul"}
     assert report.containers["0"] == "pruned weights stored dense in float16"
+
+
+def test_eight_bit_linears_matmulnbits_in_fast_mode_only(tmp_path):
+    model = tiny()
+    compress_model(model, [torch.randn(16, 32)], bits=8, progress=False)
+    x = torch.randn(3, 32)
+    with torch.no_grad():
+        ref = model(x)
+    exact = export_onnx(model, tmp_path / "exact.onnx", x)
+    fast = export_onnx(model, tmp_path / "fast.onnx", x, mode="fast")
+    assert exact.modules["0"] == "Cast-Sub-Mul uint8 + MatMul" and not exact.containers
+    assert fast.modules["0"] == "MatMulNBits 8-bit, block 32"
+    assert rel_error(run_ort(tmp_path / "exact.onnx", x), ref) < 1e-5
+    assert rel_error(run_ort(tmp_path / "fast.onnx", x, mode="exact"), ref) < 1e-5  # the 8-bit packing, exact
+    assert rel_error(run_ort(tmp_path / "fast.onnx", x), ref) < 5e-2
