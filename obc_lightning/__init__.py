@@ -26,9 +26,10 @@ from obc_lightning.export import (
     save_quantized,
     unpack_model,
 )
+from obc_lightning.export.onnx import OnnxExport, export_onnx, inference_session
 from obc_lightning.finetune import CentroidQuantizer, FinetuneSession, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
-from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear
+from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, set_kernel
 from obc_lightning.pipeline import ModelSnapshot, compress_stage, export_stage, restored_on_failure, start_finetuning
 from obc_lightning.reporting import CompressionReport, ModuleReport, Progress, TqdmProgress
 from obc_lightning.selection import select_modules
@@ -81,6 +82,7 @@ __all__ = [
     "HessianDampingWarning",
     "LayerHessian",
     "ModuleReport",
+    "OnnxExport",
     "NoiseQuantizer",
     "OBCPrune",
     "OBCQuantize",
@@ -96,8 +98,10 @@ __all__ = [
     "collect_hessians",
     "compress_model",
     "exact_obc",
+    "export_onnx",
     "fit_grid",
     "gptq",
+    "inference_session",
     "layer_objective",
     "load_checkpoint_formats",
     "load_quantized",
@@ -110,6 +114,7 @@ __all__ = [
     "reestimate_batchnorm",
     "save_quantized",
     "select_modules",
+    "set_kernel",
     "split_attention_projections",
     "to_semi_structured",
     "unpack_model",

@@ -625,8 +625,8 @@ class OBCQuantize(Callback):
         metrics, error = {}, None
         if trainer.is_global_zero:
             try:
-                metrics = export_stage(pl_module, self.config)
-                rank_zero_info(f"{self.who}: packed model written to {self.config.export.path} "
+                metrics = export_stage(pl_module, self.config, example_input=self._example_input(trainer, pl_module))
+                rank_zero_info(f"{self.who}: compressed model written to {self.config.export.path} "
                                f"({metrics['obc/file_mb']:.3f} MB)")
             except Exception as e:
                 error = e
@@ -639,6 +639,27 @@ class OBCQuantize(Callback):
         if error is not None:
             raise error
         return metrics
+
+    def _example_input(self, trainer: Trainer, pl_module: LightningModule):
+        """What an ONNX export traces (``export_path`` ending in ``.onnx``): the LightningModule's
+        ``example_input_array``, else the input of the first calibration batch (the batch itself if a
+        tensor, its first element if a tuple or list starting with one), on the module's device."""
+        if not self.config.export.path.lower().endswith(".onnx"):
+            return None
+        example = getattr(pl_module, "example_input_array", None)
+        if example is None:
+            batches = self._calibration_batches(trainer)
+            batch = batches[0] if batches else None
+            example = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+            if not isinstance(example, Tensor):
+                raise ValueError(
+                    f"{self.who}: export_path={self.config.export.path!r} is an ONNX file, traced from an example "
+                    "input: set the LightningModule's example_input_array (the first calibration batch is "
+                    f"{type(batch).__name__}, not a tensor or a tuple starting with one)"
+                )
+        if isinstance(example, (tuple, list)):
+            return tuple(t.to(pl_module.device) if isinstance(t, Tensor) else t for t in example)
+        return example.to(pl_module.device) if isinstance(example, Tensor) else example
 
     def _publish(self, trainer: Trainer, metrics: dict, lines: list[str], report: CompressionReport | None) -> None:
         """Metrics to every logger, the summary through rank_zero_info, the error chart to every logger

@@ -489,10 +489,12 @@ class FinetuneConfig(_Section):
 
 @dataclass(frozen=True)
 class ExportConfig(_Section):
-    """Where the packed model is written at the end.
+    """Where the compressed model is written at the end.
 
     Args:
-        path: a ``.safetensors`` file; its directory is created if missing.
+        path: a ``.safetensors`` file (packed codes, :func:`~obc_lightning.export.load_quantized` reads it)
+            or a ``.onnx`` file (:func:`~obc_lightning.export.onnx.export_onnx`: low-bit initializers that
+            ONNX Runtime runs); its directory is created if missing.
     """
 
     path: str = field(default="model.safetensors", metadata={"flat": "export_path"})

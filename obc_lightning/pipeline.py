@@ -42,6 +42,7 @@ from obc_lightning.batchnorm import reestimate_batchnorm
 from obc_lightning.calibration import CalibrationWarning
 from obc_lightning.compress import compress_model, full_precision_message
 from obc_lightning.config import CompressionConfig
+from obc_lightning.export.onnx import export_onnx
 from obc_lightning.finetune import FinetuneSession, keep_masks
 from obc_lightning.formats.record import model_formats, restore_formats
 from obc_lightning.reporting import CompressionReport, Progress
@@ -241,16 +242,28 @@ def start_finetuning(
     )
 
 
-def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list] | None = None
-                 ) -> dict[str, float]:
-    """Write the packed model to ``config.export.path`` (its directory created) and return the size
+def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list] | None = None,
+                 example_input=None) -> dict[str, float]:
+    """Write the compressed model to ``config.export.path`` (its directory created) and return the size
     metrics of the file: ``obc/file_mb``, ``obc/size_mb_after`` (the file), ``obc/size_mb_before`` (the
-    model's full state dict at its precision), ``obc/compression_ratio``. Every compressed module is
-    written in the format it carries; ``results`` (solver results per module) only for the older form."""
+    model's full state dict at its precision), ``obc/compression_ratio``. The suffix chooses the format:
+    ``.onnx``: :func:`~obc_lightning.export.onnx.export_onnx` (needs ``example_input``, the forward
+    arguments to trace), anything else: the packed safetensors file of
+    :func:`~obc_lightning.export.save_quantized`. Every compressed module is written in the format it
+    carries; ``results`` (solver results per module) only for the older form."""
     path = config.export.path
     os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
-    file_mb = export.save_quantized(model, path, dict(results) if results else None,
-                                    n_m=config.quantization.n_m) / 2**20
+    if path.lower().endswith(".onnx"):
+        if example_input is None:
+            raise ValueError(
+                f"export_stage: export_path={path!r} is an ONNX file, which is traced from an example input: pass "
+                "example_input (OBCQuantize takes the LightningModule's example_input_array, else the first "
+                "calibration batch)"
+            )
+        file_mb = export_onnx(model, path, example_input).nbytes / 2**20
+    else:
+        file_mb = export.save_quantized(model, path, dict(results) if results else None,
+                                        n_m=config.quantization.n_m) / 2**20
     dense = sum(t.numel() * t.element_size() for t in model.state_dict().values() if isinstance(t, Tensor))
     return {
         "obc/file_mb": file_mb,

@@ -319,7 +319,7 @@ def test_the_temporary_file_of_a_killed_save_is_removed_by_the_next_save_and_a_r
                 os.write(ready_w, b"1")
                 time.sleep(60)
 
-            export_write._atomic_write(str(target), write_then_hang)
+            export_write.atomic_write(str(target), write_then_hang)
         finally:
             os._exit(1)
     try:

@@ -221,7 +221,7 @@ def packed_entries(
 # ------------------------------------------------------------------ the file
 def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, str]) -> None:
     """Write a safetensors file with a ``sha256`` metadata entry (checksums of every tensor and of the other
-    metadata), atomically (:func:`_atomic_write`).
+    metadata), atomically (:func:`atomic_write`).
 
     Deterministic bytes: the header is canonical JSON (sorted keys, no spaces) padded with spaces to a
     multiple of 8 bytes, as safetensors pads it; the tensors follow in decreasing element size, then by
@@ -247,7 +247,7 @@ def write_file(path: str, tensors: Mapping[str, Tensor], metadata: Mapping[str, 
         with open(tmp, "wb") as f:
             _write_safetensors(f, head, [tensors[key] for key in order])
 
-    _atomic_write(path, write)
+    atomic_write(path, write)
 
 
 def _write_safetensors(f, header: bytes, tensors: list[Tensor]) -> None:
@@ -264,7 +264,7 @@ PARTIAL_SUFFIX = ".obc-partial"
 
 def abandoned_partial_files(directory: str, *, remove: bool) -> list[str]:
     """The temporary files of saves into ``directory`` that were killed before their rename (removed when
-    ``remove``): the files named as :func:`_atomic_write` names them that no save holds.
+    ``remove``): the files named as :func:`atomic_write` names them that no save holds.
 
     A save holds an exclusive ``flock`` on its temporary file from its creation to its rename; the kernel
     releases the lock of a killed process, so a file of ours that can be locked belongs to no living save.
@@ -319,7 +319,7 @@ def _new_partial_file(directory: str, base: str) -> tuple[int, str]:
         os.close(fd)  # that cleanup took it for abandoned in the moment before the lock: take another
 
 
-def _atomic_write(path: str, write: Callable[[str], None], who: str = "save_quantized") -> None:
+def atomic_write(path: str, write: Callable[[str], None], who: str = "save_quantized") -> None:
     """``write(tmp)`` into a temporary file next to ``path``, fsync it, then rename it over ``path``.
 
     The new file gets the mode of the file it replaces (a 0600 file stays 0600), else the usual one
