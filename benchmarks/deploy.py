@@ -74,7 +74,7 @@ def cifar(subset: Path, epochs: int, cache: Path) -> tuple[nn.Module, torch.Tens
     norm = lambda x: (x.float() / 255 - 0.5) / 0.25  # noqa: E731
     model = resnet20()
     if cache.is_file():
-        model.load_state_dict(torch.load(cache))
+        model.load_state_dict(torch.load(cache, weights_only=True))
     else:
         torch.manual_seed(0)
         opt = torch.optim.SGD(model.parameters(), lr=0.05, momentum=0.9, nesterov=True, weight_decay=5e-4)
