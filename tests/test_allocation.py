@@ -256,6 +256,16 @@ def test_a_held_out_metric_to_maximise():
     assert "2-bit" in a.uniform and "3-bit" not in a.uniform
 
 
+def test_one_calibration_batch_is_judged_on_itself_and_says_so():
+    from obc_lightning.calibration import CalibrationWarning
+
+    data = batches(1)
+    with pytest.warns(CalibrationWarning, match="only one calibration batch to split"):
+        report = compress_model(mlp(), data, target_bits=2.5, allocation_steps=4, solver="gptq")
+    a = report.allocation
+    assert a.heldout is None and a.calibration_error == a.error and "on the calibration batches" in report.table()
+
+
 def test_a_larger_budget_is_never_worse_on_the_held_out_batches():
     data = batches()
     errors = []
@@ -334,6 +344,7 @@ def test_same_decision_under_a_sum_over_ranks():
     (dict(target_bits=3.0, n_m=(2, 4)), "does not combine with n_m"),
     (dict(target_bits=3.0, allocation_metric="l1"), r"allocation_metric must be one of \('mse', 'kl'\)"),
     (dict(target_bits=3.0, allocation_steps=0), "allocation_steps must be a positive integer"),
+    (dict(target_bits=3.0, allocation_holdout=1.0), r"allocation_holdout must be a number in \[0, 1\)"),
     (dict(sparsity=[0.1, 0.2], bits=None), "lists candidate levels of target_sparsity"),
     (dict(target_bits=3.0, finetune="noise"), r"finetune='noise' learns its quantization in training"),
 ])
