@@ -1,10 +1,10 @@
-"""Mixed precision (or sparsity) to a size target: a loss database, an exact allocation, a weighting search.
+"""Mixed precision (or sparsity) to a size target: a loss database, an exact allocation, a weighting search, a fill.
 
 ``compress_model(model, batches, bits=(2, 3, 4, 8), target_bits=3.0)`` gives each module one of the
-candidate widths so that the model meets the budget with the least output error. Three parts:
+candidate widths so that the model meets the budget with the least output error. Four parts:
 
 1. **The database** (the OBC paper's): from one calibration, every module (every weight, for tied ones)
-   solved at every candidate, with its cost c_lk (integer: bits, bytes or kept weights: the size its
+   solved at every candidate, with its cost c_lk (integer: code bits, bytes or kept weights: the size its
    report entry gives, i.e. its storage scheme's payload, :mod:`obc_lightning.formats`) and its layer loss
    e_lk = 1/2 trace(dW H dW^T). Widths: one solve per width (the Hessian is shared; the caller batches
    the modules of one width through one solver call). Sparsity: one greedy OBS pass per module gives
@@ -23,14 +23,24 @@ candidate widths so that the model meets the budget with the least output error.
    the summary, ``exact=False``; never seen on the models measured).
 
 3. **The weighting**: layer losses are not on one scale (a unit of loss in the first conv is not worth a
-   unit in the classifier), so the c_l are fitted to the model's own output error on the calibration
-   batches (SPDY, Frantar & Alistarh 2022): the error E(k) of an assignment is measured by running the
-   batches through the model with those weights (MSE of the outputs relative to their energy, or KL of
-   their softmax from the full-precision one); the search starts from c_l = 1 (raw losses) and
-   c_l = 1 / trace(W H W^T) (relative errors), then perturbs log c at random layers, keeping what
-   lowers E, for ``allocation_steps`` evaluations (an assignment already measured is not measured again).
-   The uniform assignment of the largest size within the budget is measured too, and the result is the
-   assignment of least measured E: never worse than that uniform one on the calibration objective.
+   unit in the classifier), so the c_l are fitted to the model's own output error (SPDY, Frantar &
+   Alistarh 2022): the error E(k) of an assignment is measured by running batches through the model with
+   those weights (MSE of the outputs relative to their energy, or KL of their softmax from the
+   full-precision one; or any :class:`HeldOutMetric`); the search starts from c_l = 1 (raw losses) and
+   c_l = 1 / trace(W H W^T) (relative errors), then perturbs log c at random layers, keeping what lowers
+   E, for ``allocation_steps`` evaluations (an assignment already measured is not measured again).
+
+4. **The fill**: widths come in steps, so the exact allocation often leaves part of the budget unused;
+   single-layer moves to a dearer candidate that still fits are tried (most weighted loss saved per unit
+   of cost first) and kept when they lower E, until none fits or none helps (:meth:`_Search.greedy_fill`).
+
+E is measured on **held-out** batches, never the ones the Hessians came from (``compress_model``'s
+``eval_batches``, or ``allocation_holdout`` of the calibration batches; the callback's validation data):
+the layer solutions are fitted to the calibration batches, and judging them there rewards assignments
+that fit those batches rather than the data the model will see. Every uniform assignment within the
+budget is measured too, and the result is the assignment of least measured E: never worse on the
+held-out measure than the best uniform width that fits. ``target_bits`` counts code bits per weight
+(scales and zero points cost the same at every width), so ``target_bits=b`` admits uniform b-bit.
 """
 
 from __future__ import annotations
