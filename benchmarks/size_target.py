@@ -10,7 +10,7 @@ training images drawn with the seed; test: the 846 test images of the shared sub
 (the overfit case: a 64-256-256-128-10 MLP trained here to ~100 % training accuracy on 1,400 of
 scikit-learn's 1,797 digits, the seed drawing the split and the initialisation; calibration: those 1,400
 training images; test: the other 397). Every Conv2d / Linear, ``compress_model`` with its defaults
-(``solver="auto"``, damp 0.01, MSE grid):
+(``--solver``, default ``"auto"``; damp 0.01, MSE grid):
 
 - ``uniform b``: every module at b bits;
 - ``target_bits=b``: ``compress_model(bits=(2, 3, 4, 8), target_bits=b)``: b code bits per weight, uniform
@@ -159,6 +159,7 @@ def main() -> None:
     ap.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2, 3])
     ap.add_argument("--images", type=int, default=1024, help="resnet20: calibration images per draw")
     ap.add_argument("--metric", default="kl", choices=["kl", "mse"])
+    ap.add_argument("--solver", default="auto", choices=["auto", "obc", "gptq"], help="every compress_model call")
     ap.add_argument("--steps", type=int, default=16, help="allocation_steps")
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4], help="uniform widths and their targets")
     ap.add_argument("--diffq-penalty", type=float, default=None)
@@ -176,9 +177,9 @@ def main() -> None:
         lit.load_state_dict(torch.load(args.fp32, map_location="cpu"))
         lit.eval()
         dm = CifarDataModule(load_subset(args.subset or DEFAULT_SUBSET))
-    print(f"{args.model}; seeds {args.seeds}; allocation metric {args.metric}, {args.steps} evaluations, "
-          f"allocation_holdout 0.25; torch {torch.__version__}, {torch.get_num_threads()} threads, "
-          f"python {platform.python_version()}, {platform.processor() or platform.machine()}", flush=True)
+    print(f"{args.model}; solver {args.solver}; seeds {args.seeds}; allocation metric {args.metric}, "
+          f"{args.steps} evaluations, allocation_holdout 0.25; torch {torch.__version__}, "
+          f"{torch.get_num_threads()} threads, python {platform.python_version()}", flush=True)
     rows: dict[str, dict[str, list]] = {}
     columns = ("code_bits", "stored_bits", "calib_kl", "calib_mse", "test_kl", "test_mse", "acc", "seconds",
                "cost_ratio")
@@ -212,7 +213,7 @@ def main() -> None:
 
     def timed(*a, **kw):
         t0 = time.perf_counter()
-        out = compress_model(*a, **kw)
+        out = compress_model(*a, solver=args.solver, **kw)
         return out, time.perf_counter() - t0
 
     fp_acc = []
@@ -251,7 +252,7 @@ def main() -> None:
             record(name, seed, ref, m, calib, test, None, info["seconds"], extra={"stored_bits": info["avg_bits"]})
             rows[name].setdefault("stored_bits", []).append(info["avg_bits"])
             uniform = copy.deepcopy(ref)
-            rep3 = compress_model(uniform, calib, 3)  # the size per stored bit, from uniform 3-bit's report
+            rep3 = compress_model(uniform, calib, 3, solver=args.solver)  # MB per stored bit, from its report
             mb = (rep3.bytes_after + (info["avg_bits"] - rep3.avg_bits) * rep3.quantized_weights / 8) / 2**20
             m = copy.deepcopy(ref)
             rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_size_mb=mb, allocation_metric=args.metric,
