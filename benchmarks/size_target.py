@@ -162,6 +162,7 @@ def main() -> None:
     ap.add_argument("--solver", default="auto", choices=["auto", "obc", "gptq"], help="every compress_model call")
     ap.add_argument("--steps", type=int, default=16, help="allocation_steps")
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4], help="uniform widths and their targets")
+    ap.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5], help="targets: target_bits=b + offset")
     ap.add_argument("--diffq-penalty", type=float, default=None)
     ap.add_argument("--diffq-epochs", type=int, default=5)
     ap.add_argument("--prune", type=float, default=None,
@@ -241,7 +242,7 @@ def main() -> None:
             rep, secs = timed(m, calib, b)
             base = secs
             record(f"uniform {b}-bit", seed, ref, m, calib, test, rep, secs, base)
-            for target in (b, b + 0.5):
+            for target in (b + o for o in args.offsets):
                 m = copy.deepcopy(ref)
                 rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=target, allocation_metric=args.metric,
                                   allocation_steps=args.steps, seed=seed)
