@@ -458,7 +458,7 @@ def heldout_split(batches: Iterable, eval_batches, q) -> tuple[Iterable, HeldOut
         )
         return batches, None
     k = min(n - 1, max(1, round(q.allocation_holdout * n)))
-    held = {int((j + 1) * n / k) - 1 for j in range(k)}  # evenly spaced, the last batch included
+    held = {(j + 1) * n // k - 1 for j in range(k)}  # evenly spaced, the last batch included
     fit = [b for i, b in enumerate(batches) if i not in held]
     out = [batches[i] for i in sorted(held)]
     return fit, HeldOutBatches(out, f"{len(out)} of {n} calibration batches held out")
