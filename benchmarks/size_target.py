@@ -25,8 +25,9 @@ search saw or fitted) and on the test images (never seen), the test top-1 accura
 each ``compress_model`` call with its ratio to the uniform b-bit call of the same draw (same process).
 Means ± standard error over the draws.
 
-``--judged-on-calibration``: also ``target_bits=b`` with ``allocation_holdout=0``, the search judging its
-assignments on the batches the Hessians came from (what it did before held-out selection).
+``--refit``: the targets with ``allocation_refit=True`` (the chosen widths solved again on every
+calibration batch). ``--judged-on-calibration``: also ``target_bits=b`` with ``allocation_holdout=0``, the
+search judging its assignments on the batches the Hessians came from (as before held-out selection).
 
 ``--prune s`` (resnet20): instead, OBS pruning (prune-only) to s in every module against
 ``target_sparsity=s`` (levels 0, 0.05, ..., 0.95 per module from each module's OBS trace).
@@ -166,6 +167,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="allocation_steps")
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4], help="uniform widths and their targets")
     ap.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5], help="targets: target_bits=b + offset")
+    ap.add_argument("--refit", action="store_true", help="targets with allocation_refit=True")
     ap.add_argument("--judged-on-calibration", action="store_true",
                     help="also target_bits=b with allocation_holdout=0: judged on the batches it was fitted to")
     ap.add_argument("--diffq-penalty", type=float, default=None)
@@ -250,8 +252,9 @@ def main() -> None:
             for target in (b + o for o in args.offsets):
                 m = copy.deepcopy(ref)
                 rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=target, allocation_metric=args.metric,
-                                  allocation_steps=args.steps, seed=seed)
-                record(f"target_bits={target:g}", seed, ref, m, calib, test, rep, secs, base)
+                                  allocation_steps=args.steps, seed=seed, allocation_refit=args.refit)
+                record(f"target_bits={target:g}" + (", refit" if args.refit else ""), seed, ref, m, calib, test, rep,
+                       secs, base)
             if args.judged_on_calibration:
                 m = copy.deepcopy(ref)
                 rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=b, allocation_metric=args.metric,

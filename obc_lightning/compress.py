@@ -415,7 +415,7 @@ def compress_model(
     batches = _materialize(calibration_batches)
     if c.matches_outputs:  # both passes of a group must see the same samples: no reshuffling, no augmentation
         batches = list(batches)
-    heldout = None
+    heldout, every_batch = None, batches
     if q.target is not None:  # select: the batches the assignments are judged on, apart from the Hessians'
         batches, heldout = heldout_split(batches, eval_batches, q)
     run = _Compression(model, cfg, targets, forward_fn=forward_fn, reduce_fn=reduce_fn, keep_results=keep_results,
@@ -430,7 +430,13 @@ def compress_model(
         raise
     finally:
         run.progress.close()
-    return run.finish()
+    report = run.finish()
+    if q.allocation_refit and batches is not every_batch:  # the chosen widths solved again on every batch
+        run.restore_originals()
+        return _at_chosen_widths(model, every_batch, cfg, targets, report, forward_fn=forward_fn,
+                                 reduce_fn=reduce_fn, keep_results=keep_results, scale_dtype=scale_dtype,
+                                 progress=progress, distributed=distributed)
+    return report
 
 
 def heldout_split(batches: Iterable, eval_batches, q) -> tuple[Iterable, HeldOutBatches | HeldOutMetric | None]:
@@ -778,11 +784,12 @@ def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionC
                                     **kw):
     """A width target with ``sequential=True``: the widths are chosen on the database of one calibration of
     the full-precision model (as without ``sequential``), then the model, restored, is compressed
-    sequentially (with output matching by default) at those widths, on the same calibration batches (the
-    held-out ones stay out). The size depends on the widths only, so the target holds; the allocation's
-    error estimates are those of the one-pass solutions."""
+    sequentially (with output matching by default) at those widths, on the batches the Hessians came from
+    (the held-out ones stay out, unless ``allocation_refit``). The size depends on the widths only, so the
+    target holds; the allocation's error estimates are those of the one-pass solutions."""
     q = cfg.quantization
-    fit, heldout = heldout_split(list(_materialize(batches)), eval_batches, q)
+    every_batch = list(_materialize(batches))
+    fit, heldout = heldout_split(every_batch, eval_batches, q)
     if heldout is None:  # nothing held out (announced once): the one-pass run judges on the calibration batches
         cfg = replace(cfg, quantization=replace(q, allocation_holdout=0.0))
     originals = {id(m.weight): (m.weight, m.weight.detach().to("cpu", copy=True)) for m in targets.values()}
@@ -792,12 +799,20 @@ def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionC
     with torch.no_grad():
         for weight, original in originals.values():
             weight.copy_(original)
+    return _at_chosen_widths(model, every_batch if q.allocation_refit else fit, cfg, targets, chosen, **kw)
+
+
+def _at_chosen_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, chosen: CompressionReport, **kw):
+    """The model, holding its original weights again, compressed at the widths ``chosen`` allocated (with
+    ``cfg``'s calibration: sequentially, or on every batch for ``allocation_refit``); its report carries
+    ``chosen``'s allocation summary (whose measured errors are those of ``chosen``'s solutions)."""
+    q = cfg.quantization
     for m in targets.values():
         drop_format(m)
     widths = {**{name: b for name, b in chosen.bits.items() if b is not None}, "*": min(q.bits)}
     at_widths = replace(cfg, quantization=replace(q, bits=widths, target_bits=None, target_size_mb=None))
-    report = compress_model(model, fit, config=at_widths, **kw)
-    report.allocation = chosen.allocation  # its measured errors are those of the one-pass solutions
+    report = compress_model(model, batches, config=at_widths, **kw)
+    report.allocation = chosen.allocation
     report.allocation.sizes_from(report)
     report.seconds += chosen.seconds
     report.calibration_seconds += chosen.calibration_seconds

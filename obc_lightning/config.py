@@ -167,6 +167,10 @@ class QuantizationConfig(_Section):
             spaced, at least one, never all): they give no Hessian, and the assignments are judged on them
             instead of on the batches they were fitted to. ``0``: judge on the calibration batches. Not
             used when ``compress_model`` gets ``eval_batches`` or the callback has validation data.
+        allocation_refit: once the widths are chosen, solve them again on every calibration batch, the held-out
+            ones included (one more calibration and one solve per module): the Hessians see all the data,
+            but the final weights are no longer the solutions the search measured, so the guarantee against
+            uniform holds for those, not for the returned model. Width targets only.
         allocation_steps: model evaluations (forward passes over the calibration batches) of the search
             that weighs the layer losses against the model's output error.
     """
@@ -191,6 +195,7 @@ class QuantizationConfig(_Section):
     allocation_metric: str = "mse"
     allocation_steps: int = 16
     allocation_holdout: float = 0.25
+    allocation_refit: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -267,6 +272,7 @@ class QuantizationConfig(_Section):
         check_positive_int(self._who(), arg("allocation_steps"), self.allocation_steps)
         if not is_number(self.allocation_holdout) or not 0 <= self.allocation_holdout < 1:
             raise self._fail(f"{arg('allocation_holdout')} must be a number in [0, 1), got {self.allocation_holdout!r}")
+        check_flags(self._who(), **{arg("allocation_refit"): self.allocation_refit})
         candidates = isinstance(self.bits, (list, tuple))
         levels = isinstance(self.sparsity, (list, tuple))
         if not targets:
@@ -299,6 +305,9 @@ class QuantizationConfig(_Section):
                              "are not supported)")
         prune = target == "target_sparsity" or (target == "target_size_mb" and self.bits is None)
         if prune:
+            if self.allocation_refit:
+                raise self._fail(f"{arg('allocation_refit')} solves the chosen widths again: {arg(target)} with "
+                                 f"{arg('bits')}=None allocates sparsity levels")
             if self.bits is not None:
                 raise self._fail(f"{arg(target)} allocates sparsity to a pruned float model: it needs "
                                  f"{arg('bits')}=None, got {self.bits!r}")

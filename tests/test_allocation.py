@@ -256,6 +256,21 @@ def test_a_held_out_metric_to_maximise():
     assert "2-bit" in a.uniform and "3-bit" not in a.uniform
 
 
+def test_allocation_refit_solves_the_chosen_widths_on_every_batch():
+    data = batches()
+    for b in (2, 3):  # at 2 the only assignment within the budget is uniform 2-bit: the refit is uniform 2-bit
+        model = mlp()
+        report = compress_model(model, data, target_bits=b, allocation_steps=4, solver="gptq", allocation_refit=True)
+        again = mlp()
+        compress_model(again, data, bits=report.bits if b == 3 else 2, solver="gptq")
+        for n in ("0", "2", "4"):
+            assert torch.equal(again.get_submodule(n).weight, model.get_submodule(n).weight), (b, n)
+        assert report.allocation.heldout == "1 of 4 calibration batches held out"
+        assert report.avg_code_bits <= b and report.allocation.achieved == report.avg_code_bits
+    with pytest.raises(ValueError, match="allocation_refit solves the chosen widths again"):
+        compress_model(mlp(), data, None, target_sparsity=0.5, allocation_refit=True)
+
+
 def test_one_calibration_batch_is_judged_on_itself_and_says_so():
     from obc_lightning.calibration import CalibrationWarning
 
