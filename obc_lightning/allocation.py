@@ -1,10 +1,10 @@
-"""Mixed precision (or sparsity) to a size target: a loss database, an exact allocation, a weighting search.
+"""Mixed precision (or sparsity) to a size target: a loss database, an exact allocation, a weighting search, a fill.
 
 ``compress_model(model, batches, bits=(2, 3, 4, 8), target_bits=3.0)`` gives each module one of the
-candidate widths so that the model meets the budget with the least output error. Three parts:
+candidate widths so that the model meets the budget with the least output error. Four parts:
 
 1. **The database** (the OBC paper's): from one calibration, every module (every weight, for tied ones)
-   solved at every candidate, with its cost c_lk (integer: bits, bytes or kept weights: the size its
+   solved at every candidate, with its cost c_lk (integer: code bits, bytes or kept weights: the size its
    report entry gives, i.e. its storage scheme's payload, :mod:`obc_lightning.formats`) and its layer loss
    e_lk = 1/2 trace(dW H dW^T). Widths: one solve per width (the Hessian is shared; the caller batches
    the modules of one width through one solver call). Sparsity: one greedy OBS pass per module gives
@@ -23,14 +23,24 @@ candidate widths so that the model meets the budget with the least output error.
    the summary, ``exact=False``; never seen on the models measured).
 
 3. **The weighting**: layer losses are not on one scale (a unit of loss in the first conv is not worth a
-   unit in the classifier), so the c_l are fitted to the model's own output error on the calibration
-   batches (SPDY, Frantar & Alistarh 2022): the error E(k) of an assignment is measured by running the
-   batches through the model with those weights (MSE of the outputs relative to their energy, or KL of
-   their softmax from the full-precision one); the search starts from c_l = 1 (raw losses) and
-   c_l = 1 / trace(W H W^T) (relative errors), then perturbs log c at random layers, keeping what
-   lowers E, for ``allocation_steps`` evaluations (an assignment already measured is not measured again).
-   The uniform assignment of the largest size within the budget is measured too, and the result is the
-   assignment of least measured E: never worse than that uniform one on the calibration objective.
+   unit in the classifier), so the c_l are fitted to the model's own output error (SPDY, Frantar &
+   Alistarh 2022): the error E(k) of an assignment is measured by running batches through the model with
+   those weights (MSE of the outputs relative to their energy, or KL of their softmax from the
+   full-precision one; or any :class:`HeldOutMetric`); the search starts from c_l = 1 (raw losses) and
+   c_l = 1 / trace(W H W^T) (relative errors), then perturbs log c at random layers, keeping what lowers
+   E, for ``allocation_steps`` evaluations (an assignment already measured is not measured again).
+
+4. **The fill**: widths come in steps, so the exact allocation often leaves part of the budget unused;
+   single-layer moves to a dearer candidate that still fits are tried (most weighted loss saved per unit
+   of cost first) and kept when they lower E, until none fits or none helps (:meth:`_Search.greedy_fill`).
+
+E is measured on **held-out** batches, never the ones the Hessians came from (``compress_model``'s
+``eval_batches``, or ``allocation_holdout`` of the calibration batches; the callback's validation data):
+the layer solutions are fitted to the calibration batches, and judging them there rewards assignments
+that fit those batches rather than the data the model will see. Every uniform assignment within the
+budget is measured too, and the result is the assignment of least measured E: never worse on the
+held-out measure than the best uniform width that fits. ``target_bits`` counts code bits per weight
+(scales and zero points cost the same at every width), so ``target_bits=b`` admits uniform b-bit.
 """
 
 from __future__ import annotations
@@ -49,6 +59,7 @@ from obc_lightning.formats.schemes import ScalarScheme, SparseMaskScheme
 from obc_lightning.reporting import AllocationSummary, ModuleReport
 
 MAX_POINTS = 1 << 18  # frontier size beyond which costs are bucketed (see the module docstring)
+MAX_STALE_TRIES = 50  # weightings in a row proposing only assignments measured already: the search stops
 
 
 # ------------------------------------------------------------------------------------------ costs
@@ -59,9 +70,12 @@ def bias_bytes(m: nn.Module) -> int:
 
 
 def quantized_cost(m: nn.Module, bits: int, group_size: int | None, unit: str) -> int:
-    """The stored size of ``m``'s weight at ``bits`` (a dense scalar grid, fp16 scales and uint8 zero
-    points: :class:`~obc_lightning.formats.schemes.ScalarScheme`): ``unit`` "bits" (the payload before
-    byte padding, the report's ``weight_bits``) or "bytes" (the payload, ``bytes_after`` less the bias)."""
+    """The size of ``m``'s weight at ``bits`` (a dense scalar grid, fp16 scales and uint8 zero points:
+    :class:`~obc_lightning.formats.schemes.ScalarScheme`): ``unit`` "code" (the integer codes alone,
+    bits x weights: what ``target_bits`` counts), "bits" (the payload before byte padding, the report's
+    ``weight_bits``) or "bytes" (the payload, ``bytes_after`` less the bias)."""
+    if unit == "code":
+        return bits * m.weight.numel()
     _, d, _ = hessian_shape(m)
     gs = None if group_size is None or group_size >= d else group_size  # as the solving stage does
     config = {"shape": list(m.weight.shape), "bits": bits, "group_size": gs, "scale_dtype": "float16"}
@@ -86,7 +100,9 @@ def pruned_cost(m: nn.Module, sparsity: float, unit: str) -> int:
 
 def solved_cost(m: nn.Module, rep: ModuleReport, unit: str) -> int:
     """c_lk of a solved candidate: its report entry's own size (the weight's storage scheme): the weight's
-    stored bits ("bits"), its payload bytes ("bytes"), or its kept weights ("kept")."""
+    code bits ("code"), stored bits ("bits"), its payload bytes ("bytes"), or its kept weights ("kept")."""
+    if unit == "code":
+        return rep.bits * m.weight.numel()
     if unit == "bits":
         return rep.weight_bits
     if unit == "bytes":
@@ -95,7 +111,7 @@ def solved_cost(m: nn.Module, rep: ModuleReport, unit: str) -> int:
 
 
 def _unit(target: str, prune: bool) -> str:
-    return {"target_bits": "bits", "target_size_mb": "bytes", "target_sparsity": "kept"}[target] if not (
+    return {"target_bits": "code", "target_size_mb": "bytes", "target_sparsity": "kept"}[target] if not (
         prune and target == "target_size_mb") else "bytes"
 
 
@@ -116,7 +132,7 @@ def _budget(value: float) -> int:
 
 def _describe(target: str, amount: float) -> str:
     if target == "target_bits":
-        return f"{amount:.4f} bits per weight"
+        return f"{amount:.4f} code bits per weight"
     if target == "target_size_mb":
         return f"{amount:.4f} MB"
     return f"{amount:.2%} sparsity"
@@ -256,26 +272,31 @@ def _float_tensors(out) -> list[Tensor]:
 
 
 class OutputError:
-    """The model's output error against its full-precision outputs on the calibration batches.
+    """The model's output error against its full-precision outputs on some batches (the calibration
+    batches, or held-out ones).
 
     The outputs are what the model's ``forward`` returns (captured by a forward hook on the model, so the
     batches may run through any ``forward_fn`` that calls it), every floating-point tensor in it; the
-    full-precision ones are kept on the CPU. ``"mse"``: sum ||y - y0||^2 / sum ||y0||^2 over all of them;
-    ``"kl"``: the mean over rows (all but the last dimension) of KL(softmax(y0) || softmax(y)). Under
-    DDP the sums are all-reduced: every rank gets the same number. Runs in eval mode, without gradients.
+    full-precision ones are kept on the CPU (taken at construction: the model must hold its original
+    weights then). ``"mse"``: sum ||y - y0||^2 / sum ||y0||^2 over all of them; ``"kl"``: the mean over rows
+    (all but the last dimension) of KL(softmax(y0) || softmax(y)). Under DDP the sums are all-reduced:
+    every rank gets the same number. Runs in eval mode, without gradients. Lower is better (``mode``).
     """
 
+    mode = "min"
+
     def __init__(self, model: nn.Module, batches: Iterable, metric: str, forward_fn=None, reduce_fn=None,
-                 who: str = "compress_model") -> None:
+                 who: str = "compress_model", what: str = "calibration batches") -> None:
         self.model, self.batches, self.metric = model, batches, metric
-        self.forward_fn, self.reduce_fn, self.who = forward_fn, reduce_fn, who
+        self.forward_fn, self.reduce_fn, self.who, self.what = forward_fn, reduce_fn, who, what
+        self.name = f"output {metric}"
         self.reference: list[list[Tensor]] = []
         self.passes = 0
         self._run(lambda i, outs: self.reference.append([t.to("cpu", copy=True) for t in outs]))
         if not any(self.reference):
             raise ValueError(
                 f"{who}: a size target compares the model's outputs with and without compression, but no "
-                "floating-point output came from the model's forward on the calibration batches (forward never "
+                f"floating-point output came from the model's forward on the {what} (forward never "
                 "called on the model itself, or it returns no tensor)"
             )
 
@@ -302,7 +323,7 @@ class OutputError:
         def consume(i: int, outs: list[Tensor]) -> None:
             ref = self.reference[i]
             if len(outs) != len(ref) or any(a.shape != b.shape for a, b in zip(outs, ref)):
-                raise ValueError(f"{self.who}: the model's outputs on calibration batch {i} changed structure "
+                raise ValueError(f"{self.who}: the model's outputs on batch {i} of the {self.what} changed structure "
                                  "between passes; a size target needs the same outputs every pass")
             for y, y0 in zip(outs, ref):
                 y, y0 = y.double(), y0.to(y.device).double()
@@ -322,6 +343,37 @@ class OutputError:
             sums = (s if out is None else out).cpu()
         num, den = float(sums[0]), float(sums[1])
         return num / den if den > 0 else (0.0 if num == 0 else float("inf"))
+
+
+@dataclass
+class HeldOutBatches:
+    """Batches the search judges assignments on, none of them in the Hessians: the model's output error
+    on them (:class:`OutputError`, ``allocation_metric``). ``description`` names them in the report."""
+
+    batches: list
+    description: str
+
+
+@dataclass
+class HeldOutMetric:
+    """A metric the search judges assignments on instead of an output error: ``evaluate()`` measures the
+    model as it is (its weights are the assignment's), ``mode`` "min" (a loss) or "max" (an accuracy).
+    The callback's is the user's ``monitor`` metric on its validation replay."""
+
+    name: str
+    evaluate: Callable[[], float]
+    mode: str = "min"
+    description: str = ""
+    passes: int = 0
+
+    def __post_init__(self) -> None:
+        if self.mode not in ("min", "max"):
+            raise ValueError(f"HeldOutMetric: mode must be 'min' or 'max', got {self.mode!r}")
+        self.description = self.description or self.name
+
+    def __call__(self) -> float:
+        self.passes += 1
+        return float(self.evaluate())
 
 
 # -------------------------------------------------------------------------------- the database
@@ -401,9 +453,11 @@ class Allocator:
         return 1 - total / n
 
     def choose(self, model: nn.Module, batches: Iterable, set_weight: Callable[[str, Tensor], None], *,
-               fixed: int = 0, forward_fn=None, reduce_fn=None, progress=None) -> Choice:
+               fixed: int = 0, forward_fn=None, reduce_fn=None, progress=None,
+               heldout: HeldOutBatches | HeldOutMetric | None = None) -> Choice:
         """Allocate: the budget from the target (``fixed``: the bytes no choice changes), the DP for each
-        weighting, the search; every evaluated assignment's weights are written with ``set_weight``."""
+        weighting, the search and the greedy fill, judged on ``heldout`` (``None``: on ``batches``, the
+        calibration batches); every evaluated assignment's weights are written with ``set_weight``."""
         t0 = time.perf_counter()
         units = self.units
         if not units:
@@ -426,83 +480,187 @@ class Allocator:
             vals = (s[:-1] / s[-1]).tolist()
             for u in units:
                 u.losses, vals = vals[: len(u.losses)], vals[len(u.losses):]
-        costs = [u.costs for u in units]
-        evaluated: dict[tuple[int, ...], float] = {}
-        current: dict[str, int] = {}
-        error = None
-        dp_calls, exact = 0, True
-
-        def dp(logc: Tensor) -> tuple[int, ...]:
-            nonlocal dp_calls, exact
-            dp_calls += 1
-            w = logc.exp().tolist()
-            choice, _, ex = pareto_allocate(costs, [[w[i] * x for x in u.losses] for i, u in enumerate(units)], budget)
-            exact = exact and ex
-            return tuple(choice)
-
-        def measure(a: tuple[int, ...]) -> float:
-            for u, k in zip(units, a):
-                if current.get(u.name) != k:
-                    set_weight(u.name, u.solution(k).weight)
-                    current[u.name] = k
-            evaluated[a] = error()
-            if progress is not None:
-                progress.step(f"evaluation {len(evaluated)}: {evaluated[a]:.4g}")
-            return evaluated[a]
-
+        summary = AllocationSummary(
+            target=self.target, value=self.value, achieved=0.0, metric=self.q.allocation_metric,
+            candidates=tuple(self.options), database_seconds=self.database_seconds,
+        )
         # per layer the least-loss candidate fits: no weighting changes the answer, nothing to search
         best_each = tuple(min(range(len(u.losses)), key=lambda k, u=u: (u.losses[k], u.costs[k])) for u in units)
-        uniform: dict[str, float] = {}
-        steps = self.q.allocation_steps
         if sum(u.costs[k] for u, k in zip(units, best_each)) <= budget:
             best = best_each
+            summary.fill = "every module at its least-loss candidate fits the budget: nothing to search"
         else:
             if progress is not None:
-                progress.start("allocation", steps)
-            error = OutputError(model, batches, self.q.allocation_metric, forward_fn, reduce_fn, self.who)
-            # the uniform assignment of the same size: the dearest one within the budget
-            fits = [k for k in range(len(self.options)) if sum(u.costs[k] for u in units) <= budget]
-            if fits:
-                k = max(fits, key=lambda k: sum(u.costs[k] for u in units))
-                uniform[self.label(k)] = measure((k,) * len(units))
-            n = len(units)
-            starts = [torch.zeros(n, dtype=torch.float64),
-                      -torch.tensor([math.log(max(u.signal, 1e-300)) for u in units], dtype=torch.float64)]
-            start_err = []
-            for logc in starts:
-                a = dp(logc)
-                start_err.append(evaluated[a] if a in evaluated else (measure(a) if len(evaluated) < steps
-                                                                       else math.inf))
-            i0 = min(range(len(starts)), key=lambda i: start_err[i])
-            logc, cur = starts[i0].clone(), start_err[i0]
-            gen = torch.Generator().manual_seed(self.q.seed)
-            tries, base = 0, len(evaluated)
-            while len(evaluated) < steps and tries < 50 * steps:
-                tries += 1
-                done = (len(evaluated) - base) / max(steps - base, 1)  # 0 -> 1 over the search
-                sigma = 1.0 - 0.9 * done  # step in log c, and the share of layers moved, shrink
-                m = max(1, round(n * (0.3 - 0.25 * done)))
-                trial = logc.clone()
-                sel = torch.randperm(n, generator=gen)[:m]
-                trial[sel] += sigma * torch.randn(m, generator=gen, dtype=torch.float64)
-                a = dp(trial)
-                if a in evaluated:
-                    if evaluated[a] <= cur:
-                        logc = trial  # an equally good weighting: move on from it
-                    continue
-                err = measure(a)
-                if err < cur:
-                    logc, cur = trial, err
-            best = min(evaluated, key=lambda a: (evaluated[a], sum(u.costs[k] for u, k in zip(units, a))))
-        if progress is not None and error is not None:
-            progress.close()
-        assignment = {u.name: k for u, k in zip(units, best)}
-        summary = AllocationSummary(
-            target=self.target, value=self.value, achieved=self.achieved(best, fixed),
-            metric=self.q.allocation_metric, candidates=tuple(self.options),
-            error=evaluated.get(best), uniform=uniform, evaluations=len(evaluated),
-            forward_passes=0 if error is None else error.passes, dp_calls=dp_calls, exact=exact,
-            database_seconds=self.database_seconds, search_seconds=time.perf_counter() - t0,
-            history=list(evaluated.values()),
-        )
-        return Choice(assignment, summary)
+                progress.start("allocation", 2 * self.q.allocation_steps)
+            calibration = OutputError(model, batches, self.q.allocation_metric, forward_fn, reduce_fn, self.who)
+            judge: OutputError | HeldOutMetric = calibration
+            if isinstance(heldout, HeldOutBatches):
+                judge = OutputError(model, heldout.batches, self.q.allocation_metric, forward_fn, reduce_fn,
+                                    self.who, what="held-out batches")
+            elif heldout is not None:
+                judge = heldout
+            search = _Search(self, budget, set_weight, judge, progress)
+            uniform = search.uniform_within_budget()
+            search.weighting_search()
+            best = search.greedy_fill(search.best())
+            summary.heldout = None if heldout is None else heldout.description
+            summary.measure = judge.name
+            summary.mode = judge.mode
+            summary.error = search.value(best)
+            summary.uniform = {self.label(k): search.value(a) for k, a in uniform.items()}
+            summary.evaluations, summary.dp_calls, summary.exact = len(search.evaluated), search.dp_calls, search.exact
+            summary.fill, summary.fill_upgrades = search.fill_note, search.fill_upgrades
+            summary.history = [search.value(a) for a in search.evaluated]
+            if heldout is not None:  # the same assignments on the batches the Hessians came from
+                search.write(best)
+                summary.calibration_error = calibration()
+                for k, a in uniform.items():
+                    search.write(a)
+                    summary.uniform_calibration[self.label(k)] = calibration()
+            else:
+                summary.calibration_error, summary.uniform_calibration = summary.error, dict(summary.uniform)
+            summary.forward_passes = calibration.passes + (judge.passes if judge is not calibration else 0)
+            if progress is not None:
+                progress.close()
+        summary.achieved = self.achieved(best, fixed)
+        summary.budget_left = self.achieved_amount(budget - sum(u.costs[k] for u, k in zip(units, best)))
+        summary.search_seconds = time.perf_counter() - t0
+        return Choice({u.name: k for u, k in zip(units, best)}, summary)
+
+    def achieved_amount(self, cost: int) -> float:
+        """A cost in the target's own unit (code bits per weight, MB, or fraction of the weights)."""
+        n = sum(u.numel for u in self.units)
+        return cost / 2**20 if self.target == "target_size_mb" else cost / n
+
+
+class _Search:
+    """The search of :meth:`Allocator.choose` over assignments (a candidate index per unit), each measured
+    once by ``judge`` (lower is better after ``sign``): the uniform assignments within the budget, the
+    exact allocations for the weightings the random search proposes, then the greedy fill."""
+
+    def __init__(self, allocator: Allocator, budget: int, set_weight, judge, progress) -> None:
+        self.allocator, self.units, self.budget = allocator, allocator.units, budget
+        self.set_weight, self.judge, self.progress = set_weight, judge, progress
+        self.sign = 1.0 if judge.mode == "min" else -1.0
+        self.costs = [u.costs for u in self.units]
+        self.evaluated: dict[tuple[int, ...], float] = {}  # assignment -> sign * measured value
+        self.current: dict[str, int] = {}  # the candidate each unit's weight holds now
+        self.logc: dict[tuple[int, ...], Tensor] = {}  # the weighting that proposed an assignment
+        self.dp_calls, self.exact = 0, True
+        self.fill_note, self.fill_upgrades = "", 0
+
+    def cost(self, a: tuple[int, ...]) -> int:
+        return sum(u.costs[k] for u, k in zip(self.units, a))
+
+    def value(self, a: tuple[int, ...]) -> float:
+        """The judge's own value of a measured assignment (an accuracy stays an accuracy)."""
+        return self.sign * self.evaluated[a]
+
+    def best(self) -> tuple[int, ...]:
+        return min(self.evaluated, key=lambda a: (self.evaluated[a], self.cost(a)))
+
+    def write(self, a: tuple[int, ...]) -> None:
+        for u, k in zip(self.units, a):
+            if self.current.get(u.name) != k:
+                self.set_weight(u.name, u.solution(k).weight)
+                self.current[u.name] = k
+
+    def measure(self, a: tuple[int, ...]) -> float:
+        if a not in self.evaluated:
+            self.write(a)
+            self.evaluated[a] = self.sign * self.judge()
+            if self.progress is not None:
+                self.progress.step(f"evaluation {len(self.evaluated)}: {self.value(a):.4g}")
+        return self.evaluated[a]
+
+    def dp(self, logc: Tensor) -> tuple[int, ...]:
+        self.dp_calls += 1
+        w = logc.exp().tolist()
+        choice, _, exact = pareto_allocate(
+            self.costs, [[w[i] * x for x in u.losses] for i, u in enumerate(self.units)], self.budget)
+        self.exact = self.exact and exact
+        a = tuple(choice)
+        self.logc.setdefault(a, logc)
+        return a
+
+    def uniform_within_budget(self) -> dict[int, tuple[int, ...]]:
+        """Every uniform assignment within the budget, measured: the chosen one is never worse than the best
+        of them on the judge's measure (each is a candidate of the final minimum)."""
+        n_options = len(self.allocator.options)
+        uniform = {k: (k,) * len(self.units) for k in range(n_options)}
+        uniform = {k: a for k, a in uniform.items() if self.cost(a) <= self.budget}
+        for a in uniform.values():
+            self.measure(a)
+        return uniform
+
+    def weighting_search(self) -> None:
+        """SPDY's search over per-layer loss weights c_l (see the module docstring), ``allocation_steps``
+        evaluations in all (the uniform ones included)."""
+        units, steps = self.units, self.allocator.q.allocation_steps
+        n = len(units)
+        starts = [torch.zeros(n, dtype=torch.float64),
+                  -torch.tensor([math.log(max(u.signal, 1e-300)) for u in units], dtype=torch.float64)]
+        start_err = []
+        for logc in starts:
+            a = self.dp(logc)
+            start_err.append(self.evaluated[a] if a in self.evaluated else (
+                self.measure(a) if len(self.evaluated) < steps else math.inf))
+        i0 = min(range(len(starts)), key=lambda i: start_err[i])
+        logc, cur = starts[i0].clone(), start_err[i0]
+        gen = torch.Generator().manual_seed(self.allocator.q.seed)
+        stale, base = 0, len(self.evaluated)
+        while len(self.evaluated) < steps and stale < MAX_STALE_TRIES:  # (few layers: few assignments exist)
+            stale += 1
+            done = (len(self.evaluated) - base) / max(steps - base, 1)  # 0 -> 1 over the search
+            sigma = 1.0 - 0.9 * done  # step in log c, and the share of layers moved, shrink
+            m = max(1, round(n * (0.3 - 0.25 * done)))
+            trial = logc.clone()
+            sel = torch.randperm(n, generator=gen)[:m]
+            trial[sel] += sigma * torch.randn(m, generator=gen, dtype=torch.float64)
+            a = self.dp(trial)
+            if a in self.evaluated:
+                if self.evaluated[a] <= cur:
+                    logc = trial  # an equally good weighting: move on from it
+                continue
+            stale = 0
+            err = self.measure(a)
+            if err < cur:
+                logc, cur = trial, err
+
+    def greedy_fill(self, best: tuple[int, ...]) -> tuple[int, ...]:
+        """Spend what the budget has left: one unit at a time moved to a dearer candidate that still fits,
+        the moves tried in order of weighted loss saved per unit of cost (the weighting that proposed
+        ``best``; raw losses for a uniform one), the first that lowers the measured error kept; until no
+        move fits, none of those tried lowers the error, or ``allocation_steps`` more evaluations are spent.
+        ``fill_note`` says which."""
+        units, limit = self.units, len(self.evaluated) + self.allocator.q.allocation_steps
+        w = self.logc.get(best, torch.zeros(len(units), dtype=torch.float64)).exp().tolist()
+        while True:
+            left = self.budget - self.cost(best)
+            moves = []
+            for i, (u, k) in enumerate(zip(units, best)):
+                for k2 in range(len(u.costs)):
+                    extra = u.costs[k2] - u.costs[k]
+                    if 0 < extra <= left and u.losses[k2] < u.losses[k]:
+                        moves.append((w[i] * (u.losses[k] - u.losses[k2]) / extra, i, k2))
+            if not moves:
+                cheapest = min((u.costs[k2] - u.costs[k] for u, k in zip(units, best) for k2 in range(len(u.costs))
+                                if u.costs[k2] > u.costs[k]), default=None)
+                self.fill_note = ("every module at its dearest candidate" if cheapest is None else
+                                  f"{self.allocator.achieved_amount(left):.4g} left, the cheapest move needs "
+                                  f"{self.allocator.achieved_amount(cheapest):.4g}")
+                return best
+            improved = False
+            for _, i, k2 in sorted(moves, reverse=True):
+                a = best[:i] + (k2,) + best[i + 1:]
+                if a not in self.evaluated and len(self.evaluated) >= limit:
+                    self.fill_note = f"{self.allocator.achieved_amount(left):.4g} left after the fill's evaluations"
+                    return best
+                if self.measure(a) < self.evaluated[best]:
+                    best, improved = a, True
+                    self.fill_upgrades += 1
+                    break
+            if not improved:
+                self.fill_note = (f"{self.allocator.achieved_amount(left):.4g} left: none of the {len(moves)} moves "
+                                  "that fit lowers the measured error")
+                return best

@@ -567,6 +567,8 @@ class OBCQuantize(Callback):
             bn_batches=bn_batches or None,
             forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
             progress=glue.trainer_progress(trainer, self.who, self.config.reporting.verbose),
+            eval_batches=glue.size_target_judge(trainer, self.config, lambda: self._evaluate(trainer, pl_module),
+                                                self.who),
         )
 
     def _user_code_path(self, trainer: Trainer, pl_module: LightningModule, probe) -> Callable:

@@ -18,7 +18,14 @@ from dataclasses import replace
 import torch
 from torch import Tensor, nn
 
-from obc_lightning.allocation import Allocator, check_reachable, fixed_bytes, solved_cost
+from obc_lightning.allocation import (
+    Allocator,
+    HeldOutBatches,
+    HeldOutMetric,
+    check_reachable,
+    fixed_bytes,
+    solved_cost,
+)
 from obc_lightning.calibration import (
     CalibrationWarning,
     LayerHessian,
@@ -149,21 +156,19 @@ def config_of(who: str, config: CompressionConfig | None, options: Mapping, sect
     return config
 
 
-def _materialize(batches) -> Iterable:
+def _materialize(batches, argument: str = "calibration_batches") -> Iterable:
     """Re-iterable batches (a one-shot iterator becomes a list); refuse what cannot be batches."""
     if isinstance(batches, Tensor):
         raise ValueError(
-            "compress_model: calibration_batches must be an iterable of batches (a list, a DataLoader), "
+            f"compress_model: {argument} must be an iterable of batches (a list, a DataLoader), "
             "not a single tensor; wrap it as [tensor]"
         )
     if isinstance(batches, Iterator):
         batches = list(batches)
     if not isinstance(batches, Iterable):
-        raise ValueError(
-            f"compress_model: calibration_batches must be iterable, got {type(batches).__name__}"
-        )
+        raise ValueError(f"compress_model: {argument} must be iterable, got {type(batches).__name__}")
     if isinstance(batches, Sized) and len(batches) == 0:
-        raise ValueError("compress_model: calibration_batches is empty")
+        raise ValueError(f"compress_model: {argument} is empty")
     return batches
 
 
@@ -328,6 +333,7 @@ def compress_model(
     scale_dtype: torch.dtype | None = torch.float16,
     progress: Progress | bool | None = None,
     distributed: bool = False,
+    eval_batches: Iterable | HeldOutMetric | None = None,
     **options,
 ) -> CompressionReport:
     """Quantize (or prune) the Linear / Conv1d / Conv2d weights of ``model`` in place.
@@ -341,13 +347,17 @@ def compress_model(
     :func:`~obc_lightning.calibration.collect_hessians`.
 
     What the options do, in short: ``bits`` 2 ... 8, or per module ``{"*conv1*": 8, "*": 4}`` (first
-    matching pattern wins), ``None`` with ``sparsity`` / ``n_m``: prune only; ``target_bits`` (average
-    stored bits per weight, scales and zero points included, as ``report.avg_bits``) or ``target_size_mb``
-    (``report.bytes_after`` in MB) choose each module's width among the candidates ``bits`` (default
-    2, 3, 4, 8), and ``target_sparsity`` (with ``bits=None``) each module's sparsity level, for the least
-    output error within the budget (:mod:`obc_lightning.allocation`: every candidate solved from one
-    calibration, an exact allocation for per-layer loss weights fitted by ``allocation_steps`` evaluations
-    of the model on the calibration batches; ``report.allocation`` says what it decided and cost);
+    matching pattern wins), ``None`` with ``sparsity`` / ``n_m``: prune only; ``target_bits`` (code bits
+    per weight, scales and zero points left out: ``report.avg_code_bits``; ``target_bits=3`` admits
+    uniform 3-bit) or ``target_size_mb`` (``report.bytes_after`` in MB, the packed export's size) choose
+    each module's width among the candidates ``bits`` (default 2, 3, 4, 8), and ``target_sparsity`` (with
+    ``bits=None``) each module's sparsity level, for the least output error within the budget
+    (:mod:`obc_lightning.allocation`: every candidate solved from one calibration, an exact allocation for
+    per-layer loss weights fitted by ``allocation_steps`` evaluations of the model, then a greedy fill of
+    what the budget has left; the assignments are judged on batches the Hessians never saw:
+    ``eval_batches``, or ``allocation_holdout`` of the calibration batches set aside; the result is never
+    worse there than the best uniform assignment within the budget; ``report.allocation`` says what it
+    decided, on both the held-out and the calibration batches, and what it cost);
     ``sparsity`` / ``n_m`` prune with OBS first (:func:`~obc_lightning.solvers.prune.obs_prune`;
     unstructured with the global selection over the module's rows, or at most N non-zeros in every M
     inputs, convs along input channels at each kernel position), then the kept weights are quantized
@@ -389,6 +399,11 @@ def compress_model(
         progress: ``True``: a progress bar (tqdm) over calibration batches and solved modules; or an
             object with ``start(stage, total)``, ``advance(item)`` and ``close()``
             (:class:`~obc_lightning.reporting.Progress`); ``None``: silent.
+        eval_batches: a size target's held-out data: batches (called as the calibration batches are) on
+            which the search measures its assignments' output error (``allocation_metric``), every
+            calibration batch then going to the Hessians; or a
+            :class:`~obc_lightning.allocation.HeldOutMetric` (any metric, lower or higher is better: the
+            callback's validation replay). ``None``: ``allocation_holdout`` of the calibration batches.
 
     Returns:
         :class:`~obc_lightning.reporting.CompressionReport`; modules without a Hessian (not on the
@@ -416,97 +431,210 @@ def compress_model(
     q, c = cfg.quantization, cfg.calibration
     targets = select_modules(model, q.include, q.exclude)
     check_against_model(cfg, targets)
+    if eval_batches is not None and q.target is None:
+        raise ValueError("compress_model: eval_batches measures the assignments of a size target; give target_bits=, "
+                         "target_size_mb= or target_sparsity=, or leave eval_batches out")
     if q.target is not None and c.sequential:
-        return _sequential_at_allocated_widths(model, calibration_batches, cfg, targets, forward_fn=forward_fn,
-                                               reduce_fn=reduce_fn, keep_results=keep_results,
+        return _sequential_at_allocated_widths(model, calibration_batches, cfg, targets, eval_batches=eval_batches,
+                                               forward_fn=forward_fn, reduce_fn=reduce_fn, keep_results=keep_results,
                                                scale_dtype=scale_dtype, progress=progress, distributed=distributed)
-    bits, method, solver, group_size, symmetric, mse, damp = (
-        q.bits, q.method, q.solver, q.group_size, q.symmetric, q.mse, q.damp
-    )
-    sparsity, n_m, block_size, n_centroids, seed, include, exclude = (
-        q.sparsity, q.n_m, q.block_size, q.n_centroids, q.seed, q.include, q.exclude
-    )
-    sequential, offload, max_memory, sample_fraction, product_dtype = (
-        c.sequential, c.offload, c.max_memory, c.sample_fraction, c.product_dtype
-    )
-    match_outputs = c.matches_outputs
     check_flags("compress_model", keep_results=keep_results)
     check_scale_dtype("compress_model", "scale_dtype", scale_dtype)
     check_distributed("compress_model", distributed, reduce_fn)
-    pq = method != "scalar"
     batches = _materialize(calibration_batches)
-    if match_outputs:  # both passes of a group must see the same samples: no reshuffling, no augmentation
+    if c.matches_outputs:  # both passes of a group must see the same samples: no reshuffling, no augmentation
         batches = list(batches)
-    progress = progress_of(progress)
+    heldout, every_batch = None, batches
+    if q.target is not None:  # select: the batches the assignments are judged on, apart from the Hessians'
+        batches, heldout = heldout_split(batches, eval_batches, q)
+    run = _Compression(model, cfg, targets, forward_fn=forward_fn, reduce_fn=reduce_fn, keep_results=keep_results,
+                       scale_dtype=scale_dtype, progress=progress_of(progress), distributed=distributed)
+    try:
+        with torch.no_grad():
+            run.calibrate_and_solve(batches)  # calibrate -> prepare -> solve (or the allocator's candidates)
+            if run.allocator is not None:
+                run.allocate(batches, heldout)
+    except BaseException:
+        run.restore_originals()
+        raise
+    finally:
+        run.progress.close()
+    report = run.finish()
+    if q.allocation_refit and batches is not every_batch:  # the chosen widths solved again on every batch
+        run.restore_originals()
+        return _at_chosen_widths(model, every_batch, cfg, targets, report, forward_fn=forward_fn,
+                                 reduce_fn=reduce_fn, keep_results=keep_results, scale_dtype=scale_dtype,
+                                 progress=progress, distributed=distributed)
+    return report
 
-    t_start = time.perf_counter()
-    report = CompressionReport(bits=bits, solver=solver if not pq else method, sequential=sequential, method=method,
-                               match_outputs=match_outputs)
-    report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
-    skipped: dict[str, str] = {}
-    for name, m in targets.items():
-        if not isinstance(m.weight, nn.Parameter):
-            skipped[name] = (
-                "weight is not a Parameter (reparametrized, e.g. torch.nn.utils.prune); "
-                "make it permanent (prune.remove, or ModelPruning's default make_pruning_permanent=True) before "
-                "quantizing"
-            )
-    all_targets = targets
-    targets = {n: m for n, m in targets.items() if n not in skipped}
-    tied = tied_weights(model, targets)
-    _check_tied(model, targets, tied, block_size, n_centroids, pq, bits)
-    # a shared weight is solved once, when the Hessians of all its target users are in: its objective is
-    # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
-    allocator = Allocator(q) if q.target is not None else None
-    waiting: dict[str, LayerHessian] = {}
-    backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
-    compressed: dict[int, Tensor] = {}  # match_outputs: id(Parameter) -> its compressed value on the CPU
-    formats: dict[str, StorageScheme] = {}  # recorded on the modules once every weight is written
-    uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
-    kw = dict(
-        forward_fn=forward_fn,
-        offload=offload,
-        max_memory=max_memory,
-        reduce_fn=reduce_fn,
-        warn=False,
-        sample_fraction=sample_fraction,
-        product_dtype=product_dtype,
-    )
 
-    settings = SolveSettings(
-        method=method, bits=bits, solver=solver, group_size=group_size, symmetric=symmetric, mse=mse, damp=damp,
-        scale_dtype=scale_dtype, sparsity=sparsity, n_m=n_m, block_size=block_size, n_centroids=n_centroids,
-        seed=seed, max_memory=max_memory,
-    )
-    shared: dict[str, dict[str, LayerHessian]] = {}  # a tied weight's solving name -> its users' Hessians
+def heldout_split(batches: Iterable, eval_batches, q) -> tuple[Iterable, HeldOutBatches | HeldOutMetric | None]:
+    """The select stage of a size target: (the batches the Hessians come from, the held-out measure the
+    search judges assignments on). ``eval_batches`` (batches, or a :class:`~obc_lightning.allocation.HeldOutMetric`)
+    leaves every calibration batch to the Hessians; otherwise ``q.allocation_holdout`` of the calibration
+    batches are set aside (evenly spaced, the last one included: batches ordered by length or class are
+    represented on both sides). ``allocation_holdout=0``, or a single calibration batch (announced), keeps
+    them all and judges on them (``None``: the search measures on the calibration batches)."""
+    if isinstance(eval_batches, (HeldOutMetric, HeldOutBatches)):
+        return batches, eval_batches
+    if eval_batches is not None:
+        held = list(_materialize(eval_batches, "eval_batches"))
+        return batches, HeldOutBatches(held, f"eval_batches ({len(held)} batches)")
+    if q.allocation_holdout == 0:
+        return batches, None
+    batches = list(batches)
+    n = len(batches)
+    if n < 2:
+        warnings.warn(
+            f"compress_model: {q.target[0]} judges its assignments on held-out batches, but there is only one "
+            "calibration batch to split: they are judged on the batch the Hessians came from, which favours "
+            "assignments that fit it (pass eval_batches=..., or more calibration batches)",
+            CalibrationWarning, stacklevel=3,
+        )
+        return batches, None
+    k = min(n - 1, max(1, round(q.allocation_holdout * n)))
+    held = {(j + 1) * n // k - 1 for j in range(k)}  # evenly spaced, the last batch included
+    fit = [b for i, b in enumerate(batches) if i not in held]
+    out = [batches[i] for i in sorted(held)]
+    return fit, HeldOutBatches(out, f"{len(out)} of {n} calibration batches held out")
 
-    def solve_all(hessians: dict[str, LayerHessian], force: bool = False) -> None:
-        """Solve these modules (batched by width, shared over ranks) and write their weights back. A weight
-        shared by several targets waits until all its users' Hessians are in (``force``: those that came)
-        and is solved once on their sum."""
+
+class _Compression:
+    """The state of one ``compress_model`` run and its stages, in the order the run calls them:
+
+    - ``__init__`` (select): the target modules that can be solved, the tied weights, the solver settings;
+    - :meth:`calibrate_and_solve`: one calibration pass (or one per group of modules, ``sequential``),
+      each pass's Hessians handed on as they come;
+    - :meth:`prepare`: which Hessians are ready (a shared weight waits for all its users and is solved once
+      on their sum);
+    - :meth:`solve`: the ready modules through the solvers, each written back by :meth:`apply`; or, with a
+      size target, every candidate into the allocator's database (:meth:`add_candidates`), and
+      :meth:`allocate` chooses and applies once all are in;
+    - :meth:`finish` (report): formats recorded on the modules, sizes, skipped modules, warnings.
+
+    :meth:`restore_originals` puts every written weight back (the run failed).
+    """
+
+    def __init__(self, model: nn.Module, cfg: CompressionConfig, targets: Mapping[str, nn.Module], *, forward_fn,
+                 reduce_fn, keep_results: bool, scale_dtype, progress: Progress, distributed: bool) -> None:
+        q, c = cfg.quantization, cfg.calibration
+        self.model, self.q, self.c = model, q, c
+        self.forward_fn, self.reduce_fn, self.distributed = forward_fn, reduce_fn, distributed
+        self.keep_results, self.progress = keep_results, progress
+        self.match_outputs = c.matches_outputs
+        pq = q.method != "scalar"
+        self.t_start = time.perf_counter()
+        self.report = CompressionReport(bits=q.bits, solver=q.solver if not pq else q.method,
+                                        sequential=c.sequential, method=q.method, match_outputs=self.match_outputs)
+        self.report.results = {} if keep_results else None  # name -> [QuantResult per conv group]
+        self.skipped: dict[str, str] = {}  # name -> why it stays in full precision
+        for name, m in targets.items():
+            if not isinstance(m.weight, nn.Parameter):
+                self.skipped[name] = (
+                    "weight is not a Parameter (reparametrized, e.g. torch.nn.utils.prune); "
+                    "make it permanent (prune.remove, or ModelPruning's default make_pruning_permanent=True) before "
+                    "quantizing"
+                )
+        self.all_targets = targets
+        self.targets = {n: m for n, m in targets.items() if n not in self.skipped}
+        self.tied = tied_weights(model, self.targets)
+        _check_tied(model, self.targets, self.tied, q.block_size, q.n_centroids, pq, q.bits)
+        self.allocator = Allocator(q) if q.target is not None else None
+        # a shared weight is solved once, when the Hessians of all its target users are in: its objective is
+        # the sum of theirs, 1/2 trace(dW (H_a + H_b) dW^T)
+        self.waiting: dict[str, LayerHessian] = {}  # users of shared weights whose other users are not in yet
+        self.shared: dict[str, dict[str, LayerHessian]] = {}  # a tied weight's solving name -> users' Hessians
+        self.backups: dict[int, tuple[Tensor, Tensor]] = {}  # id(Parameter) -> (Parameter, original on the CPU)
+        self.compressed: dict[int, Tensor] = {}  # match_outputs: id(Parameter) -> compressed value on the CPU
+        self.formats: dict[str, StorageScheme] = {}  # recorded on the modules once every weight is written
+        self.uncounted: list[str] = []  # modules using a quantized shared weight that no Hessian measured
+        self.calibration_options = dict(
+            forward_fn=forward_fn, offload=c.offload, max_memory=c.max_memory, reduce_fn=reduce_fn, warn=False,
+            sample_fraction=c.sample_fraction, product_dtype=c.product_dtype,
+        )
+        self.settings = SolveSettings(
+            method=q.method, bits=q.bits, solver=q.solver, group_size=q.group_size, symmetric=q.symmetric,
+            mse=q.mse, damp=q.damp, scale_dtype=scale_dtype, sparsity=q.sparsity, n_m=q.n_m,
+            block_size=q.block_size, n_centroids=q.n_centroids, seed=q.seed, max_memory=c.max_memory,
+        )
+
+    # ------------------------------------------------------------------------------ calibrate
+    def calibrate_and_solve(self, batches: Iterable) -> None:
+        """Hessians from the batches (one pass over the original model, or sequentially one per execution
+        group on the partly compressed model), each pass's modules solved before the next pass."""
+        report, kw = self.report, self.calibration_options
+        if not self.c.sequential:
+            t0 = time.perf_counter()
+            calib = collect_hessians(self.model, _Stepped(batches, self.progress, "calibration"), self.targets, **kw)
+            report.calibration_seconds = time.perf_counter() - t0
+            report.calibration_passes = 1
+            self.skipped.update(calib.skipped)
+            # a size target solves every candidate width of every module
+            candidates = len(self.q.bits) if self.allocator and self.q.bits else 1
+            self.progress.start("solving", len(calib.hessians) * candidates)
+            self.solve(calib.hessians)  # batched by width (and shared over ranks); each H freed once used
+        else:
+            first = next(iter(batches), None)
+            if first is None:
+                raise ValueError("compress_model: calibration_batches is empty")
+            groups = execution_groups(self.model, first, self.targets, self.forward_fn)
+            if self.reduce_fn is not None:
+                _check_same_groups(groups, self.targets, self.reduce_fn)
+            self.progress.start("sequential", len(groups))
+            for group in groups:
+                self.progress.step(", ".join(group))
+                t0 = time.perf_counter()
+                modules = {name: self.targets[name] for name in group}
+                if self.match_outputs and self.compressed:  # (before the first compressed module nothing drifts)
+                    calib = collect_matched(
+                        self.model, batches, modules, who="compress_model",
+                        full_precision=lambda: _original_weights(self.backups, self.compressed), **kw,
+                    )
+                    report.calibration_passes += 1
+                else:
+                    calib = collect_hessians(self.model, batches, modules, **kw)
+                report.calibration_seconds += time.perf_counter() - t0
+                report.calibration_passes += 1
+                self.skipped.update(calib.skipped)
+                self.solve({name: calib.hessians.pop(name) for name in group if name in calib})
+        if self.waiting:  # tied weights some of whose users never got a Hessian: solved with those that did
+            self.solve({name: self.waiting.pop(name) for name in list(self.waiting)}, force=True)
+
+    # ------------------------------------------------------------------------------ prepare
+    def prepare(self, hessians: dict[str, LayerHessian], force: bool = False) -> dict[str, LayerHessian]:
+        """The Hessians ready to solve, by solving name. A weight shared by several targets waits until all
+        its users' Hessians are in (``force``: those that came) and is solved once on their sum."""
         ready: dict[str, LayerHessian] = {}
         for name, lh in hessians.items():
-            users = [u for u in tied.get(name, [name]) if u in targets]  # target users of this weight
+            users = [u for u in self.tied.get(name, [name]) if u in self.targets]  # target users of this weight
             if len(users) == 1:
                 ready[name] = lh
-                if name in tied:  # one module under several names: its report entry needs its Hessian
-                    shared[name] = {name: lh}
+                if name in self.tied:  # one module under several names: its report entry needs its Hessian
+                    self.shared[name] = {name: lh}
                 continue
-            waiting[name] = lh
-            if not force and any(u not in waiting and u not in skipped for u in users):
+            self.waiting[name] = lh
+            if not force and any(u not in self.waiting and u not in self.skipped for u in users):
                 continue  # solved when the last user's Hessian comes in (or the others are skipped)
-            lhs = {u: waiting.pop(u) for u in users if u in waiting}
+            lhs = {u: self.waiting.pop(u) for u in users if u in self.waiting}
             first = next(iter(lhs))
-            shared[first] = lhs
-            ready[first] = _summed_hessians(first, list(lhs.values()), targets[first].weight)
-        if allocator is not None:  # a size target: every candidate now, the choice once all are in
-            add_to_database(ready)
-            return
-        for out in solve_modules(ready, targets, settings, distributed=distributed, keep_results=keep_results):
-            progress.step(out.name)
-            apply(out)
+            self.shared[first] = lhs
+            ready[first] = _summed_hessians(first, list(lhs.values()), self.targets[first].weight)
+        return ready
 
-    def add_to_database(ready: dict[str, LayerHessian]) -> None:
+    # ------------------------------------------------------------------------------ solve / allocate
+    def solve(self, hessians: dict[str, LayerHessian], force: bool = False) -> None:
+        """Solve the ready modules (batched by width, shared over ranks) and write their weights back; with
+        a size target, put every candidate into the allocator's database instead."""
+        ready = self.prepare(hessians, force)
+        if self.allocator is not None:  # a size target: every candidate now, the choice once all are in
+            self.add_candidates(ready)
+            return
+        for out in solve_modules(ready, self.targets, self.settings, distributed=self.distributed,
+                                 keep_results=self.keep_results):
+            self.progress.step(out.name)
+            self.apply(out)
+
+    def add_candidates(self, ready: dict[str, LayerHessian]) -> None:
         """Every candidate of these weights into the allocator's database. Widths: the solving stage once
         per candidate width (modules of one input width batched into one solver call, shared over ranks),
         every solution kept on the CPU, its cost the size its report entry gives. Sparsity levels: one
@@ -514,18 +642,19 @@ def compress_model(
         an assignment needs them."""
         if not ready:
             return
+        allocator, targets, keep_results = self.allocator, self.targets, self.keep_results
         signals = {}
         for name, lh in ready.items():
             W = targets[name].weight.detach()
             signals[name] = tied_objective(W, W, lh)[1]  # trace(W H W^T): the search's relative weighting
         unit = allocator.unit_kind
-        if bits is not None:
+        if self.q.bits is not None:
             t0 = time.perf_counter()
             solutions: dict[str, list[Solved]] = {name: [] for name in ready}
-            for b in bits:
-                for out in solve_modules(dict(ready), targets, replace(settings, bits=b), distributed=distributed,
-                                         keep_results=keep_results):
-                    progress.step(f"{out.name} at {b} bits")
+            for b in self.q.bits:
+                for out in solve_modules(dict(ready), targets, replace(self.settings, bits=b),
+                                         distributed=self.distributed, keep_results=keep_results):
+                    self.progress.step(f"{out.name} at {b} bits")
                     out.weight = out.weight.cpu()  # every candidate of every module: on the CPU until chosen
                     out.results = [to_cpu(x) for x in out.results] if keep_results else []
                     solutions[out.name].append(out)
@@ -542,39 +671,57 @@ def compress_model(
             W = m.weight.detach()
             dt = torch.float64 if W.dtype == torch.float64 else torch.float32
             # one greedy pass gives every level; the float64 Hessians: the solver scales them into float32
-            traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device), damp=damp)
+            traces = [obs_prune_trace(Wb.to(dt), lh.hessians[i].to(device=W.device), damp=self.q.damp)
                       for i, Wb in enumerate(lh.weight_blocks(W))]
-            progress.step(name)
+            self.progress.step(name)
             allocator.add(
                 name, m, signals[name], [allocator.option_cost(m, s) for s in levels],
                 [sum(t.loss(s) for t in traces) for s in levels],
-                lambda k, name=name, lh=lh, traces=traces: prune_level(name, lh, levels[k], traces),
+                lambda k, name=name, lh=lh, traces=traces: self.prune_level(name, lh, levels[k], traces),
                 time.perf_counter() - t0,
             )
 
-    def prune_level(name: str, lh: LayerHessian, level: float, traces) -> Solved:
+    def prune_level(self, name: str, lh: LayerHessian, level: float, traces) -> Solved:
         """Module ``name`` pruned to ``level`` from its OBS traces, through the solving stage."""
-        p = prepare_module(name, targets[name], lh, group_size, damp, sparsity=level, traces=traces)
+        q = self.q
+        p = prepare_module(name, self.targets[name], lh, q.group_size, q.damp, sparsity=level, traces=traces)
         Q, rep, results, fmt, n_pruned = quantize_modules(
-            [p], None, solver, symmetric, mse, damp, scale_dtype, max_memory, sparsity=level)[0]
+            [p], None, q.solver, q.symmetric, q.mse, q.damp, self.settings.scale_dtype, self.c.max_memory,
+            sparsity=level)[0]
         return Solved(name, Q, rep, results, n_pruned, fmt)
 
-    def set_weight(name: str, Q: Tensor) -> None:
+    def allocate(self, batches: Iterable, heldout) -> None:
+        """The size target's choice over the database (judged on ``heldout``, see :func:`heldout_split`),
+        its solutions written back."""
+        allocator = self.allocator
+        fixed = _fixed_bytes(self.all_targets, {u.name for u in allocator.units}, self.model, self.q.include,
+                             self.q.exclude)
+        choice = allocator.choose(self.model, batches, self.set_weight, fixed=fixed, forward_fn=self.forward_fn,
+                                  reduce_fn=self.reduce_fn, progress=self.progress, heldout=heldout)
+        for u in allocator.units:
+            self.apply(u.solution(choice.assignment[u.name]))
+        self.report.allocation = choice.summary
+
+    # ------------------------------------------------------------------------------ apply
+    def set_weight(self, name: str, Q: Tensor) -> None:
         """Write ``Q`` into target ``name``'s weight, its original backed up once."""
-        weight = targets[name].weight
-        if id(weight) not in backups:
-            backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
+        weight = self.targets[name].weight
+        if id(weight) not in self.backups:
+            self.backups[id(weight)] = (weight, weight.detach().to("cpu", copy=True))
         weight.copy_(Q.reshape(weight.shape).to(device=weight.device, dtype=weight.dtype))
 
-    def apply(out: Solved) -> None:
-        name, rep, m = out.name, out.report, targets[out.name]
+    def apply(self, out: Solved) -> None:
+        """A solved weight written into its module and entered in the report: under each of its names, each
+        target user of a shared weight with its own share of the objective."""
+        report, model = self.report, self.model
+        name, rep, m = out.name, out.report, self.targets[out.name]
         Q = out.weight.to(m.weight.device)  # a size target's database holds its candidates on the CPU
-        lhs = shared.pop(name, None)
+        lhs = self.shared.pop(name, None)
         reps = [rep]
         aliases: list[str] = []
-        if name in tied:  # the weight under each of its names, each target user with its own objective
+        if name in self.tied:  # the weight under each of its names, each target user with its own objective
             W, reps = m.weight.detach(), []
-            for u in tied[name]:
+            for u in self.tied[name]:
                 mod = model.get_submodule(u)
                 if lhs is not None and u in lhs:
                     loss, signal = tied_objective(W, Q.reshape(W.shape), lhs[u])
@@ -587,122 +734,83 @@ def compress_model(
                 elif mod is m:  # the same module under another name: one entry (one Hessian), both names
                     aliases.append(u)
                 else:  # a user whose use of the weight no Hessian measured: not a target, or not called
-                    uncounted.append(f"'{u}' ({type(mod).__name__}, sharing the weight of '{name}')")
-                    skipped.pop(u, None)  # its weight is quantized: it is not left in full precision
+                    self.uncounted.append(f"'{u}' ({type(mod).__name__}, sharing the weight of '{name}')")
+                    self.skipped.pop(u, None)  # its weight is quantized: it is not left in full precision
             for r in reps:
                 r.tied = tuple(x.name for x in reps if x is not r) + tuple(aliases)
         weight = m.weight
-        set_weight(name, Q)
-        if match_outputs:
-            compressed[id(weight)] = weight.detach().to("cpu", copy=True)
+        self.set_weight(name, Q)
+        if self.match_outputs:
+            self.compressed[id(weight)] = weight.detach().to("cpu", copy=True)
         report.modules.extend(reps)
         report.quantized_weights += weight.numel()
         report.pruned_weights += out.n_pruned
         report.quantized_weight_bits += rep.weight_bits
+        if rep.bits is not None and rep.method == "scalar":
+            report.quantized_code_bits += rep.bits * weight.numel()
         for u in [r.name for r in reps] + aliases:  # every module holding the weight carries its format
-            formats[u] = out.format
-        if keep_results:  # under every name the state_dict holds the weight under (export packs each)
+            self.formats[u] = out.format
+        if self.keep_results:  # under every name the state_dict holds the weight under (export packs each)
             for u in [r.name for r in reps] + aliases:
                 report.results[u] = [to_cpu(x) for x in out.results]
 
-    try:
+    def restore_originals(self) -> None:
+        """Every written weight back to its original (a shared weight once: one backup per Parameter)."""
         with torch.no_grad():
-            if not sequential:
-                t0 = time.perf_counter()
-                calib = collect_hessians(model, _Stepped(batches, progress, "calibration"), targets, **kw)
-                report.calibration_seconds = time.perf_counter() - t0
-                report.calibration_passes = 1
-                skipped.update(calib.skipped)
-                # a size target solves every candidate width of every module
-                progress.start("solving", len(calib.hessians) * (len(bits) if allocator and bits else 1))
-                solve_all(calib.hessians)  # batched by width (and shared over ranks); each H freed once used
-            else:
-                first = next(iter(batches), None)
-                if first is None:
-                    raise ValueError("compress_model: calibration_batches is empty")
-                groups = execution_groups(model, first, targets, forward_fn)
-                if reduce_fn is not None:
-                    _check_same_groups(groups, targets, reduce_fn)
-                progress.start("sequential", len(groups))
-                for group in groups:
-                    progress.step(", ".join(group))
-                    t0 = time.perf_counter()
-                    modules = {name: targets[name] for name in group}
-                    if match_outputs and compressed:  # (before the first compressed module nothing drifts)
-                        calib = collect_matched(
-                            model, batches, modules, who="compress_model",
-                            full_precision=lambda: _original_weights(backups, compressed), **kw,
-                        )
-                        report.calibration_passes += 1
-                    else:
-                        calib = collect_hessians(model, batches, modules, **kw)
-                    report.calibration_seconds += time.perf_counter() - t0
-                    report.calibration_passes += 1
-                    skipped.update(calib.skipped)
-                    solve_all({name: calib.hessians.pop(name) for name in group if name in calib})
-            if waiting:  # tied weights some of whose users never got a Hessian: solved with those that did
-                solve_all({name: waiting.pop(name) for name in list(waiting)}, force=True)
-            if allocator is not None:
-                fixed = _fixed_bytes(all_targets, {u.name for u in allocator.units}, model, include, exclude)
-                choice = allocator.choose(model, batches, set_weight, fixed=fixed, forward_fn=forward_fn,
-                                          reduce_fn=reduce_fn, progress=progress)
-                for u in allocator.units:
-                    apply(u.solution(choice.assignment[u.name]))
-                report.allocation = choice.summary
-    except BaseException:
-        with torch.no_grad():  # one backup per Parameter: the original, however many modules share it
-            for weight, original in backups.values():
+            for weight, original in self.backups.values():
                 weight.copy_(original)
-        raise
-    finally:
-        progress.close()
-    for name, fmt in formats.items():  # the model carries its quantization state (formats.record)
-        set_format(model.get_submodule(name), fmt)
 
-    projections = unquantized_projections(model, include, exclude)
-    skipped.update({n: reason for n, (reason, _) in projections.items()})
-    order = []  # model order: a module, then the attention projections it holds
-    for n, _ in model.named_modules():
-        order += [n] if n in all_targets else []
-        order += [p for p in projections if p.rpartition(".")[0] == n]
-    report.skipped = {n: skipped[n] for n in order if n in skipped}
-    _in_model_order(report, order)
-    done = {rep.name: rep for rep in report.modules}
-    counted: set[int] = set()  # a weight shared by several targets is stored once: counted once
-    for name, m in all_targets.items():  # skipped targets stay fp32: same size before and after
-        before = done[name].bytes_before if name in done else module_bytes(m)
-        after = done[name].bytes_after if name in done else module_bytes(m)
-        if id(m.weight) in counted:
-            before = after = module_bytes(m) - m.weight.numel() * FP32_BYTES  # its bias only
-        counted.add(id(m.weight))
-        report.bytes_before += before
-        report.bytes_after += after
-    for _, size in projections.values():
-        report.bytes_before += size
-        report.bytes_after += size
-    report.full_precision = full_precision_modules(model, all_targets, projections)
-    report.model_bytes = parameter_bytes(model)
-    if isinstance(bits, Mapping) or (allocator is not None and bits is not None):
-        report.bits = {r.name: r.bits for r in report.modules}
-    if report.allocation is not None:  # what the target measures, from the report's own totals
-        a = report.allocation
-        a.achieved = {"target_bits": report.avg_bits, "target_size_mb": report.bytes_after / 2**20,
-                      "target_sparsity": report.sparsity}[a.target]
-        if a.target != "target_sparsity" and a.achieved > a.value * (1 + 1e-12):
-            warnings.warn(f"compress_model: the allocation for {a.target}={a.value:g} reached {a.achieved:.6g} "
-                          "(weights shared with modules outside the targets are counted differently)", stacklevel=2)
-    report.seconds = time.perf_counter() - t_start
-    if uncounted:
-        warnings.warn(
-            "compress_model: these modules use a quantized shared weight, but no Hessian measured their use of "
-            "it (not a target, or never called), so its objective leaves them out: " + ", ".join(uncounted),
-            CalibrationWarning,
-            stacklevel=2,
-        )
-    if report.skipped:
-        warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=2)
-    return report
-
+    # ------------------------------------------------------------------------------ report
+    def finish(self) -> CompressionReport:
+        """The formats recorded on the modules; the report's skipped modules, model order, sizes, widths and
+        what a size target reached; the warnings about weights left in full precision or measured in part."""
+        model, report, skipped, q = self.model, self.report, self.skipped, self.q
+        for name, fmt in self.formats.items():  # the model carries its quantization state (formats.record)
+            set_format(model.get_submodule(name), fmt)
+        projections = unquantized_projections(model, q.include, q.exclude)
+        skipped.update({n: reason for n, (reason, _) in projections.items()})
+        order = []  # model order: a module, then the attention projections it holds
+        for n, _ in model.named_modules():
+            order += [n] if n in self.all_targets else []
+            order += [p for p in projections if p.rpartition(".")[0] == n]
+        report.skipped = {n: skipped[n] for n in order if n in skipped}
+        _in_model_order(report, order)
+        done = {rep.name: rep for rep in report.modules}
+        counted: set[int] = set()  # a weight shared by several targets is stored once: counted once
+        for name, m in self.all_targets.items():  # skipped targets stay fp32: same size before and after
+            before = done[name].bytes_before if name in done else module_bytes(m)
+            after = done[name].bytes_after if name in done else module_bytes(m)
+            if id(m.weight) in counted:
+                before = after = module_bytes(m) - m.weight.numel() * FP32_BYTES  # its bias only
+            counted.add(id(m.weight))
+            report.bytes_before += before
+            report.bytes_after += after
+        for _, size in projections.values():
+            report.bytes_before += size
+            report.bytes_after += size
+        report.full_precision = full_precision_modules(model, self.all_targets, projections)
+        report.model_bytes = parameter_bytes(model)
+        if isinstance(q.bits, Mapping) or (self.allocator is not None and q.bits is not None):
+            report.bits = {r.name: r.bits for r in report.modules}
+        if report.allocation is not None:  # what the target measures, from the report's own totals
+            report.allocation.sizes_from(report)
+            a = report.allocation
+            if a.target != "target_sparsity" and a.achieved > a.value * (1 + 1e-12):
+                warnings.warn(f"compress_model: the allocation for {a.target}={a.value:g} reached {a.achieved:.6g} "
+                              "(weights shared with modules outside the targets are counted differently)",
+                              stacklevel=3)
+        report.seconds = time.perf_counter() - self.t_start
+        if self.uncounted:
+            warnings.warn(
+                "compress_model: these modules use a quantized shared weight, but no Hessian measured their use "
+                "of it (not a target, or never called), so its objective leaves them out: "
+                + ", ".join(self.uncounted),
+                CalibrationWarning,
+                stacklevel=3,
+            )
+        if report.skipped:
+            warnings.warn(full_precision_message("compress_model", report.skipped), CalibrationWarning, stacklevel=3)
+        return report
 
 
 # every flat keyword of the two sections, with type and default, in the signature and the docstring
@@ -713,26 +821,40 @@ if compress_model.__doc__:  # (python -OO strips docstrings)
                                                               skip=("calibration_batches",)) + "\n"
 
 
-def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, **kw):
+def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, eval_batches=None,
+                                    **kw):
     """A width target with ``sequential=True``: the widths are chosen on the database of one calibration of
     the full-precision model (as without ``sequential``), then the model, restored, is compressed
-    sequentially (with output matching by default) at those widths. The size depends on the widths only,
-    so the target holds; the allocation's error estimates are those of the one-pass solutions."""
+    sequentially (with output matching by default) at those widths, on the batches the Hessians came from
+    (the held-out ones stay out, unless ``allocation_refit``). The size depends on the widths only, so the
+    target holds; the allocation's error estimates are those of the one-pass solutions."""
     q = cfg.quantization
-    batches = list(_materialize(batches))
+    every_batch = list(_materialize(batches))
+    fit, heldout = heldout_split(every_batch, eval_batches, q)
+    if heldout is None:  # nothing held out (announced once): the one-pass run judges on the calibration batches
+        cfg = replace(cfg, quantization=replace(q, allocation_holdout=0.0))
     originals = {id(m.weight): (m.weight, m.weight.detach().to("cpu", copy=True)) for m in targets.values()}
     one_pass = replace(cfg, calibration=replace(cfg.calibration, sequential=False, match_outputs=None))
-    chosen = compress_model(model, batches, config=one_pass, **{**kw, "keep_results": False})
+    chosen = compress_model(model, fit, config=one_pass, eval_batches=heldout,
+                            **{**kw, "keep_results": False})
     with torch.no_grad():
         for weight, original in originals.values():
             weight.copy_(original)
+    return _at_chosen_widths(model, every_batch if q.allocation_refit else fit, cfg, targets, chosen, **kw)
+
+
+def _at_chosen_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, chosen: CompressionReport, **kw):
+    """The model, holding its original weights again, compressed at the widths ``chosen`` allocated (with
+    ``cfg``'s calibration: sequentially, or on every batch for ``allocation_refit``); its report carries
+    ``chosen``'s allocation summary (whose measured errors are those of ``chosen``'s solutions)."""
+    q = cfg.quantization
     for m in targets.values():
         drop_format(m)
     widths = {**{name: b for name, b in chosen.bits.items() if b is not None}, "*": min(q.bits)}
     at_widths = replace(cfg, quantization=replace(q, bits=widths, target_bits=None, target_size_mb=None))
     report = compress_model(model, batches, config=at_widths, **kw)
-    report.allocation = chosen.allocation  # its measured errors are those of the one-pass solutions
-    report.allocation.achieved = report.avg_bits if q.target[0] == "target_bits" else report.bytes_after / 2**20
+    report.allocation = chosen.allocation
+    report.allocation.sizes_from(report)
     report.seconds += chosen.seconds
     report.calibration_seconds += chosen.calibration_seconds
     report.calibration_passes += chosen.calibration_passes

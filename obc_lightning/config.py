@@ -147,20 +147,30 @@ class QuantizationConfig(_Section):
         include: module names, parents or fnmatch patterns to compress (``None``: every Linear / Conv).
         exclude: module names, parents or patterns to leave in full precision.
         seed: k-means initialisation of product quantization; the random search of an allocation.
-        target_bits: a size target in average stored bits per weight of the quantized modules, scales and
-            zero points included (the report's ``avg_bits``): each module gets one of the ``bits``
-            candidates, chosen for the least output error within that budget (on one calibration of the
-            full-precision model; with ``sequential`` the model is then compressed sequentially at the
-            chosen widths).
+        target_bits: a size target in code bits per weight: the average width of the quantized modules'
+            integer codes, weighted by their weights (``report.avg_code_bits``; scales and zero points are
+            not counted: they cost the same at every width, so ``target_bits=3`` admits uniform 3-bit):
+            each module gets one of the ``bits`` candidates, chosen for the least output error within that
+            budget (on one calibration of the full-precision model; with ``sequential`` the model is then
+            compressed sequentially at the chosen widths).
         target_size_mb: a size target in MB (2^20 bytes) of the target modules as the report counts them
-            (packed weights, scales, zero points, biases; modules left unquantized at fp32): widths (or,
-            with ``bits=None``, sparsity levels) chosen per module as for ``target_bits``.
+            and the packed export stores them (codes, scales, zero points, biases; modules left unquantized
+            at fp32; the file's header aside): widths (or, with ``bits=None``, sparsity levels) chosen per
+            module as for ``target_bits``.
         target_sparsity: prune-only (``bits=None``): remove as many weights in all as uniform pruning at this
             level would, each module's level chosen from the ``sparsity`` candidates for the least output
             error.
-        allocation_metric: what an allocation minimises on the calibration batches: ``"mse"`` (squared error
+        allocation_metric: what an allocation minimises on its held-out batches: ``"mse"`` (squared error
             of the model's outputs relative to their energy) or ``"kl"`` (KL divergence of the softmax over
             the outputs' last dimension from the full-precision one: classifiers, language models).
+        allocation_holdout: the fraction of the calibration batches a size target sets aside (evenly
+            spaced, at least one, never all): they give no Hessian, and the assignments are judged on them
+            instead of on the batches they were fitted to. ``0``: judge on the calibration batches. Not
+            used when ``compress_model`` gets ``eval_batches`` or the callback has validation data.
+        allocation_refit: once the widths are chosen, solve them again on every calibration batch, the held-out
+            ones included (one more calibration and one solve per module): the Hessians see all the data,
+            but the final weights are no longer the solutions the search measured, so the guarantee against
+            uniform holds for those, not for the returned model. Width targets only.
         allocation_steps: model evaluations (forward passes over the calibration batches) of the search
             that weighs the layer losses against the model's output error.
     """
@@ -184,6 +194,8 @@ class QuantizationConfig(_Section):
     target_sparsity: float | None = None
     allocation_metric: str = "mse"
     allocation_steps: int = 16
+    allocation_holdout: float = 0.25
+    allocation_refit: bool = False
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -258,6 +270,9 @@ class QuantizationConfig(_Section):
                 f"{arg('allocation_metric')} must be one of {ALLOCATION_METRICS}, got {self.allocation_metric!r}"
             )
         check_positive_int(self._who(), arg("allocation_steps"), self.allocation_steps)
+        if not is_number(self.allocation_holdout) or not 0 <= self.allocation_holdout < 1:
+            raise self._fail(f"{arg('allocation_holdout')} must be a number in [0, 1), got {self.allocation_holdout!r}")
+        check_flags(self._who(), **{arg("allocation_refit"): self.allocation_refit})
         candidates = isinstance(self.bits, (list, tuple))
         levels = isinstance(self.sparsity, (list, tuple))
         if not targets:
@@ -290,6 +305,9 @@ class QuantizationConfig(_Section):
                              "are not supported)")
         prune = target == "target_sparsity" or (target == "target_size_mb" and self.bits is None)
         if prune:
+            if self.allocation_refit:
+                raise self._fail(f"{arg('allocation_refit')} solves the chosen widths again: {arg(target)} with "
+                                 f"{arg('bits')}=None allocates sparsity levels")
             if self.bits is not None:
                 raise self._fail(f"{arg(target)} allocates sparsity to a pruned float model: it needs "
                                  f"{arg('bits')}=None, got {self.bits!r}")

@@ -169,18 +169,20 @@ def compress_stage(
     reduce_fn: Callable[[Tensor], None] | None = None,
     progress: Progress | bool | None = None,
     distributed: bool = False,
+    eval_batches=None,
 ) -> Stage:
     """Compress ``model`` in place as ``config`` says and measure it: ``evaluate()`` before and after (when
     given), BatchNorm statistics re-estimated over ``bn_batches`` in between (``config.recalibrate_bn``),
     the ``max_drop`` budget checked. With ``finetune`` ``"ternary"`` / ``"noise"`` nothing is solved: the
     quantizers are attached (the model evaluates quantized) and kept in ``stage.session``. ``distributed``:
-    the ranks of ``torch.distributed`` share the solving (see :func:`~obc_lightning.compress.compress_model`)."""
+    the ranks of ``torch.distributed`` share the solving, ``eval_batches`` what a size target judges its
+    assignments on (see :func:`~obc_lightning.compress.compress_model`)."""
     q, ft = config.quantization, config.finetune
     before = evaluate() if evaluate is not None else {}
     report, session = None, None
     if ft is None or ft.mode in ("ste", "masked", "pq"):
         report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
-                                progress=progress, distributed=distributed)
+                                progress=progress, distributed=distributed, eval_batches=eval_batches)
         metrics = report.metrics()
         lines = [f"{who}: {q.describe()}, {len(batches) if hasattr(batches, '__len__') else '?'} calibration "
                  "batches", report.table()]

@@ -78,15 +78,21 @@ class ModuleReport:
 class AllocationSummary:
     """What a size target (``target_bits`` / ``target_size_mb`` / ``target_sparsity``) decided.
 
-    ``achieved``: the target's quantity for the chosen assignment (average bits, MB or sparsity, as the
-    report counts them); ``error``: its measured output error on the calibration batches (``metric``),
-    ``uniform``: that of the largest uniform assignment within the budget ({"3-bit": error}); ``None`` / empty
-    when no search was needed (every module's least-loss candidate fits). ``evaluations``: assignments
-    measured; ``forward_passes``: passes over the calibration batches (the evaluations and the
-    full-precision reference); ``dp_calls``: allocations solved; ``exact``: the allocation was exact (see
-    :func:`~obc_lightning.allocation.pareto_allocate`); ``database_seconds``: the candidate solves;
-    ``search_seconds``: the reference, the evaluations and the allocations; ``history``: the measured
-    errors in evaluation order (the uniform assignment first, then the two starting weightings).
+    ``achieved``: the target's quantity for the chosen assignment, as the report counts it (code bits per
+    weight, MB, or sparsity); ``code_bits``, ``stored_bits`` (scales and zero points included) and
+    ``size_mb`` give all three sizes; ``budget_left``: what the chosen assignment leaves of the budget, in
+    the target's unit. The search judges assignments on ``measure`` (``mode`` "min" or "max") over
+    ``heldout`` (held-out batches, ``eval_batches`` or the callback's validation; ``None``: on the
+    calibration batches themselves): ``error`` is the chosen assignment's value there, ``uniform`` that of
+    every uniform assignment within the budget ({"3-bit": value}), and ``calibration_error`` /
+    ``uniform_calibration`` the same assignments' output error (``metric``) on the calibration batches;
+    all ``None`` / empty when no search was needed (every module's least-loss candidate fits).
+    ``fill``: why the greedy fill stopped, after ``fill_upgrades`` moves to dearer candidates.
+    ``evaluations``: assignments measured; ``forward_passes``: passes over the batches (the evaluations,
+    the full-precision references); ``dp_calls``: allocations solved; ``exact``: the allocation was exact
+    (see :func:`~obc_lightning.allocation.pareto_allocate`); ``database_seconds``: the candidate solves;
+    ``search_seconds``: the references, the evaluations and the allocations; ``history``: the measured
+    values in evaluation order (the uniform assignments first, then the two starting weightings).
     """
 
     target: str
@@ -96,22 +102,51 @@ class AllocationSummary:
     candidates: tuple
     error: float | None = None
     uniform: dict[str, float] = field(default_factory=dict)
+    calibration_error: float | None = None
+    uniform_calibration: dict[str, float] = field(default_factory=dict)
+    heldout: str | None = None
+    measure: str = ""
+    mode: str = "min"
+    fill: str = ""
+    fill_upgrades: int = 0
+    budget_left: float = 0.0
+    code_bits: float | None = None
+    stored_bits: float | None = None
+    size_mb: float | None = None
     evaluations: int = 0
     forward_passes: int = 0
     dp_calls: int = 0
     exact: bool = True
     database_seconds: float = 0.0
     search_seconds: float = 0.0
-    history: list[float] = field(default_factory=list)  # measured errors in evaluation order
+    history: list[float] = field(default_factory=list)  # measured values in evaluation order
+
+    def sizes_from(self, report: CompressionReport) -> None:
+        """``achieved`` and the three sizes from the report's own totals."""
+        self.code_bits = report.avg_code_bits if report.quantized_code_bits else None
+        self.stored_bits, self.size_mb = report.avg_bits, report.bytes_after / 2**20
+        self.achieved = {"target_bits": self.code_bits, "target_size_mb": self.size_mb,
+                         "target_sparsity": report.sparsity}[self.target]
 
     def line(self) -> str:
-        achieved = (f"{self.achieved:.4f} bits/weight" if self.target == "target_bits" else
-                    f"{self.achieved:.4f} MB" if self.target == "target_size_mb" else f"{self.achieved:.2%} sparsity")
-        out = f"allocation: {self.target}={self.value:g} -> {achieved}"
+        sizes = [f"{self.code_bits:.4f} code bits/weight"] if self.code_bits is not None else []
+        if self.stored_bits is not None:
+            sizes += [f"{self.stored_bits:.4f} stored bits/weight", f"{self.size_mb:.4f} MB"]
+        if self.target == "target_sparsity":
+            sizes.insert(0, f"{self.achieved:.2%} sparsity")
+        out = f"allocation: {self.target}={self.value:g} -> {', '.join(sizes) or self.achieved}"
         if self.error is not None:
-            out += f"; {self.metric} {self.error:.4g}"
+            where = f"on {self.heldout}" if self.heldout else "on the calibration batches"
+            measure = self.measure or self.metric
+            out += f"; {measure} {where} {self.error:.4g}"
             if self.uniform:
                 out += " (uniform " + ", ".join(f"{k} {v:.4g}" for k, v in self.uniform.items()) + ")"
+            if self.heldout and self.calibration_error is not None:
+                out += f"; {self.metric} on the calibration batches {self.calibration_error:.4g}"
+                if self.uniform_calibration:
+                    out += " (uniform " + ", ".join(f"{k} {v:.4g}" for k, v in self.uniform_calibration.items()) + ")"
+        if self.fill:
+            out += f"; fill: {self.fill_upgrades} move(s), {self.fill}"
         out += (f"; {self.evaluations} evaluations, {self.dp_calls} allocations; database "
                 f"{self.database_seconds:.2f} s, search {self.search_seconds:.2f} s")
         return out + ("" if self.exact else "; allocation bucketed (not exact)")
@@ -147,6 +182,7 @@ class CompressionReport:
     bytes_after: int = 0
     quantized_weights: int = 0
     quantized_weight_bits: int = 0
+    quantized_code_bits: int = 0  # scalar grids: bits x weights, scales and zero points left out
     pruned_weights: int = 0
     calibration_seconds: float = 0.0
     calibration_passes: int = 0  # passes over the calibration batches (sequential: one per group)
@@ -180,6 +216,12 @@ class CompressionReport:
     @property
     def avg_bits(self) -> float:
         return self.quantized_weight_bits / self.quantized_weights if self.quantized_weights else float("nan")
+
+    @property
+    def avg_code_bits(self) -> float:
+        """Integer code bits per compressed weight (scalar grids), scales and zero points left out: what
+        ``target_bits`` counts; uniform b-bit gives exactly b."""
+        return self.quantized_code_bits / self.quantized_weights if self.quantized_weights else float("nan")
 
     def __getitem__(self, name: str) -> ModuleReport:
         """The module's entry; a module registered under several names is found under each of them."""
@@ -225,6 +267,10 @@ class CompressionReport:
                 out[f"{prefix}allocation_error"] = a.error
             for label, err in a.uniform.items():
                 out[f"{prefix}allocation_error_uniform_{label}"] = err
+            if a.heldout and a.calibration_error is not None:
+                out[f"{prefix}allocation_error_calibration"] = a.calibration_error
+                for label, err in a.uniform_calibration.items():
+                    out[f"{prefix}allocation_error_calibration_uniform_{label}"] = err
             out[f"{prefix}allocation_evaluations"] = float(a.evaluations)
             out[f"{prefix}allocation_seconds"] = a.database_seconds + a.search_seconds
         return out

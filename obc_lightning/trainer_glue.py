@@ -27,6 +27,7 @@ from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
 from torch import Tensor
 
+from obc_lightning.allocation import HeldOutBatches, HeldOutMetric
 from obc_lightning.calibration import call_model
 from obc_lightning.reporting import Progress, TqdmProgress
 
@@ -123,6 +124,22 @@ def calibration_batches(trainer: Trainer, loader: Iterable | None, n: int | None
     if isinstance(loader, Sized) and n and len(batches) < n:
         rank_zero_info(f"{who}: the calibration data has only {len(batches)} batches")
     return batches
+
+
+def size_target_judge(trainer: Trainer, config, evaluate: Callable[[], dict[str, float]], who: str
+                      ) -> HeldOutMetric | HeldOutBatches | None:
+    """What a size target judges its assignments on in the callback (``compress_model``'s
+    ``eval_batches``): the user's ``monitor`` metric on the validation replay ``evaluate`` when one is
+    set, else the output error on the validation batches; ``None`` without a target or validation data
+    (then ``compress_model`` holds out part of the calibration batches)."""
+    if config.quantization.target is None or trainer.val_dataloaders is None:
+        return None
+    ft = config.finetune
+    if ft is not None and ft.monitor is not None:
+        return HeldOutMetric(ft.monitor, lambda: evaluate()[ft.monitor], ft.monitor_mode,
+                             description=f"the validation data ({ft.monitor})")
+    batches = calibration_batches(trainer, first_loader(trainer.val_dataloaders), config.calibration.batches, who)
+    return HeldOutBatches(batches, f"the validation batches ({len(batches)})") if batches else None
 
 
 def _forward_binds(module: LightningModule, batch) -> str | None:

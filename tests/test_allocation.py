@@ -190,24 +190,105 @@ def test_output_error_matches_a_plain_computation(metric):
     assert err() == pytest.approx(output_error(model, ref, data, metric), rel=1e-9)
 
 
-def test_target_bits_at_uniform_size_is_never_worse_than_uniform():
-    model, data = mlp(), batches()
-    uniform = copy.deepcopy(model)
-    u = compress_model(uniform, data, 3)
-    mixed = copy.deepcopy(model)
-    report = compress_model(mixed, data, bits=[2, 3, 4, 8], target_bits=u.avg_bits, allocation_steps=12)
+def fp_and_compressed(data, **kw):
+    model = mlp()
+    report = compress_model(model, data, **kw)
+    return mlp(), model, report
+
+
+@pytest.mark.parametrize("b", [2, 3, 8])
+def test_target_bits_b_is_uniform_b_or_better_on_held_out_batches(b):
+    # 4 batches: the last is held out (allocation_holdout=0.25), the Hessians come from the other three
+    data = batches()
+    fit, held = data[:3], data[3:]
+    ref, mixed, report = fp_and_compressed(data, bits=[2, 3, 4, 8], target_bits=b, allocation_steps=8, solver="gptq")
+    uniform = mlp()
+    compress_model(uniform, fit, b, solver="gptq")  # uniform b on the same Hessians: exactly b code bits per weight
+    assert report.avg_code_bits <= b and report.allocation.achieved == report.avg_code_bits
+    assert output_error(mixed, ref, held) <= output_error(uniform, ref, held) * (1 + 1e-9)
     a = report.allocation
-    assert report.avg_bits <= u.avg_bits and a.achieved == report.avg_bits
-    assert set(a.uniform) == {"3-bit"} and a.error <= a.uniform["3-bit"]
-    # the measured objective, recomputed independently
-    assert output_error(mixed, model, data) <= output_error(uniform, model, data) * (1 + 1e-9)
-    assert a.error == pytest.approx(output_error(mixed, model, data), rel=1e-6)
-    # the chosen widths repeat as a per-module mapping
-    again = copy.deepcopy(model)
-    compress_model(again, data, bits=report.bits)
+    if a.error is not None:  # a search ran: its numbers are the plain computation's
+        assert a.heldout == "1 of 4 calibration batches held out" and f"{b}-bit" in a.uniform
+        assert a.error == pytest.approx(output_error(mixed, ref, held), rel=1e-6)
+        assert a.uniform[f"{b}-bit"] == pytest.approx(output_error(uniform, ref, held), rel=1e-6)
+        assert a.calibration_error == pytest.approx(output_error(mixed, ref, fit), rel=1e-6)
+        assert a.uniform_calibration[f"{b}-bit"] == pytest.approx(output_error(uniform, ref, fit), rel=1e-6)
+        assert a.error <= min(a.uniform.values())  # no uniform width within the budget does better held out
+        assert "on 1 of 4 calibration batches held out" in report.table()
+    else:  # every module at its widest candidate fits: uniform b itself
+        assert b == 8 and set(report.bits.values()) == {8}
+    again = mlp()  # the chosen widths repeat as a per-module mapping (on the batches the Hessians came from)
+    compress_model(again, fit, bits=report.bits, solver="gptq")
     for n in ("0", "2", "4"):
         assert torch.equal(again.get_submodule(n).weight, mixed.get_submodule(n).weight), n
-    assert "allocation: target_bits=" in report.table() and 1 <= a.evaluations <= 12
+
+
+def test_eval_batches_judge_and_every_calibration_batch_gives_hessians():
+    data, held = batches(), batches(2, seed=7)
+    ref, mixed, report = fp_and_compressed(data, target_bits=3.0, allocation_steps=8, eval_batches=held, solver="gptq")
+    uniform = mlp()
+    compress_model(uniform, data, 3, solver="gptq")
+    assert report.allocation.heldout == "eval_batches (2 batches)"
+    assert output_error(mixed, ref, held) <= output_error(uniform, ref, held) * (1 + 1e-9)
+    again = mlp()
+    compress_model(again, data, bits=report.bits, solver="gptq")
+    for n in ("0", "2", "4"):
+        assert torch.equal(again.get_submodule(n).weight, mixed.get_submodule(n).weight), n
+    with pytest.raises(ValueError, match="compress_model: eval_batches measures the assignments of a size target"):
+        compress_model(mlp(), data, 3, eval_batches=held)
+
+
+def test_a_held_out_metric_to_maximise():
+    from obc_lightning.allocation import HeldOutMetric
+
+    data, held = batches(), batches(2, seed=7)
+    ref, model = mlp(), mlp()
+
+    def agreement():  # the share of held-out rows whose argmax is the full-precision one
+        with torch.no_grad():
+            return float(sum((model(x).argmax(1) == ref(x).argmax(1)).sum() for x in held) / 64)
+
+    metric = HeldOutMetric("agreement", agreement, "max")
+    report = compress_model(model, data, target_bits=2.5, allocation_steps=6, eval_batches=metric, solver="gptq")
+    a = report.allocation
+    assert a.measure == "agreement" and a.heldout == "agreement" and metric.passes == a.evaluations
+    assert a.error == agreement() >= max(a.uniform.values())
+    assert "2-bit" in a.uniform and "3-bit" not in a.uniform
+
+
+def test_allocation_refit_solves_the_chosen_widths_on_every_batch():
+    data = batches()
+    for b in (2, 3):  # at 2 the only assignment within the budget is uniform 2-bit: the refit is uniform 2-bit
+        model = mlp()
+        report = compress_model(model, data, target_bits=b, allocation_steps=4, solver="gptq", allocation_refit=True)
+        again = mlp()
+        compress_model(again, data, bits=report.bits if b == 3 else 2, solver="gptq")
+        for n in ("0", "2", "4"):
+            assert torch.equal(again.get_submodule(n).weight, model.get_submodule(n).weight), (b, n)
+        assert report.allocation.heldout == "1 of 4 calibration batches held out"
+        assert report.avg_code_bits <= b and report.allocation.achieved == report.avg_code_bits
+    with pytest.raises(ValueError, match="allocation_refit solves the chosen widths again"):
+        compress_model(mlp(), data, None, target_sparsity=0.5, allocation_refit=True)
+
+
+def test_one_calibration_batch_is_judged_on_itself_and_says_so():
+    from obc_lightning.calibration import CalibrationWarning
+
+    data = batches(1)
+    with pytest.warns(CalibrationWarning, match="only one calibration batch to split"):
+        report = compress_model(mlp(), data, target_bits=2.5, allocation_steps=4, solver="gptq")
+    a = report.allocation
+    assert a.heldout is None and a.calibration_error == a.error and "on the calibration batches" in report.table()
+
+
+def test_a_larger_budget_is_never_worse_on_the_held_out_batches():
+    data = batches()
+    errors = []
+    for target in (2.0, 2.5, 3.0, 4.0):
+        ref, model, report = fp_and_compressed(data, target_bits=target, allocation_steps=8, solver="gptq")
+        errors.append(output_error(model, ref, data[3:]))
+        assert report.allocation.fill  # the fill says why it stopped
+    assert all(b <= a * (1 + 1e-9) for a, b in zip(errors, errors[1:])), errors
 
 
 def test_target_with_room_for_the_widest_needs_no_search():
@@ -228,8 +309,8 @@ def test_target_size_mb_is_met():
 def test_unreachable_targets_name_the_achievable_range_and_leave_the_model():
     model = mlp()
     w0 = {k: v.clone() for k, v in model.state_dict().items()}
-    with pytest.raises(ValueError, match=r"target_bits=1.5 is not reachable .* smallest achievable is 3\.04\d+ bits "
-                                         r"per weight .* the largest 9\.04\d+ bits per weight"):
+    with pytest.raises(ValueError, match=r"target_bits=1.5 is not reachable .* smallest achievable is 2\.0000 code "
+                                         r"bits per weight .* the largest 8\.0000 code bits per weight"):
         compress_model(model, batches(), target_bits=1.5)
     with pytest.raises(ValueError, match=r"target_size_mb=1e-05 is not reachable .* smallest achievable is 0\.\d+ MB"):
         compress_model(model, batches(), target_size_mb=1e-5)
@@ -278,6 +359,7 @@ def test_same_decision_under_a_sum_over_ranks():
     (dict(target_bits=3.0, n_m=(2, 4)), "does not combine with n_m"),
     (dict(target_bits=3.0, allocation_metric="l1"), r"allocation_metric must be one of \('mse', 'kl'\)"),
     (dict(target_bits=3.0, allocation_steps=0), "allocation_steps must be a positive integer"),
+    (dict(target_bits=3.0, allocation_holdout=1.0), r"allocation_holdout must be a number in \[0, 1\)"),
     (dict(sparsity=[0.1, 0.2], bits=None), "lists candidate levels of target_sparsity"),
     (dict(target_bits=3.0, finetune="noise"), r"finetune='noise' learns its quantization in training"),
 ])
@@ -324,12 +406,15 @@ def test_callback_target_bits_metrics_chart_ste_and_export(tmp_path):
 
     path = tmp_path / "m.safetensors"
     cb = OBCQuantize(target_bits=4.5, calibration_batches=2, allocation_steps=6, finetune="ste", finetune_epochs=1,
-                     export_path=path)
+                     export_path=path, monitor="val_acc")
     t = trainer(tmp_path, cb, max_epochs=2)
     model = Net()
     t.fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
     bits = cb.report.bits
-    assert set(bits) == {"conv", "head"} and cb.report.avg_bits <= 4.5
+    assert set(bits) == {"conv", "head"} and cb.report.avg_code_bits <= 4.5
+    a = cb.report.allocation  # judged by the user's monitor on the validation replay, higher is better
+    assert a.measure == "val_acc" and a.heldout == "the validation data (val_acc)"
+    assert a.error >= max(a.uniform.values())
     assert cb.metrics["obc/conv/bits"] == bits["conv"] and cb.metrics["obc/head/bits"] == bits["head"]
     with open(os.path.join(t.logger.log_dir, "metrics.csv")) as f:
         logged = {k for r in csv.DictReader(f) for k, v in r.items() if v not in ("", None)}
@@ -352,7 +437,7 @@ def test_prune_callback_target_sparsity(tmp_path):
     cb = OBCPrune(target_sparsity=0.5, calibration_batches=2, allocation_steps=4, plot=False)
     model = Net()
     trainer(tmp_path, cb).fit(model, DataLoader(data(), batch_size=8), DataLoader(data(16), batch_size=8))
-    assert cb.report.allocation is not None
+    assert cb.report.allocation.heldout == "the validation batches (2)"  # output error on the validation batches
     zeros = sum(int((m.weight == 0).sum()) for m in (model.conv, model.head))
     assert zeros >= sum(round(0.5 * m.weight.numel()) for m in (model.conv, model.head))
 
@@ -369,7 +454,7 @@ def test_a_tied_weight_is_one_unit_of_the_allocation():
     assert report.quantized_weights == 64 + 32  # the shared weight counted once
     assert report.bytes_after <= 900 and report.allocation.achieved == report.bytes_after / 2**20
     again = Tied()
-    compress_model(again, data, bits=report.bits)
+    compress_model(again, data[:2], bits=report.bits)  # the third batch was held out
     assert torch.equal(again.a.weight, model.a.weight) and torch.equal(again.c.weight, model.c.weight)
 
 
@@ -421,10 +506,10 @@ def test_a_width_target_with_sequential_compresses_sequentially_at_the_one_pass_
     report = compress_model(model, xs, target_bits=3.5, allocation_steps=4, sequential=True)
     assert report.bits == one_pass.bits and len(set(report.bits.values())) > 1  # mixed widths
     assert report.sequential and report.match_outputs
-    assert report.avg_bits == one_pass.avg_bits <= 3.5 and report.allocation.achieved == report.avg_bits
-    # the same as asking for those widths sequentially from the start
+    assert report.avg_code_bits == one_pass.avg_code_bits <= 3.5 and report.allocation.achieved == report.avg_code_bits
+    # the same as asking for those widths sequentially from the start, on the batches not held out
     again = mlp()
-    compress_model(again, xs, bits=report.bits, sequential=True)
+    compress_model(again, xs[:3], bits=report.bits, sequential=True)
     for (k, v), w in zip(model.state_dict().items(), again.state_dict().values()):
         assert torch.equal(v, w), k
     from obc_lightning.formats.record import format_of
