@@ -158,6 +158,7 @@ def test_datamodule_batches():
         assert lit(calib[-1]).shape == (8, 10)
 
 
+@pytest.mark.slow  # 1 + 2 x 19 calibration passes through the callback: ~16 s of a quiet 2-core machine
 @needs_subset
 def test_cifar_callback_path(tmp_path, capsys):
     logs = tmp_path / "logs"

@@ -13,6 +13,7 @@ pytest.importorskip("triton")
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
+@pytest.mark.slow  # every part interpreted: ~27 s of a quiet 2-core machine
 def test_gpu_check_smoke_keeps_the_figures_of_the_parts_that_did_not_fail(tmp_path):
     cmd = [sys.executable, os.path.join(ROOT, "benchmarks", "gpu_check.py"), "--cpu-smoke", "--out", str(tmp_path),
            "--fail-part", "networks"]

@@ -30,7 +30,8 @@ def test_the_python_blocks_run_in_order(tmp_path, monkeypatch):
 def test_the_shell_blocks_are_the_ones_ci_and_the_tests_run():
     shell = "\n".join(blocks("bash"))
     ci = CI.read_text()
-    assert "python -m pytest -q tests" in shell and "python -m pytest -q tests" in ci
+    command = 'python -m pytest -q tests -m "not slow"'
+    assert command in shell and command in ci and "python -m pytest -q tests -m slow" in ci
     assert "pip install torch==2.13.0" in shell and "torch==2.13.0" in ci
     assert "python examples/quickstart.py" in shell  # run by tests/test_examples.py
     assert "mkdocs build --strict" in shell
