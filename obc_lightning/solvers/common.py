@@ -10,7 +10,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_nonnegative
-from obc_lightning.grids import ROW_EXPONENT, Grid, check_bits, check_group_size, row_factors  # noqa: F401
+from obc_lightning.grids import ROW_EXPONENT, Grid, check_bits, check_group_size, fit_grid, row_factors  # noqa: F401
 
 
 class HessianDampingWarning(UserWarning):
@@ -94,6 +94,19 @@ def symmetric_hessian(fn: str, hessian: Tensor, dtype: torch.dtype) -> Tensor:
             "X^T X can explain; pass the Hessian 2/N X^T X of the layer's inputs"
         )
     return H * 0.5 + H.mT * 0.5  # elementwise a + b == b + a: exactly symmetric
+
+
+def rows_on_their_grid(matrix: Tensor, dtype: torch.dtype, dead: Tensor, n_bits: int, *, symmetric: bool,
+                       mse: bool, group_size: int | None) -> tuple[Tensor, Grid, Tensor | None]:
+    """(W, grid, factors) that a grid solver starts from: ``matrix`` in ``dtype`` with its dead inputs set
+    to 0, rows far from |w| ~ 1 divided by a power of two (:func:`row_factors`, None if none is), and the
+    grid fitted to those rows (:func:`scaled_grid` gives it back for the caller's rows)."""
+    W = matrix.detach().to(dtype).clone()
+    W[:, dead] = 0
+    factors = row_factors(W)
+    if factors is not None:
+        W /= factors
+    return W, fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size), factors
 
 
 def scaled_grid(grid: Grid, factors: Tensor | None) -> Grid:

@@ -17,7 +17,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
-from obc_lightning.grids import dequantize, fit_grid, quantize_codes
+from obc_lightning.grids import dequantize, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
@@ -29,7 +29,7 @@ from obc_lightning.solvers.common import (
     layer_index,
     objective,
     row_bounds,
-    row_factors,
+    rows_on_their_grid,
     scaled_grid,
     solve_with_damping,
     solver_hessian,
@@ -177,12 +177,8 @@ def gptq(
     H, unit = solver_hessian("gptq", hessian, dt)
 
     def solve(preps: list[PreparedHessian]):
-        W = matrix.detach().to(dt).clone()
-        W[:, preps[0].dead] = 0
-        factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
-        if factors is not None:
-            W /= factors
-        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+        W, grid, factors = rows_on_their_grid(matrix, dt, preps[0].dead, n_bits, symmetric=symmetric, mse=mse,
+                                              group_size=group_size)
         s, z = grid.per_column()
         codes = gptq_codes(W, preps[0].hessian, s, z, grid.maxq, act_order=act_order, block_size=block_size)
         return preps[0], scaled_grid(grid, factors), codes

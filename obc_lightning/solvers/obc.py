@@ -27,7 +27,7 @@ import torch
 from torch import Tensor
 
 from obc_lightning.checks import check_positive_int
-from obc_lightning.grids import Grid, dequantize, fit_grid, quantize_codes
+from obc_lightning.grids import Grid, dequantize, quantize_codes
 from obc_lightning.kernels import use_triton
 from obc_lightning.precision import fp32_matmul
 from obc_lightning.solvers.common import (
@@ -42,7 +42,7 @@ from obc_lightning.solvers.common import (
     layer_index,
     masked_inverses,
     objective,
-    row_factors,
+    rows_on_their_grid,
     scaled_grid,
     solve_with_damping,
     solver_hessian,
@@ -522,12 +522,8 @@ def exact_obc(
     H, unit = solver_hessian("exact_obc", hessian, dt)
 
     def solve(preps: list[PreparedHessian]):
-        W = matrix.detach().to(dt).clone()
-        W[:, preps[0].dead] = 0
-        factors = row_factors(W)  # rows far from |w| ~ 1 are solved scaled by a power of two
-        if factors is not None:
-            W /= factors
-        grid = fit_grid(W, n_bits, symmetric=symmetric, mse=mse, group_size=group_size)
+        W, grid, factors = rows_on_their_grid(matrix, dt, preps[0].dead, n_bits, symmetric=symmetric, mse=mse,
+                                              group_size=group_size)
         codes, _ = solve_obc_rows(
             W, preps[0], grid,
             method=method, batch_size=batch_size, block_size=block_size, max_memory=max_memory,
