@@ -403,23 +403,6 @@ def row_bounds(counts: list[int]) -> list[tuple[int, int]]:
     return out
 
 
-def take_symmetric(src: Tensor, keep: Tensor) -> Tensor:
-    """src[r][keep[r]][:, keep[r]] for every r, for symmetric src (R or 1, n, n); keep (R, n2).
-
-    Whole rows are copied with index_select (a memcpy per row); the columns are taken as rows of the
-    transposed result, which by symmetry is the same matrix. A strided gather is ~5x slower on CPU.
-    """
-    R, n2 = keep.shape
-    n = src.shape[-1]
-    if src.shape[0] == 1:  # shared inverse: index its rows directly
-        rows = src[0].index_select(0, keep.reshape(-1)).view(R, n2, n)
-    else:
-        flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
-        rows = src.reshape(R * n, n).index_select(0, flat).view(R, n2, n)
-    flat = (keep + n * torch.arange(R, device=keep.device).unsqueeze(1)).reshape(-1)
-    return rows.transpose(1, 2).contiguous().view(R * n, n2).index_select(0, flat).view(R, n2, n2)
-
-
 def default_block_size(d: int) -> int:
     """Steps between flushes. Per step the pending correction U U[p]^T reads ~n B / 2 values per row,
     a flush reads and writes the n x n inverse (2 n^2 / B per step): balanced at B ~ 2 sqrt(n)."""
