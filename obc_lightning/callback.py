@@ -62,6 +62,27 @@ from obc_lightning.reporting import CompressionReport, allocation_figure, error_
 from obc_lightning.selection import select_modules, unquantized_projections
 
 
+class _SentByTheWorker:
+    """A result of the callback (stored as ``_<name>``) that, read while still empty in the main process after
+    a fit in processes started for it (ddp_spawn, ddp_fork), first takes what rank zero's copy sent."""
+
+    def __init__(self, doc: str) -> None:
+        self.__doc__ = doc
+
+    def __set_name__(self, owner: type, name: str) -> None:
+        self.attr = f"_{name}"
+
+    def __get__(self, obj, objtype=None):
+        if obj is None:
+            return self
+        if not obj.__dict__.get(self.attr):
+            obj._receive()
+        return obj.__dict__.get(self.attr)
+
+    def __set__(self, obj, value) -> None:
+        obj.__dict__[self.attr] = value
+
+
 class OBCQuantize(Callback):
     r"""Quantize the model's Linear / Conv1d / Conv2d weights to ``bits`` bits at the end of ``fit``.
 
@@ -171,46 +192,10 @@ class OBCQuantize(Callback):
     # ================================================================== results
     # Also in the main process after a fit in processes started for it (ddp_spawn, ddp_fork): rank zero's
     # copy of the callback sends them at the end of fit, read here the first time they are asked for.
-    @property
-    def report(self) -> CompressionReport | None:
-        """What the last compression did (``None``: nothing compressed)."""
-        if self._report is None:
-            self._receive()
-        return self._report
-
-    @report.setter
-    def report(self, value: CompressionReport | None) -> None:
-        self._report = value
-
-    @property
-    def quantized_modules(self) -> list[str]:
-        if not self._quantized_modules:
-            self._receive()
-        return self._quantized_modules
-
-    @quantized_modules.setter
-    def quantized_modules(self, value: list[str]) -> None:
-        self._quantized_modules = value
-
-    @property
-    def skipped_modules(self) -> dict[str, str]:
-        if not self._skipped_modules:
-            self._receive()
-        return self._skipped_modules
-
-    @skipped_modules.setter
-    def skipped_modules(self, value: dict[str, str]) -> None:
-        self._skipped_modules = value
-
-    @property
-    def metrics(self) -> dict[str, float]:
-        if not self._metrics:
-            self._receive()
-        return self._metrics
-
-    @metrics.setter
-    def metrics(self, value: dict[str, float]) -> None:
-        self._metrics = value
+    report = _SentByTheWorker("What the last compression did (``None``: nothing compressed).")
+    quantized_modules = _SentByTheWorker("The modules the last compression changed.")
+    skipped_modules = _SentByTheWorker("The target modules left in full precision, with the reason.")
+    metrics = _SentByTheWorker("The numbers logged as ``obc/...`` by the last compression.")
 
     def _results(self) -> dict[str, Any]:
         return {
