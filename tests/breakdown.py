@@ -11,6 +11,14 @@ import torch
 import obc_lightning.solvers.obc as obc
 
 
+def well_conditioned_layer(rows: int = 32, cols: int = 576, samples: int = 2000, seed: int = 0):
+    """(W, H) in float32 with cond(H) ~ 10 (i.i.d. inputs, samples >> cols): no row breaks down in float32
+    by itself, on any CPU, so the forced rows are the only ones the fallback sees."""
+    g = torch.Generator().manual_seed(seed)
+    W, X = torch.randn(rows, cols, generator=g), torch.randn(samples, cols, generator=g)
+    return W, 2 * X.T @ X / samples
+
+
 def rows_with_positive_last_weight(w: torch.Tensor) -> torch.Tensor:
     """The rows forced to break down: a property of each row alone, so batching cannot change it."""
     return w[:, -1] > 0

@@ -4,7 +4,7 @@ import warnings
 
 import pytest
 import torch
-from breakdown import force_float32_breakdown, rows_with_positive_last_weight
+from breakdown import force_float32_breakdown, rows_with_positive_last_weight, well_conditioned_layer
 
 import obc_lightning.solvers.obc as obc
 from obc_lightning.kernels import ENV
@@ -87,11 +87,8 @@ def test_float64_fallback_per_layer(monkeypatch):
     # layer warns as when solved alone
     monkeypatch.setenv(ENV, "torch")
     force_float32_breakdown(monkeypatch)
-    g = torch.Generator().manual_seed(0)
-    d = 576
-    W = torch.randn(32, d, generator=g)
-    X = torch.randn(2000, d, generator=g)  # cond(H) ~ 10: only the forced rows break down, on any CPU
-    H = 2 * X.T @ X / X.shape[0]
+    W, H = well_conditioned_layer()
+    d = W.shape[1]
     # two layers of 3 rows, the second with H scaled (its own inverse) and a row with pruned weights
     Ws = [W[:3], W[3:6].clone()]
     Ws[1][0, ::3] = 0

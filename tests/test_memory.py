@@ -2,7 +2,7 @@
 
 import pytest
 import torch
-from breakdown import force_float32_breakdown, rows_with_positive_last_weight
+from breakdown import force_float32_breakdown, rows_with_positive_last_weight, well_conditioned_layer
 
 import obc_lightning.solvers.obc as obc
 from obc_lightning import compress_model, exact_obc, quantize_weight
@@ -52,10 +52,7 @@ def test_small_budget_batches_rows_with_the_same_result(monkeypatch):
 
 
 def test_float64_fallback_is_row_batched(monkeypatch):
-    # cond(H) ~ 10: only the forced rows break down in float32, on any CPU
-    g = torch.Generator().manual_seed(0)
-    W, X = torch.randn(32, 576, generator=g), torch.randn(2000, 576, generator=g)
-    H = 2 * X.T @ X / X.shape[0]
+    W, H = well_conditioned_layer()
     force_float32_breakdown(monkeypatch)
     sizes = spy_batches(monkeypatch)
     budget = 4 * _row_bytes(576, torch.float64, "fast")

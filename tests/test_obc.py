@@ -3,7 +3,7 @@ import warnings
 
 import pytest
 import torch
-from breakdown import force_float32_breakdown, rows_with_positive_last_weight
+from breakdown import force_float32_breakdown, rows_with_positive_last_weight, well_conditioned_layer
 
 from obc_lightning import HessianDampingWarning, exact_obc, layer_objective
 from obc_lightning.grids import fit_grid
@@ -128,10 +128,7 @@ def test_fast_float32_is_as_accurate_as_plain_float32():
 
 
 def test_float32_breakdown_is_resolved_in_float64(monkeypatch):
-    # cond(H) ~ 10: no row breaks down by itself in float32, on any CPU; the forced ones must be redone
-    g = torch.Generator().manual_seed(0)
-    W, X = torch.randn(32, 576, generator=g), torch.randn(2000, 576, generator=g)
-    H = 2 * X.T @ X / X.shape[0]
+    W, H = well_conditioned_layer()
     force_float32_breakdown(monkeypatch)
     broken = rows_with_positive_last_weight(W)
     assert 0 < int(broken.sum()) < len(W)
