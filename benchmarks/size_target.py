@@ -25,8 +25,10 @@ search saw or fitted) and on the test images (never seen), the test top-1 accura
 each ``compress_model`` call with its ratio to the uniform b-bit call of the same draw (same process).
 Means ± standard error over the draws.
 
-``--refit``: the targets with ``allocation_refit=True`` (the chosen widths solved again on every
-calibration batch). ``--judged-on-calibration``: also ``target_bits=b`` with ``allocation_holdout=0``, the
+The targets use ``compress_model``'s default ``allocation_refit`` (the chosen widths solved again on every
+calibration batch, as uniform's are); ``--no-refit``: ``allocation_refit=False`` (the weights the search
+measured, fitted on three quarters of the batches).
+ ``--judged-on-calibration``: also ``target_bits=b`` with ``allocation_holdout=0``, the
 search judging its assignments on the batches the Hessians came from (as before held-out selection).
 
 ``--prune s`` (resnet20): instead, OBS pruning (prune-only) to s in every module against
@@ -167,7 +169,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=16, help="allocation_steps")
     ap.add_argument("--widths", type=int, nargs="+", default=[2, 3, 4], help="uniform widths and their targets")
     ap.add_argument("--offsets", type=float, nargs="+", default=[0.0, 0.5], help="targets: target_bits=b + offset")
-    ap.add_argument("--refit", action="store_true", help="targets with allocation_refit=True")
+    ap.add_argument("--no-refit", action="store_true", help="targets with allocation_refit=False")
     ap.add_argument("--judged-on-calibration", action="store_true",
                     help="also target_bits=b with allocation_holdout=0: judged on the batches it was fitted to")
     ap.add_argument("--diffq-penalty", type=float, default=None)
@@ -204,7 +206,7 @@ def main() -> None:
                 r.update(bits=report.bits, heldout=a.heldout, heldout_error=a.error, heldout_uniform=a.uniform,
                          calib_error=a.calibration_error, calib_uniform=a.uniform_calibration, fill=a.fill,
                          fill_upgrades=a.fill_upgrades, evaluations=a.evaluations, database_s=a.database_seconds,
-                         search_s=a.search_seconds, history=a.history)
+                         search_s=a.search_seconds, history=a.history, refit=a.refit)
         if seconds is not None:
             r["seconds"] = seconds
         if base_seconds:
@@ -252,9 +254,10 @@ def main() -> None:
             for target in (b + o for o in args.offsets):
                 m = copy.deepcopy(ref)
                 rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=target, allocation_metric=args.metric,
-                                  allocation_steps=args.steps, seed=seed, allocation_refit=args.refit)
-                record(f"target_bits={target:g}" + (", refit" if args.refit else ""), seed, ref, m, calib, test, rep,
-                       secs, base)
+                                  allocation_steps=args.steps, seed=seed,
+                                  **({"allocation_refit": False} if args.no_refit else {}))
+                record(f"target_bits={target:g}" + (", no refit" if args.no_refit else ""), seed, ref, m, calib, test,
+                       rep, secs, base)
             if args.judged_on_calibration:
                 m = copy.deepcopy(ref)
                 rep, secs = timed(m, calib, bits=(2, 3, 4, 8), target_bits=b, allocation_metric=args.metric,

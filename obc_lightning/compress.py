@@ -460,9 +460,10 @@ def compress_model(
     finally:
         run.progress.close()
     report = run.finish()
-    if q.allocation_refit and batches is not every_batch:  # the chosen widths solved again on every batch
+    if q.refits_widths and batches is not every_batch:  # the chosen widths solved again on every batch
         run.restore_originals()
-        return _at_chosen_widths(model, every_batch, cfg, targets, report, forward_fn=forward_fn,
+        how = f"the chosen widths solved again on all {len(every_batch)} calibration batches (allocation_refit)"
+        return _at_chosen_widths(model, every_batch, cfg, targets, report, how, forward_fn=forward_fn,
                                  reduce_fn=reduce_fn, keep_results=keep_results, scale_dtype=scale_dtype,
                                  progress=progress, distributed=distributed)
     return report
@@ -826,7 +827,7 @@ def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionC
     """A width target with ``sequential=True``: the widths are chosen on the database of one calibration of
     the full-precision model (as without ``sequential``), then the model, restored, is compressed
     sequentially (with output matching by default) at those widths, on the batches the Hessians came from
-    (the held-out ones stay out, unless ``allocation_refit``). The size depends on the widths only, so the
+    (with the held-out ones, unless ``allocation_refit=False``). The size depends on the widths only, so the
     target holds; the allocation's error estimates are those of the one-pass solutions."""
     q = cfg.quantization
     every_batch = list(_materialize(batches))
@@ -840,13 +841,19 @@ def _sequential_at_allocated_widths(model: nn.Module, batches, cfg: CompressionC
     with torch.no_grad():
         for weight, original in originals.values():
             weight.copy_(original)
-    return _at_chosen_widths(model, every_batch if q.allocation_refit else fit, cfg, targets, chosen, **kw)
+    batches = every_batch if q.refits_widths else fit
+    how = f"compressed sequentially at the chosen widths on {len(batches)} of {len(every_batch)} calibration batches"
+    if len(fit) < len(batches):
+        how = f"compressed sequentially at the chosen widths on all {len(batches)} calibration batches (refit)"
+    return _at_chosen_widths(model, batches, cfg, targets, chosen, how, **kw)
 
 
-def _at_chosen_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, chosen: CompressionReport, **kw):
+def _at_chosen_widths(model: nn.Module, batches, cfg: CompressionConfig, targets, chosen: CompressionReport,
+                      how: str, **kw):
     """The model, holding its original weights again, compressed at the widths ``chosen`` allocated (with
-    ``cfg``'s calibration: sequentially, or on every batch for ``allocation_refit``); its report carries
-    ``chosen``'s allocation summary (whose measured errors are those of ``chosen``'s solutions)."""
+    ``cfg``'s calibration: sequentially, or on every batch: ``allocation_refit``); its report carries
+    ``chosen``'s allocation summary (whose measured errors are those of ``chosen``'s solutions), ``how``
+    saying how the returned weights were solved instead."""
     q = cfg.quantization
     for m in targets.values():
         drop_format(m)
@@ -855,6 +862,7 @@ def _at_chosen_widths(model: nn.Module, batches, cfg: CompressionConfig, targets
     report = compress_model(model, batches, config=at_widths, **kw)
     report.allocation = chosen.allocation
     report.allocation.sizes_from(report)
+    report.allocation.refit = how
     report.seconds += chosen.seconds
     report.calibration_seconds += chosen.calibration_seconds
     report.calibration_passes += chosen.calibration_passes

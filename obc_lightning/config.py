@@ -168,9 +168,12 @@ class QuantizationConfig(_Section):
             instead of on the batches they were fitted to. ``0``: judge on the calibration batches. Not
             used when ``compress_model`` gets ``eval_batches`` or the callback has validation data.
         allocation_refit: once the widths are chosen, solve them again on every calibration batch, the held-out
-            ones included (one more calibration and one solve per module): the Hessians see all the data,
-            but the final weights are no longer the solutions the search measured, so the guarantee against
-            uniform holds for those, not for the returned model. Width targets only.
+            ones included (one more calibration and one solve per module), so that the returned model's
+            Hessians see all the data, as uniform's do. ``None`` (default): on for width targets, off for
+            sparsity targets (whose levels are not solved again). The guarantee against uniform is the
+            search's: the chosen widths beat every uniform width within the budget when both are solved on
+            the same batches and judged on the held-out ones; with nothing held out (``eval_batches``, the
+            callback's validation replay, ``allocation_holdout=0``) there is nothing to refit.
         allocation_steps: model evaluations (forward passes over the calibration batches) of the search
             that weighs the layer losses against the model's output error.
     """
@@ -195,7 +198,7 @@ class QuantizationConfig(_Section):
     allocation_metric: str = "mse"
     allocation_steps: int = 16
     allocation_holdout: float = 0.25
-    allocation_refit: bool = False
+    allocation_refit: bool | None = None
 
     def __post_init__(self) -> None:
         set_ = object.__setattr__
@@ -272,7 +275,8 @@ class QuantizationConfig(_Section):
         check_positive_int(self._who(), arg("allocation_steps"), self.allocation_steps)
         if not is_number(self.allocation_holdout) or not 0 <= self.allocation_holdout < 1:
             raise self._fail(f"{arg('allocation_holdout')} must be a number in [0, 1), got {self.allocation_holdout!r}")
-        check_flags(self._who(), **{arg("allocation_refit"): self.allocation_refit})
+        if self.allocation_refit is not None:
+            check_flags(self._who(), **{arg("allocation_refit"): self.allocation_refit})
         candidates = isinstance(self.bits, (list, tuple))
         levels = isinstance(self.sparsity, (list, tuple))
         if not targets:
@@ -348,6 +352,12 @@ class QuantizationConfig(_Section):
             if getattr(self, name) is not None:
                 return name, getattr(self, name)
         return None
+
+    @property
+    def refits_widths(self) -> bool:
+        """Whether a width target solves its chosen widths again on every calibration batch
+        (``allocation_refit`` resolved: on unless set to ``False``; sparsity targets never)."""
+        return self.target is not None and self.bits is not None and self.allocation_refit is not False
 
     @property
     def pruning(self) -> bool:

@@ -93,6 +93,8 @@ class AllocationSummary:
     (see :func:`~obc_lightning.allocation.pareto_allocate`); ``database_seconds``: the candidate solves;
     ``search_seconds``: the references, the evaluations and the allocations; ``history``: the measured
     values in evaluation order (the uniform assignments first, then the two starting weightings).
+    ``refit``: how the returned weights were solved when they are not the solutions the search measured
+    (``allocation_refit``: the chosen widths solved again on every calibration batch), else ``None``.
     """
 
     target: str
@@ -120,6 +122,7 @@ class AllocationSummary:
     database_seconds: float = 0.0
     search_seconds: float = 0.0
     history: list[float] = field(default_factory=list)  # measured values in evaluation order
+    refit: str | None = None
 
     def sizes_from(self, report: CompressionReport) -> None:
         """``achieved`` and the three sizes from the report's own totals."""
@@ -147,6 +150,8 @@ class AllocationSummary:
                     out += " (uniform " + ", ".join(f"{k} {v:.4g}" for k, v in self.uniform_calibration.items()) + ")"
         if self.fill:
             out += f"; fill: {self.fill_upgrades} move(s), {self.fill}"
+        if self.refit:
+            out += f"; {self.refit}"
         out += (f"; {self.evaluations} evaluations, {self.dp_calls} allocations; database "
                 f"{self.database_seconds:.2f} s, search {self.search_seconds:.2f} s")
         return out + ("" if self.exact else "; allocation bucketed (not exact)")
