@@ -355,9 +355,11 @@ def compress_model(
     (:mod:`obc_lightning.allocation`: every candidate solved from one calibration, an exact allocation for
     per-layer loss weights fitted by ``allocation_steps`` evaluations of the model, then a greedy fill of
     what the budget has left; the assignments are judged on batches the Hessians never saw:
-    ``eval_batches``, or ``allocation_holdout`` of the calibration batches set aside; the result is never
-    worse there than the best uniform assignment within the budget; ``report.allocation`` says what it
-    decided, on both the held-out and the calibration batches, and what it cost);
+    ``eval_batches``, or ``allocation_holdout`` of the calibration batches set aside; the choice is never
+    worse there than the best uniform assignment within the budget, solved on the same batches; then,
+    with ``allocation_refit`` (default for widths), the chosen widths are solved again on every
+    calibration batch; ``report.allocation`` says what it decided, on both the held-out and the
+    calibration batches, and what it cost);
     ``sparsity`` / ``n_m`` prune with OBS first (:func:`~obc_lightning.solvers.prune.obs_prune`;
     unstructured with the global selection over the module's rows, or at most N non-zeros in every M
     inputs, convs along input channels at each kernel position), then the kept weights are quantized
