@@ -244,6 +244,85 @@ def start_finetuning(
     )
 
 
+# ---------------------------------------------------- compressed before the last epochs, fine-tuned through them
+def compression_epoch(config: CompressionConfig, max_epochs: int) -> int:
+    """K, the epoch at whose end a model that fine-tunes is compressed: the last ``finetune_epochs`` of
+    ``max_epochs`` are left to fine-tune in (-1: before the first epoch, for a model that arrives trained)."""
+    return max_epochs - config.finetune.epochs - 1
+
+
+def latent_weights(model: nn.Module, config: CompressionConfig) -> dict[str, Tensor] | None:
+    """The float weights noisy iPQ (``finetune="pq"``, ``pq_noise_rate < 1``) trains behind its codebook:
+    copies of the trained ones, taken before compression puts every weight on a centroid."""
+    ft, q = config.finetune, config.quantization
+    if ft.mode != "pq" or ft.pq_noise_rate >= 1:
+        return None
+    return {n: m.weight.detach().clone() for n, m in select_modules(model, q.include, q.exclude).items()}
+
+
+def compressed_modules(stage: Stage, config: CompressionConfig) -> tuple[list[str], dict[str, str]]:
+    """The modules ``stage`` compressed, and the targets it left in full precision with the reason. Ternary /
+    DiffQ quantize by training, so their report is the session's: its quantizers, and the projections no
+    quantizer can hold."""
+    if stage.report is not None:
+        return stage.report.quantized, dict(stage.report.skipped)
+    q = config.quantization
+    left = unquantized_projections(stage.session.model, q.include, q.exclude)
+    return list(stage.session.quantizers), {n: reason for n, (reason, _) in left.items()}
+
+
+def settle_without_finetuning(stage: Stage) -> dict[str, nn.Module]:
+    """The stage is the result (within budget, or no epochs left to train in): the quantizers a ternary /
+    DiffQ stage attached record their formats on the modules and come off. Returns them (the callback keeps
+    them for inspection)."""
+    if stage.session is None:
+        return {}
+    stage.session.finish(export=False)
+    return dict(stage.session.quantizers)
+
+
+def finish_finetuning(
+    model: nn.Module,
+    config: CompressionConfig,
+    session: FinetuneSession,
+    metrics: Mapping[str, float],
+    *,
+    epochs: int,
+    who: str = "finish_finetuning",
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    bn_batches: list | None = None,
+    forward_fn: Callable | None = None,
+    reduce_fn: Callable[[Tensor], None] | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """The counterpart of :func:`compress_stage` after ``epochs`` epochs of fine-tuning: the session ends
+    (weights truly quantized, formats recorded; DiffQ's sizes first, from the bit widths it trained),
+    BatchNorm statistics are re-estimated over ``bn_batches`` (``config.recalibrate_bn``), ``evaluate()``
+    measures the result. Returns the stage's ``metrics`` with ``obc/<name>_finetuned`` and
+    ``obc/finetune_epochs`` added, and the summary lines."""
+    ft, metrics = config.finetune, dict(metrics)
+    if ft.mode == "noise":  # the bit widths were trained
+        q = config.quantization
+        targets = select_modules(model, q.include, q.exclude)
+        fp32 = sum(size for _, size in unquantized_projections(model, q.include, q.exclude).values())
+        metrics.update(session.size_metrics(targets, fp32))
+    session.finish(export=False)  # the fine-tuned formats recorded on the modules
+    lines = [f"{who}: fine-tuned ({ft.mode}) for {epochs} epoch(s)"]
+    if config.recalibrate_bn and bn_batches:
+        n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
+        metrics["obc/bn_recalibrated"] = float(n)
+        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over {len(bn_batches)} training batches")
+    finetuned = evaluate() if evaluate is not None else {}
+    for name, value in finetuned.items():
+        metrics[f"obc/{name}_finetuned"] = value
+    metrics["obc/finetune_epochs"] = float(epochs)
+    lines += [
+        f"{n}: {metrics.get(f'obc/{n}_before', float('nan')):.5g} -> "
+        f"{metrics.get(f'obc/{n}_after', float('nan')):.5g} -> {v:.5g}"
+        for n, v in finetuned.items()
+    ]
+    return metrics, lines
+
+
 def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list] | None = None,
                  example_input=None) -> dict[str, float]:
     """Write the compressed model to ``config.export.path`` (its directory created) and return the size
