@@ -24,7 +24,10 @@ optimizer_step``
 ====================================  ==========================================================
 
 Every step is a library function usable without a Trainer; :mod:`obc_lightning.trainer_glue` holds what
-is Lightning-specific (the user's validation replayed, calibration batches, DDP, progress, loggers).
+is Lightning-specific (the user's validation replayed, calibration batches, DDP, progress, loggers, the
+checks against the Trainer) and runs the steps in a fit (``TrainerStages``); the callback keeps the state
+that lasts across hooks (the phase, the fine-tuning session, the weights to put back) and records what
+the steps return.
 """
 
 from __future__ import annotations
@@ -153,7 +156,6 @@ class OBCQuantize(Callback):
         self._snapshot: ModelSnapshot | None = None  # the weights to put back while the work is unfinished
         self._seal: WeightSeal | None = None  # checksums of the compressed weights, to tell if anything rewrote them
         self._rewriting_last = False
-        self._keep_snapshot = False  # held beyond the current stage (fine-tuning continues)
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
         self._monitor_checked = False
@@ -381,7 +383,6 @@ class OBCQuantize(Callback):
         self._record(done.stage)
         self.start_epoch, self.session, self.quantizers = done.start_epoch, done.session, done.quantizers
         self.phase = "done" if done.session is None else "finetuning"
-        self._keep_snapshot = done.session is not None  # the weights to put back until fine-tuning ends
         self._publish(trainer, done.stage.metrics, done.stage.lines, done.stage.report)
 
     def _finish_finetuning(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -403,16 +404,15 @@ class OBCQuantize(Callback):
     # ================================================================== failures
     def _guarded(self, trainer: Trainer, pl_module: LightningModule, work: Callable, **kwargs) -> None:
         """Run a stage of the callback's work; on any failure put the model back and re-raise. The snapshot
-        of the trained weights is held until the work is over (through fine-tuning)."""
+        of the trained weights is held until the work is over (through fine-tuning, while there is a session)."""
         if self._snapshot is None:
             self._snapshot = ModelSnapshot(pl_module)
-        self._keep_snapshot = False
         try:
             work(trainer, pl_module, **kwargs)
         except BaseException as e:
             self._recover(e)
             raise
-        if not self._keep_snapshot:
+        if self.session is None:
             self._snapshot = None
 
     def _recover(self, exception: BaseException | None = None) -> None:

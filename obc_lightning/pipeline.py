@@ -15,15 +15,17 @@ A plain PyTorch script does what :class:`~obc_lightning.callback.OBCQuantize` do
                 session.after_backward()
                 session.before_optimizer_step()
                 opt.step(); opt.zero_grad()
-            session.finish()                             # the fine-tuned formats recorded on the modules
-        elif stage.session is not None:                  # ternary / DiffQ within budget: no training
-            stage.session.finish()
+            metrics, lines = finish_finetuning(model, config, session, stage.metrics, epochs=1,
+                                               evaluate=lambda: {"acc": accuracy(model)})
+        else:                                            # within budget: ternary / DiffQ formats recorded
+            settle_without_finetuning(stage)
         export_stage(model, config)                      # with config.export set
 
 The compressed model carries its quantization state (:mod:`obc_lightning.formats.record`): no stage hands
 solver results to the next. Every stage is also usable alone: :func:`~obc_lightning.compress.compress_model`,
 :func:`~obc_lightning.batchnorm.reestimate_batchnorm`, :class:`~obc_lightning.finetune.FinetuneSession`,
-:func:`~obc_lightning.export.save_quantized`.
+:func:`~obc_lightning.export.save_quantized`. The callback runs the same functions at the epochs it chooses
+(:func:`compression_epoch`), with what a Trainer provides (:class:`~obc_lightning.trainer_glue.TrainerStages`).
 """
 
 from __future__ import annotations

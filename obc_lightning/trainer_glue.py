@@ -1,5 +1,6 @@
 """What the callback needs from a running Trainer: the user's validation replayed, calibration batches
-through the user's code path, DDP sums, progress bars, loggers and checkpoints.
+through the user's code path, DDP sums, progress bars, loggers and checkpoints, the checks of a
+configuration against the Trainer, and the pipeline's stages run with all of these (:class:`TrainerStages`).
 
 Lightning glue only: the library functions (``compress_model``, ``FinetuneSession``, ``save_quantized``)
 know nothing of a Trainer; :mod:`obc_lightning.callback` maps Lightning's hooks onto them with these.
