@@ -650,7 +650,7 @@ def rewrite_last_checkpoints(trainer: Trainer) -> list[str]:
 
 # ------------------------------------------------------------------------------- the stages in a fit
 @dataclass
-class Compressed:
+class CompressedBeforeFinetuning:
     """What compression before the last epochs left: the stage (its metrics and summary lines complete), the
     epoch it counts from, and the session that fine-tunes through the remaining epochs (``None``: the stage
     is the result) with its quantizers (those of a ternary / DiffQ stage, finished, when there is none)."""
@@ -676,6 +676,8 @@ class TrainerStages:
 
     # ------------------------------------------------------------------ what the stages run on
     def calibration_batches(self) -> list:
+        """:func:`calibration_batches`; none from a ``calibration_dataloader`` the user gave is an error (a fit
+        without a train dataloader only has nothing to calibrate on)."""
         batches = calibration_batches(self.trainer, self.calibration_dataloader, self.config.calibration.batches,
                                       self.who)
         if not batches and self.calibration_dataloader is not None:
@@ -694,6 +696,7 @@ class TrainerStages:
         return batches
 
     def code_path(self, probe) -> Callable:
+        """:func:`user_code_path` for batches like ``probe``; which path it is goes to ``say``."""
         return user_code_path(self.trainer, self.module, probe, self.calibration_step, self.who, say=self.say)
 
     def evaluate(self) -> dict[str, float]:
@@ -701,6 +704,8 @@ class TrainerStages:
 
     # ------------------------------------------------------------------ the stages
     def compress(self, batches: list) -> Stage:
+        """:func:`~obc_lightning.pipeline.compress_stage` on ``batches`` (none: ternary / DiffQ, which solve
+        nothing), the code path chosen on the first batch there is (calibration, else BatchNorm)."""
         reduce_fn = all_reduce_fn(self.trainer)  # under DDP: Hessians summed, the solving shared out
         bn_batches = self.bn_batches() if self.config.recalibrate_bn else []
         probe = (batches or bn_batches or [None])[0]
@@ -726,7 +731,7 @@ class TrainerStages:
             stage.metrics.update(self.export())
         return stage
 
-    def compress_for_finetuning(self, may_finetune: bool) -> Compressed | None:
+    def compress_for_finetuning(self, may_finetune: bool) -> CompressedBeforeFinetuning | None:
         """Compress and measure; within budget (or ``may_finetune=False``) the model is done (the remaining
         epochs skipped, the export written), else the fine-tuning session starts on the user's optimizer.
         ``None``: no data to calibrate on, nothing compressed."""
@@ -748,7 +753,7 @@ class TrainerStages:
             stage.metrics["obc/finetune_epochs"] = 0.0
             if self.config.export is not None:
                 stage.metrics.update(self.export())
-            return Compressed(stage, start_epoch, None, quantizers)
+            return CompressedBeforeFinetuning(stage, start_epoch, None, quantizers)
         optimizer, schedulers = optimizer_and_schedulers(trainer)
         session = start_finetuning(self.module, self.config, stage, optimizer=optimizer, schedulers=schedulers,
                                    latent=latent)
@@ -757,7 +762,7 @@ class TrainerStages:
                 rank_zero_warn(f"{self.who}: no optimizer; the {ft.mode} quantizer parameters are not trained")
             rewrap_ddp(trainer, self.module)
         stage.lines.append(f"fine-tuning ({ft.mode}) for {ft.epochs} epoch(s)")
-        return Compressed(stage, start_epoch, session, dict(session.quantizers))
+        return CompressedBeforeFinetuning(stage, start_epoch, session, dict(session.quantizers))
 
     def finish_finetuning(self, session: FinetuneSession, metrics: Mapping[str, float], epochs: int
                           ) -> tuple[dict[str, float], list[str]]:
