@@ -253,8 +253,8 @@ class OBCQuantize(Callback):
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # in Lightning 2.x the epoch's validation has already run (training_epoch_loop.on_advance_end)
-        if self.phase == "idle" and self.config.finetune is not None \
-                and trainer.current_epoch == self._compression_epoch(trainer):
+        ft = self.config.finetune
+        if ft is not None and self.phase == "idle" and trainer.current_epoch == self._compression_epoch(trainer):
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=True)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -370,12 +370,14 @@ class OBCQuantize(Callback):
 
     # ================================================================== the flow (pipeline stages, in a fit)
     def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """Without fine-tuning: compressed, measured and exported as training leaves the model."""
         stage = self._stages(trainer, pl_module).post_training()
         if stage is not None:
             self._record(stage)
             self._publish(trainer, stage.metrics, stage.lines, stage.report)
 
     def _compress_for_finetuning(self, trainer: Trainer, pl_module: LightningModule, may_finetune: bool) -> None:
+        """Compressed and measured before the last epochs: done within budget, else a session fine-tunes."""
         done = self._stages(trainer, pl_module).compress_for_finetuning(may_finetune)
         if done is None:  # nothing to calibrate on: nothing compressed, nothing to fine-tune
             self.phase = "done"
@@ -386,12 +388,14 @@ class OBCQuantize(Callback):
         self._publish(trainer, done.stage.metrics, done.stage.lines, done.stage.report)
 
     def _finish_finetuning(self, trainer: Trainer, pl_module: LightningModule) -> None:
+        """The session ends (the weights truly quantized), then BatchNorm, evaluation, export."""
         epochs = trainer.current_epoch - self.start_epoch - 1
         metrics, lines = self._stages(trainer, pl_module).finish_finetuning(self.session, self.metrics, epochs)
         self.session, self.phase = None, "done"
         self._publish(trainer, metrics, lines, None)
 
     def _resume_finetuning(self, trainer: Trainer, pl_module: LightningModule, state: dict) -> None:
+        """The session of a checkpoint written during fine-tuning, back on the model and its optimizer."""
         self._snapshot = ModelSnapshot(pl_module)  # the model as this fit received it
         try:
             self.session = glue.resume_finetuning(trainer, pl_module, state)
@@ -450,6 +454,7 @@ class OBCQuantize(Callback):
         self.quantized_modules, self.skipped_modules = compressed_modules(stage, self.config)
 
     def _publish(self, trainer: Trainer, metrics: dict, lines: list[str], report: CompressionReport | None) -> None:
+        """The metrics kept and reported; compressed weights that are final sealed (``WeightSeal``)."""
         self.metrics = dict(metrics)
         if self.session is None and self.quantized_modules:  # the compressed weights, final
             self._seal = WeightSeal(trainer.lightning_module, self.quantized_modules)
