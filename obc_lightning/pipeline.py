@@ -119,6 +119,20 @@ def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], Finetu
         raise
 
 
+@contextmanager
+def aborted_on_failure(session: Callable[[], FinetuneSession | None]):
+    """Within the block, any exception first takes off the parametrizations of the fine-tuning session
+    ``session()`` returns (if any), so that whoever restores the weights finds the model as defined, then
+    propagates. For a session not yet handed to the one who holds the snapshot."""
+    try:
+        yield
+    except BaseException:
+        running = session()
+        if running is not None:
+            running.abort()
+        raise
+
+
 @dataclass
 class Stage:
     """What :func:`compress_stage` did: the report (``None`` for ternary / DiffQ, which quantize by
@@ -182,41 +196,43 @@ def compress_stage(
     q, ft = config.quantization, config.finetune
     before = evaluate() if evaluate is not None else {}
     report, session = None, None
-    if ft is None or ft.mode in ("ste", "masked", "pq"):
-        report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
-                                progress=progress, distributed=distributed, eval_batches=eval_batches)
-        metrics = report.metrics()
-        lines = [f"{who}: {q.describe()}, {len(batches) if hasattr(batches, '__len__') else '?'} calibration "
-                 "batches", report.table()]
-    else:
-        targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
-                   if isinstance(m.weight, nn.Parameter)}
-        names = ternary_targets(config, targets) if ft.mode == "ternary" else list(targets)
-        session = FinetuneSession.begin(
-            model, ft.mode, names=names, ternary_threshold=ft.ternary_threshold, noise_group_size=ft.noise_group_size,
-            noise_min_bits=ft.noise_min_bits, noise_max_bits=ft.noise_max_bits, noise_init_bits=q.bits or 4,
-            noise_penalty=ft.noise_penalty, bits_lr=ft.noise_bits_lr,
-        )
-        left = unquantized_projections(model, q.include, q.exclude)
-        fp32 = sum(size for _, size in left.values())
-        metrics = session.size_metrics(targets, fp32)
-        lines = [f"{who}: {ft.mode} quantization of {len(session.quantizers)} modules"]
-        if left:
-            warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}), CalibrationWarning,
-                          stacklevel=2)
-    if config.recalibrate_bn and bn_batches is not None:
-        n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
-        metrics["obc/bn_recalibrated"] = float(n)
-        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over the training batches")
-    after = evaluate() if evaluate is not None else {}
-    for name, value in before.items():
-        metrics[f"obc/{name}_before"] = value
-    for name, value in after.items():
-        metrics[f"obc/{name}_after"] = value
-    lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
-    within, drop, line = budget_check(config, before, after, who)
-    if line:
-        lines.append(line)
+    with aborted_on_failure(lambda: session):  # ternary / DiffQ: the quantizers attached below come off
+        if ft is None or ft.mode in ("ste", "masked", "pq"):
+            report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
+                                    progress=progress, distributed=distributed, eval_batches=eval_batches)
+            metrics = report.metrics()
+            n_batches = len(batches) if hasattr(batches, "__len__") else "?"
+            lines = [f"{who}: {q.describe()}, {n_batches} calibration batches", report.table()]
+        else:
+            targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
+                       if isinstance(m.weight, nn.Parameter)}
+            names = ternary_targets(config, targets) if ft.mode == "ternary" else list(targets)
+            session = FinetuneSession.begin(
+                model, ft.mode, names=names, ternary_threshold=ft.ternary_threshold,
+                noise_group_size=ft.noise_group_size, noise_min_bits=ft.noise_min_bits,
+                noise_max_bits=ft.noise_max_bits, noise_init_bits=q.bits or 4, noise_penalty=ft.noise_penalty,
+                bits_lr=ft.noise_bits_lr,
+            )
+            left = unquantized_projections(model, q.include, q.exclude)
+            fp32 = sum(size for _, size in left.values())
+            metrics = session.size_metrics(targets, fp32)
+            lines = [f"{who}: {ft.mode} quantization of {len(session.quantizers)} modules"]
+            if left:
+                warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}),
+                              CalibrationWarning, stacklevel=2)
+        if config.recalibrate_bn and bn_batches is not None:
+            n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
+            metrics["obc/bn_recalibrated"] = float(n)
+            lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over the training batches")
+        after = evaluate() if evaluate is not None else {}
+        for name, value in before.items():
+            metrics[f"obc/{name}_before"] = value
+        for name, value in after.items():
+            metrics[f"obc/{name}_after"] = value
+        lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
+        within, drop, line = budget_check(config, before, after, who)
+        if line:
+            lines.append(line)
     return Stage(report, before, after, metrics, lines, session,
                  needs_finetuning=ft is not None and not within, drop=drop)
 

@@ -36,6 +36,7 @@ from obc_lightning.config import CompressionConfig
 from obc_lightning.finetune import FinetuneSession
 from obc_lightning.pipeline import (
     Stage,
+    aborted_on_failure,
     compress_stage,
     compression_epoch,
     export_stage,
@@ -757,7 +758,7 @@ class TrainerStages:
         optimizer, schedulers = optimizer_and_schedulers(trainer)
         session = start_finetuning(self.module, self.config, stage, optimizer=optimizer, schedulers=schedulers,
                                    latent=latent)
-        with aborted_on_failure(session):
+        with aborted_on_failure(lambda: session):  # the callback holds the snapshot, not yet the session
             if not session.trains_parameters:
                 rank_zero_warn(f"{self.who}: no optimizer; the {ft.mode} quantizer parameters are not trained")
             rewrap_ddp(trainer, self.module)
@@ -823,24 +824,13 @@ class TrainerStages:
         return example.to(module.device) if isinstance(example, Tensor) else example
 
 
-@contextmanager
-def aborted_on_failure(session: FinetuneSession):
-    """A failure within the block first takes the session's parametrizations off (the callback, which does
-    not hold the session yet, then puts the snapshot back)."""
-    try:
-        yield
-    except BaseException:
-        session.abort()
-        raise
-
-
 def resume_finetuning(trainer: Trainer, pl_module: LightningModule, state: dict) -> FinetuneSession:
     """The session of a checkpoint written during fine-tuning, in ``on_fit_start``: the latent weights and
     the quantizers come back, and the quantizers' parameters rejoin the optimizer before its saved state
     loads (it expects their group)."""
     optimizer, schedulers = optimizer_and_schedulers(trainer)
     session = FinetuneSession.resume(pl_module, state, optimizer=optimizer, schedulers=schedulers)
-    with aborted_on_failure(session):
+    with aborted_on_failure(lambda: session):  # the callback holds the snapshot, not yet the session
         rewrap_ddp(trainer, pl_module)
     return session
 

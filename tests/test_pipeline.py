@@ -174,3 +174,17 @@ def test_a_stage_within_budget_is_the_result():
     assert not parametrize.is_parametrized(model[0]) and set(model_formats(model)) == {"0", "2"}
     assert compressed_modules(stage, config) == (["0", "2"], {})
     assert compression_epoch(config, max_epochs=5) == 2  # epochs 3 and 4 fine-tune
+
+
+def test_a_failure_after_ternary_quantizers_are_attached_leaves_a_restorable_model():
+    # the budget check fails after compress_stage attached the quantizers: they come off, so the snapshot
+    # restores the model (and the user sees their own error, not a state_dict mismatch)
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = CompressionConfig.from_flat("test", finetune="ternary", ternary_skip_first_last=False, monitor="acc",
+                                         max_drop=0.1)
+    with pytest.raises(ValueError, match="monitor='acc' is not among"), restored_on_failure(ModelSnapshot(model)):
+        compress_stage(model, [], config, evaluate=lambda: {"loss": 1.0})
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
