@@ -30,7 +30,14 @@ from obc_lightning.export.onnx import OnnxExport, export_onnx, inference_session
 from obc_lightning.finetune import CentroidQuantizer, FinetuneSession, NoiseQuantizer, STEQuantizer, TernaryQuantizer
 from obc_lightning.grids import Grid, fit_grid
 from obc_lightning.packed import QuantizedConv1d, QuantizedConv2d, QuantizedLinear, set_kernel
-from obc_lightning.pipeline import ModelSnapshot, compress_stage, export_stage, restored_on_failure, start_finetuning
+from obc_lightning.pipeline import (
+    ModelSnapshot,
+    compress_stage,
+    export_stage,
+    finish_finetuning,
+    restored_on_failure,
+    start_finetuning,
+)
 from obc_lightning.reporting import CompressionReport, ModuleReport, Progress, TqdmProgress
 from obc_lightning.selection import select_modules
 from obc_lightning.semi_structured import to_semi_structured
@@ -70,6 +77,7 @@ __all__ = [
     "ModelSnapshot",
     "compress_stage",
     "export_stage",
+    "finish_finetuning",
     "restored_on_failure",
     "start_finetuning",
     "Progress",

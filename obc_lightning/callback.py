@@ -24,7 +24,10 @@ optimizer_step``
 ====================================  ==========================================================
 
 Every step is a library function usable without a Trainer; :mod:`obc_lightning.trainer_glue` holds what
-is Lightning-specific (the user's validation replayed, calibration batches, DDP, progress, loggers).
+is Lightning-specific (the user's validation replayed, calibration batches, DDP, progress, loggers, the
+checks against the Trainer) and runs the steps in a fit (``TrainerStages``); the callback keeps the state
+that lasts across hooks (the phase, the fine-tuning session, the weights to put back) and records what
+the steps return.
 """
 
 from __future__ import annotations
@@ -38,28 +41,17 @@ from typing import Any
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import Callback
-from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
-from torch import Tensor
 
 from obc_lightning import trainer_glue as glue
 from obc_lightning.attention import split_attention_projections
-from obc_lightning.batchnorm import reestimate_batchnorm
-from obc_lightning.compress import check_against_model, config_of, tied_weights
+from obc_lightning.compress import check_against_model, config_of
 from obc_lightning.config import DEFAULT_BITS, CompressionConfig, explicit_options, flat_signature, options_doc
 from obc_lightning.finetune import FinetuneSession
 from obc_lightning.formats.record import CHECKPOINT_KEY, formats_state, load_formats_state, model_formats
-from obc_lightning.pipeline import (
-    ModelSnapshot,
-    Stage,
-    WeightSeal,
-    compress_stage,
-    export_stage,
-    start_finetuning,
-    ternary_targets,
-)
-from obc_lightning.reporting import CompressionReport, allocation_figure, error_figure, is_mixed
-from obc_lightning.selection import select_modules, unquantized_projections
+from obc_lightning.pipeline import ModelSnapshot, Stage, WeightSeal, compressed_modules, compression_epoch
+from obc_lightning.reporting import CompressionReport
+from obc_lightning.selection import select_modules
 
 
 class _SentByTheWorker:
@@ -146,20 +138,7 @@ class OBCQuantize(Callback):
         if config is None or bits != DEFAULT_BITS:  # with config, bits keeps its default (it is config's)
             options = {"bits": bits, **options}
         self.config = config_of(who, config, options)
-        if calibration_dataloader is not None and (
-            isinstance(calibration_dataloader, (Tensor, str)) or not isinstance(calibration_dataloader, Iterable)
-        ):
-            raise ValueError(
-                f"{who}: calibration_dataloader must be an iterable of batches (a DataLoader), got "
-                f"{type(calibration_dataloader).__name__}"
-            )
-        if calibration_dataloader is not None and _is_empty(calibration_dataloader):
-            raise ValueError(
-                f"{who}: calibration_dataloader is empty ({type(calibration_dataloader).__name__} of length 0); give "
-                "it calibration batches, or leave it out to calibrate on the train dataloader"
-            )
-        if calibration_step is not None and not callable(calibration_step):
-            raise ValueError(f"{who}: calibration_step must be callable(module, batch), got {calibration_step!r}")
+        glue.check_calibration_source(who, calibration_dataloader, calibration_step)
         self.calibration_dataloader, self.calibration_step = calibration_dataloader, calibration_step
         # a fit in processes started for it (ddp_spawn) sends its results back under this name
         self._home_pid, self._token = os.getpid(), uuid.uuid4().hex
@@ -177,7 +156,6 @@ class OBCQuantize(Callback):
         self._snapshot: ModelSnapshot | None = None  # the weights to put back while the work is unfinished
         self._seal: WeightSeal | None = None  # checksums of the compressed weights, to tell if anything rewrote them
         self._rewriting_last = False
-        self._keep_snapshot = False  # held beyond the current stage (fine-tuning continues)
         self._resume_state: dict | None = None
         self._restored = False  # load_state_dict ran in this fit
         self._monitor_checked = False
@@ -237,9 +215,9 @@ class OBCQuantize(Callback):
             targets = select_modules(pl_module, q.include, q.exclude, who=self.who)
             check_against_model(self.config, targets, self.who, before_fit=True)  # lazy weights: after training
             if self.config.finetune is not None:
-                self._check_finetuning(trainer, targets)
+                glue.check_finetuning(trainer, self.config, targets, self.who)
             if not trainer.enable_validation:
-                self._no_validation_data()
+                glue.say_no_validation_data(self.config, self.who)
             _AfterOtherCallbacks.attach(trainer, self)
 
     def on_fit_start(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -269,13 +247,14 @@ class OBCQuantize(Callback):
         # finetune_epochs == max_epochs (the model arrives trained), or a fit resumed from the checkpoint of
         # the compression epoch (written at its validation, before compression): compress before training
         ft = self.config.finetune
-        if ft is not None and self.phase == "idle" and trainer.current_epoch > self._compress_epoch(trainer):
+        if ft is not None and self.phase == "idle" and trainer.current_epoch > self._compression_epoch(trainer):
             may_finetune = trainer.current_epoch < trainer.max_epochs
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=may_finetune)
 
     def on_train_epoch_end(self, trainer: Trainer, pl_module: LightningModule) -> None:
         # in Lightning 2.x the epoch's validation has already run (training_epoch_loop.on_advance_end)
-        if self._compresses_now(trainer, trainer.current_epoch):
+        ft = self.config.finetune
+        if ft is not None and self.phase == "idle" and trainer.current_epoch == self._compression_epoch(trainer):
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=True)
 
     def on_after_backward(self, trainer: Trainer, pl_module: LightningModule) -> None:
@@ -302,7 +281,7 @@ class OBCQuantize(Callback):
             self._guarded(trainer, pl_module, self._finish_finetuning)
         elif self.phase == "idle":
             rank_zero_warn(
-                f"{self.who}: fit ended before the end of epoch {self._compress_epoch(trainer)}, where compression "
+                f"{self.who}: fit ended before the end of epoch {self._compression_epoch(trainer)}, where compression "
                 "for fine-tuning was planned; compressing now without fine-tuning"
             )
             self._guarded(trainer, pl_module, self._compress_for_finetuning, may_finetune=False)
@@ -320,9 +299,7 @@ class OBCQuantize(Callback):
                 written = glue.rewrite_last_checkpoints(trainer)
             finally:
                 self._rewriting_last = False
-            weights_only = {cb.last_model_path for cb in trainer.checkpoint_callbacks
-                            if getattr(cb, "save_weights_only", False)}
-            self._say_where_the_model_is([p for p in written if p not in weights_only])
+            glue.say_where_the_model_is(trainer, self.config, written, self.who)
 
     def _check_weights_kept(self, pl_module: LightningModule) -> None:
         """At the end of fit: raise (and forget the report) if a hook that ran after the compression (the
@@ -391,133 +368,55 @@ class OBCQuantize(Callback):
                 f"with {self.config.to_flat()}"
             )
 
-    # ================================================================== the flow
+    # ================================================================== the flow (pipeline stages, in a fit)
     def _post_training(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        batches = self._calibration_batches(trainer)
-        if not batches:
-            rank_zero_warn(f"{self.who}: no calibration data (no calibration_dataloader and no train dataloader); "
-                           "the model was not quantized")
-            return
-        stage = self._compress_stage(trainer, pl_module, batches)
-        self._record(stage)
-        metrics = stage.metrics
-        if self.config.export is not None:
-            metrics.update(self._export(trainer, pl_module))
-        self._publish(trainer, metrics, stage.lines, stage.report)
+        """Without fine-tuning: compressed, measured and exported as training leaves the model."""
+        stage = self._stages(trainer, pl_module).post_training()
+        if stage is not None:
+            self._record(stage)
+            self._publish(trainer, stage.metrics, stage.lines, stage.report)
 
     def _compress_for_finetuning(self, trainer: Trainer, pl_module: LightningModule, may_finetune: bool) -> None:
-        """Compress and measure; within budget (or ``may_finetune=False``) the model is done, else the
-        fine-tuning session starts on the user's optimizer."""
-        ft = self.config.finetune
-        batches = []
-        if ft.mode in ("ste", "masked", "pq"):
-            batches = self._calibration_batches(trainer)
-            if not batches:
-                rank_zero_warn(f"{self.who}: no calibration data; the model was not quantized")
-                self.phase = "done"
-                return
-        latent = None
-        if ft.mode == "pq" and ft.pq_noise_rate < 1:  # noisy iPQ trains latent float weights from the fp32 ones
-            q = self.config.quantization
-            latent = {n: m.weight.detach().clone() for n, m in select_modules(pl_module, q.include, q.exclude).items()}
-        stage = self._compress_stage(trainer, pl_module, batches)
-        self._record(stage)
-        self.start_epoch = self._compress_epoch(trainer) if may_finetune else trainer.current_epoch
-        metrics, lines = stage.metrics, stage.lines
-        if not stage.needs_finetuning or not may_finetune:
-            if stage.session is not None:
-                stage.session.finish(export=False)  # the ternary / DiffQ formats recorded on the modules
-            self.quantizers = dict(stage.session.quantizers) if stage.session else {}
-            if may_finetune:
-                trainer.should_stop = True  # the model is quantized: the remaining epochs are skipped
-                lines.append(f"stopping fit: the remaining {ft.epochs} epoch(s) are not needed")
-            metrics["obc/finetune_epochs"] = 0.0
+        """Compressed and measured before the last epochs: done within budget, else a session fine-tunes."""
+        done = self._stages(trainer, pl_module).compress_for_finetuning(may_finetune)
+        if done is None:  # nothing to calibrate on: nothing compressed, nothing to fine-tune
             self.phase = "done"
-            if self.config.export is not None:
-                metrics.update(self._export(trainer, pl_module))
-            self._publish(trainer, metrics, lines, stage.report)
             return
-        optimizer, schedulers = glue.optimizer_and_schedulers(trainer)
-        self.session = start_finetuning(pl_module, self.config, stage, optimizer=optimizer, schedulers=schedulers,
-                                        latent=latent)
-        if not self.session.trains_parameters:
-            rank_zero_warn(f"{self.who}: no optimizer; the {ft.mode} quantizer parameters are not trained")
-        self.quantizers = dict(self.session.quantizers)
-        glue.rewrap_ddp(trainer, pl_module)
-        self.phase = "finetuning"
-        self._keep_snapshot = True
-        lines.append(f"fine-tuning ({ft.mode}) for {ft.epochs} epoch(s)")
-        self._publish(trainer, metrics, lines, stage.report)
+        self._record(done.stage)
+        self.start_epoch, self.session, self.quantizers = done.start_epoch, done.session, done.quantizers
+        self.phase = "done" if done.session is None else "finetuning"
+        self._publish(trainer, done.stage.metrics, done.stage.lines, done.stage.report)
 
     def _finish_finetuning(self, trainer: Trainer, pl_module: LightningModule) -> None:
-        """Remove the session (weights truly quantized), re-estimate BatchNorm, evaluate, export, report."""
-        ft, session = self.config.finetune, self.session
-        metrics = dict(self.metrics)
-        if ft.mode == "noise":  # the bit widths were trained
-            q = self.config.quantization
-            targets = select_modules(pl_module, q.include, q.exclude)
-            fp32 = sum(size for _, size in unquantized_projections(pl_module, q.include, q.exclude).values())
-            metrics.update(session.size_metrics(targets, fp32))
-        session.finish(export=False)  # the fine-tuned formats recorded on the modules
-        self.session = None
+        """The session ends (the weights truly quantized), then BatchNorm, evaluation, export."""
         epochs = trainer.current_epoch - self.start_epoch - 1
-        lines = [f"{self.who}: fine-tuned ({ft.mode}) for {epochs} epoch(s)"]
-        if self.config.recalibrate_bn:
-            metrics.update(self._recalibrate_batchnorm(trainer, pl_module, lines))
-        finetuned = self._evaluate(trainer, pl_module) if self.config.reporting.evaluate else {}
-        for name, value in finetuned.items():
-            metrics[f"obc/{name}_finetuned"] = value
-        metrics["obc/finetune_epochs"] = float(epochs)
-        lines += [
-            f"{n}: {metrics.get(f'obc/{n}_before', float('nan')):.5g} -> "
-            f"{metrics.get(f'obc/{n}_after', float('nan')):.5g} -> {v:.5g}"
-            for n, v in finetuned.items()
-        ]
-        if self.config.export is not None:
-            metrics.update(self._export(trainer, pl_module))
-        self.phase = "done"
+        metrics, lines = self._stages(trainer, pl_module).finish_finetuning(self.session, self.metrics, epochs)
+        self.session, self.phase = None, "done"
         self._publish(trainer, metrics, lines, None)
 
     def _resume_finetuning(self, trainer: Trainer, pl_module: LightningModule, state: dict) -> None:
-        """Continue the session of a checkpoint written during fine-tuning: the latent weights and the
-        quantizers come back, the quantizers' parameters rejoin the optimizer before its state loads."""
+        """The session of a checkpoint written during fine-tuning, back on the model and its optimizer."""
         self._snapshot = ModelSnapshot(pl_module)  # the model as this fit received it
         try:
-            optimizer, schedulers = glue.optimizer_and_schedulers(trainer)
-            self.session = FinetuneSession.resume(pl_module, state, optimizer=optimizer, schedulers=schedulers)
-            self.quantizers = dict(self.session.quantizers)
-            glue.rewrap_ddp(trainer, pl_module)
+            self.session = glue.resume_finetuning(trainer, pl_module, state)
         except BaseException as e:
             self._recover(e)
             raise
+        self.quantizers = dict(self.session.quantizers)
         rank_zero_info(f"{self.who}: resumed fine-tuning ({self.session.mode}) of {len(self.quantizers)} modules")
-
-    def _say_where_the_model_is(self, written: list[str]) -> None:
-        """Once per run: where the compressed model is when nothing compressed was written to disk."""
-        if self.config.export is not None or written:
-            return
-        rank_zero_info(
-            f"{self.who}: the compressed model is in memory only (trainer.lightning_module): there is no export_path "
-            "and no ModelCheckpoint(save_last=True, save_weights_only=False) whose 'last' checkpoint would carry it "
-            "with its quantization formats. Keep it with "
-            "obc_lightning.save_quantized(model, 'model.safetensors') (packed) or "
-            "trainer.save_checkpoint('compressed.ckpt') (restored by load_from_checkpoint + load_checkpoint_formats), "
-            "or pass export_path=..."
-        )
 
     # ================================================================== failures
     def _guarded(self, trainer: Trainer, pl_module: LightningModule, work: Callable, **kwargs) -> None:
         """Run a stage of the callback's work; on any failure put the model back and re-raise. The snapshot
-        of the trained weights is held until the work is over (through fine-tuning)."""
+        of the trained weights is held until the work is over (through fine-tuning, while there is a session)."""
         if self._snapshot is None:
             self._snapshot = ModelSnapshot(pl_module)
-        self._keep_snapshot = False
         try:
             work(trainer, pl_module, **kwargs)
         except BaseException as e:
             self._recover(e)
             raise
-        if not self._keep_snapshot:
+        if self.session is None:
             self._snapshot = None
 
     def _recover(self, exception: BaseException | None = None) -> None:
@@ -539,198 +438,30 @@ class OBCQuantize(Callback):
         self.phase, self.start_epoch, self.quantizers = "idle", None, {}
 
     # ================================================================== pieces
-    def _compress_stage(self, trainer: Trainer, pl_module: LightningModule, batches: list) -> Stage:
-        reduce_fn = glue.all_reduce_fn(trainer)  # under DDP: Hessians summed, the solving shared out
-        bn_batches = self._bn_batches(trainer) if self.config.recalibrate_bn else []
-        probe = (batches or bn_batches or [None])[0]
-        forward_fn = (
-            None if probe is None else self._user_code_path(trainer, pl_module, probe)
-        )
-        return compress_stage(
-            pl_module, batches, self.config, who=self.who,
-            evaluate=(lambda: self._evaluate(trainer, pl_module)) if self.config.reporting.evaluate else None,
-            bn_batches=bn_batches or None,
-            forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
-            progress=glue.trainer_progress(trainer, self.who, self.config.reporting.verbose),
-            eval_batches=glue.size_target_judge(trainer, self.config, lambda: self._evaluate(trainer, pl_module),
-                                                self.who),
-        )
+    def _stages(self, trainer: Trainer, pl_module: LightningModule) -> glue.TrainerStages:
+        return glue.TrainerStages(trainer, pl_module, self.config, self.who, say=self._say_once,
+                                  calibration_dataloader=self.calibration_dataloader,
+                                  calibration_step=self.calibration_step)
 
-    def _user_code_path(self, trainer: Trainer, pl_module: LightningModule, probe) -> Callable:
-        """The user's code that runs a batch; which one is said once (at info level), not at every stage."""
-
-        def say_once(line: str) -> None:
-            if line != self._code_path_said:
-                self._code_path_said = line
-                rank_zero_info(line)
-
-        return glue.user_code_path(trainer, pl_module, probe, self.calibration_step, self.who, say=say_once)
+    def _say_once(self, line: str) -> None:
+        """Which of the user's code paths runs the batches: said once, not at every stage."""
+        if line != self._code_path_said:
+            self._code_path_said = line
+            rank_zero_info(line)
 
     def _record(self, stage: Stage) -> None:
         self.report = stage.report
-        if stage.report is not None:
-            self.quantized_modules, self.skipped_modules = stage.report.quantized, dict(stage.report.skipped)
-        else:
-            self.quantized_modules = list(stage.session.quantizers)
-            q = self.config.quantization
-            left = unquantized_projections(stage.session.model, q.include, q.exclude)
-            self.skipped_modules = {n: reason for n, (reason, _) in left.items()}
-
-    def _calibration_batches(self, trainer: Trainer) -> list:
-        batches = glue.calibration_batches(trainer, self.calibration_dataloader, self.config.calibration.batches,
-                                           self.who)
-        if not batches and self.calibration_dataloader is not None:
-            raise ValueError(
-                f"{self.who}: calibration_dataloader ({type(self.calibration_dataloader).__name__}) gave no batch; "
-                "the model was not compressed"
-            )
-        return batches
-
-    def _bn_batches(self, trainer: Trainer) -> list:
-        """The first ``recalibrate_bn`` training batches (the distribution BatchNorm's statistics describe)."""
-        n = self.config.recalibrate_bn
-        batches = glue.calibration_batches(trainer, None, n, self.who) if n else []
-        if n and not batches:
-            rank_zero_warn(f"{self.who}: recalibrate_bn: no training batches; BatchNorm statistics left as they were")
-        return batches
-
-    def _recalibrate_batchnorm(self, trainer: Trainer, pl_module: LightningModule, lines: list) -> dict:
-        batches = self._bn_batches(trainer)
-        if not batches:
-            return {}
-        forward_fn = self._user_code_path(trainer, pl_module, batches[0])
-        n = reestimate_batchnorm(pl_module, batches, forward_fn=forward_fn, reduce_fn=glue.all_reduce_fn(trainer))
-        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over {len(batches)} training batches")
-        return {"obc/bn_recalibrated": float(n)}
-
-    def _evaluate(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        return glue.replay_validation(trainer, pl_module, self.who)
-
-    def _export(self, trainer: Trainer, pl_module: LightningModule) -> dict[str, float]:
-        """Rank zero writes the packed file; every rank learns whether it succeeded (a failure on rank zero
-        raises on every rank instead of leaving the others waiting)."""
-        metrics, error = {}, None
-        if trainer.is_global_zero:
-            try:
-                metrics = export_stage(pl_module, self.config, example_input=self._example_input(trainer, pl_module))
-                rank_zero_info(f"{self.who}: compressed model written to {self.config.export.path} "
-                               f"({metrics['obc/file_mb']:.3f} MB)")
-            except Exception as e:
-                error = e
-        reduce = glue.all_reduce_fn(trainer)
-        if reduce is not None:
-            failed = torch.tensor([0.0 if error is None else 1.0], device=trainer.strategy.root_device)
-            reduce(failed)
-            if float(failed) and error is None:
-                raise RuntimeError(f"{self.who}: writing {self.config.export.path} failed on rank zero")
-        if error is not None:
-            raise error
-        return metrics
-
-    def _example_input(self, trainer: Trainer, pl_module: LightningModule):
-        """What an ONNX export traces (``export_path`` ending in ``.onnx``): the LightningModule's
-        ``example_input_array``, else the input of the first calibration batch (the batch itself if a
-        tensor, its first element if a tuple or list starting with one), on the module's device."""
-        if not self.config.export.path.lower().endswith(".onnx"):
-            return None
-        example = getattr(pl_module, "example_input_array", None)
-        if example is None:
-            batches = self._calibration_batches(trainer)
-            batch = batches[0] if batches else None
-            example = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
-            if not isinstance(example, Tensor):
-                raise ValueError(
-                    f"{self.who}: export_path={self.config.export.path!r} is an ONNX file, traced from an example "
-                    "input: set the LightningModule's example_input_array (the first calibration batch is "
-                    f"{type(batch).__name__}, not a tensor or a tuple starting with one)"
-                )
-        if isinstance(example, (tuple, list)):
-            return tuple(t.to(pl_module.device) if isinstance(t, Tensor) else t for t in example)
-        return example.to(pl_module.device) if isinstance(example, Tensor) else example
+        self.quantized_modules, self.skipped_modules = compressed_modules(stage, self.config)
 
     def _publish(self, trainer: Trainer, metrics: dict, lines: list[str], report: CompressionReport | None) -> None:
-        """Metrics to every logger, the summary through rank_zero_info, the error chart to every logger
-        that takes images."""
+        """The metrics kept and reported; compressed weights that are final sealed (``WeightSeal``)."""
         self.metrics = dict(metrics)
         if self.session is None and self.quantized_modules:  # the compressed weights, final
             self._seal = WeightSeal(trainer.lightning_module, self.quantized_modules)
-        glue.log_metrics(trainer, metrics)
-        if self.config.reporting.verbose:
-            rank_zero_info("\n".join(lines))
-        if report is not None and self.config.reporting.plot:
-            fig = error_figure(report) if trainer.is_global_zero else None
-            if fig is not None or not trainer.is_global_zero:
-                glue.send_figure(trainer, fig, "obc/rel_error", "obc_rel_error.png")
-            if is_mixed(report):  # widths (or sparsity) per module, in network order
-                fig = allocation_figure(report) if trainer.is_global_zero else None
-                if fig is not None or not trainer.is_global_zero:
-                    glue.send_figure(trainer, fig, "obc/bits", "obc_bits.png")
+        glue.publish(trainer, self.config, metrics, lines, report)
 
-    def _check_finetuning(self, trainer: Trainer, targets: dict) -> None:
-        ft, who = self.config.finetune, self.who
-        max_epochs = trainer.max_epochs
-        if max_epochs is None or max_epochs < 0:
-            raise ValueError(
-                f"{who}: finetune needs Trainer(max_epochs=...) (got {max_epochs}): compression happens at the end of "
-                "epoch max_epochs - finetune_epochs - 1"
-            )
-        if ft.epochs > max_epochs:
-            raise ValueError(
-                f"{who}: finetune_epochs={ft.epochs} must be <= max_epochs={max_epochs} (equal: compress at the start "
-                "of fit, for a model that arrives trained)"
-            )
-        if ft.max_drop is not None and (trainer.min_epochs or 0) > self._compress_epoch(trainer) + 1:
-            raise ValueError(
-                f"{who}: min_epochs={trainer.min_epochs} would keep training a model that met its budget after epoch "
-                f"{self._compress_epoch(trainer)}; lower min_epochs"
-            )
-        if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
-            raise ValueError(
-                f"{who}: finetune={ft.mode!r} parametrizes the weights of the module itself; it runs under "
-                f"single-device and DDP strategies, not {type(trainer.strategy).__name__} (which shards or flattens "
-                "them)"
-            )
-        tied = tied_weights(trainer.lightning_module, targets)
-        if tied:
-            name, users = next(iter(tied.items()))
-            raise ValueError(
-                f"{who}: finetune={ft.mode!r} parametrizes each module's weight, and the weight of '{name}' is shared "
-                f"by {users}: fine-tuning would untie them; exclude all but one, or set finetune=None"
-            )
-        if ft.mode == "ternary" and not ternary_targets(self.config, targets):
-            raise ValueError(
-                f"{who}: finetune='ternary' with ternary_skip_first_last=True leaves none of the {len(targets)} "
-                "target modules to ternarize; pass ternary_skip_first_last=False"
-            )
-
-    def _no_validation_data(self) -> None:
-        """Without validation data nothing measures the drop: an error before training if ``monitor`` needs
-        it, else one line."""
-        ft = self.config.finetune
-        where = "no val_dataloaders, no val_dataloader / validation_step in the module, or limit_val_batches=0"
-        if ft is not None and ft.monitor is not None:
-            raise ValueError(
-                f"{self.who}: monitor={ft.monitor!r} needs validation data ({where}): pass val_dataloaders to "
-                "fit, or set monitor=None (fine-tuning then runs without a budget)"
-            )
-        if self.config.reporting.evaluate:
-            rank_zero_info(f"{self.who}: no validation data ({where}): nothing to compare before and after "
-                           "compression; the report gives the per-module errors only")
-
-    def _compress_epoch(self, trainer: Trainer) -> int:
-        """K: the epoch at whose end the model is compressed when fine-tuning (-1: at the start of fit)."""
-        return trainer.max_epochs - self.config.finetune.epochs - 1
-
-    def _compresses_now(self, trainer: Trainer, epoch: int) -> bool:
-        return self.config.finetune is not None and self.phase == "idle" and epoch == self._compress_epoch(trainer)
-
-
-def _is_empty(loader: Iterable) -> bool:
-    """Whether ``loader`` has a length and it is 0 (a DataLoader over an iterable dataset has none)."""
-    try:
-        return len(loader) == 0
-    except TypeError:
-        return False
+    def _compression_epoch(self, trainer: Trainer) -> int:
+        return compression_epoch(self.config, trainer.max_epochs)
 
 
 class _AfterOtherCallbacks(Callback):

@@ -15,15 +15,17 @@ A plain PyTorch script does what :class:`~obc_lightning.callback.OBCQuantize` do
                 session.after_backward()
                 session.before_optimizer_step()
                 opt.step(); opt.zero_grad()
-            session.finish()                             # the fine-tuned formats recorded on the modules
-        elif stage.session is not None:                  # ternary / DiffQ within budget: no training
-            stage.session.finish()
+            metrics, lines = finish_finetuning(model, config, session, stage.metrics, epochs=1,
+                                               evaluate=lambda: {"acc": accuracy(model)})
+        else:                                            # within budget: ternary / DiffQ formats recorded
+            settle_without_finetuning(stage)
         export_stage(model, config)                      # with config.export set
 
 The compressed model carries its quantization state (:mod:`obc_lightning.formats.record`): no stage hands
 solver results to the next. Every stage is also usable alone: :func:`~obc_lightning.compress.compress_model`,
 :func:`~obc_lightning.batchnorm.reestimate_batchnorm`, :class:`~obc_lightning.finetune.FinetuneSession`,
-:func:`~obc_lightning.export.save_quantized`.
+:func:`~obc_lightning.export.save_quantized`. The callback runs the same functions at the epochs it chooses
+(:func:`compression_epoch`), with what a Trainer provides (:class:`~obc_lightning.trainer_glue.TrainerStages`).
 """
 
 from __future__ import annotations
@@ -117,6 +119,20 @@ def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], Finetu
         raise
 
 
+@contextmanager
+def aborted_on_failure(session: Callable[[], FinetuneSession | None]):
+    """Within the block, any exception first takes off the parametrizations of the fine-tuning session
+    ``session()`` returns (if any), so that whoever restores the weights finds the model as defined, then
+    propagates. For a session not yet handed to the one who holds the snapshot."""
+    try:
+        yield
+    except BaseException:
+        running = session()
+        if running is not None:
+            running.abort()
+        raise
+
+
 @dataclass
 class Stage:
     """What :func:`compress_stage` did: the report (``None`` for ternary / DiffQ, which quantize by
@@ -180,41 +196,43 @@ def compress_stage(
     q, ft = config.quantization, config.finetune
     before = evaluate() if evaluate is not None else {}
     report, session = None, None
-    if ft is None or ft.mode in ("ste", "masked", "pq"):
-        report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
-                                progress=progress, distributed=distributed, eval_batches=eval_batches)
-        metrics = report.metrics()
-        lines = [f"{who}: {q.describe()}, {len(batches) if hasattr(batches, '__len__') else '?'} calibration "
-                 "batches", report.table()]
-    else:
-        targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
-                   if isinstance(m.weight, nn.Parameter)}
-        names = ternary_targets(config, targets) if ft.mode == "ternary" else list(targets)
-        session = FinetuneSession.begin(
-            model, ft.mode, names=names, ternary_threshold=ft.ternary_threshold, noise_group_size=ft.noise_group_size,
-            noise_min_bits=ft.noise_min_bits, noise_max_bits=ft.noise_max_bits, noise_init_bits=q.bits or 4,
-            noise_penalty=ft.noise_penalty, bits_lr=ft.noise_bits_lr,
-        )
-        left = unquantized_projections(model, q.include, q.exclude)
-        fp32 = sum(size for _, size in left.values())
-        metrics = session.size_metrics(targets, fp32)
-        lines = [f"{who}: {ft.mode} quantization of {len(session.quantizers)} modules"]
-        if left:
-            warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}), CalibrationWarning,
-                          stacklevel=2)
-    if config.recalibrate_bn and bn_batches is not None:
-        n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
-        metrics["obc/bn_recalibrated"] = float(n)
-        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over the training batches")
-    after = evaluate() if evaluate is not None else {}
-    for name, value in before.items():
-        metrics[f"obc/{name}_before"] = value
-    for name, value in after.items():
-        metrics[f"obc/{name}_after"] = value
-    lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
-    within, drop, line = budget_check(config, before, after, who)
-    if line:
-        lines.append(line)
+    with aborted_on_failure(lambda: session):  # ternary / DiffQ: the quantizers attached below come off
+        if ft is None or ft.mode in ("ste", "masked", "pq"):
+            report = compress_model(model, batches, config=config, forward_fn=forward_fn, reduce_fn=reduce_fn,
+                                    progress=progress, distributed=distributed, eval_batches=eval_batches)
+            metrics = report.metrics()
+            n_batches = len(batches) if hasattr(batches, "__len__") else "?"
+            lines = [f"{who}: {q.describe()}, {n_batches} calibration batches", report.table()]
+        else:
+            targets = {n: m for n, m in select_modules(model, q.include, q.exclude, who=who).items()
+                       if isinstance(m.weight, nn.Parameter)}
+            names = ternary_targets(config, targets) if ft.mode == "ternary" else list(targets)
+            session = FinetuneSession.begin(
+                model, ft.mode, names=names, ternary_threshold=ft.ternary_threshold,
+                noise_group_size=ft.noise_group_size, noise_min_bits=ft.noise_min_bits,
+                noise_max_bits=ft.noise_max_bits, noise_init_bits=q.bits or 4, noise_penalty=ft.noise_penalty,
+                bits_lr=ft.noise_bits_lr,
+            )
+            left = unquantized_projections(model, q.include, q.exclude)
+            fp32 = sum(size for _, size in left.values())
+            metrics = session.size_metrics(targets, fp32)
+            lines = [f"{who}: {ft.mode} quantization of {len(session.quantizers)} modules"]
+            if left:
+                warnings.warn(full_precision_message(who, {n: r for n, (r, _) in left.items()}),
+                              CalibrationWarning, stacklevel=2)
+        if config.recalibrate_bn and bn_batches is not None:
+            n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
+            metrics["obc/bn_recalibrated"] = float(n)
+            lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over the training batches")
+        after = evaluate() if evaluate is not None else {}
+        for name, value in before.items():
+            metrics[f"obc/{name}_before"] = value
+        for name, value in after.items():
+            metrics[f"obc/{name}_after"] = value
+        lines += [f"{n}: {before[n]:.5g} -> {after.get(n, float('nan')):.5g}" for n in before]
+        within, drop, line = budget_check(config, before, after, who)
+        if line:
+            lines.append(line)
     return Stage(report, before, after, metrics, lines, session,
                  needs_finetuning=ft is not None and not within, drop=drop)
 
@@ -242,6 +260,85 @@ def start_finetuning(
         model, ft.mode, names=[] if ft.mode == "masked" else report.quantized, masks=masks, latent=latent,
         optimizer=optimizer, schedulers=schedulers, pq_noise_rate=ft.pq_noise_rate,
     )
+
+
+# ---------------------------------------------------- compressed before the last epochs, fine-tuned through them
+def compression_epoch(config: CompressionConfig, max_epochs: int) -> int:
+    """K, the epoch at whose end a model that fine-tunes is compressed: the last ``finetune_epochs`` of
+    ``max_epochs`` are left to fine-tune in (-1: before the first epoch, for a model that arrives trained)."""
+    return max_epochs - config.finetune.epochs - 1
+
+
+def latent_weights(model: nn.Module, config: CompressionConfig) -> dict[str, Tensor] | None:
+    """The float weights noisy iPQ (``finetune="pq"``, ``pq_noise_rate < 1``) trains behind its codebook:
+    copies of the trained ones, taken before compression puts every weight on a centroid."""
+    ft, q = config.finetune, config.quantization
+    if ft.mode != "pq" or ft.pq_noise_rate >= 1:
+        return None
+    return {n: m.weight.detach().clone() for n, m in select_modules(model, q.include, q.exclude).items()}
+
+
+def compressed_modules(stage: Stage, config: CompressionConfig) -> tuple[list[str], dict[str, str]]:
+    """The modules ``stage`` compressed, and the targets it left in full precision with the reason. Ternary /
+    DiffQ quantize by training, so their report is the session's: its quantizers, and the projections no
+    quantizer can hold."""
+    if stage.report is not None:
+        return stage.report.quantized, dict(stage.report.skipped)
+    q = config.quantization
+    left = unquantized_projections(stage.session.model, q.include, q.exclude)
+    return list(stage.session.quantizers), {n: reason for n, (reason, _) in left.items()}
+
+
+def settle_without_finetuning(stage: Stage) -> dict[str, nn.Module]:
+    """The stage is the result (within budget, or no epochs left to train in): the quantizers a ternary /
+    DiffQ stage attached record their formats on the modules and come off. Returns them (the callback keeps
+    them for inspection)."""
+    if stage.session is None:
+        return {}
+    stage.session.finish(export=False)
+    return dict(stage.session.quantizers)
+
+
+def finish_finetuning(
+    model: nn.Module,
+    config: CompressionConfig,
+    session: FinetuneSession,
+    metrics: Mapping[str, float],
+    *,
+    epochs: int,
+    who: str = "finish_finetuning",
+    evaluate: Callable[[], dict[str, float]] | None = None,
+    bn_batches: list | None = None,
+    forward_fn: Callable | None = None,
+    reduce_fn: Callable[[Tensor], None] | None = None,
+) -> tuple[dict[str, float], list[str]]:
+    """The counterpart of :func:`compress_stage` after ``epochs`` epochs of fine-tuning: the session ends
+    (weights truly quantized, formats recorded; DiffQ's sizes first, from the bit widths it trained),
+    BatchNorm statistics are re-estimated over ``bn_batches`` (``config.recalibrate_bn``), ``evaluate()``
+    measures the result. Returns the stage's ``metrics`` with ``obc/<name>_finetuned`` and
+    ``obc/finetune_epochs`` added, and the summary lines."""
+    ft, metrics = config.finetune, dict(metrics)
+    if ft.mode == "noise":  # the bit widths were trained
+        q = config.quantization
+        targets = select_modules(model, q.include, q.exclude)
+        fp32 = sum(size for _, size in unquantized_projections(model, q.include, q.exclude).values())
+        metrics.update(session.size_metrics(targets, fp32))
+    session.finish(export=False)  # the fine-tuned formats recorded on the modules
+    lines = [f"{who}: fine-tuned ({ft.mode}) for {epochs} epoch(s)"]
+    if config.recalibrate_bn and bn_batches:
+        n = reestimate_batchnorm(model, bn_batches, forward_fn=forward_fn, reduce_fn=reduce_fn)
+        metrics["obc/bn_recalibrated"] = float(n)
+        lines.append(f"BatchNorm statistics of {n} layer(s) re-estimated over {len(bn_batches)} training batches")
+    finetuned = evaluate() if evaluate is not None else {}
+    for name, value in finetuned.items():
+        metrics[f"obc/{name}_finetuned"] = value
+    metrics["obc/finetune_epochs"] = float(epochs)
+    lines += [
+        f"{n}: {metrics.get(f'obc/{n}_before', float('nan')):.5g} -> "
+        f"{metrics.get(f'obc/{n}_after', float('nan')):.5g} -> {v:.5g}"
+        for n, v in finetuned.items()
+    ]
+    return metrics, lines
 
 
 def export_stage(model: nn.Module, config: CompressionConfig, results: Mapping[str, list] | None = None,

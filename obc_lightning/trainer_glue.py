@@ -1,5 +1,6 @@
 """What the callback needs from a running Trainer: the user's validation replayed, calibration batches
-through the user's code path, DDP sums, progress bars, loggers and checkpoints.
+through the user's code path, DDP sums, progress bars, loggers and checkpoints, the checks of a
+configuration against the Trainer, and the pipeline's stages run with all of these (:class:`TrainerStages`).
 
 Lightning glue only: the library functions (``compress_model``, ``FinetuneSession``, ``save_quantized``)
 know nothing of a Trainer; :mod:`obc_lightning.callback` maps Lightning's hooks onto them with these.
@@ -15,13 +16,14 @@ import tempfile
 import warnings
 from collections.abc import Callable, Iterable, Mapping, Sized
 from contextlib import contextmanager, suppress
+from dataclasses import dataclass
 from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
 from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
-from lightning.pytorch.strategies import DDPStrategy
+from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
 from lightning.pytorch.utilities.data import extract_batch_size
 from lightning.pytorch.utilities.model_helpers import is_overridden
@@ -29,7 +31,22 @@ from torch import Tensor
 
 from obc_lightning.allocation import HeldOutBatches, HeldOutMetric
 from obc_lightning.calibration import call_model
-from obc_lightning.reporting import Progress, TqdmProgress
+from obc_lightning.compress import tied_weights
+from obc_lightning.config import CompressionConfig
+from obc_lightning.finetune import FinetuneSession
+from obc_lightning.pipeline import (
+    Stage,
+    aborted_on_failure,
+    compress_stage,
+    compression_epoch,
+    export_stage,
+    finish_finetuning,
+    latent_weights,
+    settle_without_finetuning,
+    start_finetuning,
+    ternary_targets,
+)
+from obc_lightning.reporting import CompressionReport, Progress, TqdmProgress, allocation_figure, error_figure, is_mixed
 
 CALIBRATION_SAMPLES = 1024  # default calibration set: about this many samples over all ranks
 UNKNOWN_BATCH_SIZE_BATCHES = 64  # batches taken when the batch size cannot be read from a batch
@@ -339,6 +356,88 @@ def check_monitor(trainer: Trainer, monitor: str, who: str) -> None:
         )
 
 
+# ------------------------------------------------------------------------ checks before training
+def check_calibration_source(who: str, loader: Iterable | None, step: Callable | None) -> None:
+    """``calibration_dataloader`` / ``calibration_step`` of the callback's constructor: batches it can iterate
+    and a callable, rejected at construction rather than at the end of training."""
+    if loader is not None and (isinstance(loader, (Tensor, str)) or not isinstance(loader, Iterable)):
+        raise ValueError(
+            f"{who}: calibration_dataloader must be an iterable of batches (a DataLoader), got {type(loader).__name__}"
+        )
+    if loader is not None and _is_empty(loader):
+        raise ValueError(
+            f"{who}: calibration_dataloader is empty ({type(loader).__name__} of length 0); give it calibration "
+            "batches, or leave it out to calibrate on the train dataloader"
+        )
+    if step is not None and not callable(step):
+        raise ValueError(f"{who}: calibration_step must be callable(module, batch), got {step!r}")
+
+
+def _is_empty(loader: Iterable) -> bool:
+    """Whether ``loader`` has a length and it is 0 (a DataLoader over an iterable dataset has none)."""
+    try:
+        return len(loader) == 0
+    except TypeError:
+        return False
+
+
+def check_finetuning(trainer: Trainer, config: CompressionConfig, targets: Mapping[str, torch.nn.Module],
+                     who: str) -> None:
+    """In ``setup``: a fine-tuning configuration this fit can carry out (epochs to compress before and to
+    train in, a strategy that leaves each module its own weight, untied weights), else an error before
+    training rather than after it."""
+    ft = config.finetune
+    max_epochs = trainer.max_epochs
+    if max_epochs is None or max_epochs < 0:
+        raise ValueError(
+            f"{who}: finetune needs Trainer(max_epochs=...) (got {max_epochs}): compression happens at the end of "
+            "epoch max_epochs - finetune_epochs - 1"
+        )
+    if ft.epochs > max_epochs:
+        raise ValueError(
+            f"{who}: finetune_epochs={ft.epochs} must be <= max_epochs={max_epochs} (equal: compress at the start "
+            "of fit, for a model that arrives trained)"
+        )
+    if ft.max_drop is not None and (trainer.min_epochs or 0) > compression_epoch(config, max_epochs) + 1:
+        raise ValueError(
+            f"{who}: min_epochs={trainer.min_epochs} would keep training a model that met its budget after epoch "
+            f"{compression_epoch(config, max_epochs)}; lower min_epochs"
+        )
+    if not isinstance(trainer.strategy, (SingleDeviceStrategy, DDPStrategy)):
+        raise ValueError(
+            f"{who}: finetune={ft.mode!r} parametrizes the weights of the module itself; it runs under "
+            f"single-device and DDP strategies, not {type(trainer.strategy).__name__} (which shards or flattens "
+            "them)"
+        )
+    tied = tied_weights(trainer.lightning_module, targets)
+    if tied:
+        name, users = next(iter(tied.items()))
+        raise ValueError(
+            f"{who}: finetune={ft.mode!r} parametrizes each module's weight, and the weight of '{name}' is shared "
+            f"by {users}: fine-tuning would untie them; exclude all but one, or set finetune=None"
+        )
+    if ft.mode == "ternary" and not ternary_targets(config, targets):
+        raise ValueError(
+            f"{who}: finetune='ternary' with ternary_skip_first_last=True leaves none of the {len(targets)} "
+            "target modules to ternarize; pass ternary_skip_first_last=False"
+        )
+
+
+def say_no_validation_data(config: CompressionConfig, who: str) -> None:
+    """Without validation data nothing measures the drop: an error before training if ``monitor`` needs
+    it, else one line."""
+    ft = config.finetune
+    where = "no val_dataloaders, no val_dataloader / validation_step in the module, or limit_val_batches=0"
+    if ft is not None and ft.monitor is not None:
+        raise ValueError(
+            f"{who}: monitor={ft.monitor!r} needs validation data ({where}): pass val_dataloaders to "
+            "fit, or set monitor=None (fine-tuning then runs without a budget)"
+        )
+    if config.reporting.evaluate:
+        rank_zero_info(f"{who}: no validation data ({where}): nothing to compare before and after "
+                       "compression; the report gives the per-module errors only")
+
+
 # ------------------------------------------------------------------------------------------ DDP
 def all_reduce_fn(trainer: Trainer) -> Callable[[Tensor], None] | None:
     """Sum over ranks (``torch.distributed.all_reduce``) when more than one process is running."""
@@ -548,3 +647,223 @@ def rewrite_last_checkpoints(trainer: Trainer) -> list[str]:
         trainer.save_checkpoint(path, weights_only=cb.save_weights_only)
         written.append(path)
     return written
+
+
+# ------------------------------------------------------------------------------- the stages in a fit
+@dataclass
+class CompressedBeforeFinetuning:
+    """What compression before the last epochs left: the stage (its metrics and summary lines complete), the
+    epoch it counts from, and the session that fine-tunes through the remaining epochs (``None``: the stage
+    is the result) with its quantizers (those of a ternary / DiffQ stage, finished, when there is none)."""
+
+    stage: Stage
+    start_epoch: int
+    session: FinetuneSession | None
+    quantizers: dict[str, torch.nn.Module]
+
+
+class TrainerStages:
+    """The stages of :mod:`obc_lightning.pipeline` fed by a running fit: calibration batches as the training
+    loop prepares them, run through the user's code path; the user's validation replayed; sums over DDP
+    ranks; the Trainer's progress bar; the optimizer that fine-tunes; the export written by rank zero for
+    all. Made for one hook's work: what lasts across hooks (the phase, the session, the snapshot) is the
+    callback's, which records what these methods return."""
+
+    def __init__(self, trainer: Trainer, pl_module: LightningModule, config: CompressionConfig, who: str, *,
+                 calibration_dataloader: Iterable | None = None, calibration_step: Callable | None = None,
+                 say: Callable[[str], None] = rank_zero_info) -> None:
+        self.trainer, self.module, self.config, self.who = trainer, pl_module, config, who
+        self.calibration_dataloader, self.calibration_step, self.say = calibration_dataloader, calibration_step, say
+
+    # ------------------------------------------------------------------ what the stages run on
+    def calibration_batches(self) -> list:
+        """:func:`calibration_batches`; none from a ``calibration_dataloader`` the user gave is an error (a fit
+        without a train dataloader only has nothing to calibrate on)."""
+        batches = calibration_batches(self.trainer, self.calibration_dataloader, self.config.calibration.batches,
+                                      self.who)
+        if not batches and self.calibration_dataloader is not None:
+            raise ValueError(
+                f"{self.who}: calibration_dataloader ({type(self.calibration_dataloader).__name__}) gave no batch; "
+                "the model was not compressed"
+            )
+        return batches
+
+    def bn_batches(self) -> list:
+        """The first ``recalibrate_bn`` training batches (the distribution BatchNorm's statistics describe)."""
+        n = self.config.recalibrate_bn
+        batches = calibration_batches(self.trainer, None, n, self.who) if n else []
+        if n and not batches:
+            rank_zero_warn(f"{self.who}: recalibrate_bn: no training batches; BatchNorm statistics left as they were")
+        return batches
+
+    def code_path(self, probe) -> Callable:
+        """:func:`user_code_path` for batches like ``probe``; which path it is goes to ``say``."""
+        return user_code_path(self.trainer, self.module, probe, self.calibration_step, self.who, say=self.say)
+
+    def evaluate(self) -> dict[str, float]:
+        return replay_validation(self.trainer, self.module, self.who)
+
+    # ------------------------------------------------------------------ the stages
+    def compress(self, batches: list) -> Stage:
+        """:func:`~obc_lightning.pipeline.compress_stage` on ``batches`` (none: ternary / DiffQ, which solve
+        nothing), the code path chosen on the first batch there is (calibration, else BatchNorm)."""
+        reduce_fn = all_reduce_fn(self.trainer)  # under DDP: Hessians summed, the solving shared out
+        bn_batches = self.bn_batches() if self.config.recalibrate_bn else []
+        probe = (batches or bn_batches or [None])[0]
+        forward_fn = None if probe is None else self.code_path(probe)
+        return compress_stage(
+            self.module, batches, self.config, who=self.who,
+            evaluate=self.evaluate if self.config.reporting.evaluate else None,
+            bn_batches=bn_batches or None,
+            forward_fn=forward_fn, reduce_fn=reduce_fn, distributed=reduce_fn is not None,
+            progress=trainer_progress(self.trainer, self.who, self.config.reporting.verbose),
+            eval_batches=size_target_judge(self.trainer, self.config, self.evaluate, self.who),
+        )
+
+    def post_training(self) -> Stage | None:
+        """Compression at the end of training, measured and exported (``None``: no data to calibrate on)."""
+        batches = self.calibration_batches()
+        if not batches:
+            rank_zero_warn(f"{self.who}: no calibration data (no calibration_dataloader and no train dataloader); "
+                           "the model was not quantized")
+            return None
+        stage = self.compress(batches)
+        if self.config.export is not None:
+            stage.metrics.update(self.export())
+        return stage
+
+    def compress_for_finetuning(self, may_finetune: bool) -> CompressedBeforeFinetuning | None:
+        """Compress and measure; within budget (or ``may_finetune=False``) the model is done (the remaining
+        epochs skipped, the export written), else the fine-tuning session starts on the user's optimizer.
+        ``None``: no data to calibrate on, nothing compressed."""
+        ft, trainer = self.config.finetune, self.trainer
+        batches = []
+        if ft.mode in ("ste", "masked", "pq"):
+            batches = self.calibration_batches()
+            if not batches:
+                rank_zero_warn(f"{self.who}: no calibration data; the model was not quantized")
+                return None
+        latent = latent_weights(self.module, self.config)
+        stage = self.compress(batches)
+        start_epoch = compression_epoch(self.config, trainer.max_epochs) if may_finetune else trainer.current_epoch
+        if not stage.needs_finetuning or not may_finetune:
+            quantizers = settle_without_finetuning(stage)
+            if may_finetune:
+                trainer.should_stop = True  # the model is quantized: the remaining epochs are skipped
+                stage.lines.append(f"stopping fit: the remaining {ft.epochs} epoch(s) are not needed")
+            stage.metrics["obc/finetune_epochs"] = 0.0
+            if self.config.export is not None:
+                stage.metrics.update(self.export())
+            return CompressedBeforeFinetuning(stage, start_epoch, None, quantizers)
+        optimizer, schedulers = optimizer_and_schedulers(trainer)
+        session = start_finetuning(self.module, self.config, stage, optimizer=optimizer, schedulers=schedulers,
+                                   latent=latent)
+        with aborted_on_failure(lambda: session):  # the callback holds the snapshot, not yet the session
+            if not session.trains_parameters:
+                rank_zero_warn(f"{self.who}: no optimizer; the {ft.mode} quantizer parameters are not trained")
+            rewrap_ddp(trainer, self.module)
+        stage.lines.append(f"fine-tuning ({ft.mode}) for {ft.epochs} epoch(s)")
+        return CompressedBeforeFinetuning(stage, start_epoch, session, dict(session.quantizers))
+
+    def finish_finetuning(self, session: FinetuneSession, metrics: Mapping[str, float], epochs: int
+                          ) -> tuple[dict[str, float], list[str]]:
+        """:func:`~obc_lightning.pipeline.finish_finetuning` on the training batches and the user's
+        validation, then the export."""
+        bn_batches = self.bn_batches() if self.config.recalibrate_bn else []
+        metrics, lines = finish_finetuning(
+            self.module, self.config, session, metrics, epochs=epochs, who=self.who,
+            evaluate=self.evaluate if self.config.reporting.evaluate else None,
+            bn_batches=bn_batches, forward_fn=self.code_path(bn_batches[0]) if bn_batches else None,
+            reduce_fn=all_reduce_fn(self.trainer),
+        )
+        if self.config.export is not None:
+            metrics.update(self.export())
+        return metrics, lines
+
+    def export(self) -> dict[str, float]:
+        """Rank zero writes the file; every rank learns whether it succeeded (a failure on rank zero raises
+        on every rank instead of leaving the others waiting)."""
+        trainer, path = self.trainer, self.config.export.path
+        metrics, error = {}, None
+        if trainer.is_global_zero:
+            try:
+                metrics = export_stage(self.module, self.config, example_input=self.example_input())
+                rank_zero_info(f"{self.who}: compressed model written to {path} ({metrics['obc/file_mb']:.3f} MB)")
+            except Exception as e:
+                error = e
+        reduce = all_reduce_fn(trainer)
+        if reduce is not None:
+            failed = torch.tensor([0.0 if error is None else 1.0], device=trainer.strategy.root_device)
+            reduce(failed)
+            if float(failed) and error is None:
+                raise RuntimeError(f"{self.who}: writing {path} failed on rank zero")
+        if error is not None:
+            raise error
+        return metrics
+
+    def example_input(self):
+        """What an ONNX export traces (``export_path`` ending in ``.onnx``): the LightningModule's
+        ``example_input_array``, else the input of the first calibration batch (the batch itself if a
+        tensor, its first element if a tuple or list starting with one), on the module's device."""
+        if not self.config.export.path.lower().endswith(".onnx"):
+            return None
+        module = self.module
+        example = getattr(module, "example_input_array", None)
+        if example is None:
+            batches = self.calibration_batches()
+            batch = batches[0] if batches else None
+            example = batch[0] if isinstance(batch, (tuple, list)) and batch else batch
+            if not isinstance(example, Tensor):
+                raise ValueError(
+                    f"{self.who}: export_path={self.config.export.path!r} is an ONNX file, traced from an example "
+                    "input: set the LightningModule's example_input_array (the first calibration batch is "
+                    f"{type(batch).__name__}, not a tensor or a tuple starting with one)"
+                )
+        if isinstance(example, (tuple, list)):
+            return tuple(t.to(module.device) if isinstance(t, Tensor) else t for t in example)
+        return example.to(module.device) if isinstance(example, Tensor) else example
+
+
+def resume_finetuning(trainer: Trainer, pl_module: LightningModule, state: dict) -> FinetuneSession:
+    """The session of a checkpoint written during fine-tuning, in ``on_fit_start``: the latent weights and
+    the quantizers come back, and the quantizers' parameters rejoin the optimizer before its saved state
+    loads (it expects their group)."""
+    optimizer, schedulers = optimizer_and_schedulers(trainer)
+    session = FinetuneSession.resume(pl_module, state, optimizer=optimizer, schedulers=schedulers)
+    with aborted_on_failure(lambda: session):  # the callback holds the snapshot, not yet the session
+        rewrap_ddp(trainer, pl_module)
+    return session
+
+
+def publish(trainer: Trainer, config: CompressionConfig, metrics: Mapping[str, float], lines: list[str],
+            report: CompressionReport | None) -> None:
+    """Metrics to every logger, the summary through ``rank_zero_info``, the error chart (and, for mixed
+    widths or sparsities, the chart per module) to every logger that takes images."""
+    log_metrics(trainer, metrics)
+    if config.reporting.verbose:
+        rank_zero_info("\n".join(lines))
+    if report is not None and config.reporting.plot:
+        fig = error_figure(report) if trainer.is_global_zero else None
+        if fig is not None or not trainer.is_global_zero:
+            send_figure(trainer, fig, "obc/rel_error", "obc_rel_error.png")
+        if is_mixed(report):  # widths (or sparsity) per module, in network order
+            fig = allocation_figure(report) if trainer.is_global_zero else None
+            if fig is not None or not trainer.is_global_zero:
+                send_figure(trainer, fig, "obc/bits", "obc_bits.png")
+
+
+def say_where_the_model_is(trainer: Trainer, config: CompressionConfig, written: list[str], who: str) -> None:
+    """After the ``last`` checkpoints were rewritten (``written``): where the compressed model is, when nothing
+    that carries it was written to disk."""
+    weights_only = {cb.last_model_path for cb in trainer.checkpoint_callbacks
+                    if getattr(cb, "save_weights_only", False)}
+    if config.export is not None or any(p not in weights_only for p in written):
+        return
+    rank_zero_info(
+        f"{who}: the compressed model is in memory only (trainer.lightning_module): there is no export_path "
+        "and no ModelCheckpoint(save_last=True, save_weights_only=False) whose 'last' checkpoint would carry it "
+        "with its quantization formats. Keep it with "
+        "obc_lightning.save_quantized(model, 'model.safetensors') (packed) or "
+        "trainer.save_checkpoint('compressed.ckpt') (restored by load_from_checkpoint + load_checkpoint_formats), "
+        "or pass export_path=..."
+    )

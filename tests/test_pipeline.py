@@ -16,6 +16,13 @@ from obc_lightning import (
     restored_on_failure,
     start_finetuning,
 )
+from obc_lightning.formats.record import model_formats
+from obc_lightning.pipeline import (
+    compressed_modules,
+    compression_epoch,
+    finish_finetuning,
+    settle_without_finetuning,
+)
 
 
 def mlp():
@@ -119,3 +126,65 @@ def test_abort_leaves_the_latent_weights_and_the_optimizer_as_it_was():
     session.abort()
     assert not parametrize.is_parametrized(model[0]) and torch.equal(model[0].weight, latent)
     assert len(opt.param_groups) == 1
+
+
+def eval_accuracy(model):
+    model.eval()
+    try:
+        return accuracy(model)
+    finally:
+        model.train()
+
+
+@pytest.mark.parametrize("mode", ["ste", "noise"])
+def test_finish_finetuning_ends_the_session_reestimates_batchnorm_and_measures(mode):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(8, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    opt = torch.optim.SGD(model.parameters(), lr=0.05)
+    config = CompressionConfig.from_flat("test", bits=2, finetune=mode, monitor="acc", max_drop=0.0,
+                                         recalibrate_bn=2)
+    inputs = [x for x, _ in batches()]
+    stage = compress_stage(model, inputs, config, evaluate=lambda: {"acc": eval_accuracy(model)})
+    session = start_finetuning(model, config, stage, optimizer=opt)
+    for x, y in batches():
+        nn.functional.cross_entropy(model(x), y).backward()
+        opt.step()
+        opt.zero_grad()
+    metrics, lines = finish_finetuning(model, config, session, stage.metrics, epochs=1, who="test",
+                                       evaluate=lambda: {"acc": eval_accuracy(model)}, bn_batches=inputs[:2])
+    assert not parametrize.is_parametrized(model[0]) and len(opt.param_groups) == 1
+    assert set(model_formats(model)) == {"0", "3"}
+    with torch.no_grad():  # update_bn's cumulative average over two equal batches: the mean of both
+        expected = model[0](torch.cat(inputs[:2])).mean(0)
+    torch.testing.assert_close(model[1].running_mean, expected)
+    assert metrics["obc/acc_before"] == stage.metrics["obc/acc_before"]
+    assert metrics["obc/acc_finetuned"] == eval_accuracy(model) and metrics["obc/finetune_epochs"] == 1.0
+    assert metrics["obc/bn_recalibrated"] == 1.0 and ("obc/noise_bits" in metrics) == (mode == "noise")
+    assert lines[:2] == [f"test: fine-tuned ({mode}) for 1 epoch(s)",
+                         "BatchNorm statistics of 1 layer(s) re-estimated over 2 training batches"]
+
+
+def test_a_stage_within_budget_is_the_result():
+    model = mlp()
+    config = CompressionConfig.from_flat("test", finetune="ternary", ternary_skip_first_last=False,
+                                         finetune_epochs=2, monitor="acc", max_drop=1.0)
+    stage = compress_stage(model, [], config, evaluate=lambda: {"acc": accuracy(model)})
+    assert not stage.needs_finetuning and parametrize.is_parametrized(model[0])
+    assert settle_without_finetuning(stage).keys() == {"0", "2"}
+    assert not parametrize.is_parametrized(model[0]) and set(model_formats(model)) == {"0", "2"}
+    assert compressed_modules(stage, config) == (["0", "2"], {})
+    assert compression_epoch(config, max_epochs=5) == 2  # epochs 3 and 4 fine-tune
+
+
+def test_a_failure_after_ternary_quantizers_are_attached_leaves_a_restorable_model():
+    # the budget check fails after compress_stage attached the quantizers: they come off, so the snapshot
+    # restores the model (and the user sees their own error, not a state_dict mismatch)
+    model = mlp()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    config = CompressionConfig.from_flat("test", finetune="ternary", ternary_skip_first_last=False, monitor="acc",
+                                         max_drop=0.1)
+    with pytest.raises(ValueError, match="monitor='acc' is not among"), restored_on_failure(ModelSnapshot(model)):
+        compress_stage(model, [], config, evaluate=lambda: {"loss": 1.0})
+    assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
+    for key, value in model.state_dict().items():
+        assert torch.equal(value, before[key]), key
