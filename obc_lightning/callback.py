@@ -96,10 +96,13 @@ class OBCQuantize(Callback):
 
     Mixed precision: ``OBCQuantize(bits={"*conv1*": 8, "*": 4})`` sets widths by module pattern;
     ``OBCQuantize(target_bits=3.0)`` (or ``target_size_mb=``) chooses each module's width among ``bits``
-    (default 2, 3, 4, 8) for the least output error on the calibration batches within that size
-    (:mod:`obc_lightning.allocation`): the chosen widths are in the summary table, in the metrics
-    (``obc/<module>/bits``) and in a chart of bits per module in network order (``obc/bits``); ``"ste"``
-    fine-tuning trains on each module's own grid, and the export stores each module's width.
+    (default 2, 3, 4, 8) for the least error within that size on data the Hessians did not come from: the
+    ``monitor`` metric of the validation replay when one is set, else the output error on the validation
+    batches, else (no validation data) on a held-out share of the calibration batches, the chosen widths
+    then solved again on all of them (:mod:`obc_lightning.allocation`). The chosen widths are in the
+    summary table, in the metrics (``obc/<module>/bits``) and in a chart of bits per module in network
+    order (``obc/bits``); ``"ste"`` fine-tuning trains on each module's own grid, and the export stores
+    each module's width.
 
     With ``finetune``, the model is compressed at the end of epoch ``max_epochs - finetune_epochs - 1``
     (after its validation; at the start of fit when ``finetune_epochs == max_epochs``); within
