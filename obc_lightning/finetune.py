@@ -972,18 +972,25 @@ class FinetuneSession:
     ) -> FinetuneSession:
         """The session of :meth:`state_dict` on ``model`` (its weights: the plain quantized ones a checkpoint
         holds): latent weights back into the same Parameters, quantizers re-attached, the quantizers'
-        parameters added to ``optimizer`` as before (so that its saved state loads next)."""
+        parameters added to ``optimizer`` as before (so that its saved state loads next). A failure partway
+        (a module the state names but the model lacks, a state that does not fit) takes off every quantizer
+        it attached and the optimizer group before it propagates; the latent weights copied in stay (the
+        caller's snapshot puts the checkpoint's weights back)."""
         quantizers = {}
-        with torch.no_grad():
-            for name, qstate in state["quantizers"].items():
-                m = model.get_submodule(name)
-                m.weight.copy_(state["latent"][name].to(m.weight.device, m.weight.dtype))
-                quantizers[name] = attach(m, quantizer_from_state(qstate, m.weight))
         session = cls(model, state["mode"], quantizers, bits_lr=state.get("bits_lr"),
                       noise_penalty=state.get("noise_penalty", 0.0))
-        session.train_with(optimizer, schedulers)
-        if session.bits_optimizer is not None and state.get("bits_optimizer") is not None:
-            session.bits_optimizer.load_state_dict(state["bits_optimizer"])
+        try:
+            with torch.no_grad():
+                for name, qstate in state["quantizers"].items():
+                    m = model.get_submodule(name)
+                    m.weight.copy_(state["latent"][name].to(m.weight.device, m.weight.dtype))
+                    quantizers[name] = attach(m, quantizer_from_state(qstate, m.weight))
+            session.train_with(optimizer, schedulers)
+            if session.bits_optimizer is not None and state.get("bits_optimizer") is not None:
+                session.bits_optimizer.load_state_dict(state["bits_optimizer"])
+        except BaseException:
+            session.abort()
+            raise
         return session
 
     # ------------------------------------------------------------------ the end

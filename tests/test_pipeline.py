@@ -188,3 +188,16 @@ def test_a_failure_after_ternary_quantizers_are_attached_leaves_a_restorable_mod
     assert not parametrize.is_parametrized(model[0]) and not parametrize.is_parametrized(model[2])
     for key, value in model.state_dict().items():
         assert torch.equal(value, before[key]), key
+
+
+def test_a_resume_that_fails_partway_takes_off_what_it_attached():
+    model = mlp()
+    config = CompressionConfig.from_flat("test", bits=3, finetune="ste")
+    session = start_finetuning(model, config, compress_stage(model, [x for x, _ in batches()], config))
+    state = session.state_dict()
+    shorter = nn.Sequential(nn.Linear(8, 16), nn.ReLU())  # the state's second module ("2") is missing
+    opt = torch.optim.SGD(shorter.parameters(), lr=0.1)
+    with pytest.raises(AttributeError, match="2"):
+        FinetuneSession.resume(shorter, state, optimizer=opt)
+    assert not parametrize.is_parametrized(shorter[0]) and len(opt.param_groups) == 1
+    assert not model_formats(shorter)
