@@ -21,7 +21,7 @@ from typing import Any
 
 import torch
 from lightning.pytorch import LightningModule, Trainer
-from lightning.pytorch.callbacks import ModelCheckpoint, TQDMProgressBar
+from lightning.pytorch.callbacks import ModelCheckpoint, ModelPruning, StochasticWeightAveraging, TQDMProgressBar
 from lightning.pytorch.loggers import MLFlowLogger, TensorBoardLogger
 from lightning.pytorch.strategies import DDPStrategy, SingleDeviceStrategy
 from lightning.pytorch.utilities import rank_zero_info, rank_zero_warn
@@ -47,6 +47,11 @@ from obc_lightning.pipeline import (
     ternary_targets,
 )
 from obc_lightning.reporting import CompressionReport, Progress, TqdmProgress, allocation_figure, error_figure, is_mixed
+
+try:  # Lightning >= 2.5
+    from lightning.pytorch.callbacks import WeightAveraging
+except ImportError:  # pragma: no cover
+    WeightAveraging = StochasticWeightAveraging
 
 CALIBRATION_SAMPLES = 1024  # default calibration set: about this many samples over all ranks
 UNKNOWN_BATCH_SIZE_BATCHES = 64  # batches taken when the batch size cannot be read from a batch
@@ -384,7 +389,8 @@ def _is_empty(loader: Iterable) -> bool:
 def check_finetuning(trainer: Trainer, config: CompressionConfig, targets: Mapping[str, torch.nn.Module],
                      who: str) -> None:
     """In ``setup``: a fine-tuning configuration this fit can carry out (epochs to compress before and to
-    train in, a strategy that leaves each module its own weight, untied weights), else an error before
+    train in, a strategy that leaves each module its own weight, untied weights, no other callback averaging
+    or pruning the same weights), else an error before
     training rather than after it."""
     ft = config.finetune
     max_epochs = trainer.max_epochs
@@ -416,6 +422,20 @@ def check_finetuning(trainer: Trainer, config: CompressionConfig, targets: Mappi
             f"{who}: finetune={ft.mode!r} parametrizes each module's weight, and the weight of '{name}' is shared "
             f"by {users}: fine-tuning would untie them; exclude all but one, or set finetune=None"
         )
+    for cb in trainer.callbacks:
+        if isinstance(cb, (StochasticWeightAveraging, WeightAveraging, ModelPruning)):
+            name = type(cb).__name__
+            pruning = isinstance(cb, ModelPruning)
+            how = ("reparametrizes the same weights (torch.nn.utils.prune)" if pruning else
+                   "pairs the model's parameters with its averaged copy's by position")
+            alternative = ("OBCPrune(finetune='masked') prunes and fine-tunes with the mask held" if pruning else
+                           "finetune=None compresses what it leaves at the end of fit")
+            raise ValueError(
+                f"{who}: finetune={ft.mode!r} reparametrizes the target weights (torch.nn.utils.parametrize) for the "
+                f"last {ft.epochs} epoch(s), and {name} {how}: the two cannot train one model (the fit would fail once "
+                f"fine-tuning starts). Run {name} in a fit of its own first, then fine-tune the result "
+                f"(OBCQuantize(finetune=..., finetune_epochs=max_epochs)); or {alternative}"
+            )
     if ft.mode == "ternary" and not ternary_targets(config, targets):
         raise ValueError(
             f"{who}: finetune='ternary' with ternary_skip_first_last=True leaves none of the {len(targets)} "

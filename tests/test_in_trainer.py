@@ -134,13 +134,38 @@ def test_weights_changed_after_every_callback_fail_loudly(tmp_path):
     assert cb.report is None and not cb.quantized_modules
 
 
-def test_compressed_before_weight_averaging_ends_is_compressed_again(tmp_path):
-    # fine-tuning planned, the budget met at the end of epoch 0: compressed there and fit stops; EMA's
-    # on_train_end then copies its float average in: the callback compresses that again
+def test_weights_changed_by_another_callback_after_compression_for_finetuning_are_compressed_again(tmp_path):
+    # fine-tuning planned, the budget met at the end of epoch 0: compressed there and fit stops; a callback's
+    # on_train_end then writes weights it kept (the best epoch's, say): the callback compresses those again
+    class RestoresEpochZero(pl.Callback):
+        def on_train_epoch_start(self, trainer, pl_module):
+            self.kept = {n: p.detach().clone() for n, p in pl_module.named_parameters()}
+
+        def on_train_end(self, trainer, pl_module):
+            with torch.no_grad():
+                for n, p in pl_module.named_parameters():
+                    p.copy_(self.kept[n])
+
     cb = quantize(finetune="ste", finetune_epochs=1, monitor="val_loss", max_drop=10.0, evaluate=True)
     with pytest.warns(UserWarning, match="weights of conv, head were changed after compression"):
-        model = fit(tmp_path, [cb, weight_averaging("ema")], max_epochs=2)
+        model = fit(tmp_path, [cb, RestoresEpochZero()], max_epochs=2)
     assert_compressed_as_reported(cb, model, tmp_path)
+
+
+@pytest.mark.parametrize("other", ["swa", "ema", "pruning"])
+def test_finetuning_beside_weight_averaging_or_pruning_is_refused_before_training(tmp_path, other):
+    # both work on the same weights (averaged copies paired by position, torch.nn.utils.prune): the fit would
+    # fail once fine-tuning starts, after the epochs before it
+    second = (ModelPruning("l1_unstructured", amount=0.5, parameter_names=["weight"], verbose=0)
+              if other == "pruning" else weight_averaging(other))
+    model = Net()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    cb = quantize(finetune="ste", finetune_epochs=1)
+    name = type(second).__name__
+    with pytest.raises(ValueError, match=rf"OBCQuantize: finetune='ste' reparametrizes .* and {name} .* cannot train"):
+        fit(tmp_path, [cb, second], model=model, max_epochs=2)
+    assert all(torch.equal(v, before[k]) for k, v in model.state_dict().items())
+    assert cb.report is None
 
 
 # ------------------------------------------------------------------ 2. precisions
