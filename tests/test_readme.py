@@ -30,7 +30,7 @@ def test_the_python_blocks_run_in_order(tmp_path, monkeypatch):
 def test_the_shell_blocks_are_the_ones_ci_and_the_tests_run():
     shell = "\n".join(blocks("bash"))
     ci = CI.read_text()
-    command = 'python -m pytest -q tests -m "not slow"'
+    command = 'python -m pytest -q tests -m "not slow" -n auto'
     assert command in shell and command in ci and "python -m pytest -q tests -m slow" in ci
     assert "pip install torch==2.13.0" in shell and "torch==2.13.0" in ci
     assert "python examples/quickstart.py" in shell  # run by tests/test_examples.py
