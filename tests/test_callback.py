@@ -434,40 +434,56 @@ DDP_SCRIPT = textwrap.dedent(
     from test_callback import Net, data
     from obc_lightning.callback import OBCQuantize
 
-    out, max_epochs, kwargs = sys.argv[1], int(sys.argv[2]), json.loads(sys.argv[3])
-    cb = OBCQuantize(bits=3, calibration_batches=2, **kwargs)
-    model = Net()
-    trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=2, strategy="ddp", logger=False,
-                         callbacks=[cb],
-                         enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
-                         default_root_dir=out)
-    trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
-    n = cb.report["head"].n_samples if cb.report is not None else -1
-    torch.save({{"state_dict": model.state_dict(), "n": n, "metrics": cb.metrics}},
-               os.path.join(out, f"rank{{trainer.global_rank}}.pt"))
+    out, runs = sys.argv[1], json.loads(sys.argv[2])
+    for name, (max_epochs, kwargs) in runs.items():  # one launch, one fit after the other in the same two processes
+        cb = OBCQuantize(bits=3, calibration_batches=2, **kwargs)
+        model = Net()
+        trainer = pl.Trainer(max_epochs=max_epochs, accelerator="cpu", devices=2, strategy="ddp", logger=False,
+                             callbacks=[cb],
+                             enable_progress_bar=False, enable_model_summary=False, enable_checkpointing=False,
+                             default_root_dir=out)
+        trainer.fit(model, DataLoader(data(), batch_size=4), DataLoader(data(16), batch_size=4))
+        n = cb.report["head"].n_samples if cb.report is not None else -1
+        torch.save({{"state_dict": model.state_dict(), "n": n, "metrics": cb.metrics}},
+                   os.path.join(out, f"{{name}}.rank{{trainer.global_rank}}.pt"))
     # as torch asks of every DDP script: left to interpreter shutdown, gloo's threads can abort the process
     torch.distributed.destroy_process_group()
     """
 )
 
+FINETUNED = dict(finetune_epochs=1, ternary_skip_first_last=False, noise_penalty=1e5, noise_bits_lr=0.5, plot=False,
+                 verbose=False)
+DDP_RUNS = {  # name: (max_epochs, OBCQuantize options)
+    "post_training": (1, {}),
+    "sequential": (1, dict(sequential=True, plot=False, verbose=False)),
+    **{mode: (2, dict(finetune=mode, **FINETUNED)) for mode in ("ste", "ternary", "noise")},
+}
 
-def run_ddp(tmp_path, max_epochs: int = 1, **kwargs):
-    """Fit ``Net`` with ``OBCQuantize(bits=3, calibration_batches=2, **kwargs)`` in two DDP processes
-    (gloo) for ``max_epochs``; return what the two ranks saved (state_dict, calibration samples, metrics)."""
-    script = tmp_path / "ddp_run.py"
+
+def run_ddp(out, runs):
+    """Fit ``Net`` with ``OBCQuantize(bits=3, calibration_batches=2, **options)`` in two DDP processes (gloo)
+    for each of ``runs`` ({name: (max_epochs, options)}), one fit after the other in one launch (starting
+    the processes is most of a run's time); return {name: (rank 0's, rank 1's) state_dict, calibration
+    samples and metrics}."""
+    script = out / "ddp_run.py"
     script.write_text(DDP_SCRIPT.format(tests_dir=os.path.dirname(__file__)))
     env = dict(os.environ, OMP_NUM_THREADS="1", PYTHONWARNINGS="ignore")
     proc = subprocess.run(
-        [sys.executable, str(script), str(tmp_path), str(max_epochs), json.dumps(kwargs)], env=env, cwd=tmp_path,
-        capture_output=True, text=True, timeout=240,
+        [sys.executable, str(script), str(out), json.dumps(runs)], env=env, cwd=out,
+        capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    return tuple(torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in (0, 1))
+    return {name: tuple(torch.load(out / f"{name}.rank{r}.pt", weights_only=True) for r in (0, 1)) for name in runs}
+
+
+@pytest.fixture(scope="module")
+def ddp(tmp_path_factory):
+    return run_ddp(tmp_path_factory.mktemp("ddp"), DDP_RUNS)
 
 
 @pytest.mark.slow
-def test_ddp_two_processes_identical_weights(tmp_path):
-    r0, r1 = run_ddp(tmp_path)
+def test_ddp_two_processes_identical_weights(ddp):
+    r0, r1 = ddp["post_training"]
     # each rank calibrated 2 batches of 4 of its own shard; the all-reduced sums cover both ranks
     assert r0["n"] == r1["n"] == 16
     for name, p in r0["state_dict"].items():
@@ -477,8 +493,8 @@ def test_ddp_two_processes_identical_weights(tmp_path):
 
 
 @pytest.mark.slow
-def test_ddp_sequential_calibration_ends_with_identical_weights(tmp_path):
-    r0, r1 = run_ddp(tmp_path, sequential=True, plot=False, verbose=False)
+def test_ddp_sequential_calibration_ends_with_identical_weights(ddp):
+    r0, r1 = ddp["sequential"]
     assert r0["n"] == r1["n"] == 16
     for name, p in r0["state_dict"].items():
         assert torch.equal(p, r1["state_dict"][name]), name
@@ -495,13 +511,10 @@ def test_finetune_refuses_strategies_that_shard_the_weights():
 
 @pytest.mark.slow
 @pytest.mark.parametrize("mode", ["ste", "ternary", "noise"])
-def test_ddp_finetuning_ends_with_identical_weights(tmp_path, mode):
+def test_ddp_finetuning_ends_with_identical_weights(ddp, mode):
     # each rank trains on its own shard: the quantizer parameters added after DDP wrapped the model (TTQ
     # scales, DiffQ bit logits) only stay equal if the callback averages their gradients over the ranks
-    r0, r1 = run_ddp(
-        tmp_path, max_epochs=2, finetune=mode, finetune_epochs=1, ternary_skip_first_last=False, noise_penalty=1e5,
-        noise_bits_lr=0.5, plot=False, verbose=False,
-    )
+    r0, r1 = ddp[mode]
     assert r0["metrics"]["obc/finetune_epochs"] == 1
     for name, p in r0["state_dict"].items():
         assert torch.equal(p, r1["state_dict"][name]), name
