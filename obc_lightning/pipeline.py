@@ -108,13 +108,11 @@ class WeightSeal:
 @contextmanager
 def restored_on_failure(snapshot: ModelSnapshot, *, session: Callable[[], FinetuneSession | None] = lambda: None):
     """Within the block, any exception (KeyboardInterrupt included) first aborts the fine-tuning session
-    (if ``session()`` returns one) and restores the snapshot, then propagates."""
+    (if ``session()`` returns one, :func:`aborted_on_failure`) and restores the snapshot, then propagates."""
     try:
-        yield
+        with aborted_on_failure(session):
+            yield
     except BaseException:
-        running = session()
-        if running is not None:
-            running.abort()
         snapshot.restore()
         raise
 
